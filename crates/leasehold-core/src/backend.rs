@@ -1,0 +1,240 @@
+//! The [`LockBackend`] trait: the only thing a lock backend implements.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+use crate::error::{BackendError, ConfigError};
+use crate::record::{FencingToken, LeaderRecord, Observation};
+
+/// Who asks: the lock, the candidate's identity and the lease duration it campaigns with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Candidate {
+    /// The lock name ([`Config::lease_name`](crate::Config::lease_name)).
+    pub lock: String,
+    /// The candidate's identity ([`Config::identity`](crate::Config::identity)).
+    pub identity: String,
+    /// The lease duration ([`Config::lease_duration`](crate::Config::lease_duration)).
+    pub lease_duration: Duration,
+}
+
+impl Candidate {
+    /// A candidate for `lock` with `identity`, campaigning with `lease_duration`.
+    pub fn new(
+        lock: impl Into<String>,
+        identity: impl Into<String>,
+        lease_duration: Duration,
+    ) -> Self {
+        Self {
+            lock: lock.into(),
+            identity: identity.into(),
+            lease_duration,
+        }
+    }
+}
+
+/// A term a backend granted: proof of holding the lock, passed back to renew and release it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The fencing token of this term.
+    pub token: FencingToken,
+    /// The record as written by the acquire.
+    pub record: LeaderRecord,
+}
+
+/// The outcome of [`LockBackend::try_acquire`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AcquireOutcome {
+    /// The candidate holds the lock: a new term begins.
+    Acquired(Grant),
+    /// Someone else holds the lock (or, for a queue-based backend such as etcd, leads the queue
+    /// this candidate waits in).
+    Held(Observation),
+}
+
+/// The outcome of [`LockBackend::renew`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RenewOutcome {
+    /// The lease was extended by `lease_duration` from the call.
+    Renewed,
+    /// The term is over: the lock expired, was taken by someone else, or was deleted. Carries what
+    /// the backend saw instead, where it knows.
+    Lost(Observation),
+}
+
+/// The outcome of [`LockBackend::release`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    /// The lock was released; followers are notified.
+    Released,
+    /// The term was already over (expired, or a newer holder has the lock): nothing was changed.
+    NotHeld,
+}
+
+/// A stream of observations of one lock, from [`LockBackend::watch`].
+pub type WatchStream = BoxStream<'static, Result<Observation, BackendError>>;
+
+/// A lock store: Kubernetes Lease, etcd, Redis, or memory.
+///
+/// One backend value is a client of the store. Many electors (for many locks, or several
+/// candidates of one lock in tests) may share one backend; calls for one [`Candidate`] are never
+/// concurrent with each other, except `watch`, which runs beside the others.
+///
+/// # Contract
+///
+/// Every backend passes the conformance suite in `leasehold-testkit`, which checks this contract.
+///
+/// 1. **Mutual exclusion.** While a term granted by [`try_acquire`](Self::try_acquire) at
+///    instant `S` (the instant the call was *sent*) is renewed, no other candidate is granted a
+///    term on the lock; after the last successful renew sent at `S'`, no other candidate is
+///    granted a term before `S' + lease_duration` has passed on any clock that runs at most
+///    `max_clock_drift` faster. Server-side TTLs (etcd, Redis) and client-side expiry judged
+///    from when the candidate *observed* the record change (Kubernetes) both satisfy this;
+///    comparing a remote timestamp with the local clock does not.
+/// 2. **Fencing.** Every [`Grant`] carries a token strictly greater than every token granted
+///    before on that lock, to any candidate including this one, even after the lock was deleted
+///    and re-created. Where a store cannot promise that (Redis without persistence), the backend
+///    documents the limit.
+/// 3. **Conditional writes.** [`renew`](Self::renew) and [`release`](Self::release) change the
+///    lock only while it still holds the term they are given; otherwise they report
+///    [`RenewOutcome::Lost`] / [`ReleaseOutcome::NotHeld`] and change nothing. A late release
+///    never blanks out a newer holder.
+/// 4. **Re-acquire.** A candidate that still holds the lock from a term it has given up (it
+///    stepped down because a renew did not get through in time) may be granted a new term with
+///    a new, greater token.
+/// 5. **Malformed records.** A value in the lock that the backend cannot read is reported as
+///    [`BackendError::MalformedRecord`], and is never overwritten while it might belong to a live
+///    holder (before its TTL or observed expiry ends).
+/// 6. **Notification.** [`watch`](Self::watch) yields an observation soon after the lock is
+///    released, taken, or deleted, so followers do not poll. A watch may also yield observations
+///    when nothing relevant changed.
+/// 7. **Errors.** Lost races are outcomes, not errors. Transient failures are
+///    [`BackendError::Unavailable`] or [`BackendError::Timeout`]; bad credentials are
+///    [`BackendError::Unauthorized`]. No method panics on anything a server returns.
+///
+/// # Cancel safety
+///
+/// The elector drops a call that runs past its deadline. A dropped call may or may not have
+/// taken effect on the server; the contract above keeps that safe (a dropped acquire can only
+/// leave an unused term behind, which expires; a dropped renew only shortens the term).
+#[async_trait]
+pub trait LockBackend: Send + Sync + 'static {
+    /// A short name for logs and errors: `"memory"`, `"redis"`, `"etcd"`, `"kubernetes"`.
+    fn name(&self) -> &'static str;
+
+    /// Checks the backend's own rules for a candidate (lock name syntax, duration granularity).
+    /// Called once by [`Elector::new`](crate::Elector::new). The default accepts everything.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the field the backend refuses.
+    fn validate(&self, candidate: &Candidate) -> Result<(), ConfigError> {
+        let _ = candidate;
+        Ok(())
+    }
+
+    /// Tries to take the lock for `candidate`, or reports who holds it.
+    ///
+    /// Succeeds when the lock is free, expired (as this backend judges expiry, see the
+    /// contract), or still held by this candidate from a term it has given up.
+    ///
+    /// # Errors
+    ///
+    /// Transient errors when the store cannot be reached; [`BackendError::MalformedRecord`] when
+    /// the lock holds something unreadable that may still be live.
+    async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError>;
+
+    /// Extends the term `grant` by `lease_duration`, if the lock still holds it.
+    ///
+    /// # Errors
+    ///
+    /// Transient errors when the store cannot be reached; the elector retries until its renew
+    /// deadline, then steps down.
+    async fn renew(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+    ) -> Result<RenewOutcome, BackendError>;
+
+    /// Releases the term `grant`, if the lock still holds it, and notifies followers.
+    ///
+    /// # Errors
+    ///
+    /// Transient errors when the store cannot be reached; the lock then expires on its own.
+    async fn release(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+    ) -> Result<ReleaseOutcome, BackendError>;
+
+    /// Reads the current record of `lock` without campaigning.
+    ///
+    /// # Errors
+    ///
+    /// Transient errors, or [`BackendError::MalformedRecord`].
+    async fn read(&self, lock: &str) -> Result<Observation, BackendError>;
+
+    /// Watches `lock` on behalf of `candidate`: yields an observation on each change that may
+    /// matter to it (for a queue, the departure of the candidate just ahead). The stream ends or
+    /// yields an error when the watch breaks; the elector then opens a new one.
+    ///
+    /// # Errors
+    ///
+    /// Transient errors when the watch cannot be opened.
+    async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError>;
+
+    /// The candidate stops campaigning: leave any queue it stands in. Called once when an elector
+    /// that does not lead shuts down. The default does nothing.
+    ///
+    /// # Errors
+    ///
+    /// Transient errors; the elector logs them and exits anyway.
+    async fn withdraw(&self, candidate: &Candidate) -> Result<(), BackendError> {
+        let _ = candidate;
+        Ok(())
+    }
+}
+
+impl fmt::Debug for dyn LockBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LockBackend({})", self.name())
+    }
+}
+
+#[async_trait]
+impl<T: LockBackend + ?Sized> LockBackend for std::sync::Arc<T> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn validate(&self, candidate: &Candidate) -> Result<(), ConfigError> {
+        (**self).validate(candidate)
+    }
+    async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
+        (**self).try_acquire(candidate).await
+    }
+    async fn renew(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+    ) -> Result<RenewOutcome, BackendError> {
+        (**self).renew(candidate, grant).await
+    }
+    async fn release(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+    ) -> Result<ReleaseOutcome, BackendError> {
+        (**self).release(candidate, grant).await
+    }
+    async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
+        (**self).read(lock).await
+    }
+    async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
+        (**self).watch(candidate).await
+    }
+    async fn withdraw(&self, candidate: &Candidate) -> Result<(), BackendError> {
+        (**self).withdraw(candidate).await
+    }
+}

@@ -1,0 +1,200 @@
+//! Typed errors: configuration, backend calls, and the elector's fatal errors.
+
+use std::time::Duration;
+
+/// An invalid configuration, found by [`Config::validate`](crate::Config::validate) or by a
+/// backend's own check ([`LockBackend::validate`](crate::LockBackend::validate)).
+///
+/// Every variant names the field at fault; [`ConfigError::field`] returns it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A required name is empty or blank.
+    #[error("config field `{field}` is empty: set it to a non-blank value")]
+    Empty {
+        /// The field at fault.
+        field: &'static str,
+    },
+    /// A name is longer than allowed.
+    #[error("config field `{field}` is {len} bytes long; at most {max} are allowed")]
+    TooLong {
+        /// The field at fault.
+        field: &'static str,
+        /// Its length in bytes.
+        len: usize,
+        /// The largest length accepted.
+        max: usize,
+    },
+    /// A name the backend (or the elector) cannot use.
+    #[error("config field `{field}` = {value:?} is not accepted: {reason}")]
+    InvalidName {
+        /// The field at fault.
+        field: &'static str,
+        /// The value given.
+        value: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// A duration is zero.
+    #[error("config field `{field}` is zero: give it a positive duration such as \"2s\"")]
+    ZeroDuration {
+        /// The field at fault.
+        field: &'static str,
+    },
+    /// Durations that do not fit together.
+    #[error("config field `{field}` breaks the rule `{rule}`: {detail}")]
+    Inconsistent {
+        /// The field at fault.
+        field: &'static str,
+        /// The rule, as an inequality.
+        rule: &'static str,
+        /// The values involved.
+        detail: String,
+    },
+    /// `max_clock_drift` outside `[0, 0.5)`.
+    #[error("config field `max_clock_drift` = {value} must be a fraction in [0, 0.5), such as 0.01 for 1 %")]
+    ClockDrift {
+        /// The value given.
+        value: f64,
+    },
+    /// A duration the backend cannot represent (e.g. a Kubernetes lease that is not a whole
+    /// number of seconds).
+    #[error(
+        "config field `{field}` = {value:?} is not accepted by the {backend} backend: {reason}"
+    )]
+    Unsupported {
+        /// The field at fault.
+        field: &'static str,
+        /// The value given.
+        value: Duration,
+        /// The backend that refuses it.
+        backend: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// The configuration field at fault (`"identity"`, `"lease_duration"`, ...).
+    pub fn field(&self) -> &'static str {
+        match self {
+            ConfigError::Empty { field }
+            | ConfigError::TooLong { field, .. }
+            | ConfigError::InvalidName { field, .. }
+            | ConfigError::ZeroDuration { field }
+            | ConfigError::Inconsistent { field, .. }
+            | ConfigError::Unsupported { field, .. } => field,
+            ConfigError::ClockDrift { .. } => "max_clock_drift",
+        }
+    }
+}
+
+/// An error from a backend call.
+///
+/// Lost races are not errors: they are outcomes ([`AcquireOutcome::Held`](crate::AcquireOutcome),
+/// [`RenewOutcome::Lost`](crate::RenewOutcome)). Errors are what a backend could not do.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The backend cannot be reached or refused the call for now (connection refused or reset,
+    /// server restarting, 5xx). The elector retries after `retry_period`.
+    #[error("{backend} backend unavailable: {detail}")]
+    Unavailable {
+        /// The backend (`"memory"`, `"redis"`, ...), with its address where known.
+        backend: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The call did not complete in time. Its effect on the server is unknown.
+    #[error("{backend} backend call `{operation}` timed out after {after:?}")]
+    Timeout {
+        /// The backend.
+        backend: String,
+        /// The operation (`"acquire"`, `"renew"`, ...).
+        operation: &'static str,
+        /// How long the elector waited.
+        after: Duration,
+    },
+    /// The backend refused our credentials or permissions. Fatal: the elector stops, since
+    /// retrying cannot help.
+    #[error("{backend} backend refused access: {detail}")]
+    Unauthorized {
+        /// The backend.
+        backend: String,
+        /// What is missing (the verbs, the ACL, the password) and what to grant.
+        detail: String,
+    },
+    /// The lock holds a value this library cannot read (garbage, a foreign schema). It is never
+    /// overwritten while it may belong to a live holder; the elector reports it and retries.
+    #[error("lock `{lock}` holds a record that cannot be read: {detail}")]
+    MalformedRecord {
+        /// The lock.
+        lock: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The backend rejected the lock name or an option as invalid. Fatal.
+    #[error("{backend} backend rejected the configuration: {source}")]
+    InvalidConfig {
+        /// The backend.
+        backend: String,
+        /// The rule broken.
+        #[source]
+        source: ConfigError,
+    },
+    /// The backend broke the [`LockBackend`](crate::LockBackend) contract, e.g. a fencing token
+    /// that did not increase. The elector refuses the term and retries.
+    #[error("{backend} backend broke the lock contract: {detail}")]
+    Protocol {
+        /// The backend.
+        backend: String,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+impl BackendError {
+    /// `true` for errors that may go away on their own (unavailable, timeout): retry later.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Unavailable { .. } | BackendError::Timeout { .. }
+        )
+    }
+
+    /// `true` for errors that retrying cannot fix (unauthorized, invalid configuration): the
+    /// elector stops and [`Elector::run`](crate::Elector::run) returns the error.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Unauthorized { .. } | BackendError::InvalidConfig { .. }
+        )
+    }
+
+    /// A short name of the error kind, for logs and metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendError::Unavailable { .. } => "unavailable",
+            BackendError::Timeout { .. } => "timeout",
+            BackendError::Unauthorized { .. } => "unauthorized",
+            BackendError::MalformedRecord { .. } => "malformed_record",
+            BackendError::InvalidConfig { .. } => "invalid_config",
+            BackendError::Protocol { .. } => "protocol",
+        }
+    }
+}
+
+/// Why an [`Elector`](crate::Elector) could not start or stopped with an error.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ElectorError {
+    /// The configuration is invalid.
+    #[error("invalid leader election config: {0}")]
+    Config(#[from] ConfigError),
+    /// The backend failed in a way retrying cannot fix.
+    #[error("leader election stopped: {0}")]
+    Backend(#[from] BackendError),
+    /// [`Elector::run`](crate::Elector::run) was called twice.
+    #[error("this elector has already run; create a new one with Elector::new")]
+    AlreadyRan,
+}

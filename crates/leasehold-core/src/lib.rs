@@ -1,0 +1,30 @@
+//! The core of leasehold: the [`LockBackend`] trait, the pure election [`machine`], the async
+//! [`Elector`] that drives it, its [`Config`] and typed errors.
+//!
+//! Most users depend on the `leasehold` facade crate, which re-exports this one together with the
+//! backends.
+
+mod backend;
+mod callbacks;
+mod config;
+mod elector;
+mod error;
+pub mod machine;
+mod record;
+mod state;
+
+pub use backend::{
+    AcquireOutcome, Candidate, Grant, LockBackend, ReleaseOutcome, RenewOutcome, WatchStream,
+};
+pub use callbacks::{Callbacks, Leadership};
+pub use config::{
+    Config, DEFAULT_LEASE_DURATION, DEFAULT_MAX_CLOCK_DRIFT, DEFAULT_RENEW_DEADLINE,
+    DEFAULT_RETRY_PERIOD, MAX_NAME_LEN,
+};
+pub use elector::{Elector, ElectorHandle};
+pub use error::{BackendError, ConfigError, ElectorError};
+pub use record::{FencingToken, LeaderRecord, Observation};
+pub use state::{LeaderState, StopCause, TermInfo};
+
+pub use async_trait::async_trait;
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,838 @@
+//! The elector's decisions, as a pure state machine (sans-IO).
+//!
+//! [`Machine`] performs no I/O and never reads a clock: every input carries `now`, the caller
+//! performs the [`Action`]s it returns from [`Machine::poll_action`] and calls
+//! [`Machine::handle_timeout`] at [`Machine::poll_timeout`]. The async [`Elector`](crate::Elector)
+//! is one such driver; tests and property tests are others.
+//!
+//! Rules it keeps (DESIGN.md guarantees 1, 2, 3, 8):
+//! - a term granted by a call sent at `S` is valid until `S + lease_duration × (1 − drift)`
+//!   and renewals move that bound only forward;
+//! - the leader steps down at `S' + renew_deadline`, `S'` the send instant of its last
+//!   successful acquire or renew — before validity ends;
+//! - a term is started only with a fencing token greater than every token it saw before;
+//! - at most one backend call is in flight;
+//! - after losing a term it follows and campaigns again; it stops only on shutdown or a fatal
+//!   error.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::backend::{AcquireOutcome, Grant, ReleaseOutcome, RenewOutcome};
+use crate::config::Config;
+use crate::error::BackendError;
+use crate::record::{FencingToken, Observation};
+use crate::state::{LeaderState, StopCause, TermInfo};
+
+/// The shortest delay before retrying after the backend refused an acquire.
+const MIN_RETRY: Duration = Duration::from_millis(5);
+
+/// A backend call the driver must perform, with the instant after which it must give up and
+/// report [`BackendError::Timeout`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    /// [`LockBackend::try_acquire`](crate::LockBackend::try_acquire).
+    Acquire,
+    /// [`LockBackend::renew`](crate::LockBackend::renew) of this grant.
+    Renew(Grant),
+    /// [`LockBackend::release`](crate::LockBackend::release) of this grant.
+    Release(Grant),
+    /// [`LockBackend::withdraw`](crate::LockBackend::withdraw).
+    Withdraw,
+}
+
+impl Call {
+    /// The operation's name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Call::Acquire => "acquire",
+            Call::Renew(_) => "renew",
+            Call::Release(_) => "release",
+            Call::Withdraw => "withdraw",
+        }
+    }
+}
+
+/// What the driver must do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Open the watch on the lock (`true`), or close it (`false`).
+    Watch(bool),
+    /// Perform a backend call, sent now; report its result with the matching `handle_*` method
+    /// and give up at `deadline`.
+    Call {
+        /// The call.
+        call: Call,
+        /// When to give up.
+        deadline: Instant,
+    },
+    /// A term begins: cancel nothing, start the leader's work.
+    StartLeading(TermInfo),
+    /// The term ends: cancel the leader's work. If the machine then waits for the work to finish
+    /// (shutdown, resign), the driver reports it with [`Machine::handle_work_finished`].
+    StopLeading {
+        /// The term that ended.
+        term: TermInfo,
+        /// Why.
+        cause: StopCause,
+        /// The instant it ended.
+        at: Instant,
+        /// The term's validity at that instant (`None` in standalone mode): the term was never
+        /// valid past it, whatever happened to the driver afterwards.
+        valid_until: Option<Instant>,
+    },
+    /// A different leader was observed (possibly this elector).
+    NewLeader(String),
+    /// The machine is done: stop driving it. `Err` for a fatal backend error.
+    Exit(Result<(), BackendError>),
+}
+
+/// What to do once the leader's work has wound down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    Exit,
+    ReleaseThenExit,
+    ReleaseThenFollow,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Lead {
+    term: TermInfo,
+    grant: Grant,
+    last_success_sent: Instant,
+    valid_until: Instant,
+    step_down_at: Instant,
+    next_renew: Instant,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum State {
+    Idle,
+    Standalone(TermInfo),
+    /// Not leading. `next_attempt: None` waits for a watch notification.
+    Following {
+        next_attempt: Option<Instant>,
+    },
+    Leading(Lead),
+    /// The term ended by shutdown or resign; waiting for the leader's work until `deadline`.
+    WindingDown {
+        grant: Option<Grant>,
+        deadline: Instant,
+        then: Then,
+    },
+    /// A release is due or in flight.
+    Releasing {
+        grant: Grant,
+        then: Then,
+        sent: bool,
+    },
+    /// Withdrawing before exit.
+    Withdrawing {
+        sent: bool,
+    },
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PendingKind {
+    Acquire,
+    Renew,
+    Release,
+    Withdraw,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    kind: PendingKind,
+    sent_at: Instant,
+}
+
+/// Timing and identity the machine needs from a [`Config`].
+#[derive(Debug, Clone)]
+struct Params {
+    identity: String,
+    enabled: bool,
+    lease_duration: Duration,
+    renew_deadline: Duration,
+    retry_period: Duration,
+    valid_for: Duration,
+    release_on_cancel: bool,
+}
+
+/// The elector's state machine. See the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct Machine {
+    params: Params,
+    state: State,
+    actions: VecDeque<Action>,
+    pending: Option<Pending>,
+    watch_open: bool,
+    watch_retry_at: Option<Instant>,
+    leader: Option<String>,
+    last_token: Option<FencingToken>,
+    terms: u64,
+    shutting_down: bool,
+    quiet_until: Option<Instant>,
+    last_error: Option<BackendError>,
+}
+
+impl Machine {
+    /// A machine for `config`, which the caller has validated. Nothing happens until
+    /// [`handle_start`](Self::handle_start).
+    pub fn new(config: &Config) -> Self {
+        Self {
+            params: Params {
+                identity: config.identity.clone(),
+                enabled: config.enabled,
+                lease_duration: config.lease_duration,
+                renew_deadline: config.renew_deadline,
+                retry_period: config.retry_period,
+                valid_for: config.valid_for(),
+                release_on_cancel: config.release_on_cancel,
+            },
+            state: State::Idle,
+            actions: VecDeque::new(),
+            pending: None,
+            watch_open: false,
+            watch_retry_at: None,
+            leader: None,
+            last_token: None,
+            terms: 0,
+            shutting_down: false,
+            quiet_until: None,
+            last_error: None,
+        }
+    }
+
+    // ----- outputs -----
+
+    /// The next action to perform, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When to call [`handle_timeout`](Self::handle_timeout) next, if the machine waits for time.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let state_timer = match &self.state {
+            State::Leading(lead) => Some(if self.pending.is_none() {
+                lead.next_renew.min(lead.step_down_at)
+            } else {
+                lead.step_down_at
+            }),
+            State::Following { next_attempt } if self.pending.is_none() => {
+                next_attempt.map(|t| self.quiet_until.map_or(t, |q| t.max(q)))
+            }
+            State::WindingDown { deadline, .. } => Some(*deadline),
+            _ => None,
+        };
+        match (state_timer, self.watch_retry_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// `true` when this machine leads at `now` (it holds a term and `now < valid_until`).
+    pub fn is_leader(&self, now: Instant) -> bool {
+        self.leader_state().is_leader_at(now)
+    }
+
+    /// `true` once the machine has emitted [`Action::Exit`].
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// The fencing token of the latest term this machine started.
+    pub fn last_token(&self) -> Option<FencingToken> {
+        self.last_token
+    }
+
+    /// A snapshot of what the machine knows, for subscribers.
+    pub fn leader_state(&self) -> LeaderState {
+        let (term, valid_until) = match &self.state {
+            State::Leading(lead) => (Some(lead.term), Some(lead.valid_until)),
+            State::Standalone(term) => (Some(*term), None),
+            _ => (None, None),
+        };
+        LeaderState {
+            leader: self.leader.clone(),
+            term,
+            valid_until,
+            last_error: self.last_error.clone(),
+            stopped: self.state == State::Done,
+        }
+    }
+
+    // ----- inputs -----
+
+    /// Starts campaigning (or, in standalone mode, leads at once).
+    pub fn handle_start(&mut self, now: Instant) {
+        if self.state != State::Idle {
+            return;
+        }
+        if !self.params.enabled {
+            self.terms = 1;
+            let term = TermInfo {
+                number: 1,
+                token: FencingToken(0),
+                started_at: now,
+            };
+            tracing::info!(
+                identity = %self.params.identity,
+                "leader election disabled: standalone mode, leading at once without a backend"
+            );
+            self.state = State::Standalone(term);
+            self.set_leader(Some(self.params.identity.clone()));
+            self.actions.push_back(Action::StartLeading(term));
+            return;
+        }
+        tracing::debug!("campaign starts");
+        self.state = State::Following {
+            next_attempt: Some(now),
+        };
+        self.open_watch();
+        self.advance(now);
+    }
+
+    /// Wakes the machine at or after [`poll_timeout`](Self::poll_timeout).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.advance(now);
+    }
+
+    /// The result of a [`Call::Acquire`] sent at the time the action was taken.
+    pub fn handle_acquire(&mut self, now: Instant, result: Result<AcquireOutcome, BackendError>) {
+        let Some(sent_at) = self.finish_call(PendingKind::Acquire) else {
+            return;
+        };
+        match result {
+            Ok(AcquireOutcome::Acquired(grant)) => self.on_acquired(now, sent_at, grant),
+            Ok(AcquireOutcome::Held(observation)) => {
+                self.last_error = None;
+                self.observe(now, &observation, true);
+                if self.shutting_down {
+                    self.begin_exit();
+                }
+            }
+            Err(error) => {
+                self.record_error("acquire", &error);
+                if error.is_fatal() {
+                    self.exit(now, Err(error));
+                } else if self.shutting_down {
+                    self.begin_exit();
+                } else if let State::Following { next_attempt } = &mut self.state {
+                    *next_attempt = Some(now + self.params.retry_period);
+                }
+            }
+        }
+        self.advance(now);
+    }
+
+    /// The result of a [`Call::Renew`].
+    pub fn handle_renew(&mut self, now: Instant, result: Result<RenewOutcome, BackendError>) {
+        let Some(sent_at) = self.finish_call(PendingKind::Renew) else {
+            return;
+        };
+        match result {
+            Ok(RenewOutcome::Renewed) => {
+                self.last_error = None;
+                if let State::Leading(lead) = &mut self.state {
+                    // Only a renew sent after the last success may extend the term, and only
+                    // before the step-down: a late success of a dropped term changes nothing.
+                    if sent_at >= lead.last_success_sent && now < lead.step_down_at {
+                        lead.last_success_sent = sent_at;
+                        lead.valid_until = sent_at + self.params.valid_for;
+                        lead.step_down_at = sent_at + self.params.renew_deadline;
+                        lead.next_renew = (sent_at + self.params.retry_period).max(now);
+                        tracing::trace!(token = %lead.term.token, "renewed");
+                    }
+                }
+            }
+            Ok(RenewOutcome::Lost(observation)) => {
+                if matches!(self.state, State::Leading(_)) {
+                    tracing::warn!(holder = ?observation.holder(), "term lost: the backend no longer holds it");
+                    self.step_down(now, StopCause::Lost);
+                    self.follow(Some(now + self.params.retry_period));
+                    self.observe(now, &observation, true);
+                }
+            }
+            Err(error) => {
+                self.record_error("renew", &error);
+                if error.is_fatal() {
+                    if matches!(self.state, State::Leading(_)) {
+                        self.step_down(now, StopCause::Fatal);
+                    }
+                    self.exit(now, Err(error));
+                } else if let State::Leading(lead) = &mut self.state {
+                    lead.next_renew = now + self.params.retry_period;
+                }
+            }
+        }
+        self.advance(now);
+    }
+
+    /// The result of a [`Call::Release`].
+    pub fn handle_release(&mut self, now: Instant, result: Result<ReleaseOutcome, BackendError>) {
+        if self.finish_call(PendingKind::Release).is_none() {
+            return;
+        }
+        match &result {
+            Ok(ReleaseOutcome::Released) => tracing::info!("lock released"),
+            Ok(ReleaseOutcome::NotHeld) => {
+                tracing::info!("release skipped: the lock no longer held this term")
+            }
+            Err(error) => self.record_error("release", error),
+        }
+        if let State::Releasing { then, .. } = self.state {
+            match then {
+                Then::ReleaseThenFollow if !self.shutting_down => {
+                    // After a resign, `quiet_until` holds the attempt back further.
+                    self.follow(Some(now + self.params.retry_period));
+                }
+                _ => self.exit(now, Ok(())),
+            }
+        }
+        self.advance(now);
+    }
+
+    /// The result of a [`Call::Withdraw`].
+    pub fn handle_withdraw(&mut self, now: Instant, result: Result<(), BackendError>) {
+        if self.finish_call(PendingKind::Withdraw).is_none() {
+            return;
+        }
+        if let Err(error) = &result {
+            self.record_error("withdraw", error);
+        }
+        self.exit(now, Ok(()));
+        self.advance(now);
+    }
+
+    /// An observation from the watch.
+    pub fn handle_observation(&mut self, now: Instant, observation: Observation) {
+        if matches!(self.state, State::Following { .. }) {
+            self.observe(now, &observation, false);
+        }
+        self.advance(now);
+    }
+
+    /// The watch ended or failed; the machine reopens it after `retry_period` and, meanwhile,
+    /// attempts no later than that.
+    pub fn handle_watch_closed(&mut self, now: Instant, error: Option<BackendError>) {
+        if let Some(error) = &error {
+            self.record_error("watch", error);
+            if error.is_fatal() {
+                if matches!(self.state, State::Leading(_)) {
+                    self.step_down(now, StopCause::Fatal);
+                }
+                self.exit(now, Err(error.clone()));
+                return;
+            }
+        }
+        if !self.watch_open {
+            return;
+        }
+        self.watch_open = false;
+        let retry = now + self.params.retry_period;
+        self.watch_retry_at = Some(retry);
+        if let State::Following { next_attempt } = &mut self.state {
+            *next_attempt = Some(next_attempt.map_or(retry, |t| t.min(retry)));
+        }
+        self.advance(now);
+    }
+
+    /// Stops: steps down (waiting for the leader's work, then releasing if configured) or
+    /// withdraws, then exits.
+    pub fn handle_shutdown(&mut self, now: Instant) {
+        if self.shutting_down || self.state == State::Done {
+            return;
+        }
+        self.shutting_down = true;
+        tracing::info!("shutdown requested");
+        match std::mem::replace(&mut self.state, State::Idle) {
+            State::Idle => self.exit(now, Ok(())),
+            State::Standalone(term) => {
+                self.actions.push_back(Action::StopLeading {
+                    term,
+                    cause: StopCause::Shutdown,
+                    at: now,
+                    valid_until: None,
+                });
+                self.set_leader(None);
+                self.state = State::WindingDown {
+                    grant: None,
+                    deadline: now + self.params.renew_deadline,
+                    then: Then::Exit,
+                };
+            }
+            State::Leading(lead) => {
+                let then = if self.params.release_on_cancel {
+                    Then::ReleaseThenExit
+                } else {
+                    Then::Exit
+                };
+                self.state = State::Leading(lead);
+                self.wind_down(now, StopCause::Shutdown, then);
+            }
+            State::WindingDown {
+                grant,
+                deadline,
+                then,
+            } => {
+                let then = match then {
+                    Then::ReleaseThenFollow => Then::ReleaseThenExit,
+                    other => other,
+                };
+                self.state = State::WindingDown {
+                    grant,
+                    deadline,
+                    then,
+                };
+            }
+            State::Releasing { grant, sent, .. } => {
+                self.state = State::Releasing {
+                    grant,
+                    then: Then::ReleaseThenExit,
+                    sent,
+                };
+            }
+            state @ State::Following { .. } => {
+                self.state = state;
+                self.begin_exit();
+            }
+            state @ (State::Withdrawing { .. } | State::Done) => self.state = state,
+        }
+        self.advance(now);
+    }
+
+    /// Gives up the current term: steps down, waits for the leader's work, releases, and follows
+    /// again; it does not campaign for `lease_duration`, so that another candidate takes over.
+    /// Does nothing when not leading.
+    pub fn handle_resign(&mut self, now: Instant) {
+        match self.state {
+            State::Leading(_) => {
+                tracing::info!("resigning");
+                self.quiet_until = Some(now + self.params.lease_duration);
+                self.wind_down(now, StopCause::Resigned, Then::ReleaseThenFollow);
+                self.advance(now);
+            }
+            State::Standalone(_) => {
+                tracing::warn!("resign ignored: standalone mode always leads")
+            }
+            _ => tracing::debug!("resign ignored: not leading"),
+        }
+    }
+
+    /// The leader's work has finished after [`Action::StopLeading`] (or there was none).
+    pub fn handle_work_finished(&mut self, now: Instant) {
+        if let State::WindingDown { then, grant, .. } = &self.state {
+            let (then, grant) = (*then, grant.clone());
+            self.after_wind_down(now, then, grant);
+        }
+        self.advance(now);
+    }
+
+    // ----- internals -----
+
+    fn advance(&mut self, now: Instant) {
+        if let Some(retry) = self.watch_retry_at {
+            if !self.wants_watch() {
+                self.watch_retry_at = None;
+            } else if now >= retry && !self.watch_open {
+                self.watch_retry_at = None;
+                self.open_watch();
+            }
+        }
+        let idle = self.pending.is_none();
+        match &mut self.state {
+            State::Leading(lead) => {
+                if now >= lead.step_down_at {
+                    tracing::warn!(
+                        token = %lead.term.token,
+                        "renew deadline passed without a successful renew: stepping down"
+                    );
+                    self.step_down(now, StopCause::RenewDeadline);
+                    self.follow(Some(now + self.params.retry_period));
+                    self.advance(now);
+                } else if idle && now >= lead.next_renew {
+                    let call = Call::Renew(lead.grant.clone());
+                    let deadline = lead.step_down_at;
+                    self.send(now, call, deadline);
+                }
+            }
+            State::Following { next_attempt } => {
+                if self.shutting_down {
+                    self.begin_exit();
+                    if matches!(self.state, State::Withdrawing { .. }) {
+                        self.advance(now);
+                    }
+                    return;
+                }
+                let due = next_attempt
+                    .map(|t| self.quiet_until.map_or(t, |q| t.max(q)))
+                    .is_some_and(|t| now >= t);
+                if due && idle {
+                    *next_attempt = None;
+                    self.send(now, Call::Acquire, now + self.params.renew_deadline);
+                }
+            }
+            State::WindingDown {
+                deadline,
+                then,
+                grant,
+            } => {
+                if now >= *deadline {
+                    tracing::warn!("the leader's work did not finish in time; going on");
+                    let (then, grant) = (*then, grant.take());
+                    self.after_wind_down(now, then, grant);
+                    self.advance(now);
+                }
+            }
+            State::Releasing { grant, sent, .. } => {
+                if !*sent && idle {
+                    *sent = true;
+                    let call = Call::Release(grant.clone());
+                    self.send(now, call, now + self.params.retry_period);
+                }
+            }
+            State::Withdrawing { sent } => {
+                if !*sent && idle {
+                    *sent = true;
+                    self.send(now, Call::Withdraw, now + self.params.retry_period);
+                }
+            }
+            State::Idle | State::Standalone(_) | State::Done => {}
+        }
+    }
+
+    fn send(&mut self, now: Instant, call: Call, deadline: Instant) {
+        let kind = match call {
+            Call::Acquire => PendingKind::Acquire,
+            Call::Renew(_) => PendingKind::Renew,
+            Call::Release(_) => PendingKind::Release,
+            Call::Withdraw => PendingKind::Withdraw,
+        };
+        self.pending = Some(Pending { kind, sent_at: now });
+        self.actions.push_back(Action::Call { call, deadline });
+    }
+
+    fn finish_call(&mut self, kind: PendingKind) -> Option<Instant> {
+        match self.pending {
+            Some(p) if p.kind == kind => {
+                self.pending = None;
+                Some(p.sent_at)
+            }
+            _ => {
+                tracing::debug!(?kind, "ignoring a result for a call that is not in flight");
+                None
+            }
+        }
+    }
+
+    fn on_acquired(&mut self, now: Instant, sent_at: Instant, grant: Grant) {
+        self.last_error = None;
+        let token = grant.token;
+        if self.shutting_down {
+            tracing::info!(%token, "acquired while shutting down: not leading");
+            if self.params.release_on_cancel {
+                self.state = State::Releasing {
+                    grant,
+                    then: Then::ReleaseThenExit,
+                    sent: false,
+                };
+            } else {
+                self.exit(now, Ok(()));
+            }
+            return;
+        }
+        if self.last_token.is_some_and(|last| token <= last) {
+            let error = BackendError::Protocol {
+                backend: "lock".into(),
+                detail: format!(
+                    "granted fencing token {token}, not greater than the earlier {}",
+                    self.last_token.unwrap_or_default()
+                ),
+            };
+            self.record_error("acquire", &error);
+            self.state = State::Releasing {
+                grant,
+                then: Then::ReleaseThenFollow,
+                sent: false,
+            };
+            return;
+        }
+        let step_down_at = sent_at + self.params.renew_deadline;
+        if now >= step_down_at {
+            tracing::warn!(%token, "acquire answered after renew_deadline: not leading, releasing");
+            self.state = State::Releasing {
+                grant,
+                then: Then::ReleaseThenFollow,
+                sent: false,
+            };
+            return;
+        }
+        self.terms += 1;
+        self.last_token = Some(token);
+        let term = TermInfo {
+            number: self.terms,
+            token,
+            started_at: now,
+        };
+        tracing::info!(term = term.number, %token, "became leader");
+        self.state = State::Leading(Lead {
+            term,
+            grant,
+            last_success_sent: sent_at,
+            valid_until: sent_at + self.params.valid_for,
+            step_down_at,
+            next_renew: (sent_at + self.params.retry_period).max(now),
+        });
+        self.quiet_until = None;
+        self.close_watch();
+        self.set_leader(Some(self.params.identity.clone()));
+        self.actions.push_back(Action::StartLeading(term));
+    }
+
+    /// Updates the known leader from an observation and schedules the next attempt.
+    /// `answered` is true when the observation answers our own acquire: a lock that is free or
+    /// still ours then is not retried at once (the backend just refused it), which keeps a
+    /// confused backend from turning the elector into a busy loop.
+    fn observe(&mut self, now: Instant, observation: &Observation, answered: bool) {
+        let holder = observation.holder().map(str::to_owned);
+        let mine = holder.as_deref() == Some(self.params.identity.as_str());
+        let next = if mine || holder.is_none() {
+            // Free, or still ours from a term we gave up.
+            Some(if answered {
+                now + self.params.retry_period
+            } else {
+                now
+            })
+        } else {
+            match observation.expires_in {
+                Some(expires_in) if answered => Some(now + expires_in.max(MIN_RETRY)),
+                Some(expires_in) => Some(now + expires_in),
+                // Unknown expiry: the watch will tell us; without one, retry after retry_period.
+                None if self.watch_open => None,
+                None => Some(now + self.params.retry_period),
+            }
+        };
+        if !mine {
+            self.set_leader(holder);
+        }
+        if let State::Following { next_attempt } = &mut self.state {
+            *next_attempt = next;
+        }
+    }
+
+    fn step_down(&mut self, now: Instant, cause: StopCause) {
+        if let State::Leading(lead) = &self.state {
+            tracing::info!(term = lead.term.number, token = %lead.term.token, cause = cause.as_str(), "stopped leading");
+            self.actions.push_back(Action::StopLeading {
+                term: lead.term,
+                cause,
+                at: now,
+                valid_until: Some(lead.valid_until),
+            });
+            self.set_leader(None);
+            self.state = State::Following { next_attempt: None };
+        }
+    }
+
+    fn wind_down(&mut self, now: Instant, cause: StopCause, then: Then) {
+        let State::Leading(lead) = &self.state else {
+            return;
+        };
+        let grant = lead.grant.clone();
+        let deadline = lead.step_down_at.max(now);
+        self.step_down(now, cause);
+        self.state = State::WindingDown {
+            grant: Some(grant),
+            deadline,
+            then,
+        };
+    }
+
+    fn after_wind_down(&mut self, now: Instant, then: Then, grant: Option<Grant>) {
+        match (then, grant) {
+            (Then::Exit, _) | (_, None) => self.exit(now, Ok(())),
+            (then, Some(grant)) => {
+                self.state = State::Releasing {
+                    grant,
+                    then,
+                    sent: false,
+                }
+            }
+        }
+    }
+
+    fn follow(&mut self, next_attempt: Option<Instant>) {
+        if self.shutting_down {
+            self.begin_exit();
+            return;
+        }
+        self.state = State::Following { next_attempt };
+        if !self.watch_open {
+            self.open_watch();
+        }
+    }
+
+    fn begin_exit(&mut self) {
+        if self.pending.is_some() {
+            // The in-flight call's result decides (an acquire may have succeeded).
+            return;
+        }
+        self.state = State::Withdrawing { sent: false };
+    }
+
+    fn exit(&mut self, now: Instant, result: Result<(), BackendError>) {
+        if self.state == State::Done {
+            return;
+        }
+        self.step_down(now, StopCause::Fatal);
+        self.close_watch();
+        self.state = State::Done;
+        self.set_leader(None);
+        match &result {
+            Ok(()) => tracing::info!("elector stopped"),
+            Err(error) => tracing::error!(%error, "elector stopped by a fatal error"),
+        }
+        self.actions.push_back(Action::Exit(result));
+    }
+
+    fn wants_watch(&self) -> bool {
+        matches!(self.state, State::Following { .. })
+    }
+
+    fn open_watch(&mut self) {
+        if !self.watch_open {
+            self.watch_open = true;
+            self.actions.push_back(Action::Watch(true));
+        }
+    }
+
+    fn close_watch(&mut self) {
+        self.watch_retry_at = None;
+        if self.watch_open {
+            self.watch_open = false;
+            self.actions.push_back(Action::Watch(false));
+        }
+    }
+
+    fn set_leader(&mut self, leader: Option<String>) {
+        if leader != self.leader {
+            if let Some(identity) = &leader {
+                tracing::info!(leader = %identity, "new leader observed");
+                self.actions.push_back(Action::NewLeader(identity.clone()));
+            }
+            self.leader = leader;
+        }
+    }
+
+    fn record_error(&mut self, operation: &'static str, error: &BackendError) {
+        if error.is_fatal() {
+            tracing::error!(operation, %error, "backend call failed");
+        } else {
+            tracing::warn!(operation, %error, "backend call failed");
+        }
+        self.last_error = Some(error.clone());
+    }
+}
