@@ -321,9 +321,6 @@ mod tests {
         assert!(err.to_string().contains("lease_nme"), "{err}");
         let err = serde_json::from_str::<Config>(r#"{"retry_period":"2 parsecs"}"#)
             .expect_err("bad duration");
-        assert!(
-            err.to_string().contains("retry_period") || err.to_string().contains("unknown"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("expected a duration"), "{err}");
     }
 }

@@ -1,0 +1,720 @@
+//! Transition tests and property tests of the sans-IO state machine: no runtime, no clock, only
+//! instants passed in.
+
+use std::time::Duration;
+
+use leasehold_core::machine::{Action, Call, Machine};
+use leasehold_core::{
+    AcquireOutcome, BackendError, Config, FencingToken, Grant, LeaderRecord, Observation,
+    ReleaseOutcome, RenewOutcome, StopCause,
+};
+use proptest::prelude::*;
+use tokio::time::Instant;
+
+const LEASE: Duration = Duration::from_secs(15);
+const DEADLINE: Duration = Duration::from_secs(10);
+const RETRY: Duration = Duration::from_secs(2);
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn config() -> Config {
+    Config::new("me", "lock")
+}
+
+fn grant(token: u64) -> Grant {
+    Grant {
+        token: FencingToken(token),
+        record: LeaderRecord::new("me", FencingToken(token), LEASE),
+    }
+}
+
+fn held_by(holder: &str, expires_in: Option<Duration>) -> Observation {
+    Observation::held(
+        LeaderRecord::new(holder, FencingToken(1), LEASE),
+        expires_in,
+    )
+}
+
+fn unavailable() -> BackendError {
+    BackendError::Unavailable {
+        backend: "test".into(),
+        detail: "down".into(),
+    }
+}
+
+/// A prompt driver: performs nothing, records actions, fires timers exactly on time.
+struct Sim {
+    m: Machine,
+    now: Instant,
+    log: Vec<Action>,
+    /// The instant each logged action was emitted.
+    log_times: Vec<Instant>,
+}
+
+impl Sim {
+    fn new(config: Config) -> Self {
+        Self {
+            m: Machine::new(&config),
+            now: Instant::now(),
+            log: Vec::new(),
+            log_times: Vec::new(),
+        }
+    }
+
+    fn started(config: Config) -> Self {
+        let mut sim = Self::new(config);
+        sim.m.handle_start(sim.now);
+        sim.drain();
+        sim
+    }
+
+    /// A sim that leads term 1 with `token`, acquired at its start instant.
+    fn leading(token: u64) -> Self {
+        let mut sim = Self::started(config());
+        sim.m
+            .handle_acquire(sim.now, Ok(AcquireOutcome::Acquired(grant(token))));
+        sim.drain();
+        sim
+    }
+
+    fn drain(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        while let Some(a) = self.m.poll_action() {
+            out.push(a);
+        }
+        self.log.extend(out.iter().cloned());
+        self.log_times.extend(out.iter().map(|_| self.now));
+        out
+    }
+
+    /// Moves time forward by `d`, firing every timer on time. Returns the actions.
+    fn advance(&mut self, d: Duration) -> Vec<Action> {
+        let end = self.now + d;
+        let mut out = Vec::new();
+        while let Some(t) = self.m.poll_timeout() {
+            if t > end {
+                break;
+            }
+            self.now = self.now.max(t);
+            self.m.handle_timeout(self.now);
+            out.extend(self.drain());
+        }
+        self.now = end;
+        out
+    }
+
+    fn calls(actions: &[Action]) -> Vec<Call> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Call { call, .. } => Some(call.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn start_opens_the_watch_then_acquires() {
+    let mut sim = Sim::new(config());
+    sim.m.handle_start(sim.now);
+    let actions = sim.drain();
+    assert_eq!(actions[0], Action::Watch(true));
+    assert_eq!(
+        actions[1],
+        Action::Call {
+            call: Call::Acquire,
+            deadline: sim.now + DEADLINE
+        }
+    );
+    assert!(!sim.m.is_leader(sim.now));
+}
+
+#[test]
+fn acquiring_starts_a_term_valid_from_the_send_instant() {
+    let mut sim = Sim::started(config());
+    let sent = sim.now;
+    sim.now += ms(300); // the answer takes 300 ms
+    sim.m
+        .handle_acquire(sim.now, Ok(AcquireOutcome::Acquired(grant(7))));
+    let actions = sim.drain();
+    let term = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::StartLeading(t) => Some(*t),
+            _ => None,
+        })
+        .expect("a term starts");
+    assert_eq!((term.number, term.token), (1, FencingToken(7)));
+    assert!(actions.contains(&Action::NewLeader("me".into())));
+    assert!(
+        actions.contains(&Action::Watch(false)),
+        "leaders do not watch"
+    );
+    let state = sim.m.leader_state();
+    assert_eq!(state.valid_until, Some(sent + LEASE.mul_f64(0.99)));
+    assert_eq!(state.leader.as_deref(), Some("me"));
+    assert!(sim.m.is_leader(sim.now));
+    assert!(!sim.m.is_leader(sent + LEASE.mul_f64(0.99)));
+    assert_eq!(sim.m.poll_timeout(), Some(sent + RETRY));
+}
+
+#[test]
+fn renewals_extend_validity_from_their_send_instant() {
+    let mut sim = Sim::leading(1);
+    let actions = sim.advance(RETRY);
+    assert_eq!(Sim::calls(&actions), vec![Call::Renew(grant(1))]);
+    let renew_sent = sim.now;
+    sim.now += ms(50);
+    sim.m.handle_renew(sim.now, Ok(RenewOutcome::Renewed));
+    sim.drain();
+    assert_eq!(
+        sim.m.leader_state().valid_until,
+        Some(renew_sent + LEASE.mul_f64(0.99))
+    );
+    assert_eq!(sim.m.poll_timeout(), Some(renew_sent + RETRY));
+}
+
+#[test]
+fn renew_deadline_steps_down_before_validity_ends() {
+    let mut sim = Sim::leading(1);
+    let acquired = sim.now;
+    // Every renew fails.
+    let mut stop = None;
+    for _ in 0..20 {
+        let actions = sim.advance(ms(100));
+        for a in &actions {
+            if let Action::Call {
+                call: Call::Renew(_),
+                ..
+            } = a
+            {
+                sim.m.handle_renew(sim.now, Err(unavailable()));
+                sim.drain();
+            }
+            if let Action::StopLeading { cause, at, .. } = a {
+                stop = Some((*cause, *at));
+            }
+        }
+        let actions = sim.advance(ms(900));
+        for a in &actions {
+            if let Action::Call {
+                call: Call::Renew(_),
+                ..
+            } = a
+            {
+                sim.m.handle_renew(sim.now, Err(unavailable()));
+                sim.drain();
+            }
+            if let Action::StopLeading { cause, at, .. } = a {
+                stop = Some((*cause, *at));
+            }
+        }
+    }
+    let (cause, at) = stop.expect("stepped down");
+    assert_eq!(cause, StopCause::RenewDeadline);
+    assert_eq!(at, acquired + DEADLINE);
+    assert!(at < acquired + LEASE.mul_f64(0.99));
+    assert!(!sim.m.is_leader(at));
+    assert!(sim.m.last_token() == Some(FencingToken(1)));
+}
+
+#[test]
+fn a_hanging_renew_cannot_keep_the_term_alive() {
+    let mut sim = Sim::leading(1);
+    let acquired = sim.now;
+    let actions = sim.advance(RETRY);
+    assert_eq!(Sim::calls(&actions).len(), 1); // renew sent, never answered
+    let actions = sim.advance(DEADLINE);
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::StopLeading {
+            cause: StopCause::RenewDeadline,
+            ..
+        }
+    )));
+    assert!(!sim.m.is_leader(acquired + DEADLINE));
+    // The renew answers late: it must not revive the term.
+    sim.m.handle_renew(sim.now, Ok(RenewOutcome::Renewed));
+    sim.drain();
+    assert!(sim.m.leader_state().term.is_none());
+}
+
+#[test]
+fn lost_renew_steps_down_and_follows_the_new_holder() {
+    let mut sim = Sim::leading(1);
+    sim.advance(RETRY);
+    sim.m.handle_renew(
+        sim.now,
+        Ok(RenewOutcome::Lost(held_by("other", Some(ms(500))))),
+    );
+    let actions = sim.drain();
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::StopLeading {
+            cause: StopCause::Lost,
+            ..
+        }
+    )));
+    assert!(actions.contains(&Action::NewLeader("other".into())));
+    assert!(actions.contains(&Action::Watch(true)));
+    assert_eq!(sim.m.leader_state().leader.as_deref(), Some("other"));
+}
+
+#[test]
+fn a_follower_attempts_at_the_observed_expiry_not_before() {
+    let mut sim = Sim::started(config());
+    sim.m.handle_acquire(
+        sim.now,
+        Ok(AcquireOutcome::Held(held_by("other", Some(ms(4000))))),
+    );
+    let actions = sim.drain();
+    assert!(actions.contains(&Action::NewLeader("other".into())));
+    assert_eq!(sim.m.poll_timeout(), Some(sim.now + ms(4000)));
+    assert!(Sim::calls(&sim.advance(ms(3999))).is_empty());
+    assert_eq!(Sim::calls(&sim.advance(ms(1))), vec![Call::Acquire]);
+}
+
+#[test]
+fn a_follower_without_known_expiry_waits_for_the_watch() {
+    let mut sim = Sim::started(config());
+    sim.m
+        .handle_acquire(sim.now, Ok(AcquireOutcome::Held(held_by("other", None))));
+    sim.drain();
+    assert_eq!(
+        sim.m.poll_timeout(),
+        None,
+        "quiet follower: no timer, no poll"
+    );
+    sim.now += Duration::from_secs(60);
+    sim.m.handle_observation(sim.now, Observation::vacant());
+    assert_eq!(Sim::calls(&sim.drain()), vec![Call::Acquire]);
+}
+
+#[test]
+fn a_broken_watch_is_reopened_and_bounds_the_wait() {
+    let mut sim = Sim::started(config());
+    sim.m
+        .handle_acquire(sim.now, Ok(AcquireOutcome::Held(held_by("other", None))));
+    sim.drain();
+    sim.m.handle_watch_closed(sim.now, Some(unavailable()));
+    sim.drain();
+    assert_eq!(sim.m.poll_timeout(), Some(sim.now + RETRY));
+    let actions = sim.advance(RETRY);
+    assert!(actions.contains(&Action::Watch(true)));
+    assert_eq!(Sim::calls(&actions), vec![Call::Acquire]);
+    assert_eq!(
+        sim.m.leader_state().last_error.map(|e| e.kind()),
+        Some("unavailable")
+    );
+}
+
+#[test]
+fn transient_acquire_errors_retry_after_retry_period() {
+    let mut sim = Sim::started(config());
+    sim.m.handle_acquire(sim.now, Err(unavailable()));
+    sim.drain();
+    assert_eq!(sim.m.poll_timeout(), Some(sim.now + RETRY));
+    assert!(sim.m.leader_state().last_error.is_some());
+    assert_eq!(Sim::calls(&sim.advance(RETRY)), vec![Call::Acquire]);
+}
+
+#[test]
+fn fatal_errors_stop_the_machine() {
+    let mut sim = Sim::started(config());
+    let error = BackendError::Unauthorized {
+        backend: "test".into(),
+        detail: "no".into(),
+    };
+    sim.m.handle_acquire(sim.now, Err(error.clone()));
+    let actions = sim.drain();
+    assert!(actions.contains(&Action::Exit(Err(error))));
+    assert!(sim.m.is_done());
+    assert!(sim.m.leader_state().stopped);
+}
+
+#[test]
+fn fatal_renew_error_steps_down_then_exits() {
+    let mut sim = Sim::leading(3);
+    sim.advance(RETRY);
+    let error = BackendError::Unauthorized {
+        backend: "test".into(),
+        detail: "revoked".into(),
+    };
+    sim.m.handle_renew(sim.now, Err(error.clone()));
+    let actions = sim.drain();
+    let stops = actions
+        .iter()
+        .filter(|a| matches!(a, Action::StopLeading { .. }))
+        .count();
+    assert_eq!(stops, 1);
+    assert_eq!(actions.last(), Some(&Action::Exit(Err(error))));
+}
+
+#[test]
+fn shutdown_while_leading_waits_for_the_work_then_releases() {
+    let mut sim = Sim::leading(4);
+    sim.now += ms(100);
+    sim.m.handle_shutdown(sim.now);
+    let actions = sim.drain();
+    assert!(matches!(
+        actions.as_slice(),
+        [Action::StopLeading {
+            cause: StopCause::Shutdown,
+            ..
+        }]
+    ));
+    assert!(!sim.m.is_leader(sim.now));
+    sim.now += ms(100);
+    sim.m.handle_work_finished(sim.now);
+    assert_eq!(Sim::calls(&sim.drain()), vec![Call::Release(grant(4))]);
+    sim.m.handle_release(sim.now, Ok(ReleaseOutcome::Released));
+    let actions = sim.drain();
+    assert_eq!(actions.last(), Some(&Action::Exit(Ok(()))));
+}
+
+#[test]
+fn shutdown_release_waits_at_most_until_the_renew_deadline() {
+    let mut sim = Sim::leading(4);
+    let acquired = sim.now;
+    sim.m.handle_shutdown(sim.now);
+    sim.drain();
+    let actions = sim.advance(DEADLINE);
+    assert_eq!(Sim::calls(&actions), vec![Call::Release(grant(4))]);
+    assert_eq!(sim.now, acquired + DEADLINE);
+}
+
+#[test]
+fn shutdown_without_release_on_cancel_does_not_release() {
+    let mut c = config();
+    c.release_on_cancel = false;
+    let mut sim = Sim::started(c);
+    sim.m
+        .handle_acquire(sim.now, Ok(AcquireOutcome::Acquired(grant(1))));
+    sim.drain();
+    sim.m.handle_shutdown(sim.now);
+    sim.m.handle_work_finished(sim.now);
+    let actions = sim.drain();
+    assert!(Sim::calls(&actions).is_empty());
+    assert_eq!(actions.last(), Some(&Action::Exit(Ok(()))));
+}
+
+#[test]
+fn shutdown_while_following_withdraws() {
+    let mut sim = Sim::started(config());
+    sim.m
+        .handle_acquire(sim.now, Ok(AcquireOutcome::Held(held_by("other", None))));
+    sim.drain();
+    sim.m.handle_shutdown(sim.now);
+    assert_eq!(Sim::calls(&sim.drain()), vec![Call::Withdraw]);
+    sim.m.handle_withdraw(sim.now, Ok(()));
+    assert_eq!(sim.drain().last(), Some(&Action::Exit(Ok(()))));
+}
+
+#[test]
+fn shutdown_during_an_acquire_releases_what_it_got_without_leading() {
+    let mut sim = Sim::started(config()); // acquire in flight
+    sim.m.handle_shutdown(sim.now);
+    assert!(Sim::calls(&sim.drain()).is_empty(), "waits for the answer");
+    sim.m
+        .handle_acquire(sim.now, Ok(AcquireOutcome::Acquired(grant(2))));
+    let actions = sim.drain();
+    assert!(!actions.iter().any(|a| matches!(a, Action::StartLeading(_))));
+    assert_eq!(Sim::calls(&actions), vec![Call::Release(grant(2))]);
+    sim.m.handle_release(sim.now, Ok(ReleaseOutcome::Released));
+    assert_eq!(sim.drain().last(), Some(&Action::Exit(Ok(()))));
+}
+
+#[test]
+fn resign_releases_then_stays_quiet_for_a_lease() {
+    let mut sim = Sim::leading(5);
+    sim.m.handle_resign(sim.now);
+    let actions = sim.drain();
+    assert!(matches!(
+        actions.as_slice(),
+        [Action::StopLeading {
+            cause: StopCause::Resigned,
+            ..
+        }]
+    ));
+    sim.m.handle_work_finished(sim.now);
+    assert_eq!(Sim::calls(&sim.drain()), vec![Call::Release(grant(5))]);
+    let resigned = sim.now;
+    sim.m.handle_release(sim.now, Ok(ReleaseOutcome::Released));
+    let actions = sim.drain();
+    assert!(actions.contains(&Action::Watch(true)));
+    // Our own release notification must not make us grab the lock back.
+    sim.m.handle_observation(sim.now, Observation::vacant());
+    assert!(Sim::calls(&sim.drain()).is_empty());
+    assert_eq!(sim.m.poll_timeout(), Some(resigned + LEASE));
+    assert_eq!(Sim::calls(&sim.advance(LEASE)), vec![Call::Acquire]);
+}
+
+#[test]
+fn resign_when_following_does_nothing() {
+    let mut sim = Sim::started(config());
+    sim.m.handle_resign(sim.now);
+    assert!(sim.drain().is_empty());
+}
+
+#[test]
+fn a_token_that_does_not_increase_is_refused() {
+    let mut sim = Sim::leading(10);
+    sim.m
+        .handle_renew(sim.now, Ok(RenewOutcome::Lost(Observation::vacant()))); // no renew pending: ignored
+    sim.drain();
+    sim.advance(RETRY);
+    sim.m
+        .handle_renew(sim.now, Ok(RenewOutcome::Lost(Observation::vacant())));
+    sim.drain();
+    assert_eq!(Sim::calls(&sim.advance(RETRY)), vec![Call::Acquire]);
+    sim.m
+        .handle_acquire(sim.now, Ok(AcquireOutcome::Acquired(grant(10))));
+    let actions = sim.drain();
+    assert!(!actions.iter().any(|a| matches!(a, Action::StartLeading(_))));
+    assert_eq!(Sim::calls(&actions), vec![Call::Release(grant(10))]);
+    assert_eq!(
+        sim.m.leader_state().last_error.map(|e| e.kind()),
+        Some("protocol")
+    );
+}
+
+#[test]
+fn an_acquire_answered_after_the_renew_deadline_is_not_led() {
+    let mut sim = Sim::started(config());
+    sim.now += DEADLINE;
+    sim.m
+        .handle_acquire(sim.now, Ok(AcquireOutcome::Acquired(grant(1))));
+    let actions = sim.drain();
+    assert!(!actions.iter().any(|a| matches!(a, Action::StartLeading(_))));
+    assert_eq!(Sim::calls(&actions), vec![Call::Release(grant(1))]);
+}
+
+#[test]
+fn standalone_leads_at_once_and_never_calls_the_backend() {
+    let mut c = config();
+    c.enabled = false;
+    let mut sim = Sim::started(c);
+    assert!(sim
+        .log
+        .iter()
+        .any(|a| matches!(a, Action::StartLeading(t) if t.token == FencingToken(0))));
+    assert!(sim.m.is_leader(sim.now + Duration::from_secs(86_400 * 365)));
+    assert!(sim.advance(Duration::from_secs(3600)).is_empty());
+    sim.m.handle_shutdown(sim.now);
+    sim.m.handle_work_finished(sim.now);
+    sim.drain();
+    assert!(Sim::calls(&sim.log).is_empty());
+    assert_eq!(sim.log.last(), Some(&Action::Exit(Ok(()))));
+}
+
+// ----- properties -----
+
+#[derive(Debug, Clone)]
+enum Op {
+    Advance(u64),
+    Answer(u8, u64),
+    Observe(Option<u64>, bool),
+    WatchClosed,
+    Resign,
+    WorkFinished,
+    Shutdown,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u64..4_000).prop_map(Op::Advance),
+        6 => (any::<u8>(), 0u64..20_000).prop_map(|(k, d)| Op::Answer(k, d)),
+        2 => (proptest::option::of(0u64..20_000), any::<bool>()).prop_map(|(e, v)| Op::Observe(e, v)),
+        1 => Just(Op::WatchClosed),
+        1 => Just(Op::Resign),
+        1 => Just(Op::WorkFinished),
+        1 => Just(Op::Shutdown),
+    ]
+}
+
+/// What the property test has seen so far.
+#[derive(Default)]
+struct Model {
+    pending: Option<(Call, Instant)>,
+    /// The latest send instant of any call the backend answered with success.
+    success_sent: Option<Instant>,
+    started_tokens: Vec<FencingToken>,
+    in_term: bool,
+    checked: usize,
+}
+
+impl Model {
+    fn check(&mut self, sim: &Sim) -> Result<(), TestCaseError> {
+        let valid_for = LEASE.mul_f64(0.99);
+        for (action, at) in sim.log[self.checked..]
+            .iter()
+            .zip(&sim.log_times[self.checked..])
+        {
+            match action {
+                Action::Call { call, deadline } => {
+                    prop_assert!(self.pending.is_none(), "two calls in flight");
+                    prop_assert!(
+                        deadline > at,
+                        "{:?} due at {:?}, sent at {:?}",
+                        call,
+                        deadline,
+                        at
+                    );
+                    self.pending = Some((call.clone(), *at));
+                }
+                Action::StartLeading(term) => {
+                    prop_assert!(!self.in_term, "a term started inside a term");
+                    if let Some(last) = self.started_tokens.last() {
+                        prop_assert!(
+                            term.token > *last,
+                            "token went from {} to {}",
+                            last,
+                            term.token
+                        );
+                    }
+                    self.started_tokens.push(term.token);
+                    self.in_term = true;
+                }
+                Action::StopLeading {
+                    at, valid_until, ..
+                } => {
+                    prop_assert!(self.in_term, "stop without a term");
+                    if let Some(until) = valid_until {
+                        prop_assert!(at < until, "stepped down at or after valid_until");
+                    }
+                    self.in_term = false;
+                }
+                _ => {}
+            }
+        }
+        self.checked = sim.log.len();
+        let state = sim.m.leader_state();
+        if let Some(until) = state.valid_until {
+            prop_assert!(state.term.is_some());
+            prop_assert!(sim.now < until, "holds a term at or after valid_until");
+            let sent = self.success_sent.expect("a leader had a successful call");
+            prop_assert!(
+                until <= sent + valid_for,
+                "valid_until beyond the last successful send"
+            );
+        }
+        prop_assert_eq!(state.term.is_some(), self.in_term);
+        Ok(())
+    }
+
+    fn succeeded(&mut self, sent: Instant) {
+        self.success_sent = Some(self.success_sent.map_or(sent, |s| s.max(sent)));
+    }
+}
+
+/// Drives a machine with random inputs as a prompt driver would, checking invariants after every
+/// step. The backend's answers are arbitrary; it may even repeat a token, which the machine must
+/// refuse.
+fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let mut sim = Sim::started(config());
+    let mut model = Model::default();
+    let mut next_token = 1u64;
+    model.check(&sim)?;
+    for op in ops {
+        match op {
+            Op::Advance(d) => {
+                sim.advance(ms(d));
+            }
+            Op::Answer(kind, d) => {
+                if let Some((call, sent)) = model.pending.take() {
+                    sim.now += ms(d % 1_500);
+                    let now = sim.now;
+                    match call {
+                        Call::Acquire => {
+                            let r = match kind % 5 {
+                                0 | 1 => {
+                                    let token = if kind % 7 == 0 {
+                                        next_token.saturating_sub(1).max(1)
+                                    } else {
+                                        next_token
+                                    };
+                                    next_token += 1;
+                                    model.succeeded(sent);
+                                    Ok(AcquireOutcome::Acquired(grant(token)))
+                                }
+                                2 => Ok(AcquireOutcome::Held(held_by("other", Some(ms(d))))),
+                                3 => Ok(AcquireOutcome::Held(held_by("other", None))),
+                                _ => Err(unavailable()),
+                            };
+                            sim.m.handle_acquire(now, r);
+                        }
+                        Call::Renew(_) => {
+                            let r = match kind % 4 {
+                                0 | 1 => {
+                                    model.succeeded(sent);
+                                    Ok(RenewOutcome::Renewed)
+                                }
+                                2 => Ok(RenewOutcome::Lost(held_by("other", Some(ms(d))))),
+                                _ => Err(unavailable()),
+                            };
+                            sim.m.handle_renew(now, r);
+                        }
+                        Call::Release(_) => sim.m.handle_release(now, Ok(ReleaseOutcome::Released)),
+                        Call::Withdraw => sim.m.handle_withdraw(now, Ok(())),
+                    }
+                }
+            }
+            Op::Observe(expires, vacant) => {
+                let o = if vacant {
+                    Observation::vacant()
+                } else {
+                    held_by("other", expires.map(ms))
+                };
+                sim.m.handle_observation(sim.now, o);
+            }
+            Op::WatchClosed => sim.m.handle_watch_closed(sim.now, None),
+            Op::Resign => sim.m.handle_resign(sim.now),
+            Op::WorkFinished => sim.m.handle_work_finished(sim.now),
+            Op::Shutdown => sim.m.handle_shutdown(sim.now),
+        }
+        sim.drain();
+        model.check(&sim)?;
+    }
+
+    // Whatever happened, a shutdown ends in Exit once calls are answered and time passes.
+    sim.m.handle_shutdown(sim.now);
+    for _ in 0..20 {
+        sim.drain();
+        model.check(&sim)?;
+        if sim.m.is_done() {
+            break;
+        }
+        if let Some((call, _)) = model.pending.take() {
+            let now = sim.now;
+            match call {
+                Call::Acquire => sim.m.handle_acquire(now, Err(unavailable())),
+                Call::Renew(_) => sim.m.handle_renew(now, Err(unavailable())),
+                Call::Release(_) => sim.m.handle_release(now, Err(unavailable())),
+                Call::Withdraw => sim.m.handle_withdraw(now, Err(unavailable())),
+            }
+        } else {
+            sim.m.handle_work_finished(sim.now);
+            sim.drain();
+            model.check(&sim)?;
+            if model.pending.is_none() {
+                sim.advance(DEADLINE);
+            }
+        }
+    }
+    prop_assert!(sim.m.is_done(), "shutdown did not finish");
+    prop_assert!(matches!(sim.log.last(), Some(Action::Exit(Ok(())))));
+    prop_assert!(!sim.m.is_leader(sim.now));
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn random_event_sequences_keep_every_invariant(ops in proptest::collection::vec(op(), 1..120)) {
+        run_ops(ops)?;
+    }
+}
