@@ -240,6 +240,8 @@ impl LockBackend for MemoryBackend {
                 record.renew_time = Some(SystemTime::now());
                 *expires_at = now + candidate.lease_duration;
             }
+            // Followers learn the new expiry without asking: they stay quiet.
+            slot.notify();
             Ok(RenewOutcome::Renewed)
         })
         .await

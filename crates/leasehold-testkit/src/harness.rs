@@ -1,0 +1,107 @@
+//! What a backend provides to the conformance suite.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use leasehold_core::{async_trait, Config, LockBackend};
+
+/// Durations the scenarios run with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// `Config::lease_duration`.
+    pub lease_duration: Duration,
+    /// `Config::renew_deadline`.
+    pub renew_deadline: Duration,
+    /// `Config::retry_period`.
+    pub retry_period: Duration,
+}
+
+impl Timing {
+    /// 2 s / 1.5 s / 300 ms: short enough for tests against real servers, whole seconds for
+    /// Kubernetes, long enough for a busy 2-core machine.
+    pub const FAST: Timing = Timing {
+        lease_duration: Duration::from_secs(2),
+        renew_deadline: Duration::from_millis(1500),
+        retry_period: Duration::from_millis(300),
+    };
+
+    /// A valid config for `identity` on `lock` with these durations.
+    pub fn config(&self, identity: &str, lock: &str) -> Config {
+        Config::new(identity, lock).with_timing(
+            self.lease_duration,
+            self.renew_deadline,
+            self.retry_period,
+        )
+    }
+}
+
+/// Fault switches on one test client.
+#[async_trait]
+pub trait FaultSwitch: Send + Sync {
+    /// Cuts the client off the server: its calls fail or hang, its watches go silent.
+    async fn partition(&self);
+    /// Ends the partition.
+    async fn heal(&self);
+    /// Requests the client has sent so far, where the harness can count them (used to check
+    /// that followers stay quiet).
+    fn requests(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// A client of the backend under test, as one process would have, with its fault switches.
+#[derive(Clone)]
+pub struct TestClient {
+    /// The backend client.
+    pub backend: Arc<dyn LockBackend>,
+    /// Its fault switches.
+    pub faults: Arc<dyn FaultSwitch>,
+}
+
+impl std::fmt::Debug for TestClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestClient")
+            .field("backend", &self.backend.name())
+            .finish()
+    }
+}
+
+/// A client of a backend that is down, and the way to bring it up.
+pub struct Outage {
+    /// A client pointed at the backend that is down.
+    pub client: TestClient,
+    /// Brings the backend up.
+    pub restore: Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>,
+}
+
+/// A factory of clients of one backend under test.
+#[async_trait]
+pub trait Harness: Send + Sync + 'static {
+    /// The backend's name, used in lock names and messages.
+    fn name(&self) -> &'static str;
+
+    /// The durations scenarios use. Default [`Timing::FAST`].
+    fn timing(&self) -> Timing {
+        Timing::FAST
+    }
+
+    /// A new client, with fault switches of its own.
+    async fn client(&self) -> TestClient;
+
+    /// A client of a backend that is down now, and a way to bring it up.
+    async fn outage(&self) -> Outage;
+
+    /// Writes a value that is not a leader record into `lock`, expiring after `ttl`, as a
+    /// foreign program would.
+    async fn plant_malformed(&self, lock: &str, ttl: Duration);
+
+    /// Whether `lock` still holds the value written by [`plant_malformed`](Self::plant_malformed).
+    async fn malformed_present(&self, lock: &str) -> bool;
+
+    /// Configs the backend itself must refuse (besides the core's rules), with the field each
+    /// one must be refused for.
+    fn invalid_configs(&self) -> Vec<(Config, &'static str)> {
+        Vec::new()
+    }
+}

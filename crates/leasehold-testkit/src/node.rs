@@ -1,0 +1,179 @@
+//! A candidate under test: an elector on its own client, with recorded events.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use leasehold_core::{
+    Callbacks, CancellationToken, Config, Elector, ElectorError, ElectorHandle, FencingToken,
+    Leadership,
+};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::checker::SafetyChecker;
+use crate::harness::TestClient;
+
+/// What a node's callbacks saw, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// `on_started_leading` with this token.
+    Started(FencingToken, Instant),
+    /// The leader's work ended (after its term's token was cancelled).
+    WorkEnded(FencingToken, Instant),
+    /// `on_stopped_leading`.
+    Stopped(Instant),
+    /// `on_new_leader` with this identity.
+    NewLeader(String),
+}
+
+/// A running elector with its client, shutdown token and event log.
+pub struct Node {
+    /// The identity.
+    pub identity: String,
+    /// The elector's handle.
+    pub handle: ElectorHandle,
+    /// The client it talks through.
+    pub client: TestClient,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), ElectorError>>>,
+    events: Arc<Mutex<Vec<NodeEvent>>>,
+    leaderships: Arc<Mutex<Vec<Leadership>>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("identity", &self.identity)
+            .finish()
+    }
+}
+
+impl Node {
+    /// Starts an elector with `config` on `client`, tracked by `checker`. Its leader's work
+    /// waits for the term to end, then takes `wind_down` to finish.
+    ///
+    /// # Panics
+    ///
+    /// If `config` is refused: scenarios only start valid configs.
+    pub fn start(
+        config: Config,
+        client: TestClient,
+        checker: &SafetyChecker,
+        wind_down: Duration,
+    ) -> Node {
+        let identity = config.identity.clone();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let leaderships = Arc::new(Mutex::new(Vec::new()));
+        let callbacks = {
+            let (events_s, events_n, events_w) = (events.clone(), events.clone(), events.clone());
+            let (checker, id, leaderships) =
+                (checker.clone(), identity.clone(), leaderships.clone());
+            Callbacks::new()
+                .on_started_leading(move |leadership: Leadership| {
+                    checker.track(&id, &leadership);
+                    push(
+                        &events_w,
+                        NodeEvent::Started(leadership.token(), Instant::now()),
+                    );
+                    leaderships
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(leadership.clone());
+                    let events = events_w.clone();
+                    async move {
+                        leadership.cancelled().await;
+                        tokio::time::sleep(wind_down).await;
+                        push(
+                            &events,
+                            NodeEvent::WorkEnded(leadership.token(), Instant::now()),
+                        );
+                    }
+                })
+                .on_stopped_leading(move || push(&events_s, NodeEvent::Stopped(Instant::now())))
+                .on_new_leader(move |leader| push(&events_n, NodeEvent::NewLeader(leader)))
+        };
+        let elector = match Elector::new(config, client.backend.clone(), callbacks) {
+            Ok(elector) => elector,
+            Err(error) => panic!("scenario config refused: {error}"),
+        };
+        let handle = elector.handle();
+        let shutdown = CancellationToken::new();
+        let task = Some(elector.spawn(shutdown.clone()));
+        Node {
+            identity,
+            handle,
+            client,
+            shutdown,
+            task,
+            events,
+            leaderships,
+        }
+    }
+
+    /// The events so far.
+    pub fn events(&self) -> Vec<NodeEvent> {
+        self.events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The terms this node has led, in order.
+    pub fn leaderships(&self) -> Vec<Leadership> {
+        self.leaderships
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The latest term this node has led.
+    pub fn last_leadership(&self) -> Option<Leadership> {
+        self.leaderships().pop()
+    }
+
+    /// Shuts the elector down and waits for `run` to return.
+    ///
+    /// # Panics
+    ///
+    /// If the elector task panicked or is gone.
+    pub async fn stop(&mut self) -> Result<(), ElectorError> {
+        self.shutdown.cancel();
+        match self.task.take() {
+            Some(task) => match task.await {
+                Ok(result) => result,
+                Err(error) => panic!("elector task of {} failed: {error}", self.identity),
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// Kills the elector without any release, as a crashed process: its task is aborted and its
+    /// client partitioned.
+    pub async fn crash(&mut self) {
+        self.client.faults.partition().await;
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// `true` once `run` has returned (or the node was stopped or crashed).
+    pub fn has_exited(&self) -> bool {
+        self.task.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+fn push(events: &Mutex<Vec<NodeEvent>>, event: NodeEvent) {
+    events
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(event);
+}
