@@ -1,1 +1,47 @@
-//! x
+//! # leasehold
+//!
+//! Leader election for Rust services: one elector, pluggable lock backends. The Rust counterpart
+//! of client-go's `tools/leaderelection`, with strict lease safety, fencing tokens, handover by
+//! notification instead of polling, and quiet followers.
+//!
+//! | feature  | backend                                   | crate              |
+//! |----------|-------------------------------------------|--------------------|
+//! | `memory` (default) | in-process store with fault injection (tests, demos) | `leasehold-memory` |
+//!
+//! Kubernetes `Lease`, etcd and Redis backends follow as features `kube`, `etcd` and `redis`.
+//!
+//! ```
+//! use leasehold::{Callbacks, CancellationToken, Config, Elector, MemoryBackend};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config::new("pod-1", "my-app-leader");
+//! let callbacks = Callbacks::new()
+//!     .on_started_leading(|leadership| async move {
+//!         println!("leading with fencing token {}", leadership.token());
+//!         leadership.cancelled().await; // the leader's work runs until the term ends
+//!     })
+//!     .on_stopped_leading(|| println!("stopped leading"))
+//!     .on_new_leader(|identity| println!("new leader: {identity}"));
+//!
+//! let elector = Elector::new(config, MemoryBackend::new(), callbacks)?;
+//! let handle = elector.handle();
+//! let shutdown = CancellationToken::new();
+//! let task = elector.spawn(shutdown.clone());
+//!
+//! handle.wait_for_leadership().await;
+//! assert!(handle.is_leader());
+//! assert_eq!(handle.leader().as_deref(), Some("pod-1"));
+//!
+//! shutdown.cancel(); // steps down, waits for the work, releases the lock
+//! task.await??;
+//! # Ok(()) }
+//! ```
+//!
+//! See the README for the guarantees, the configuration rules and the backend contract.
+
+pub use leasehold_core::*;
+
+#[cfg(feature = "memory")]
+#[doc(inline)]
+pub use leasehold_memory::{self as memory, MemoryBackend};

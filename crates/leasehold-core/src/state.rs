@@ -67,7 +67,7 @@ impl LeaderState {
     /// `true` when this elector leads at `now`: it holds a term and `now` is before the term's
     /// `valid_until`.
     pub fn is_leader_at(&self, now: Instant) -> bool {
-        self.term.is_some() && self.valid_until.map_or(true, |until| now < until)
+        self.term.is_some() && self.valid_until.is_none_or(|until| now < until)
     }
 
     /// `true` when this elector leads at this moment (checked against `valid_until` now, so a

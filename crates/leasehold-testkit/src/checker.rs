@@ -27,17 +27,17 @@ pub enum SafetyViolation {
     #[error("two leaders at once: {first:?} and {second:?}")]
     Overlap {
         /// The earlier term.
-        first: Interval,
+        first: Box<Interval>,
         /// The term that began before the first one ended.
-        second: Interval,
+        second: Box<Interval>,
     },
     /// A term's token was not greater than the term before it.
     #[error("fencing token did not increase: {earlier:?} then {later:?}")]
     TokenOrder {
         /// The earlier term.
-        earlier: Interval,
+        earlier: Box<Interval>,
         /// The later term, whose token is not greater.
-        later: Interval,
+        later: Box<Interval>,
     },
 }
 
@@ -119,8 +119,8 @@ impl SafetyChecker {
             for second in &intervals[i + 1..] {
                 if first.end.is_none_or(|end| second.start < end) {
                     return Err(SafetyViolation::Overlap {
-                        first: first.clone(),
-                        second: second.clone(),
+                        first: Box::new(first.clone()),
+                        second: Box::new(second.clone()),
                     });
                 }
             }
@@ -128,8 +128,8 @@ impl SafetyChecker {
         for pair in intervals.windows(2) {
             if pair[1].token <= pair[0].token {
                 return Err(SafetyViolation::TokenOrder {
-                    earlier: pair[0].clone(),
-                    later: pair[1].clone(),
+                    earlier: Box::new(pair[0].clone()),
+                    later: Box::new(pair[1].clone()),
                 });
             }
         }
