@@ -13,12 +13,15 @@ mod checker;
 mod harness;
 mod memory;
 mod node;
+pub mod proxy;
+mod redis_server;
 pub mod scenarios;
 
 pub use checker::{Interval, SafetyChecker, SafetyReport, SafetyViolation};
 pub use harness::{FaultSwitch, Harness, Outage, TestClient, Timing};
 pub use memory::MemoryHarness;
 pub use node::{Node, NodeEvent};
+pub use redis_server::{free_port, RedisHarness, RedisServer, GARBAGE};
 
 /// Expands to one `#[tokio::test]` per conformance scenario, each calling the scenario with the
 /// harness that `$harness` evaluates to (an expression, awaited inside the test).

@@ -1,0 +1,481 @@
+//! A Redis [`LockBackend`] for leasehold.
+//!
+//! - One key per lock, hash-tagged (`<prefix>{<lock>}`), so the lock, its fencing counter
+//!   (`<prefix>{<lock>}:meta`) and the scripts that touch both live in one slot of a Redis
+//!   Cluster.
+//! - Acquire is one Lua script: `SET NX PX` semantics plus `HINCRBY` of the fencing counter, and
+//!   a `PUBLISH` of the new record. Renew and release are scripts that compare the holder and
+//!   token first; both publish too, so followers learn of every change without asking and
+//!   schedule their attempt at the expiry they saw.
+//! - Followers `SUBSCRIBE` to `<prefix>{<lock>}:events`: a release hands over at once.
+//! - Connections go through the redis crate's async `ConnectionManager` (reconnects), created on
+//!   first use, so an elector can start while Redis is down.
+//!
+//! # Limits (read before relying on it)
+//!
+//! - **Replication is asynchronous.** If the primary fails over before the lock reached a
+//!   replica, the new primary does not have it and a second candidate can acquire while the first
+//!   still believes it leads. [`RedisConfig::wait_replicas`] makes acquire and renew wait for
+//!   `WAIT n` acknowledgements and fail otherwise; that narrows the window, it does not close it.
+//!   Use fencing tokens in the systems your leader writes to.
+//! - **Fencing across restarts.** The counter starts from the server's clock (µs since the epoch)
+//!   when its key is missing, so tokens keep increasing across a restart that lost the data, as
+//!   long as the server's clock does not step back. With persistence (AOF `appendfsync always`)
+//!   the counter itself survives.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use leasehold_core::{Callbacks, CancellationToken, Config, Elector};
+//! use leasehold_redis::RedisBackend;
+//!
+//! let backend = RedisBackend::from_url("redis://127.0.0.1:6379/0")?;
+//! let elector = Elector::new(Config::new("pod-1", "my-app"), backend, Callbacks::new())?;
+//! elector.run(CancellationToken::new()).await?;
+//! # Ok(()) }
+//! ```
+
+mod record;
+mod scripts;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use leasehold_core::{
+    async_trait, AcquireOutcome, BackendError, Candidate, ConfigError, Grant, LockBackend,
+    Observation, ReleaseOutcome, RenewOutcome, WatchStream,
+};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, RedisError};
+use tokio::sync::OnceCell;
+
+use crate::scripts::Scripts;
+
+/// Waiting for replicas after each acquire and renew (`WAIT replicas timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitReplicas {
+    /// How many replicas must acknowledge.
+    pub replicas: u32,
+    /// How long to wait for them.
+    pub timeout: Duration,
+}
+
+/// Configuration of a [`RedisBackend`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `redis://[user[:password]@]host[:port][/db]`, or `rediss://` for TLS.
+    pub url: String,
+    /// Prefix of every key and channel. Default `"leasehold:"`.
+    pub key_prefix: String,
+    /// Timeout to establish a connection. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Timeout of one command. Default 5 s (the elector's own deadlines are usually shorter).
+    pub response_timeout: Duration,
+    /// Wait for replicas after acquire and renew. Default `None`.
+    pub wait_replicas: Option<WaitReplicas>,
+}
+
+impl RedisConfig {
+    /// A configuration for `url` with the defaults.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            key_prefix: "leasehold:".into(),
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(5),
+            wait_replicas: None,
+        }
+    }
+}
+
+/// Why a [`RedisBackend`] could not be created.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisConfigError {
+    /// The URL could not be parsed.
+    #[error("invalid Redis URL {url:?}: {reason}; expected redis://[user[:password]@]host[:port][/db] or rediss://...")]
+    InvalidUrl {
+        /// The URL, with any password hidden.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The key prefix contains a brace, which would break the hash tag.
+    #[error("invalid key_prefix {0:?}: it must not contain '{{' or '}}'")]
+    InvalidPrefix(String),
+}
+
+/// The keys and channel of one lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockKeys {
+    /// The lock key: holds the record, with a TTL.
+    pub lock: String,
+    /// The hash with the fencing counter (`token`), `transitions` and the last `holder`.
+    pub meta: String,
+    /// The pub/sub channel of the lock's changes.
+    pub channel: String,
+}
+
+/// A Redis lock backend. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    config: RedisConfig,
+    address: String,
+    scripts: Scripts,
+    connection: OnceCell<ConnectionManager>,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("address", &self.inner.address)
+            .field("key_prefix", &self.inner.config.key_prefix)
+            .finish()
+    }
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl RedisBackend {
+    /// A backend for `url` with the default configuration. Does not connect yet.
+    ///
+    /// # Errors
+    ///
+    /// [`RedisConfigError::InvalidUrl`] when the URL cannot be parsed.
+    pub fn from_url(url: &str) -> Result<Self, RedisConfigError> {
+        Self::new(RedisConfig::new(url))
+    }
+
+    /// A backend with `config`. Does not connect yet: the first call does, and reconnects
+    /// happen on their own.
+    ///
+    /// # Errors
+    ///
+    /// [`RedisConfigError`] for a URL that cannot be parsed or a prefix with braces.
+    pub fn new(config: RedisConfig) -> Result<Self, RedisConfigError> {
+        let address = redact(&config.url);
+        if config.key_prefix.contains(['{', '}']) {
+            return Err(RedisConfigError::InvalidPrefix(config.key_prefix));
+        }
+        let client =
+            redis::Client::open(config.url.as_str()).map_err(|e| RedisConfigError::InvalidUrl {
+                url: address.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                address,
+                scripts: Scripts::new(),
+                connection: OnceCell::new(),
+                config,
+            }),
+        })
+    }
+
+    /// The keys and channel used for `lock`.
+    pub fn keys(&self, lock: &str) -> LockKeys {
+        let base = format!("{}{{{lock}}}", self.inner.config.key_prefix);
+        LockKeys {
+            meta: format!("{base}:meta"),
+            channel: format!("{base}:events"),
+            lock: base,
+        }
+    }
+
+    /// The server address, without credentials.
+    pub fn address(&self) -> &str {
+        &self.inner.address
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, BackendError> {
+        let inner = &self.inner;
+        inner
+            .connection
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(inner.config.connect_timeout))
+                    .set_response_timeout(Some(inner.config.response_timeout))
+                    .set_number_of_retries(1);
+                ConnectionManager::new_with_config(inner.client.clone(), config).await
+            })
+            .await
+            .cloned()
+            .map_err(|e| self.error("connect", &e))
+    }
+
+    fn error(&self, operation: &str, error: &RedisError) -> BackendError {
+        let backend = format!("redis at {}", self.inner.address);
+        let denied = error.kind() == ErrorKind::AuthenticationFailed
+            || matches!(error.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"));
+        if denied {
+            BackendError::Unauthorized {
+                backend,
+                detail: format!(
+                    "{operation}: {error}. Check the user and password in the URL; the ACL user \
+                     needs EVAL, EVALSHA, SCRIPT, GET, PTTL, SUBSCRIBE, PUBLISH and WAIT on keys \
+                     and channels {}*",
+                    self.inner.config.key_prefix
+                ),
+            }
+        } else if error.is_timeout() {
+            BackendError::Timeout {
+                backend,
+                operation: static_op(operation),
+                after: self.inner.config.response_timeout,
+            }
+        } else {
+            BackendError::Unavailable {
+                backend,
+                detail: format!("{operation}: {error}"),
+            }
+        }
+    }
+
+    async fn wait_for_replicas(
+        &self,
+        connection: &mut ConnectionManager,
+        operation: &str,
+    ) -> Result<(), BackendError> {
+        let Some(wait) = self.inner.config.wait_replicas else {
+            return Ok(());
+        };
+        let timeout_ms = u64::try_from(wait.timeout.as_millis()).unwrap_or(u64::MAX);
+        let acked: u64 = redis::cmd("WAIT")
+            .arg(wait.replicas)
+            .arg(timeout_ms)
+            .query_async(connection)
+            .await
+            .map_err(|e| self.error(operation, &e))?;
+        if acked < u64::from(wait.replicas) {
+            return Err(BackendError::Unavailable {
+                backend: format!("redis at {}", self.inner.address),
+                detail: format!(
+                    "{operation}: only {acked} of {} replicas acknowledged within {:?}",
+                    wait.replicas, wait.timeout
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn static_op(operation: &str) -> &'static str {
+    match operation {
+        "acquire" => "acquire",
+        "renew" => "renew",
+        "release" => "release",
+        "read" => "read",
+        "watch" => "watch",
+        _ => "connect",
+    }
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn lease_ms(candidate: &Candidate) -> u64 {
+    u64::try_from(candidate.lease_duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+type ScriptReply = (String, Option<Vec<u8>>, i64);
+
+#[async_trait]
+impl LockBackend for RedisBackend {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn validate(&self, candidate: &Candidate) -> Result<(), ConfigError> {
+        if candidate.lock.contains(['{', '}']) {
+            return Err(ConfigError::InvalidName {
+                field: "lease_name",
+                value: candidate.lock.clone(),
+                reason: "Redis lock names must not contain '{' or '}' (they form the hash tag)"
+                    .into(),
+            });
+        }
+        if candidate.lease_duration < Duration::from_millis(1) {
+            return Err(ConfigError::Unsupported {
+                field: "lease_duration",
+                value: candidate.lease_duration,
+                backend: "redis",
+                reason: "PX takes whole milliseconds; use at least 1 ms".into(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
+        let keys = self.keys(&candidate.lock);
+        let mut connection = self.connection().await?;
+        let (status, raw, pttl): ScriptReply = self
+            .inner
+            .scripts
+            .acquire
+            .key(&keys.lock)
+            .key(&keys.meta)
+            .arg(&candidate.identity)
+            .arg(lease_ms(candidate))
+            .arg(wall_ms())
+            .arg(&keys.channel)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| self.error("acquire", &e))?;
+        let observation = record::observe(&candidate.lock, raw.as_deref(), pttl);
+        match status.as_str() {
+            "acquired" => {
+                let record = observation?
+                    .record
+                    .ok_or_else(|| protocol("acquire returned no record"))?;
+                let token = record
+                    .token
+                    .ok_or_else(|| protocol("acquire returned no token"))?;
+                let grant = Grant { token, record };
+                if let Err(error) = self.wait_for_replicas(&mut connection, "acquire").await {
+                    // Not durable enough: give it back rather than lead on it.
+                    let _ = self.release(candidate, &grant).await;
+                    return Err(error);
+                }
+                Ok(AcquireOutcome::Acquired(grant))
+            }
+            "held" => Ok(AcquireOutcome::Held(observation?)),
+            "malformed" => {
+                Err(observation
+                    .err()
+                    .unwrap_or_else(|| BackendError::MalformedRecord {
+                        lock: candidate.lock.clone(),
+                        detail: "the key holds a value that is not a leasehold record".into(),
+                    }))
+            }
+            other => Err(protocol(&format!("acquire script answered {other:?}"))),
+        }
+    }
+
+    async fn renew(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+    ) -> Result<RenewOutcome, BackendError> {
+        let keys = self.keys(&candidate.lock);
+        let mut connection = self.connection().await?;
+        let (status, raw, pttl): ScriptReply = self
+            .inner
+            .scripts
+            .renew
+            .key(&keys.lock)
+            .arg(&candidate.identity)
+            .arg(grant.token.get())
+            .arg(lease_ms(candidate))
+            .arg(wall_ms())
+            .arg(&keys.channel)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| self.error("renew", &e))?;
+        match status.as_str() {
+            "renewed" => {
+                self.wait_for_replicas(&mut connection, "renew").await?;
+                Ok(RenewOutcome::Renewed)
+            }
+            "lost" => Ok(RenewOutcome::Lost(
+                // A foreign value took our place: lost all the same.
+                record::observe(&candidate.lock, raw.as_deref(), pttl)
+                    .unwrap_or_else(|_| Observation::vacant()),
+            )),
+            other => Err(protocol(&format!("renew script answered {other:?}"))),
+        }
+    }
+
+    async fn release(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+    ) -> Result<ReleaseOutcome, BackendError> {
+        let keys = self.keys(&candidate.lock);
+        let mut connection = self.connection().await?;
+        let released: i64 = self
+            .inner
+            .scripts
+            .release
+            .key(&keys.lock)
+            .arg(&candidate.identity)
+            .arg(grant.token.get())
+            .arg(&keys.channel)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| self.error("release", &e))?;
+        Ok(if released == 1 {
+            ReleaseOutcome::Released
+        } else {
+            ReleaseOutcome::NotHeld
+        })
+    }
+
+    async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
+        let keys = self.keys(lock);
+        let mut connection = self.connection().await?;
+        let (raw, pttl): (Option<Vec<u8>>, i64) = self
+            .inner
+            .scripts
+            .read
+            .key(&keys.lock)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| self.error("read", &e))?;
+        record::observe(lock, raw.as_deref(), pttl)
+    }
+
+    async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
+        let keys = self.keys(&candidate.lock);
+        let connect = async {
+            let mut pubsub = self.inner.client.get_async_pubsub().await?;
+            pubsub.subscribe(&keys.channel).await?;
+            Ok::<_, RedisError>(pubsub)
+        };
+        let pubsub = tokio::time::timeout(self.inner.config.connect_timeout, connect)
+            .await
+            .map_err(|_| BackendError::Timeout {
+                backend: format!("redis at {}", self.inner.address),
+                operation: "watch",
+                after: self.inner.config.connect_timeout,
+            })?
+            .map_err(|e| self.error("watch", &e))?;
+        let lock = candidate.lock.clone();
+        Ok(pubsub
+            .into_on_message()
+            .map(move |message| {
+                let payload = message.get_payload_bytes();
+                if payload.is_empty() {
+                    return Ok(Observation::vacant());
+                }
+                let record = record::parse(&lock, payload)?;
+                let expires_in = Some(record.lease_duration);
+                Ok(Observation::held(record, expires_in))
+            })
+            .boxed())
+    }
+}
+
+fn protocol(detail: &str) -> BackendError {
+    BackendError::Protocol {
+        backend: "redis".into(),
+        detail: detail.to_owned(),
+    }
+}
