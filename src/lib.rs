@@ -7,8 +7,9 @@
 //! | feature  | backend                                   | crate              |
 //! |----------|-------------------------------------------|--------------------|
 //! | `memory` (default) | in-process store with fault injection (tests, demos) | `leasehold-memory` |
+//! | `redis`  | Redis (`SET NX PX` + fencing counter in one script, pub/sub) | `leasehold-redis` |
 //!
-//! Kubernetes `Lease`, etcd and Redis backends follow as features `kube`, `etcd` and `redis`.
+//! Kubernetes `Lease` and etcd backends follow as features `kube` and `etcd`.
 //!
 //! ```
 //! use leasehold::{Callbacks, CancellationToken, Config, Elector, MemoryBackend};
@@ -45,3 +46,7 @@ pub use leasehold_core::*;
 #[cfg(feature = "memory")]
 #[doc(inline)]
 pub use leasehold_memory::{self as memory, MemoryBackend};
+
+#[cfg(feature = "redis")]
+#[doc(inline)]
+pub use leasehold_redis::{self as redis, RedisBackend, RedisConfig};

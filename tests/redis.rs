@@ -7,3 +7,253 @@ leasehold_testkit::conformance_tests!(
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)],
     RedisHarness::start().await
 );
+
+mod redis_specific {
+    use std::time::Duration;
+
+    use leasehold::{
+        AcquireOutcome, BackendError, Callbacks, CancellationToken, Candidate, Config, Elector,
+        ElectorError, LockBackend,
+    };
+    use leasehold_redis::{RedisBackend, RedisConfig};
+    use leasehold_testkit::proxy::Proxy;
+    use leasehold_testkit::scenarios::{lock_name, wait_for};
+    use leasehold_testkit::{
+        Harness, Node, NodeEvent, RedisHarness, RedisServer, SafetyChecker, Timing, GARBAGE,
+    };
+    use tokio::time::{sleep, Instant};
+
+    fn timing() -> Timing {
+        Timing::FAST
+    }
+
+    async fn node(h: &RedisHarness, id: &str, lock: &str, checker: &SafetyChecker) -> Node {
+        Node::start(
+            timing().config(id, lock),
+            h.client().await,
+            checker,
+            Duration::ZERO,
+        )
+    }
+
+    /// The server restarts (without persistence) under a leader: the leader steps down before
+    /// its validity ends, a candidate leads again after the restart, and fencing tokens keep
+    /// increasing because the counter restarts from the server's clock.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn server_restart_while_leading() {
+        let t = timing();
+        let mut h = RedisHarness::start().await;
+        let lock = lock_name("restart");
+        let checker = SafetyChecker::new();
+        let mut a = node(&h, "a", &lock, &checker).await;
+        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
+        let mut b = node(&h, "b", &lock, &checker).await;
+        wait_for("b follows", t.lease_duration, || {
+            b.handle.leader().as_deref() == Some("a")
+        })
+        .await;
+        let before = a.last_leadership().expect("a's term").token();
+
+        h.server().kill().await;
+        let term = a.last_leadership().expect("a's term");
+        wait_for("a steps down", 2 * t.lease_duration, || {
+            term.cancellation_token().is_cancelled()
+        })
+        .await;
+        let ended = term.ended_at().expect("ended");
+        assert!(!a.handle.is_leader() && !b.handle.is_leader());
+        h.server().restart().await;
+        wait_for(
+            "someone leads after the restart",
+            5 * t.lease_duration,
+            || a.handle.is_leader() || b.handle.is_leader(),
+        )
+        .await;
+        let intervals = checker.verify().expect("safe").intervals;
+        let after = intervals.last().expect("a new term").token;
+        assert!(intervals.last().expect("term").start > ended);
+        assert!(
+            after > before,
+            "fencing must survive a restart that lost the data: {before} then {after}"
+        );
+        a.stop().await.expect("a stops");
+        b.stop().await.expect("b stops");
+        checker.verify().expect("safe");
+    }
+
+    /// A wrong or missing password is a typed, fatal error: `run` returns it at once instead of
+    /// retrying for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wrong_password_is_unauthorized_and_fatal() {
+        let server = RedisServer::start_with_password("s3cret").await;
+        let proxy = Proxy::start(server.addr()).await.expect("proxy");
+        for url in [
+            format!("redis://:wrong@{}/0", proxy.addr()),
+            format!("redis://{}/0", proxy.addr()),
+        ] {
+            let backend = RedisBackend::from_url(&url).expect("valid url");
+            let config = timing().config("a", &lock_name("auth"));
+            let elector = Elector::new(config, backend, Callbacks::new()).expect("elector");
+            let started = Instant::now();
+            let result = tokio::time::timeout(
+                Duration::from_secs(10),
+                elector.run(CancellationToken::new()),
+            )
+            .await
+            .expect("run must return, not retry for ever");
+            match result {
+                Err(ElectorError::Backend(BackendError::Unauthorized { backend, detail })) => {
+                    assert!(!backend.contains("wrong"), "the password leaked: {backend}");
+                    assert!(detail.contains("password"), "{detail}");
+                }
+                other => panic!("expected Unauthorized from {url}, got {other:?}"),
+            }
+            assert!(started.elapsed() < Duration::from_secs(5));
+        }
+        assert!(
+            proxy.requests() < 20,
+            "retry storm: {} requests",
+            proxy.requests()
+        );
+        // The right password works.
+        let backend = RedisBackend::from_url(&server.url()).expect("url");
+        let c = Candidate::new(lock_name("auth-ok"), "a", Duration::from_secs(2));
+        assert!(matches!(
+            backend.try_acquire(&c).await,
+            Ok(AcquireOutcome::Acquired(_))
+        ));
+    }
+
+    /// Garbage without a TTL is never overwritten: the elector reports it and waits; once an
+    /// operator deletes it, the elector leads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn garbage_without_ttl_is_never_overwritten() {
+        let t = timing();
+        let h = RedisHarness::start().await;
+        let lock = lock_name("garbage");
+        let backend = RedisBackend::from_url("redis://127.0.0.1:1/").expect("url");
+        let key = backend.keys(&lock).lock;
+        let mut conn = plain(&h).await;
+        let () = redis::cmd("SET")
+            .arg(&key)
+            .arg(GARBAGE)
+            .query_async(&mut conn)
+            .await
+            .expect("SET");
+        let checker = SafetyChecker::new();
+        let mut a = node(&h, "a", &lock, &checker).await;
+        sleep(3 * t.lease_duration).await;
+        assert!(!a.handle.is_leader());
+        assert!(matches!(
+            a.handle.state().last_error,
+            Some(BackendError::MalformedRecord { .. })
+        ));
+        let value: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("GET");
+        assert_eq!(
+            value.as_deref(),
+            Some(GARBAGE),
+            "the foreign value was touched"
+        );
+        let () = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("DEL");
+        wait_for(
+            "a leads once the garbage is gone",
+            2 * t.lease_duration,
+            || a.handle.is_leader(),
+        )
+        .await;
+        assert!(!a
+            .events()
+            .iter()
+            .any(|e| matches!(e, NodeEvent::Stopped(_))));
+        a.stop().await.expect("a stops");
+    }
+
+    /// The lock key, its counter and (by convention) its channel share one hash tag, so the
+    /// scripts touch a single slot of a Redis Cluster: checked by a cluster-enabled server.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keys_share_one_cluster_slot() {
+        let port = leasehold_testkit::free_port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = tokio::process::Command::new("redis-server")
+            .arg("--port")
+            .arg(port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+            .arg(dir.path().join("nodes.conf"))
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server");
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("url");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut conn = loop {
+            match client.get_multiplexed_async_connection().await {
+                Ok(conn) => break conn,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "cluster node did not start: {e}");
+                    sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let backend = RedisBackend::from_url("redis://127.0.0.1:1/").expect("url");
+        for lock in ["a", "my-app-leader", "with:colons", "x.y/z"] {
+            let keys = backend.keys(lock);
+            let mut slots = Vec::new();
+            for key in [&keys.lock, &keys.meta, &keys.channel] {
+                let slot: i64 = redis::cmd("CLUSTER")
+                    .arg("KEYSLOT")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("CLUSTER KEYSLOT");
+                slots.push(slot);
+            }
+            assert!(
+                slots.windows(2).all(|w| w[0] == w[1]),
+                "{keys:?} -> {slots:?}"
+            );
+            assert!(keys.lock.contains(&format!("{{{lock}}}")));
+        }
+        let _ = child.kill().await;
+    }
+
+    /// A lock name with braces would break the hash tag: refused when the elector is built.
+    #[test]
+    fn braces_in_lock_names_are_refused() {
+        let backend = RedisBackend::from_url("redis://127.0.0.1:1/").expect("url");
+        let mut config = Config::new("a", "bad{name}");
+        config.lease_duration = Duration::from_secs(15);
+        match Elector::new(config, backend, Callbacks::new()) {
+            Err(ElectorError::Config(e)) => assert_eq!(e.field(), "lease_name"),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+        let mut bad = RedisConfig::new("redis://127.0.0.1:1/");
+        bad.key_prefix = "x{".into();
+        assert!(RedisBackend::new(bad).is_err());
+        let err = RedisBackend::from_url("http://nope").expect_err("bad scheme");
+        assert!(err.to_string().contains("redis://"), "{err}");
+        let err = RedisBackend::from_url("redis://user:hunter2@[::1").expect_err("bad url");
+        assert!(
+            !err.to_string().contains("hunter2"),
+            "password in error: {err}"
+        );
+    }
+
+    async fn plain(h: &RedisHarness) -> redis::aio::MultiplexedConnection {
+        h.server_ref()
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis connection")
+    }
+}

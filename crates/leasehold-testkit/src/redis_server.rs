@@ -170,9 +170,14 @@ impl RedisHarness {
         }
     }
 
-    /// The server.
+    /// The server, to restart or kill it.
     pub fn server(&mut self) -> &mut RedisServer {
         &mut self.server
+    }
+
+    /// The server, to inspect it.
+    pub fn server_ref(&self) -> &RedisServer {
+        &self.server
     }
 
     /// A backend for `url` through a new proxy to `target`.
