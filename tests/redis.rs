@@ -257,3 +257,20 @@ mod redis_specific {
             .expect("redis connection")
     }
 }
+
+/// A real three-node Redis Cluster: the scenarios that need no partition or outage, one after the
+/// other on one cluster (forming a cluster takes a few seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_runs_the_conformance_scenarios() {
+    use leasehold_testkit::scenarios;
+    let h = leasehold_testkit::RedisClusterHarness::start().await;
+    scenarios::lock_contract(&h).await;
+    scenarios::single_candidate_acquires(&h).await;
+    scenarios::follower_sees_leader(&h).await;
+    scenarios::graceful_handover(&h).await;
+    scenarios::fencing_increases_over_terms(&h).await;
+    scenarios::malformed_record(&h).await;
+    scenarios::late_release_never_blanks_newer_holder(&h).await;
+    scenarios::resign_hands_over(&h).await;
+    scenarios::bad_config(&h).await;
+}

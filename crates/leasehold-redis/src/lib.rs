@@ -71,8 +71,13 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
     /// Timeout of one command. Default 5 s (the elector's own deadlines are usually shorter).
     pub response_timeout: Duration,
-    /// Wait for replicas after acquire and renew. Default `None`.
+    /// Wait for replicas after acquire and renew. Default `None`. Not available with
+    /// `cluster_nodes`.
     pub wait_replicas: Option<WaitReplicas>,
+    /// Redis Cluster: the seed nodes (`redis://host:port` URLs). When set, commands are routed
+    /// by slot (every key of a lock shares one slot) and `url` is only used for the pub/sub
+    /// connection (any node of the cluster receives every `PUBLISH`). Default empty: one server.
+    pub cluster_nodes: Vec<String>,
 }
 
 impl RedisConfig {
@@ -84,7 +89,17 @@ impl RedisConfig {
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(5),
             wait_replicas: None,
+            cluster_nodes: Vec::new(),
         }
+    }
+
+    /// A configuration for a Redis Cluster with these seed nodes; the first one also serves the
+    /// pub/sub connection.
+    pub fn cluster<S: Into<String>>(nodes: impl IntoIterator<Item = S>) -> Self {
+        let nodes: Vec<String> = nodes.into_iter().map(Into::into).collect();
+        let mut config = Self::new(nodes.first().cloned().unwrap_or_default());
+        config.cluster_nodes = nodes;
+        config
     }
 }
 
@@ -103,6 +118,9 @@ pub enum RedisConfigError {
     /// The key prefix contains a brace, which would break the hash tag.
     #[error("invalid key_prefix {0:?}: it must not contain '{{' or '}}'")]
     InvalidPrefix(String),
+    /// `wait_replicas` with `cluster_nodes`: `WAIT` cannot be routed to the lock's primary.
+    #[error("wait_replicas is not supported with cluster_nodes; use one or the other")]
+    WaitWithCluster,
 }
 
 /// The keys and channel of one lock.
@@ -122,12 +140,51 @@ pub struct RedisBackend {
     inner: Arc<Inner>,
 }
 
+/// A connection to one server (reconnecting) or to a cluster (routing by slot).
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 struct Inner {
     client: redis::Client,
+    cluster: Option<redis::cluster::ClusterClient>,
     config: RedisConfig,
     address: String,
     scripts: Scripts,
-    connection: OnceCell<ConnectionManager>,
+    connection: OnceCell<Connection>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -169,14 +226,32 @@ impl RedisBackend {
         if config.key_prefix.contains(['{', '}']) {
             return Err(RedisConfigError::InvalidPrefix(config.key_prefix));
         }
+        let invalid = |url: &str, e: RedisError| RedisConfigError::InvalidUrl {
+            url: redact(url),
+            reason: e.to_string(),
+        };
         let client =
-            redis::Client::open(config.url.as_str()).map_err(|e| RedisConfigError::InvalidUrl {
-                url: address.clone(),
-                reason: e.to_string(),
-            })?;
+            redis::Client::open(config.url.as_str()).map_err(|e| invalid(&config.url, e))?;
+        let cluster = if config.cluster_nodes.is_empty() {
+            None
+        } else {
+            if config.wait_replicas.is_some() {
+                return Err(RedisConfigError::WaitWithCluster);
+            }
+            for node in &config.cluster_nodes {
+                redis::Client::open(node.as_str()).map_err(|e| invalid(node, e))?;
+            }
+            let cluster = redis::cluster::ClusterClientBuilder::new(config.cluster_nodes.clone())
+                .connection_timeout(config.connect_timeout)
+                .response_timeout(config.response_timeout)
+                .build()
+                .map_err(|e| invalid(&config.url, e))?;
+            Some(cluster)
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
+                cluster,
                 address,
                 scripts: Scripts::new(),
                 connection: OnceCell::new(),
@@ -200,16 +275,24 @@ impl RedisBackend {
         &self.inner.address
     }
 
-    async fn connection(&self) -> Result<ConnectionManager, BackendError> {
+    async fn connection(&self) -> Result<Connection, BackendError> {
         let inner = &self.inner;
         inner
             .connection
             .get_or_try_init(|| async {
+                if let Some(cluster) = &inner.cluster {
+                    return cluster
+                        .get_async_connection()
+                        .await
+                        .map(Connection::Cluster);
+                }
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(inner.config.connect_timeout))
                     .set_response_timeout(Some(inner.config.response_timeout))
                     .set_number_of_retries(1);
-                ConnectionManager::new_with_config(inner.client.clone(), config).await
+                ConnectionManager::new_with_config(inner.client.clone(), config)
+                    .await
+                    .map(Connection::Single)
             })
             .await
             .cloned()
@@ -246,7 +329,7 @@ impl RedisBackend {
 
     async fn wait_for_replicas(
         &self,
-        connection: &mut ConnectionManager,
+        connection: &mut Connection,
         operation: &str,
     ) -> Result<(), BackendError> {
         let Some(wait) = self.inner.config.wait_replicas else {

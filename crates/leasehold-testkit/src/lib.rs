@@ -21,7 +21,9 @@ pub use checker::{Interval, SafetyChecker, SafetyReport, SafetyViolation};
 pub use harness::{FaultSwitch, Harness, Outage, TestClient, Timing};
 pub use memory::MemoryHarness;
 pub use node::{Node, NodeEvent};
-pub use redis_server::{free_port, RedisHarness, RedisServer, GARBAGE};
+pub use redis_server::{
+    free_port, RedisCluster, RedisClusterHarness, RedisHarness, RedisServer, GARBAGE,
+};
 
 /// Expands to one `#[tokio::test]` per conformance scenario, each calling the scenario with the
 /// harness that `$harness` evaluates to (an expression, awaited inside the test).

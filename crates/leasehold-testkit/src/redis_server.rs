@@ -31,6 +31,7 @@ pub fn free_port() -> u16 {
 pub struct RedisServer {
     port: u16,
     password: Option<String>,
+    extra_args: Vec<String>,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -54,9 +55,19 @@ impl RedisServer {
     /// Starts a server on `port`.
     pub async fn start_on(port: u16, password: Option<String>) -> RedisServer {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+        Self::start_with(port, password, Vec::new(), dir).await
+    }
+
+    async fn start_with(
+        port: u16,
+        password: Option<String>,
+        extra_args: Vec<String>,
+        dir: tempfile::TempDir,
+    ) -> RedisServer {
         let mut server = RedisServer {
             port,
             password,
+            extra_args,
             dir,
             child: None,
         };
@@ -79,6 +90,7 @@ impl RedisServer {
         if let Some(password) = &self.password {
             command.arg("--requirepass").arg(password);
         }
+        command.args(&self.extra_args);
         let child = command.spawn().unwrap_or_else(|e| {
             panic!("cannot start redis-server ({e}); install it with scripts/test (Debian package redis-server)")
         });
@@ -276,3 +288,178 @@ impl Harness for RedisHarness {
 
 /// The value [`RedisHarness`] plants as a malformed record.
 pub const GARBAGE: &str = "this is not a leasehold record";
+
+/// A free port `p` on 127.0.0.1 whose cluster bus port `p + 10000` is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A real three-primary Redis Cluster on loopback (`redis-server --cluster-enabled yes`, joined
+/// with `redis-cli --cluster create`). Killed when dropped.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts three nodes and creates the cluster; returns once every node reports
+    /// `cluster_state:ok`.
+    ///
+    /// # Panics
+    ///
+    /// When `redis-server` or `redis-cli` is missing, or the cluster does not form in 30 s.
+    pub async fn start() -> RedisCluster {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+            let args = vec![
+                "--cluster-enabled".to_owned(),
+                "yes".to_owned(),
+                "--cluster-config-file".to_owned(),
+                dir.path().join("nodes.conf").display().to_string(),
+                "--cluster-node-timeout".to_owned(),
+                "2000".to_owned(),
+            ];
+            nodes.push(RedisServer::start_with(free_cluster_port(), None, args, dir).await);
+        }
+        let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
+        let status = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .status()
+            .await
+            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); it comes with redis-server"));
+        assert!(
+            status.success(),
+            "redis-cli --cluster create failed: {status}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in &nodes {
+            loop {
+                let info: String = async {
+                    let mut c = node.client().get_multiplexed_async_connection().await?;
+                    redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await
+                }
+                .await
+                .unwrap_or_default();
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster did not become ok in 30 s"
+                );
+                sleep(Duration::from_millis(100)).await;
+            }
+        }
+        RedisCluster { nodes }
+    }
+
+    /// `redis://` URLs of the nodes.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// A backend client of the cluster.
+    ///
+    /// # Panics
+    ///
+    /// Never for the URLs this cluster produces.
+    pub fn backend(&self) -> RedisBackend {
+        let mut config = RedisConfig::cluster(self.urls());
+        config.connect_timeout = Duration::from_secs(1);
+        config.response_timeout = Duration::from_secs(1);
+        RedisBackend::new(config).unwrap_or_else(|e| panic!("cluster backend: {e}"))
+    }
+
+    async fn connection(&self) -> redis::cluster_async::ClusterConnection {
+        redis::cluster::ClusterClient::new(self.urls())
+            .unwrap_or_else(|e| panic!("cluster client: {e}"))
+            .get_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("cluster connection: {e}"))
+    }
+}
+
+/// No fault switch: partitions are not exercised on the cluster (its nodes advertise their own
+/// addresses, so a proxy in front of them would be bypassed).
+struct NoFaults;
+
+#[async_trait]
+impl FaultSwitch for NoFaults {
+    async fn partition(&self) {
+        panic!("partitions are not supported by RedisClusterHarness");
+    }
+    async fn heal(&self) {}
+}
+
+/// Runs conformance scenarios against a real three-node [`RedisCluster`]. Scenarios that need
+/// a partition or an outage are not supported.
+#[derive(Debug)]
+pub struct RedisClusterHarness {
+    cluster: RedisCluster,
+}
+
+impl RedisClusterHarness {
+    /// Starts a cluster for this harness.
+    pub async fn start() -> RedisClusterHarness {
+        RedisClusterHarness {
+            cluster: RedisCluster::start().await,
+        }
+    }
+
+    /// The cluster.
+    pub fn cluster(&self) -> &RedisCluster {
+        &self.cluster
+    }
+}
+
+#[async_trait]
+impl Harness for RedisClusterHarness {
+    fn name(&self) -> &'static str {
+        "redis-cluster"
+    }
+
+    async fn client(&self) -> TestClient {
+        TestClient {
+            backend: Arc::new(self.cluster.backend()),
+            faults: Arc::new(NoFaults),
+        }
+    }
+
+    async fn outage(&self) -> Outage {
+        panic!("outages are not supported by RedisClusterHarness");
+    }
+
+    async fn plant_malformed(&self, lock: &str, ttl: Duration) {
+        let key = self.cluster.backend().keys(lock).lock;
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let () = redis::cmd("SET")
+            .arg(&key)
+            .arg(GARBAGE)
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async(&mut self.cluster.connection().await)
+            .await
+            .unwrap_or_else(|e| panic!("redis SET: {e}"));
+    }
+
+    async fn malformed_present(&self, lock: &str) -> bool {
+        let key = self.cluster.backend().keys(lock).lock;
+        let value: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut self.cluster.connection().await)
+            .await
+            .unwrap_or_else(|e| panic!("redis GET: {e}"));
+        value.as_deref() == Some(GARBAGE)
+    }
+}
