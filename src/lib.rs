@@ -8,8 +8,9 @@
 //! |----------|-------------------------------------------|--------------------|
 //! | `memory` (default) | in-process store with fault injection (tests, demos) | `leasehold-memory` |
 //! | `redis`  | Redis (`SET NX PX` + fencing counter in one script, pub/sub) | `leasehold-redis` |
+//! | `etcd`   | etcd election protocol (`etcdctl elect` compatible) | `leasehold-etcd` |
 //!
-//! Kubernetes `Lease` and etcd backends follow as features `kube` and `etcd`.
+//! The Kubernetes `Lease` backend follows as feature `kube`.
 //!
 //! ```
 //! use leasehold::{Callbacks, CancellationToken, Config, Elector, MemoryBackend};
@@ -50,3 +51,7 @@ pub use leasehold_memory::{self as memory, MemoryBackend};
 #[cfg(feature = "redis")]
 #[doc(inline)]
 pub use leasehold_redis::{self as redis, RedisBackend, RedisConfig};
+
+#[cfg(feature = "etcd")]
+#[doc(inline)]
+pub use leasehold_etcd::{self as etcd, EtcdBackend, EtcdConfig};

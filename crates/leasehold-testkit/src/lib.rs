@@ -10,6 +10,7 @@
 //! `tokio::time::pause()` and they finish at once and deterministically.
 
 mod checker;
+mod etcd_server;
 mod harness;
 mod memory;
 mod node;
@@ -18,6 +19,7 @@ mod redis_server;
 pub mod scenarios;
 
 pub use checker::{Interval, SafetyChecker, SafetyReport, SafetyViolation};
+pub use etcd_server::{EtcdHarness, EtcdServer, MALFORMED_VALUE};
 pub use harness::{FaultSwitch, Harness, Outage, TestClient, Timing};
 pub use memory::MemoryHarness;
 pub use node::{Node, NodeEvent};

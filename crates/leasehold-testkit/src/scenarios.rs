@@ -60,9 +60,15 @@ async fn node<H: Harness + ?Sized>(
     )
 }
 
+/// Waits until `node` leads and its `on_started_leading` has run.
 async fn leads(node: &Node, within: Duration) {
     let what = format!("{} to lead", node.identity);
-    wait_for(&what, within, || node.handle.is_leader()).await;
+    wait_for(&what, within, || {
+        node.handle.is_leader()
+            && node.handle.state().term.map(|t| t.token)
+                == node.last_leadership().map(|l| l.token())
+    })
+    .await;
 }
 
 fn started_at(node: &Node) -> Instant {
@@ -557,9 +563,28 @@ pub async fn late_release_never_blanks_newer_holder<H: Harness + ?Sized>(h: &H) 
     let (a, b) = (h.client().await, h.client().await);
     let ca = Candidate::new(&lock, "a", t.lease_duration);
     let cb = Candidate::new(&lock, "b", t.lease_duration);
+    let sent = Instant::now();
     let ga = acquired(a.backend.try_acquire(&ca).await, "a");
-    sleep(t.lease_duration + Duration::from_millis(200)).await;
-    let gb = acquired(b.backend.try_acquire(&cb).await, "b after a's expiry");
+    // a never renews: its term expires. Stores expire on their own schedule (etcd checks
+    // leases every 500 ms), so b tries until it gets the lock — but never before a's lease.
+    sleep(t.lease_duration).await;
+    let deadline = Instant::now() + 2 * t.lease_duration;
+    let gb = loop {
+        let attempt = Instant::now();
+        match b.backend.try_acquire(&cb).await {
+            Ok(AcquireOutcome::Acquired(grant)) => {
+                assert!(
+                    attempt >= sent + t.lease_duration.mul_f64(0.99),
+                    "b acquired before a's lease could have expired"
+                );
+                break grant;
+            }
+            Ok(AcquireOutcome::Held(_)) if Instant::now() < deadline => {
+                sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("b should acquire after a's expiry, got {other:?}"),
+        }
+    };
     assert!(gb.token > ga.token);
     assert_eq!(
         a.backend.release(&ca, &ga).await.expect("release"),

@@ -1,0 +1,546 @@
+//! An etcd [`LockBackend`] for leasehold: the etcd election protocol, compatible with
+//! `etcdctl elect` and Go's `go.etcd.io/etcd/client/v3/concurrency.Election`.
+//!
+//! Each candidate holds an etcd lease of `ceil(lease_duration)` seconds and puts
+//! `<prefix><lock>/<lease id in hex>` under it, in a transaction guarded by
+//! `create_revision == 0`; its value is the candidate's identity. The key with the lowest create
+//! revision leads, and its create revision is the fencing token (revisions only grow, so tokens
+//! increase even across deletion of every key). A waiting candidate watches only the deletion of
+//! the key just before its own — no herd when the leader leaves.
+//!
+//! Keep-alives are driven by this crate: a background task per candidate sends one every TTL/3
+//! (so a queued candidate keeps its place), and every renew of the elector sends one more and
+//! checks the key. A lease revoked or expired ends the term at the next renew; the elector's
+//! renew deadline (shorter than the TTL) ends it anyway.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use leasehold_core::{Callbacks, CancellationToken, Config, Elector};
+//! use leasehold_etcd::{EtcdBackend, EtcdConfig};
+//!
+//! let backend = EtcdBackend::new(EtcdConfig::new(["http://127.0.0.1:2379"]));
+//! let elector = Elector::new(Config::new("pod-1", "my-app"), backend, Callbacks::new())?;
+//! elector.run(CancellationToken::new()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! `etcdctl elect my-app` candidates and leasehold electors of lock `my-app` (with the default
+//! empty `key_prefix`) share one election.
+
+mod seat;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, SortOrder, SortTarget,
+    TlsOptions, Txn, TxnOp, TxnOpResponse,
+};
+use futures::StreamExt;
+use leasehold_core::{
+    async_trait, AcquireOutcome, BackendError, Candidate, ConfigError, FencingToken, Grant,
+    LeaderRecord, LockBackend, Observation, ReleaseOutcome, RenewOutcome, WatchStream,
+};
+use tokio::sync::OnceCell;
+
+use crate::seat::{Seat, SeatCell};
+
+/// Configuration of an [`EtcdBackend`].
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// Endpoints, e.g. `http://127.0.0.1:2379` (or `https://` with [`tls`](Self::tls)).
+    pub endpoints: Vec<String>,
+    /// User name and password, when etcd has authentication enabled.
+    pub user: Option<(String, String)>,
+    /// TLS options (CA, client identity, domain name).
+    pub tls: Option<TlsOptions>,
+    /// Prefix put before the lock name: the election keys are `<key_prefix><lock>/<lease hex>`.
+    /// Default empty, as `etcdctl elect <lock>`.
+    pub key_prefix: String,
+    /// Timeout to connect. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Timeout of one request. Default 5 s.
+    pub request_timeout: Duration,
+}
+
+impl EtcdConfig {
+    /// A configuration for these endpoints with the defaults.
+    pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            user: None,
+            tls: None,
+            key_prefix: String::new(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// An etcd lock backend. Cheap to clone; clones share the connection and the candidates' seats.
+#[derive(Clone)]
+pub struct EtcdBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: EtcdConfig,
+    client: OnceCell<Client>,
+    seats: Mutex<HashMap<(String, String), Arc<SeatCell>>>,
+}
+
+impl std::fmt::Debug for EtcdBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdBackend")
+            .field("endpoints", &self.inner.config.endpoints)
+            .field("key_prefix", &self.inner.config.key_prefix)
+            .finish()
+    }
+}
+
+pub(crate) fn backend_name(config: &EtcdConfig) -> String {
+    format!("etcd at {}", config.endpoints.join(","))
+}
+
+/// Maps an etcd client error to a [`BackendError`].
+pub(crate) fn map_error(
+    config: &EtcdConfig,
+    operation: &str,
+    error: &etcd_client::Error,
+) -> BackendError {
+    let backend = backend_name(config);
+    if let etcd_client::Error::GRpcStatus(status) = error {
+        let message = status.message();
+        let denied = matches!(
+            status.code(),
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+        ) || message.contains("authentication failed")
+            || message.contains("permission denied")
+            || message.contains("invalid auth token")
+            || message.contains("user name is empty");
+        if denied {
+            return BackendError::Unauthorized {
+                backend,
+                detail: format!(
+                    "{operation}: {message}. Check the user and password; the user needs a role \
+                     with readwrite permission on the prefix {:?}",
+                    config.key_prefix
+                ),
+            };
+        }
+        if status.code() == tonic::Code::DeadlineExceeded {
+            return BackendError::Timeout {
+                backend,
+                operation: "request",
+                after: config.request_timeout,
+            };
+        }
+    }
+    BackendError::Unavailable {
+        backend,
+        detail: format!("{operation}: {error}"),
+    }
+}
+
+impl EtcdBackend {
+    /// A backend with `config`. Does not connect yet: the first call does.
+    pub fn new(config: EtcdConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                client: OnceCell::new(),
+                seats: Mutex::default(),
+            }),
+        }
+    }
+
+    /// The election prefix of `lock`: `<key_prefix><lock>/`.
+    pub fn election_prefix(&self, lock: &str) -> String {
+        format!("{}{lock}/", self.inner.config.key_prefix)
+    }
+
+    pub(crate) async fn client(&self) -> Result<Client, BackendError> {
+        let config = &self.inner.config;
+        self.inner
+            .client
+            .get_or_try_init(|| async {
+                let mut options = ConnectOptions::new()
+                    .with_connect_timeout(config.connect_timeout)
+                    .with_timeout(config.request_timeout);
+                if let Some((user, password)) = &config.user {
+                    options = options.with_user(user.clone(), password.clone());
+                }
+                if let Some(tls) = &config.tls {
+                    options = options.with_tls(tls.clone());
+                }
+                Client::connect(&config.endpoints, Some(options)).await
+            })
+            .await
+            .cloned()
+            .map_err(|e| map_error(config, "connect", &e))
+    }
+
+    fn error(&self, operation: &str, error: &etcd_client::Error) -> BackendError {
+        map_error(&self.inner.config, operation, error)
+    }
+
+    fn seat_cell(&self, candidate: &Candidate) -> Arc<SeatCell> {
+        let mut seats = self
+            .inner
+            .seats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        seats
+            .entry((candidate.lock.clone(), candidate.identity.clone()))
+            .or_default()
+            .clone()
+    }
+
+    fn existing_seat(&self, candidate: &Candidate) -> Option<Arc<SeatCell>> {
+        let seats = self
+            .inner
+            .seats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        seats
+            .get(&(candidate.lock.clone(), candidate.identity.clone()))
+            .cloned()
+    }
+
+    /// The first key of the election (the leader), if any.
+    async fn leader(
+        &self,
+        client: &mut Client,
+        lock: &str,
+    ) -> Result<Option<KeyValue>, BackendError> {
+        let prefix = self.election_prefix(lock);
+        let response = client
+            .get(
+                prefix.as_str(),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Create, SortOrder::Ascend)
+                        .with_limit(1),
+                ),
+            )
+            .await
+            .map_err(|e| self.error("read", &e))?;
+        Ok(response.kvs().first().cloned())
+    }
+
+    /// Ensures the seat's key exists (creating it under the seat's lease); returns its create
+    /// revision and whether it is new.
+    async fn ensure_key(
+        &self,
+        client: &mut Client,
+        seat: &mut Seat,
+    ) -> Result<(i64, bool), BackendError> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                seat.key.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then([TxnOp::put(
+                seat.key.as_str(),
+                seat.identity.as_str(),
+                Some(etcd_client::PutOptions::new().with_lease(seat.lease)),
+            )])
+            .or_else([TxnOp::get(seat.key.as_str(), None)]);
+        let response = client
+            .txn(txn)
+            .await
+            .map_err(|e| self.error("acquire", &e))?;
+        let revision = if response.succeeded() {
+            response.header().map_or(0, |h| h.revision())
+        } else {
+            response
+                .op_responses()
+                .into_iter()
+                .find_map(|op| match op {
+                    TxnOpResponse::Get(get) => get.kvs().first().map(KeyValue::create_revision),
+                    _ => None,
+                })
+                .unwrap_or(0)
+        };
+        if revision <= 0 {
+            return Err(BackendError::Protocol {
+                backend: backend_name(&self.inner.config),
+                detail: format!("no create revision for {}", seat.key),
+            });
+        }
+        let new = seat.create_revision != Some(revision);
+        if new {
+            seat.create_revision = Some(revision);
+            seat.granted = None;
+        }
+        Ok((revision, new))
+    }
+}
+
+/// A leader record from an election key.
+fn record_of(
+    lock: &str,
+    kv: &KeyValue,
+    lease_duration: Duration,
+) -> Result<LeaderRecord, BackendError> {
+    let holder = kv.value_str().map_err(|_| BackendError::MalformedRecord {
+        lock: lock.to_owned(),
+        detail: format!(
+            "election key {:?} holds a value that is not UTF-8; it is left alone until its lease ends",
+            String::from_utf8_lossy(kv.key())
+        ),
+    })?;
+    Ok(LeaderRecord {
+        holder: holder.to_owned(),
+        token: u64::try_from(kv.create_revision()).ok().map(FencingToken),
+        lease_duration,
+        acquire_time: None,
+        renew_time: None,
+        transitions: 0,
+    })
+}
+
+fn token_of(revision: i64) -> FencingToken {
+    FencingToken(u64::try_from(revision).unwrap_or(0))
+}
+
+#[async_trait]
+impl LockBackend for EtcdBackend {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn validate(&self, candidate: &Candidate) -> Result<(), ConfigError> {
+        if candidate.lock.contains('/') && candidate.lock.ends_with('/') {
+            return Err(ConfigError::InvalidName {
+                field: "lease_name",
+                value: candidate.lock.clone(),
+                reason: "an etcd election name must not end with '/'".into(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
+        let mut client = self.client().await?;
+        let cell = self.seat_cell(candidate);
+        let mut guard = cell.seat.lock().await;
+        // A dead lease (expired, revoked): its key is gone; take a new seat.
+        if guard.as_ref().is_some_and(|seat| !seat.is_alive()) {
+            if let Some(seat) = guard.take() {
+                seat.stop();
+            }
+        }
+        if guard.is_none() {
+            let seat = Seat::take(
+                self,
+                &mut client,
+                candidate,
+                &self.election_prefix(&candidate.lock),
+            )
+            .await?;
+            *guard = Some(seat);
+        }
+        let Some(seat) = guard.as_mut() else {
+            return Err(BackendError::Protocol {
+                backend: backend_name(&self.inner.config),
+                detail: "no seat".into(),
+            });
+        };
+        // A term was already granted from this key and has since been given up: leave the queue
+        // and join again, so the next term gets a new, greater token.
+        if let (Some(granted), Some(revision)) = (seat.granted, seat.create_revision) {
+            if granted == revision {
+                self.delete_key(&mut client, seat, revision).await?;
+            }
+        }
+        let (revision, new) = match self.ensure_key(&mut client, seat).await {
+            Err(BackendError::Unavailable { detail, .. }) if detail.contains("lease not found") => {
+                seat.mark_dead();
+                return Err(BackendError::Unavailable {
+                    backend: backend_name(&self.inner.config),
+                    detail: "our etcd lease expired; a new one is taken on the next attempt".into(),
+                });
+            }
+            other => other?,
+        };
+        if new {
+            // A new key: the watch of this seat moves to the key now ahead of it.
+            cell.changed.notify_waiters();
+        }
+        let leader = self.leader(&mut client, &candidate.lock).await?;
+        match leader {
+            Some(kv) if kv.key() == seat.key.as_bytes() => {
+                // Refresh the lease before leading on it: a lease about to expire (keep-alives
+                // lost while queued) must not carry a term (etcd#11456).
+                if !seat
+                    .keep_alive_now()
+                    .await
+                    .map_err(|e| self.error("acquire", &e))?
+                {
+                    return Err(BackendError::Unavailable {
+                        backend: backend_name(&self.inner.config),
+                        detail: "our etcd lease expired while queued; a new one is taken on the next attempt".into(),
+                    });
+                }
+                seat.granted = Some(revision);
+                let record = record_of(&candidate.lock, &kv, candidate.lease_duration)?;
+                Ok(AcquireOutcome::Acquired(Grant {
+                    token: token_of(revision),
+                    record,
+                }))
+            }
+            Some(kv) => Ok(AcquireOutcome::Held(Observation::held(
+                record_of(&candidate.lock, &kv, candidate.lease_duration)?,
+                None,
+            ))),
+            None => Err(BackendError::Protocol {
+                backend: backend_name(&self.inner.config),
+                detail: format!("our key {} vanished during the attempt", seat.key),
+            }),
+        }
+    }
+
+    async fn renew(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+    ) -> Result<RenewOutcome, BackendError> {
+        let Some(cell) = self.existing_seat(candidate) else {
+            return Ok(RenewOutcome::Lost(Observation::vacant()));
+        };
+        let mut client = self.client().await?;
+        let guard = cell.seat.lock().await;
+        let Some(seat) = guard.as_ref() else {
+            return Ok(RenewOutcome::Lost(Observation::vacant()));
+        };
+        if !seat
+            .keep_alive_now()
+            .await
+            .map_err(|e| self.error("renew", &e))?
+        {
+            tracing::warn!(
+                lease = format!("{:x}", seat.lease),
+                "etcd lease is gone: term lost"
+            );
+            return Ok(RenewOutcome::Lost(
+                self.read(&candidate.lock)
+                    .await
+                    .unwrap_or_else(|_| Observation::vacant()),
+            ));
+        }
+        let response = client
+            .get(seat.key.as_str(), None)
+            .await
+            .map_err(|e| self.error("renew", &e))?;
+        let ours = response
+            .kvs()
+            .first()
+            .is_some_and(|kv| token_of(kv.create_revision()) == grant.token);
+        if ours {
+            Ok(RenewOutcome::Renewed)
+        } else {
+            Ok(RenewOutcome::Lost(
+                self.read(&candidate.lock)
+                    .await
+                    .unwrap_or_else(|_| Observation::vacant()),
+            ))
+        }
+    }
+
+    async fn release(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+    ) -> Result<ReleaseOutcome, BackendError> {
+        let Some(cell) = self.existing_seat(candidate) else {
+            return Ok(ReleaseOutcome::NotHeld);
+        };
+        let mut client = self.client().await?;
+        let mut guard = cell.seat.lock().await;
+        let Some(seat) = guard.as_mut() else {
+            return Ok(ReleaseOutcome::NotHeld);
+        };
+        let revision = i64::try_from(grant.token.get()).unwrap_or(i64::MAX);
+        if self.delete_key(&mut client, seat, revision).await? {
+            Ok(ReleaseOutcome::Released)
+        } else {
+            Ok(ReleaseOutcome::NotHeld)
+        }
+    }
+
+    async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
+        let mut client = self.client().await?;
+        match self.leader(&mut client, lock).await? {
+            Some(kv) => Ok(Observation::held(
+                record_of(lock, &kv, Duration::ZERO)?,
+                None,
+            )),
+            None => Ok(Observation::vacant()),
+        }
+    }
+
+    async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
+        let client = self.client().await?;
+        let cell = self.seat_cell(candidate);
+        let prefix = self.election_prefix(&candidate.lock);
+        let stream = seat::watch_predecessor(self.clone(), client, cell, prefix);
+        Ok(stream.boxed())
+    }
+
+    async fn withdraw(&self, candidate: &Candidate) -> Result<(), BackendError> {
+        let cell = {
+            let mut seats = self
+                .inner
+                .seats
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            seats.remove(&(candidate.lock.clone(), candidate.identity.clone()))
+        };
+        let Some(cell) = cell else { return Ok(()) };
+        let Some(seat) = cell.seat.lock().await.take() else {
+            return Ok(());
+        };
+        seat.stop();
+        let mut client = self.client().await?;
+        client
+            .lease_revoke(seat.lease)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error("withdraw", &e))
+    }
+}
+
+impl EtcdBackend {
+    /// Deletes the seat's key if its create revision is still `revision`; returns whether it did.
+    async fn delete_key(
+        &self,
+        client: &mut Client,
+        seat: &mut Seat,
+        revision: i64,
+    ) -> Result<bool, BackendError> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                seat.key.as_str(),
+                CompareOp::Equal,
+                revision,
+            )])
+            .and_then([TxnOp::delete(seat.key.as_str(), None)]);
+        let response = client
+            .txn(txn)
+            .await
+            .map_err(|e| self.error("release", &e))?;
+        if seat.create_revision == Some(revision) {
+            seat.create_revision = None;
+            seat.granted = None;
+        }
+        Ok(response.succeeded())
+    }
+
+    pub(crate) fn config(&self) -> &EtcdConfig {
+        &self.inner.config
+    }
+}

@@ -1,0 +1,317 @@
+//! A candidate's seat in an etcd election: its lease, its key, the keep-alives that hold the
+//! place, and the watch of the key just ahead.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, SortOrder, SortTarget,
+    WatchFilterType, WatchOptions,
+};
+use leasehold_core::{BackendError, Candidate, Observation};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::{map_error, EtcdBackend};
+
+/// Where a candidate's seat lives; the backend keeps one per (lock, identity).
+#[derive(Default)]
+pub(crate) struct SeatCell {
+    pub seat: tokio::sync::Mutex<Option<Seat>>,
+    /// Woken when the seat's key is (re)created or its lease dies.
+    pub changed: Notify,
+    /// Open watch streams of this seat: while one is open, the candidate is still campaigning.
+    pub watchers: AtomicUsize,
+}
+
+struct Shared {
+    alive: AtomicBool,
+    keeper: tokio::sync::Mutex<Option<(LeaseKeeper, LeaseKeepAliveStream)>>,
+}
+
+/// A lease and the election key under it.
+pub(crate) struct Seat {
+    pub identity: String,
+    pub lease: i64,
+    pub key: String,
+    /// Create revision of our key, once put.
+    pub create_revision: Option<i64>,
+    /// The create revision a term was granted with (the token), if one was.
+    pub granted: Option<i64>,
+    shared: Arc<Shared>,
+    client: Client,
+    task: JoinHandle<()>,
+}
+
+impl Seat {
+    /// Grants a lease of `ceil(lease_duration)` seconds and starts its keep-alive task.
+    pub async fn take(
+        backend: &EtcdBackend,
+        client: &mut Client,
+        candidate: &Candidate,
+        prefix: &str,
+    ) -> Result<Seat, BackendError> {
+        let config = backend.config();
+        let ttl = i64::try_from(candidate.lease_duration.as_secs())
+            .unwrap_or(i64::MAX)
+            .saturating_add(i64::from(candidate.lease_duration.subsec_nanos() > 0))
+            .max(1);
+        let granted = client
+            .lease_grant(ttl, None)
+            .await
+            .map_err(|e| map_error(config, "acquire", &e))?;
+        let lease = granted.id();
+        let ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(1).max(1));
+        let shared = Arc::new(Shared {
+            alive: AtomicBool::new(true),
+            keeper: tokio::sync::Mutex::new(None),
+        });
+        let cell = backend.seat_cell(candidate);
+        let task = tokio::spawn(keep_alive_loop(
+            client.clone(),
+            lease,
+            ttl,
+            shared.clone(),
+            cell,
+        ));
+        Ok(Seat {
+            identity: candidate.identity.clone(),
+            lease,
+            key: format!("{prefix}{lease:x}"),
+            create_revision: None,
+            granted: None,
+            shared,
+            client: client.clone(),
+            task,
+        })
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::SeqCst)
+    }
+
+    pub fn mark_dead(&self) {
+        self.shared.alive.store(false, Ordering::SeqCst);
+    }
+
+    /// Sends one keep-alive now; `Ok(false)` when the lease is gone.
+    pub async fn keep_alive_now(&self) -> Result<bool, etcd_client::Error> {
+        let alive = keep_alive_once(&self.client, self.lease, &self.shared).await?;
+        if !alive {
+            self.mark_dead();
+        }
+        Ok(alive)
+    }
+
+    /// Stops the keep-alives (the lease then expires, or is revoked by the caller).
+    pub fn stop(&self) {
+        self.task.abort();
+        self.mark_dead();
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn keep_alive_once(
+    client: &Client,
+    lease: i64,
+    shared: &Shared,
+) -> Result<bool, etcd_client::Error> {
+    let mut slot = shared.keeper.lock().await;
+    if slot.is_none() {
+        *slot = Some(client.clone().lease_keep_alive(lease).await?);
+    }
+    let Some((keeper, stream)) = slot.as_mut() else {
+        return Ok(false);
+    };
+    let answer = async {
+        keeper.keep_alive().await?;
+        stream.message().await
+    }
+    .await;
+    match answer {
+        Ok(Some(response)) => Ok(response.ttl() > 0),
+        Ok(None) => {
+            *slot = None;
+            Err(etcd_client::Error::LeaseKeepAliveError(
+                "keep-alive stream closed".into(),
+            ))
+        }
+        Err(error) => {
+            *slot = None;
+            Err(error)
+        }
+    }
+}
+
+/// Keeps the lease alive every TTL/3 while the candidate follows (a watch of the seat is open), so
+/// it keeps its place in the queue. A leader's lease is kept alive by its renewals only, so a
+/// leader that stops renewing (crashed, hung) loses the key one TTL after its last renew; an
+/// elector that is gone stops being kept alive, and its key expires with the lease.
+async fn keep_alive_loop(
+    client: Client,
+    lease: i64,
+    ttl: Duration,
+    shared: Arc<Shared>,
+    cell: Arc<SeatCell>,
+) {
+    let period = (ttl / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(period).await;
+        if cell.watchers.load(Ordering::SeqCst) == 0 {
+            // Not following (leading: each renew is a keep-alive; or gone: let it expire).
+            continue;
+        }
+        match keep_alive_once(&client, lease, &shared).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    lease = format!("{lease:x}"),
+                    "etcd lease expired or was revoked"
+                );
+                shared.alive.store(false, Ordering::SeqCst);
+                cell.changed.notify_waiters();
+                return;
+            }
+            Err(error) => tracing::debug!(%error, "etcd keep-alive failed; retrying"),
+        }
+    }
+}
+
+struct WatchGuard(Arc<SeatCell>);
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.0.watchers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A stream that yields an observation whenever the candidate may have moved to the head of
+/// the queue: when the key just ahead of its own is deleted (or there is none).
+pub(crate) fn watch_predecessor(
+    backend: EtcdBackend,
+    client: Client,
+    cell: Arc<SeatCell>,
+    prefix: String,
+) -> UnboundedReceiverStream<Result<Observation, BackendError>> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    cell.watchers.fetch_add(1, Ordering::SeqCst);
+    let guard = WatchGuard(cell.clone());
+    tokio::spawn(async move {
+        let _guard = guard;
+        tokio::select! {
+            () = follow(&backend, client, &cell, &prefix, &tx) => {}
+            () = tx.closed() => {}
+        }
+    });
+    UnboundedReceiverStream::new(rx)
+}
+
+async fn follow(
+    backend: &EtcdBackend,
+    mut client: Client,
+    cell: &SeatCell,
+    prefix: &str,
+    tx: &mpsc::UnboundedSender<Result<Observation, BackendError>>,
+) {
+    let config = backend.config();
+    loop {
+        let changed = cell.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let (alive, revision) = {
+            let seat = cell.seat.lock().await;
+            match seat.as_ref() {
+                Some(s) => (s.is_alive(), s.create_revision),
+                None => (true, None),
+            }
+        };
+        if !alive {
+            // The lease died while queued: our key is gone. Ask the elector to attempt again,
+            // which takes a new seat.
+            if tx.send(Ok(Observation::vacant())).is_err() {
+                return;
+            }
+            changed.await;
+            continue;
+        }
+        let Some(revision) = revision else {
+            // Not seated yet: the elector's next attempt puts our key.
+            changed.await;
+            continue;
+        };
+        let ahead = client
+            .get(
+                prefix,
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_max_create_revision(revision - 1)
+                        .with_sort(SortTarget::Create, SortOrder::Descend)
+                        .with_limit(1),
+                ),
+            )
+            .await;
+        let ahead = match ahead {
+            Ok(response) => {
+                let start = response.header().map_or(0, |h| h.revision()) + 1;
+                response.kvs().first().map(|kv| (kv.key().to_vec(), start))
+            }
+            Err(error) => {
+                let _ = tx.send(Err(map_error(config, "watch", &error)));
+                return;
+            }
+        };
+        let Some((key, start)) = ahead else {
+            // First in line: the candidate can take the lead now.
+            if tx.send(Ok(Observation::vacant())).is_err() {
+                return;
+            }
+            changed.await;
+            continue;
+        };
+        let options = WatchOptions::new()
+            .with_start_revision(start)
+            .with_filters([WatchFilterType::NoPut]);
+        let mut stream = match client.watch(key, Some(options)).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                let _ = tx.send(Err(map_error(config, "watch", &error)));
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                () = &mut changed => break,
+                message = stream.message() => match message {
+                    Ok(Some(response)) => {
+                        if response.canceled() {
+                            let _ = tx.send(Err(BackendError::Unavailable {
+                                backend: crate::backend_name(config),
+                                detail: format!("watch canceled: {}", response.cancel_reason()),
+                            }));
+                            return;
+                        }
+                        if response.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                            if tx.send(Ok(Observation::vacant())).is_err() {
+                                return;
+                            }
+                            break;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(error) => {
+                        let _ = tx.send(Err(map_error(config, "watch", &error)));
+                        return;
+                    }
+                },
+            }
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! A real `etcd` child process for tests, and the [`Harness`] over it.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, PutOptions};
+use leasehold_core::{async_trait, Config};
+use leasehold_etcd::{EtcdBackend, EtcdConfig};
+use tokio::process::{Child, Command};
+use tokio::time::{sleep, Instant};
+
+use crate::harness::{FaultSwitch, Harness, Outage, TestClient};
+use crate::proxy::Proxy;
+use crate::redis_server::free_port;
+
+/// An `etcd` (Debian's etcd-server) on free loopback client and peer ports, with a temporary
+/// data directory. Killed when dropped (also on panic).
+#[derive(Debug)]
+pub struct EtcdServer {
+    client_port: u16,
+    peer_port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    auth: Option<(String, String)>,
+}
+
+impl EtcdServer {
+    /// Starts a server on free ports.
+    ///
+    /// # Panics
+    ///
+    /// When `etcd` is missing (run `scripts/test`, which installs it) or not healthy in 30 s.
+    pub async fn start() -> EtcdServer {
+        Self::start_on(free_port()).await
+    }
+
+    /// Starts a server whose client port is `client_port`.
+    pub async fn start_on(client_port: u16) -> EtcdServer {
+        let mut server = EtcdServer {
+            client_port,
+            peer_port: free_port(),
+            dir: tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}")),
+            child: None,
+            auth: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// Starts a server with authentication enabled: user `root` with `password`.
+    pub async fn start_with_auth(password: &str) -> EtcdServer {
+        let mut server = Self::start().await;
+        let mut client = server.client().await;
+        let step = |what: &str, r: Result<(), etcd_client::Error>| {
+            if let Err(e) = r {
+                panic!("enabling etcd auth, {what}: {e}");
+            }
+        };
+        step(
+            "user add",
+            client.user_add("root", password, None).await.map(|_| ()),
+        );
+        step(
+            "grant role",
+            client.user_grant_role("root", "root").await.map(|_| ()),
+        );
+        step("auth enable", client.auth_enable().await.map(|_| ()));
+        server.auth = Some(("root".into(), password.into()));
+        server
+    }
+
+    async fn spawn(&mut self) {
+        let client_url = format!("http://127.0.0.1:{}", self.client_port);
+        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .args(["--name", "default"])
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .arg("--initial-cluster")
+            .arg(format!("default={peer_url}"))
+            .args(["--logger", "zap", "--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start etcd ({e}); install it with scripts/test (Debian package etcd-server)")
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let healthy = async {
+                let mut client = Client::connect([self.url()], Some(self.options())).await?;
+                client.status().await
+            }
+            .await;
+            match healthy {
+                Ok(_) => return,
+                // With auth enabled, an unauthenticated status still proves the server is up.
+                Err(e) if e.to_string().contains("auth") || e.to_string().contains("user") => {
+                    return
+                }
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "etcd on port {} is not healthy after 30 s: {e}",
+                        self.client_port
+                    );
+                    sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn options(&self) -> ConnectOptions {
+        let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+        match &self.auth {
+            Some((user, password)) => options.with_user(user.clone(), password.clone()),
+            None => options,
+        }
+    }
+
+    /// Kills the server and waits for it to exit. Data stays in the data dir.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Kills and starts the server again on the same ports and data dir.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+
+    /// The client address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.client_port))
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    /// An admin client (authenticated when auth is on).
+    ///
+    /// # Panics
+    ///
+    /// When the server cannot be reached.
+    pub async fn client(&self) -> Client {
+        Client::connect([self.url()], Some(self.options()))
+            .await
+            .unwrap_or_else(|e| panic!("etcd client: {e}"))
+    }
+}
+
+struct ProxyFaults(Arc<Proxy>);
+
+#[async_trait]
+impl FaultSwitch for ProxyFaults {
+    async fn partition(&self) {
+        self.0.partition();
+    }
+    async fn heal(&self) {
+        self.0.heal();
+    }
+}
+
+/// Runs the conformance suite against a real `etcd` started for the test; every client connects
+/// through its own [`Proxy`], so it can be partitioned.
+#[derive(Debug)]
+pub struct EtcdHarness {
+    server: EtcdServer,
+    extra: Arc<Mutex<Vec<EtcdServer>>>,
+}
+
+impl EtcdHarness {
+    /// Starts a server for this harness.
+    pub async fn start() -> EtcdHarness {
+        EtcdHarness {
+            server: EtcdServer::start().await,
+            extra: Arc::default(),
+        }
+    }
+
+    /// The server, to restart it.
+    pub fn server(&mut self) -> &mut EtcdServer {
+        &mut self.server
+    }
+
+    /// The server, to inspect it.
+    pub fn server_ref(&self) -> &EtcdServer {
+        &self.server
+    }
+
+    /// A backend through a new proxy to `target`, with its proxy.
+    pub async fn client_via(target: SocketAddr) -> (EtcdBackend, Arc<Proxy>) {
+        let proxy = Arc::new(
+            Proxy::start(target)
+                .await
+                .unwrap_or_else(|e| panic!("proxy: {e}")),
+        );
+        let mut config = EtcdConfig::new([format!("http://{}", proxy.addr())]);
+        config.connect_timeout = Duration::from_secs(1);
+        config.request_timeout = Duration::from_secs(2);
+        (EtcdBackend::new(config), proxy)
+    }
+}
+
+#[async_trait]
+impl Harness for EtcdHarness {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
+    async fn client(&self) -> TestClient {
+        let (backend, proxy) = Self::client_via(self.server.addr()).await;
+        TestClient {
+            backend: Arc::new(backend),
+            faults: Arc::new(ProxyFaults(proxy)),
+        }
+    }
+
+    async fn outage(&self) -> Outage {
+        let port = free_port();
+        let (backend, proxy) = Self::client_via(SocketAddr::from(([127, 0, 0, 1], port))).await;
+        let extra = self.extra.clone();
+        Outage {
+            client: TestClient {
+                backend: Arc::new(backend),
+                faults: Arc::new(ProxyFaults(proxy)),
+            },
+            restore: Box::new(move || {
+                Box::pin(async move {
+                    let server = EtcdServer::start_on(port).await;
+                    extra
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(server);
+                })
+            }),
+        }
+    }
+
+    async fn plant_malformed(&self, lock: &str, ttl: Duration) {
+        let mut client = self.server.client().await;
+        let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let lease = client
+            .lease_grant(secs, None)
+            .await
+            .unwrap_or_else(|e| panic!("lease grant: {e}"));
+        client
+            .put(
+                format!("{lock}/{:x}", lease.id()),
+                MALFORMED_VALUE.to_vec(),
+                Some(PutOptions::new().with_lease(lease.id())),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("put: {e}"));
+    }
+
+    async fn malformed_present(&self, lock: &str) -> bool {
+        let mut client = self.server.client().await;
+        let response = client
+            .get(
+                format!("{lock}/"),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("get: {e}"));
+        response
+            .kvs()
+            .iter()
+            .any(|kv| kv.value() == MALFORMED_VALUE)
+    }
+
+    fn invalid_configs(&self) -> Vec<(Config, &'static str)> {
+        let mut slash = crate::Timing::FAST.config("a", "x");
+        slash.lease_name = "ends-with-slash/".into();
+        vec![(slash, "lease_name")]
+    }
+}
+
+/// The value [`EtcdHarness`] plants: not UTF-8, so not an identity.
+pub const MALFORMED_VALUE: &[u8] = b"\xff\xfe not an identity";
