@@ -7,3 +7,297 @@ leasehold_testkit::conformance_tests!(
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)],
     EtcdHarness::start().await
 );
+
+mod etcd_specific {
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    use leasehold::{
+        AcquireOutcome, BackendError, Callbacks, CancellationToken, Candidate, Elector,
+        ElectorError, LockBackend,
+    };
+    use leasehold_etcd::{EtcdBackend, EtcdConfig};
+    use leasehold_testkit::scenarios::{lock_name, wait_for};
+    use leasehold_testkit::{EtcdHarness, EtcdServer, Harness, Node, SafetyChecker, Timing};
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::process::{Child, Command};
+    use tokio::time::{sleep, timeout, Instant};
+
+    fn timing() -> Timing {
+        Timing::FAST
+    }
+
+    async fn node(h: &EtcdHarness, id: &str, lock: &str, checker: &SafetyChecker) -> Node {
+        Node::start(
+            timing().config(id, lock),
+            h.client().await,
+            checker,
+            Duration::ZERO,
+        )
+    }
+
+    fn etcdctl(server: &EtcdServer) -> Command {
+        let mut command = Command::new("etcdctl");
+        command
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", server.url()))
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Sends SIGINT, as Ctrl-C would: etcdctl then closes its session (revokes its lease).
+    async fn interrupt(child: &mut Child) {
+        let pid = child.id().expect("running");
+        let status = Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status()
+            .await
+            .expect("kill");
+        assert!(status.success());
+        let _ = timeout(Duration::from_secs(10), child.wait()).await;
+    }
+
+    /// Reads stdout lines of `child` until one equals `wanted`.
+    async fn line(child: &mut Child, wanted: &str, within: Duration) {
+        let stdout = child.stdout.as_mut().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let found = timeout(within, async {
+            while let Ok(Some(l)) = lines.next_line().await {
+                if l.trim() == wanted {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(found, Ok(true), "etcdctl never printed {wanted:?}");
+    }
+
+    /// `etcdctl elect` and leasehold candidates share one election, both ways.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn interop_with_etcdctl_elect() {
+        let t = timing();
+        let h = EtcdHarness::start().await;
+        let lock = lock_name("etcdctl");
+        let mut elect = etcdctl(h.server_ref())
+            .args(["elect", &lock, "go-proposal"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("etcdctl elect");
+        line(&mut elect, "go-proposal", Duration::from_secs(10)).await;
+
+        let checker = SafetyChecker::new();
+        let mut ours = node(&h, "rust-candidate", &lock, &checker).await;
+        wait_for(
+            "ours to see etcdctl's proposal as leader",
+            2 * t.lease_duration,
+            || ours.handle.leader().as_deref() == Some("go-proposal"),
+        )
+        .await;
+        sleep(t.lease_duration).await;
+        assert!(
+            !ours.handle.is_leader(),
+            "ours led while etcdctl held the election"
+        );
+
+        let released = Instant::now();
+        interrupt(&mut elect).await;
+        wait_for(
+            "ours to lead after etcdctl exits",
+            2 * t.lease_duration,
+            || ours.handle.is_leader(),
+        )
+        .await;
+        let handover = released.elapsed();
+
+        let mut listen = etcdctl(h.server_ref())
+            .args(["elect", "-l", &lock])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("etcdctl elect -l");
+        line(&mut listen, "rust-candidate", Duration::from_secs(10)).await;
+        let _ = listen.kill().await;
+
+        // And back: an etcdctl candidate waits behind ours and wins when ours resigns.
+        let mut elect = etcdctl(h.server_ref())
+            .args(["elect", &lock, "go-again"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("etcdctl elect");
+        sleep(Duration::from_millis(500)).await;
+        ours.handle.resign();
+        line(&mut elect, "go-again", Duration::from_secs(10)).await;
+        wait_for("ours to follow etcdctl again", 2 * t.lease_duration, || {
+            ours.handle.leader().as_deref() == Some("go-again")
+        })
+        .await;
+        interrupt(&mut elect).await;
+        ours.stop().await.expect("stops");
+        checker.verify().expect("safe");
+        eprintln!("handover from etcdctl to leasehold: {handover:?}");
+    }
+
+    /// Our lease revoked from outside (`etcdctl lease revoke`): the leader steps down at its next
+    /// renew, well before its renew deadline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lease_revoked_from_outside_steps_down_promptly() {
+        let t = timing();
+        let h = EtcdHarness::start().await;
+        let lock = lock_name("revoke");
+        let checker = SafetyChecker::new();
+        let mut a = node(&h, "a", &lock, &checker).await;
+        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
+        let mut admin = h.server_ref().client().await;
+        let keys = admin
+            .get(
+                format!("{lock}/"),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .expect("get");
+        let key = keys
+            .kvs()
+            .first()
+            .expect("a's key")
+            .key_str()
+            .expect("utf8")
+            .to_owned();
+        let lease_hex = key.rsplit('/').next().expect("lease part").to_owned();
+        let revoked = Instant::now();
+        let status = etcdctl(h.server_ref())
+            .args(["lease", "revoke", &lease_hex])
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .expect("etcdctl lease revoke");
+        assert!(status.success());
+        wait_for("a steps down", t.renew_deadline, || !a.handle.is_leader()).await;
+        let took = revoked.elapsed();
+        assert!(
+            took <= t.retry_period + Duration::from_millis(500),
+            "stepping down took {took:?}, more than a renew period"
+        );
+        // It keeps campaigning: a new lease, a new key, a new term with a greater token.
+        wait_for("a leads again", 3 * t.lease_duration, || {
+            a.handle.is_leader()
+        })
+        .await;
+        a.stop().await.expect("stops");
+        let intervals = checker.verify().expect("safe").intervals;
+        assert!(intervals.len() >= 2);
+    }
+
+    /// A queued candidate whose lease expires (keep-alives cut) never believes it leads: it
+    /// rejoins the queue behind the live leader when it can talk again (etcd#11456).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lease_expiring_in_the_queue_never_leads() {
+        let t = timing();
+        let h = EtcdHarness::start().await;
+        let lock = lock_name("queue-expiry");
+        let checker = SafetyChecker::new();
+        let mut a = node(&h, "a", &lock, &checker).await;
+        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
+        let mut b = node(&h, "b", &lock, &checker).await;
+        wait_for("b queues", 2 * t.lease_duration, || {
+            b.handle.leader().as_deref() == Some("a")
+        })
+        .await;
+        b.client.faults.partition().await;
+        sleep(t.lease_duration * 2).await; // b's lease (2 s TTL) expires server-side
+        b.client.faults.heal().await;
+        let healed = Instant::now();
+        let until = healed + 2 * t.lease_duration;
+        while Instant::now() < until {
+            assert!(!b.handle.is_leader(), "b believed it led while a leads");
+            assert!(a.handle.is_leader(), "a lost its term");
+            sleep(Duration::from_millis(10)).await;
+        }
+        a.stop().await.expect("a stops");
+        wait_for("b leads after a leaves", 3 * t.lease_duration, || {
+            b.handle.is_leader()
+        })
+        .await;
+        let b_start = b.last_leadership().expect("b's term").started_at();
+        assert!(b_start > healed);
+        b.stop().await.expect("b stops");
+        checker.verify().expect("safe");
+    }
+
+    /// etcd restarts under a leader: never two leaders, and someone leads after the restart with
+    /// a greater token.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn etcd_restart_while_leading() {
+        let t = timing();
+        let mut h = EtcdHarness::start().await;
+        let lock = lock_name("restart");
+        let checker = SafetyChecker::new();
+        let mut a = node(&h, "a", &lock, &checker).await;
+        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
+        let mut b = node(&h, "b", &lock, &checker).await;
+        wait_for("b follows", 2 * t.lease_duration, || {
+            b.handle.leader().as_deref() == Some("a")
+        })
+        .await;
+        let before = a.last_leadership().expect("term").token();
+        h.server().kill().await;
+        wait_for(
+            "a steps down while etcd is down",
+            2 * t.lease_duration,
+            || !a.handle.is_leader(),
+        )
+        .await;
+        h.server().restart().await;
+        wait_for(
+            "someone leads after the restart",
+            10 * t.lease_duration,
+            || a.handle.is_leader() || b.handle.is_leader(),
+        )
+        .await;
+        let intervals = checker.verify().expect("safe").intervals;
+        assert!(intervals.last().expect("term").token > before);
+        a.stop().await.expect("a stops");
+        b.stop().await.expect("b stops");
+        checker.verify().expect("safe");
+    }
+
+    /// Wrong or missing credentials on an etcd with auth: a typed, fatal error.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wrong_credentials_are_unauthorized() {
+        let server = EtcdServer::start_with_auth("right-password").await;
+        for user in [Some(("root", "wrong-password")), None] {
+            let mut config = EtcdConfig::new([server.url()]);
+            config.user = user.map(|(u, p)| (u.to_owned(), p.to_owned()));
+            let elector = Elector::new(
+                timing().config("a", &lock_name("auth")),
+                EtcdBackend::new(config),
+                Callbacks::new(),
+            )
+            .expect("elector");
+            let result = timeout(
+                Duration::from_secs(10),
+                elector.run(CancellationToken::new()),
+            )
+            .await
+            .expect("run must return, not retry for ever");
+            match result {
+                Err(ElectorError::Backend(BackendError::Unauthorized { detail, .. })) => {
+                    assert!(
+                        !detail.contains("wrong-password"),
+                        "password leaked: {detail}"
+                    );
+                }
+                other => panic!("expected Unauthorized for {user:?}, got {other:?}"),
+            }
+        }
+        let mut config = EtcdConfig::new([server.url()]);
+        config.user = Some(("root".into(), "right-password".into()));
+        let backend = EtcdBackend::new(config);
+        let c = Candidate::new(lock_name("auth-ok"), "a", Duration::from_secs(2));
+        assert!(matches!(
+            backend.try_acquire(&c).await,
+            Ok(AcquireOutcome::Acquired(_))
+        ));
+        backend.withdraw(&c).await.expect("withdraw");
+    }
+}
