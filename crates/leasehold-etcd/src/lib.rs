@@ -34,8 +34,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, SortOrder, SortTarget,
-    TlsOptions, Txn, TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, SortOrder, SortTarget, Txn,
+    TxnOp, TxnOpResponse,
 };
 use futures::StreamExt;
 use leasehold_core::{
@@ -45,6 +45,10 @@ use leasehold_core::{
 use tokio::sync::OnceCell;
 
 use crate::seat::{Seat, SeatCell};
+
+/// TLS options for [`EtcdConfig::tls`] (CA certificate, client identity, domain name), from
+/// `etcd-client`.
+pub use etcd_client::{Certificate, Identity, TlsOptions};
 
 /// Configuration of an [`EtcdBackend`].
 #[derive(Debug, Clone)]

@@ -1,4 +1,4 @@
-//! An in-memory [`LockBackend`]: the reference semantics of leasehold, shared by the electors of
+//! An in-memory [`LockBackend`](leasehold_core::LockBackend): the reference semantics of leasehold, shared by the electors of
 //! one process, with fault injection for tests.
 //!
 //! A [`MemoryBackend`] is a store plus a client of it. [`MemoryBackend::connect`] makes another
