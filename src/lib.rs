@@ -9,8 +9,8 @@
 //! | `memory` (default) | in-process store with fault injection (tests, demos) | `leasehold-memory` |
 //! | `redis`  | Redis (`SET NX PX` + fencing counter in one script, pub/sub) | `leasehold-redis` |
 //! | `etcd`   | etcd election protocol (`etcdctl elect` compatible) | `leasehold-etcd` |
+//! | `kube`   | Kubernetes `Lease`, client-go `LeaseLock` compatible | `leasehold-kube` |
 //!
-//! The Kubernetes `Lease` backend follows as feature `kube`.
 //!
 //! ```
 //! use leasehold::{Callbacks, CancellationToken, Config, Elector, MemoryBackend};
@@ -55,3 +55,7 @@ pub use leasehold_redis::{self as redis, RedisBackend, RedisConfig};
 #[cfg(feature = "etcd")]
 #[doc(inline)]
 pub use leasehold_etcd::{self as etcd, EtcdBackend, EtcdConfig};
+
+#[cfg(feature = "kube")]
+#[doc(inline)]
+pub use leasehold_kube::{self as kube, KubeBackend};

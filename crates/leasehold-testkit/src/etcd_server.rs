@@ -222,10 +222,7 @@ impl Harness for EtcdHarness {
 
     async fn client(&self) -> TestClient {
         let (backend, proxy) = Self::client_via(self.server.addr()).await;
-        TestClient {
-            backend: Arc::new(backend),
-            faults: Arc::new(ProxyFaults(proxy)),
-        }
+        TestClient::new(Arc::new(backend), Arc::new(ProxyFaults(proxy)))
     }
 
     async fn outage(&self) -> Outage {
@@ -233,10 +230,7 @@ impl Harness for EtcdHarness {
         let (backend, proxy) = Self::client_via(SocketAddr::from(([127, 0, 0, 1], port))).await;
         let extra = self.extra.clone();
         Outage {
-            client: TestClient {
-                backend: Arc::new(backend),
-                faults: Arc::new(ProxyFaults(proxy)),
-            },
+            client: TestClient::new(Arc::new(backend), Arc::new(ProxyFaults(proxy))),
             restore: Box::new(move || {
                 Box::pin(async move {
                     let server = EtcdServer::start_on(port).await;

@@ -1,10 +1,14 @@
 //! What a backend provides to the conformance suite.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use leasehold_core::{async_trait, Config, LockBackend};
+use leasehold_core::{
+    async_trait, AcquireOutcome, BackendError, Candidate, Config, ConfigError, Grant, LockBackend,
+    Observation, ReleaseOutcome, RenewOutcome, WatchStream,
+};
 
 /// Durations the scenarios run with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,10 +57,76 @@ pub trait FaultSwitch: Send + Sync {
 /// A client of the backend under test, as one process would have, with its fault switches.
 #[derive(Clone)]
 pub struct TestClient {
-    /// The backend client.
+    /// The backend client (counting the calls made through it).
     pub backend: Arc<dyn LockBackend>,
     /// Its fault switches.
     pub faults: Arc<dyn FaultSwitch>,
+    calls: Arc<AtomicU64>,
+}
+
+impl TestClient {
+    /// A client of `backend` with `faults`; calls through [`backend`](Self::backend) are counted.
+    pub fn new(backend: Arc<dyn LockBackend>, faults: Arc<dyn FaultSwitch>) -> Self {
+        let calls = Arc::new(AtomicU64::new(0));
+        Self {
+            backend: Arc::new(Counting {
+                inner: backend,
+                calls: calls.clone(),
+            }),
+            faults,
+            calls,
+        }
+    }
+
+    /// Calls made through this client: acquire, renew, release, read and withdraw (not watch).
+    pub fn backend_calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts the calls an elector makes.
+struct Counting {
+    inner: Arc<dyn LockBackend>,
+    calls: Arc<AtomicU64>,
+}
+
+impl Counting {
+    fn count(&self) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[async_trait]
+impl LockBackend for Counting {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn validate(&self, candidate: &Candidate) -> Result<(), ConfigError> {
+        self.inner.validate(candidate)
+    }
+    async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
+        self.count();
+        self.inner.try_acquire(candidate).await
+    }
+    async fn renew(&self, c: &Candidate, g: &Grant) -> Result<RenewOutcome, BackendError> {
+        self.count();
+        self.inner.renew(c, g).await
+    }
+    async fn release(&self, c: &Candidate, g: &Grant) -> Result<ReleaseOutcome, BackendError> {
+        self.count();
+        self.inner.release(c, g).await
+    }
+    async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
+        self.count();
+        self.inner.read(lock).await
+    }
+    async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
+        self.inner.watch(candidate).await
+    }
+    async fn withdraw(&self, candidate: &Candidate) -> Result<(), BackendError> {
+        self.count();
+        self.inner.withdraw(candidate).await
+    }
 }
 
 impl std::fmt::Debug for TestClient {

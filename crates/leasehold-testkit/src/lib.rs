@@ -12,6 +12,7 @@
 mod checker;
 mod etcd_server;
 mod harness;
+mod kube_server;
 mod memory;
 mod node;
 pub mod proxy;
@@ -21,6 +22,10 @@ pub mod scenarios;
 pub use checker::{Interval, SafetyChecker, SafetyReport, SafetyViolation};
 pub use etcd_server::{EtcdHarness, EtcdServer, MALFORMED_VALUE};
 pub use harness::{FaultSwitch, Harness, Outage, TestClient, Timing};
+pub use kube_server::{
+    kube_apiserver_binary, KubeApiServer, KubeHarness, ADMIN_TOKEN, FOREIGN_HOLDER, NAMESPACE,
+    RESTRICTED_TOKEN,
+};
 pub use memory::MemoryHarness;
 pub use node::{Node, NodeEvent};
 pub use redis_server::{

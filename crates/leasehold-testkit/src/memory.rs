@@ -38,10 +38,7 @@ impl FaultSwitch for MemoryFaults {
 }
 
 fn client_of(backend: MemoryBackend) -> TestClient {
-    TestClient {
-        backend: Arc::new(backend.clone()),
-        faults: Arc::new(MemoryFaults(backend)),
-    }
+    TestClient::new(Arc::new(backend.clone()), Arc::new(MemoryFaults(backend)))
 }
 
 #[async_trait]

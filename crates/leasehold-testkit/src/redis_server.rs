@@ -203,10 +203,7 @@ impl RedisHarness {
         config.connect_timeout = Duration::from_secs(1);
         config.response_timeout = Duration::from_secs(1);
         let backend = RedisBackend::new(config).unwrap_or_else(|e| panic!("redis backend: {e}"));
-        TestClient {
-            backend: Arc::new(backend),
-            faults: Arc::new(ProxyFaults(proxy)),
-        }
+        TestClient::new(Arc::new(backend), Arc::new(ProxyFaults(proxy)))
     }
 }
 
@@ -430,10 +427,7 @@ impl Harness for RedisClusterHarness {
     }
 
     async fn client(&self) -> TestClient {
-        TestClient {
-            backend: Arc::new(self.cluster.backend()),
-            faults: Arc::new(NoFaults),
-        }
+        TestClient::new(Arc::new(self.cluster.backend()), Arc::new(NoFaults))
     }
 
     async fn outage(&self) -> Outage {

@@ -246,6 +246,7 @@ pub async fn follower_sees_leader<H: Harness + ?Sized>(h: &H) {
     .await;
     assert!(b.events().contains(&NodeEvent::NewLeader("a".into())));
     assert!(!b.handle.is_leader());
+    let calls = b.client.backend_calls();
     if let Some(before) = b.client.faults.requests() {
         sleep(3 * t.lease_duration).await;
         let after = b.client.faults.requests().unwrap_or(before);
@@ -256,7 +257,14 @@ pub async fn follower_sees_leader<H: Harness + ?Sized>(h: &H) {
             after - before,
             3 * t.lease_duration
         );
+    } else {
+        sleep(3 * t.lease_duration).await;
     }
+    assert_eq!(
+        b.client.backend_calls(),
+        calls,
+        "a follower must not call the backend in steady state"
+    );
     assert!(!b.handle.is_leader());
     assert!(a.handle.is_leader());
     b.stop().await.expect("b stops");

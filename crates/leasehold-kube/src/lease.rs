@@ -1,0 +1,254 @@
+//! The Lease object: client-go's field rules, and what this crate reads from it.
+
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use leasehold_core::{ConfigError, FencingToken, LeaderRecord};
+use tokio::time::Instant;
+
+/// The parts of a Lease spec whose change counts as a change of the record (client-go compares
+/// the whole leader election record the same way).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SpecKey {
+    pub holder: String,
+    pub duration_seconds: Option<i32>,
+    pub acquire: Option<Timestamp>,
+    pub renew: Option<Timestamp>,
+    pub transitions: Option<i32>,
+}
+
+impl SpecKey {
+    pub fn of(lease: &Lease) -> Self {
+        let spec = lease.spec.clone().unwrap_or_default();
+        Self {
+            holder: spec.holder_identity.unwrap_or_default(),
+            duration_seconds: spec.lease_duration_seconds,
+            acquire: spec.acquire_time.map(|t| t.0),
+            renew: spec.renew_time.map(|t| t.0),
+            transitions: spec.lease_transitions,
+        }
+    }
+
+    /// The announced lease duration; `None` when missing or not positive.
+    pub fn duration(&self) -> Option<Duration> {
+        self.duration_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs)
+    }
+
+    /// Same holder and same acquire time: the same term.
+    pub fn same_term(&self, other: &SpecKey) -> bool {
+        self.holder == other.holder && self.acquire == other.acquire
+    }
+}
+
+/// Observation state of one lock.
+#[derive(Debug, Clone)]
+pub(crate) struct Observed {
+    pub key: SpecKey,
+    pub at: Instant,
+}
+
+/// Why a record cannot be used, if it cannot: a holder identity that is not an identity.
+pub(crate) fn malformed(key: &SpecKey) -> Option<String> {
+    if key.holder.chars().any(char::is_control) {
+        return Some(format!(
+            "holderIdentity {:?} contains control characters: it was not written by a leader elector",
+            key.holder.chars().take(64).collect::<String>()
+        ));
+    }
+    None
+}
+
+fn now() -> MicroTime {
+    // MicroTime carries microseconds: truncate so what we write is what we read back.
+    let now = Timestamp::now();
+    MicroTime(Timestamp::from_microsecond(now.as_microsecond()).unwrap_or(now))
+}
+
+fn wall(t: Option<&Timestamp>) -> Option<SystemTime> {
+    t.and_then(|t| SystemTime::try_from(*t).ok())
+}
+
+pub(crate) fn token_of(lease: &Lease) -> Option<FencingToken> {
+    lease
+        .metadata
+        .resource_version
+        .as_deref()
+        .and_then(|rv| rv.parse::<u64>().ok())
+        .map(FencingToken)
+}
+
+pub(crate) fn record_of(key: &SpecKey, duration: Duration) -> LeaderRecord {
+    LeaderRecord {
+        holder: key.holder.clone(),
+        token: None,
+        lease_duration: duration,
+        acquire_time: wall(key.acquire.as_ref()),
+        renew_time: wall(key.renew.as_ref()),
+        transitions: key
+            .transitions
+            .and_then(|t| u64::try_from(t).ok())
+            .unwrap_or(0),
+    }
+}
+
+/// A new Lease held by `identity`.
+pub(crate) fn fresh(name: &str, identity: &str, seconds: i32) -> Lease {
+    let now = now();
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(identity.to_owned()),
+            lease_duration_seconds: Some(seconds),
+            acquire_time: Some(now.clone()),
+            renew_time: Some(now),
+            lease_transitions: Some(0),
+            ..LeaseSpec::default()
+        }),
+    }
+}
+
+/// `current` taken by `identity` (a new term): client-go bumps `leaseTransitions` when the
+/// holder changes.
+pub(crate) fn taken(current: &Lease, identity: &str, seconds: i32) -> Lease {
+    let mut lease = current.clone();
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    let transitions = spec.lease_transitions.unwrap_or(0);
+    let same = spec.holder_identity.as_deref() == Some(identity);
+    let now = now();
+    spec.holder_identity = Some(identity.to_owned());
+    spec.lease_duration_seconds = Some(seconds);
+    spec.acquire_time = Some(now.clone());
+    spec.renew_time = Some(now);
+    spec.lease_transitions = Some(if same {
+        transitions
+    } else {
+        transitions.saturating_add(1)
+    });
+    lease
+}
+
+/// `mine` with a new `renewTime`.
+pub(crate) fn renewed(mine: &Lease) -> Lease {
+    let mut lease = mine.clone();
+    lease.spec.get_or_insert_with(LeaseSpec::default).renew_time = Some(now());
+    lease
+}
+
+/// `mine` released as client-go releases: empty holder, duration 1 s, times now.
+pub(crate) fn released(mine: &Lease) -> Lease {
+    let mut lease = mine.clone();
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    let now = now();
+    spec.holder_identity = Some(String::new());
+    spec.lease_duration_seconds = Some(1);
+    spec.acquire_time = Some(now.clone());
+    spec.renew_time = Some(now);
+    lease
+}
+
+/// `leaseDurationSeconds` for a lease duration: a whole number of seconds, at least 1.
+pub(crate) fn duration_seconds(duration: Duration) -> Result<i32, ConfigError> {
+    let unsupported = |reason: &str| ConfigError::Unsupported {
+        field: "lease_duration",
+        value: duration,
+        backend: "kubernetes",
+        reason: reason.to_owned(),
+    };
+    if duration.subsec_nanos() != 0 || duration.as_secs() == 0 {
+        return Err(unsupported(
+            "a Lease's leaseDurationSeconds is a whole number of seconds, at least 1 (use e.g. \"15s\")",
+        ));
+    }
+    i32::try_from(duration.as_secs()).map_err(|_| unsupported("too long for leaseDurationSeconds"))
+}
+
+/// A Lease name must be a DNS-1123 subdomain.
+pub(crate) fn validate_name(name: &str) -> Result<(), ConfigError> {
+    let invalid = |reason: &str| ConfigError::InvalidName {
+        field: "lease_name",
+        value: name.to_owned(),
+        reason: format!("a Lease name must be a DNS-1123 subdomain: {reason}"),
+    };
+    if name.len() > 253 {
+        return Err(invalid("at most 253 characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    {
+        return Err(invalid("only lowercase letters, digits, '-' and '.'"));
+    }
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !alnum(name.chars().next()) || !alnum(name.chars().last()) {
+        return Err(invalid("it must start and end with a letter or digit"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_durations_follow_kubernetes_rules() {
+        for ok in ["a", "my-app-leader", "a.b-c.1"] {
+            validate_name(ok).unwrap();
+        }
+        for bad in ["", "My-App", "-a", "a-", "a_b", "a/b"] {
+            assert_eq!(
+                validate_name(bad).unwrap_err().field(),
+                "lease_name",
+                "{bad}"
+            );
+        }
+        assert_eq!(duration_seconds(Duration::from_secs(15)).unwrap(), 15);
+        for bad in [
+            Duration::from_millis(1500),
+            Duration::ZERO,
+            Duration::from_millis(500),
+        ] {
+            assert_eq!(duration_seconds(bad).unwrap_err().field(), "lease_duration");
+        }
+    }
+
+    #[test]
+    fn leases_with_missing_fields_are_read() {
+        let empty = Lease::default();
+        let key = SpecKey::of(&empty);
+        assert_eq!(key.holder, "");
+        assert_eq!(key.duration(), None);
+        assert!(malformed(&key).is_none());
+        let record = record_of(&key, Duration::from_secs(1));
+        assert_eq!(record.transitions, 0);
+        let mut odd = fresh("x", "a", 15);
+        odd.spec.as_mut().unwrap().lease_duration_seconds = Some(-3);
+        assert_eq!(SpecKey::of(&odd).duration(), None);
+        odd.spec.as_mut().unwrap().holder_identity = Some("bad\u{1}".into());
+        assert!(malformed(&SpecKey::of(&odd)).is_some());
+    }
+
+    #[test]
+    fn takeover_and_release_follow_client_go() {
+        let lease = fresh("x", "a", 15);
+        let spec = lease.spec.clone().unwrap();
+        assert_eq!(spec.lease_transitions, Some(0));
+        let taken_by_b = taken(&lease, "b", 15);
+        assert_eq!(taken_by_b.spec.as_ref().unwrap().lease_transitions, Some(1));
+        let again_b = taken(&taken_by_b, "b", 15);
+        assert_eq!(again_b.spec.as_ref().unwrap().lease_transitions, Some(1));
+        let released = released(&again_b);
+        let spec = released.spec.unwrap();
+        assert_eq!(spec.holder_identity.as_deref(), Some(""));
+        assert_eq!(spec.lease_duration_seconds, Some(1));
+        let t = now().0;
+        assert_eq!(t.subsec_nanosecond() % 1000, 0, "microsecond precision");
+    }
+}

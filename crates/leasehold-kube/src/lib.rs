@@ -1,0 +1,517 @@
+//! A Kubernetes `Lease` [`LockBackend`](leasehold_core::LockBackend) for leasehold,
+//! wire-compatible with client-go's `LeaseLock`: a Go controller and a Rust one can share one
+//! Lease during a migration.
+//!
+//! - Fields and rules of client-go: `holderIdentity`, `leaseDurationSeconds` (whole seconds),
+//!   `acquireTime`, `renewTime` (MicroTime, UTC, microseconds), `leaseTransitions` (bumped when
+//!   the holder changes); a release writes `holderIdentity: ""` and `leaseDurationSeconds: 1`.
+//! - Every write is a replace carrying the `resourceVersion` read or written last; `409 Conflict`
+//!   is a lost race, not an error.
+//! - Expiry is judged from the instant this candidate *observed* the record change (monotonic
+//!   clock), never from `renewTime` against the local clock, so clock offsets do not matter.
+//! - Followers watch the single Lease (field selector on its name): a release or a renew reaches
+//!   them at once, so they send nothing in steady state and attempt right at the observed expiry.
+//! - The fencing token is the `resourceVersion` of the acquiring write: it still increases if the
+//!   Lease is deleted and re-created (resource versions come from one counter, comparable since
+//!   KEP-5504), where `leaseTransitions` would restart at 0.
+//!
+//! RBAC: the identity needs `get`, `create`, `update` and `watch` on `leases` in group
+//! `coordination.k8s.io`, in the Lease's namespace.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use leasehold_core::{Callbacks, CancellationToken, Config, Elector};
+//! use leasehold_kube::KubeBackend;
+//!
+//! let backend = KubeBackend::from_env("default").await?; // in-cluster or kubeconfig
+//! let elector = Elector::new(Config::new("pod-1", "my-app-leader"), backend, Callbacks::new())?;
+//! elector.run(CancellationToken::new()).await?;
+//! # Ok(()) }
+//! ```
+
+mod lease;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
+use leasehold_core::{
+    async_trait, AcquireOutcome, BackendError, Candidate, ConfigError, Grant, LockBackend,
+    Observation, ReleaseOutcome, RenewOutcome, WatchStream,
+};
+use tokio::time::Instant;
+
+use crate::lease::{Observed, SpecKey};
+
+/// Why [`KubeBackend::from_env`] could not build a client.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build a Kubernetes client from the environment (in-cluster service account or kubeconfig): {0}")]
+pub struct KubeConfigError(#[source] kube::Error);
+
+/// A Kubernetes Lease backend. Cheap to clone; clones share the client and observations.
+#[derive(Clone)]
+pub struct KubeBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    api: Api<Lease>,
+    namespace: String,
+    /// Per lock: the record last seen and when it was first seen (client-side expiry).
+    observed: Mutex<HashMap<String, Observed>>,
+    /// Per (lock, identity): the Lease as this candidate last wrote it (its resourceVersion is
+    /// the precondition of the next write).
+    written: Mutex<HashMap<(String, String), Lease>>,
+}
+
+impl std::fmt::Debug for KubeBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeBackend")
+            .field("namespace", &self.inner.namespace)
+            .finish()
+    }
+}
+
+enum Write {
+    Done(Lease),
+    Conflict,
+    Gone,
+}
+
+impl KubeBackend {
+    /// A backend on `client`, for Leases in `namespace`.
+    pub fn new(client: kube::Client, namespace: impl Into<String>) -> Self {
+        let namespace = namespace.into();
+        Self {
+            inner: Arc::new(Inner {
+                api: Api::namespaced(client, &namespace),
+                namespace,
+                observed: Mutex::default(),
+                written: Mutex::default(),
+            }),
+        }
+    }
+
+    /// A backend with a client from the environment: the in-cluster service account, or the
+    /// kubeconfig (`KUBECONFIG`, `~/.kube/config`).
+    ///
+    /// # Errors
+    ///
+    /// [`KubeConfigError`] when neither is usable.
+    pub async fn from_env(namespace: impl Into<String>) -> Result<Self, KubeConfigError> {
+        let client = kube::Client::try_default().await.map_err(KubeConfigError)?;
+        Ok(Self::new(client, namespace))
+    }
+
+    /// The namespace of the Leases.
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    fn backend_name(&self) -> String {
+        format!("kubernetes (namespace {})", self.inner.namespace)
+    }
+
+    fn error(&self, operation: &str, lock: &str, error: &kube::Error) -> BackendError {
+        let backend = self.backend_name();
+        if let kube::Error::Api(status) = error {
+            match status.code {
+                401 => {
+                    return BackendError::Unauthorized {
+                        backend,
+                        detail: format!("{operation}: the API server did not accept our credentials: {}", status.message),
+                    }
+                }
+                403 => {
+                    return BackendError::Unauthorized {
+                        backend,
+                        detail: format!(
+                            "{operation} of Lease {lock:?} forbidden: {}. Grant the verbs get, create, update \
+                             and watch on leases (apiGroup coordination.k8s.io) in namespace {:?} with a Role \
+                             and RoleBinding",
+                            status.message, self.inner.namespace
+                        ),
+                    }
+                }
+                422 => {
+                    return BackendError::InvalidConfig {
+                        backend,
+                        source: ConfigError::InvalidName {
+                            field: "lease_name",
+                            value: lock.to_owned(),
+                            reason: status.message.clone(),
+                        },
+                    }
+                }
+                _ => {}
+            }
+        }
+        BackendError::Unavailable {
+            backend,
+            detail: format!("{operation}: {error}"),
+        }
+    }
+
+    /// Records what this candidate saw of `lease` and returns it as an observation, with
+    /// `expires_in` judged from when the record last changed, as this process saw it.
+    fn observe(&self, lock: &str, lease: &Lease, fallback: Duration) -> (Observation, bool) {
+        let now = Instant::now();
+        let key = SpecKey::of(lease);
+        let since = {
+            let mut observed = self
+                .inner
+                .observed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let entry = observed.entry(lock.to_owned()).or_insert_with(|| Observed {
+                key: key.clone(),
+                at: now,
+            });
+            if entry.key != key {
+                *entry = Observed {
+                    key: key.clone(),
+                    at: now,
+                };
+            }
+            entry.at
+        };
+        let duration = key.duration().unwrap_or(fallback);
+        let expires_at = since + duration;
+        let expired = key.holder.is_empty() || now >= expires_at;
+        let record = lease::record_of(&key, duration);
+        let observation = if key.holder.is_empty() {
+            Observation::vacant()
+        } else {
+            Observation::held(record, Some(expires_at.saturating_duration_since(now)))
+        };
+        (observation, expired)
+    }
+
+    fn forget(&self, lock: &str) {
+        self.inner
+            .observed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(lock);
+    }
+
+    fn remember(&self, candidate: &Candidate, lease: &Lease) {
+        self.observe(&candidate.lock, lease, candidate.lease_duration);
+        self.inner
+            .written
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                (candidate.lock.clone(), candidate.identity.clone()),
+                lease.clone(),
+            );
+    }
+
+    fn last_written(&self, candidate: &Candidate) -> Option<Lease> {
+        self.inner
+            .written
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(candidate.lock.clone(), candidate.identity.clone()))
+            .cloned()
+    }
+
+    fn drop_written(&self, candidate: &Candidate) {
+        self.inner
+            .written
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(candidate.lock.clone(), candidate.identity.clone()));
+    }
+
+    async fn replace(
+        &self,
+        operation: &str,
+        lock: &str,
+        lease: &Lease,
+    ) -> Result<Write, BackendError> {
+        match self
+            .inner
+            .api
+            .replace(lock, &PostParams::default(), lease)
+            .await
+        {
+            Ok(written) => Ok(Write::Done(written)),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(Write::Conflict),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(Write::Gone),
+            Err(error) => Err(self.error(operation, lock, &error)),
+        }
+    }
+
+    async fn get(&self, operation: &str, lock: &str) -> Result<Option<Lease>, BackendError> {
+        self.inner
+            .api
+            .get_opt(lock)
+            .await
+            .map_err(|e| self.error(operation, lock, &e))
+    }
+
+    fn acquired(
+        &self,
+        candidate: &Candidate,
+        lease: Lease,
+    ) -> Result<AcquireOutcome, BackendError> {
+        let token = lease::token_of(&lease).ok_or_else(|| BackendError::Protocol {
+            backend: self.backend_name(),
+            detail: "the API server returned a Lease without a numeric resourceVersion".into(),
+        })?;
+        self.remember(candidate, &lease);
+        let key = SpecKey::of(&lease);
+        let mut record = lease::record_of(&key, candidate.lease_duration);
+        record.token = Some(token);
+        Ok(AcquireOutcome::Acquired(Grant { token, record }))
+    }
+
+    /// After a conflict on our own write: the current Lease if it still holds our term (same
+    /// holder and acquire time), to retry on its resourceVersion.
+    async fn still_ours(
+        &self,
+        candidate: &Candidate,
+        mine: &Lease,
+        operation: &str,
+    ) -> Result<Result<Lease, Observation>, BackendError> {
+        match self.get(operation, &candidate.lock).await? {
+            None => {
+                self.forget(&candidate.lock);
+                Ok(Err(Observation::vacant()))
+            }
+            Some(current) => {
+                let ours = SpecKey::of(&current).same_term(&SpecKey::of(mine));
+                if ours {
+                    Ok(Ok(current))
+                } else {
+                    Ok(Err(self
+                        .observe(&candidate.lock, &current, candidate.lease_duration)
+                        .0))
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl LockBackend for KubeBackend {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn validate(&self, candidate: &Candidate) -> Result<(), ConfigError> {
+        lease::validate_name(&candidate.lock)?;
+        lease::duration_seconds(candidate.lease_duration).map(|_| ())
+    }
+
+    async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
+        let lock = candidate.lock.as_str();
+        let seconds = lease::duration_seconds(candidate.lease_duration).map_err(|source| {
+            BackendError::InvalidConfig {
+                backend: self.backend_name(),
+                source,
+            }
+        })?;
+        let Some(current) = self.get("acquire", lock).await? else {
+            let fresh = lease::fresh(lock, &candidate.identity, seconds);
+            return match self.inner.api.create(&PostParams::default(), &fresh).await {
+                Ok(created) => self.acquired(candidate, created),
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    // Someone created it first.
+                    match self.get("acquire", lock).await? {
+                        Some(lease) => Ok(AcquireOutcome::Held(
+                            self.observe(lock, &lease, candidate.lease_duration).0,
+                        )),
+                        None => Ok(AcquireOutcome::Held(Observation::vacant())),
+                    }
+                }
+                Err(error) => Err(self.error("acquire", lock, &error)),
+            };
+        };
+        let (observation, expired) = self.observe(lock, &current, candidate.lease_duration);
+        let key = SpecKey::of(&current);
+        if let Some(problem) = lease::malformed(&key) {
+            if !expired {
+                return Err(BackendError::MalformedRecord {
+                    lock: lock.to_owned(),
+                    detail: format!(
+                        "Lease {}/{lock}: {problem}; it is left alone until it has been unchanged for its lease duration",
+                        self.inner.namespace
+                    ),
+                });
+            }
+        } else if key.holder != candidate.identity && !expired {
+            return Ok(AcquireOutcome::Held(observation));
+        }
+        let taken = lease::taken(&current, &candidate.identity, seconds);
+        match self.replace("acquire", lock, &taken).await? {
+            Write::Done(written) => self.acquired(candidate, written),
+            Write::Conflict => match self.get("acquire", lock).await? {
+                Some(lease) => Ok(AcquireOutcome::Held(
+                    self.observe(lock, &lease, candidate.lease_duration).0,
+                )),
+                None => Ok(AcquireOutcome::Held(Observation::vacant())),
+            },
+            Write::Gone => {
+                self.forget(lock);
+                Ok(AcquireOutcome::Held(Observation::vacant()))
+            }
+        }
+    }
+
+    async fn renew(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+    ) -> Result<RenewOutcome, BackendError> {
+        let lock = candidate.lock.as_str();
+        let Some(mine) = self.last_written(candidate) else {
+            return Ok(RenewOutcome::Lost(Observation::vacant()));
+        };
+        let _ = grant;
+        let mut base = mine.clone();
+        for _ in 0..2 {
+            match self.replace("renew", lock, &lease::renewed(&base)).await? {
+                Write::Done(written) => {
+                    self.remember(candidate, &written);
+                    return Ok(RenewOutcome::Renewed);
+                }
+                Write::Gone => {
+                    self.forget(lock);
+                    self.drop_written(candidate);
+                    return Ok(RenewOutcome::Lost(Observation::vacant()));
+                }
+                Write::Conflict => match self.still_ours(candidate, &mine, "renew").await? {
+                    Ok(current) => base = current,
+                    Err(observation) => {
+                        self.drop_written(candidate);
+                        return Ok(RenewOutcome::Lost(observation));
+                    }
+                },
+            }
+        }
+        Err(BackendError::Unavailable {
+            backend: self.backend_name(),
+            detail: format!("renew of Lease {lock:?}: conflicting writes kept changing it"),
+        })
+    }
+
+    async fn release(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+    ) -> Result<ReleaseOutcome, BackendError> {
+        let lock = candidate.lock.as_str();
+        let Some(mine) = self.last_written(candidate) else {
+            return Ok(ReleaseOutcome::NotHeld);
+        };
+        if lease::token_of(&mine).is_none() || grant.record.holder != candidate.identity {
+            return Ok(ReleaseOutcome::NotHeld);
+        }
+        let mut base = mine.clone();
+        for _ in 0..2 {
+            match self
+                .replace("release", lock, &lease::released(&base))
+                .await?
+            {
+                Write::Done(written) => {
+                    self.drop_written(candidate);
+                    self.observe(lock, &written, candidate.lease_duration);
+                    return Ok(ReleaseOutcome::Released);
+                }
+                Write::Gone => {
+                    self.drop_written(candidate);
+                    return Ok(ReleaseOutcome::NotHeld);
+                }
+                Write::Conflict => match self.still_ours(candidate, &mine, "release").await? {
+                    Ok(current) => base = current,
+                    Err(_) => {
+                        self.drop_written(candidate);
+                        return Ok(ReleaseOutcome::NotHeld);
+                    }
+                },
+            }
+        }
+        Ok(ReleaseOutcome::NotHeld)
+    }
+
+    async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
+        match self.get("read", lock).await? {
+            None => Ok(Observation::vacant()),
+            Some(lease) => {
+                let key = SpecKey::of(&lease);
+                if let Some(problem) = lease::malformed(&key) {
+                    return Err(BackendError::MalformedRecord {
+                        lock: lock.to_owned(),
+                        detail: format!("Lease {}/{lock}: {problem}", self.inner.namespace),
+                    });
+                }
+                Ok(self.observe(lock, &lease, Duration::ZERO).0)
+            }
+        }
+    }
+
+    async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
+        let lock = candidate.lock.clone();
+        let selector = format!("metadata.name={lock}");
+        // List, then watch from the list's resourceVersion: the current state comes first (as a
+        // synthetic event), then every change after it, with nothing missed in between.
+        let listed = self
+            .inner
+            .api
+            .list(&ListParams::default().fields(&selector))
+            .await
+            .map_err(|e| self.error("watch", &lock, &e))?;
+        let version = listed.metadata.resource_version.clone().unwrap_or_default();
+        let params = WatchParams::default().fields(&selector).timeout(290);
+        let events = self
+            .inner
+            .api
+            .watch(&params, &version)
+            .await
+            .map_err(|e| self.error("watch", &lock, &e))?;
+        let initial = match listed.items.into_iter().next() {
+            Some(lease) => Ok(WatchEvent::Added(lease)),
+            None => Ok(WatchEvent::Deleted(Lease::default())),
+        };
+        let events = futures::stream::iter([initial]).chain(events);
+        let backend = self.clone();
+        let fallback = candidate.lease_duration;
+        let stream = events.filter_map(move |event| {
+            let result = match event {
+                Ok(WatchEvent::Added(lease) | WatchEvent::Modified(lease)) => {
+                    let key = SpecKey::of(&lease);
+                    match lease::malformed(&key) {
+                        Some(problem) => {
+                            backend.observe(&lock, &lease, fallback);
+                            Some(Err(BackendError::MalformedRecord {
+                                lock: lock.clone(),
+                                detail: problem,
+                            }))
+                        }
+                        None => Some(Ok(backend.observe(&lock, &lease, fallback).0)),
+                    }
+                }
+                Ok(WatchEvent::Deleted(_)) => {
+                    backend.forget(&lock);
+                    Some(Ok(Observation::vacant()))
+                }
+                Ok(WatchEvent::Bookmark(_)) => None,
+                Ok(WatchEvent::Error(status)) => Some(Err(BackendError::Unavailable {
+                    backend: backend.backend_name(),
+                    detail: format!(
+                        "watch of Lease {lock:?}: {} ({})",
+                        status.message, status.code
+                    ),
+                })),
+                Err(error) => Some(Err(backend.error("watch", &lock, &error))),
+            };
+            std::future::ready(result)
+        });
+        Ok(stream.boxed())
+    }
+}

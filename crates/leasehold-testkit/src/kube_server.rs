@@ -1,0 +1,369 @@
+//! A real `kube-apiserver` (with its own etcd) for tests, and the [`Harness`] over it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use leasehold_core::{async_trait, Config};
+use leasehold_kube::KubeBackend;
+use tokio::process::{Child, Command};
+use tokio::time::{sleep, Instant};
+
+use crate::etcd_server::EtcdServer;
+use crate::harness::{FaultSwitch, Harness, Outage, TestClient};
+use crate::proxy::Proxy;
+use crate::redis_server::free_port;
+
+/// Token of the admin user (group `system:masters`: bypasses RBAC).
+pub const ADMIN_TOKEN: &str = "leasehold-admin-token";
+/// Token of a user without any RBAC grant: 403 on leases.
+pub const RESTRICTED_TOKEN: &str = "leasehold-restricted-token";
+/// The namespace the tests use.
+pub const NAMESPACE: &str = "default";
+
+/// The kube-apiserver binary: `$LEASEHOLD_KUBE_APISERVER`, else what
+/// `scripts/build-kube-apiserver` prints (it builds once and caches).
+///
+/// # Panics
+///
+/// When the build script fails.
+pub async fn kube_apiserver_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("LEASEHOLD_KUBE_APISERVER") {
+        return PathBuf::from(path);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-kube-apiserver");
+    let output = Command::new(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(output.status.success(), "{} failed", script.display());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let path = stdout.lines().last().unwrap_or_default().trim().to_owned();
+    assert!(!path.is_empty(), "{} printed no path", script.display());
+    PathBuf::from(path)
+}
+
+/// A kube-apiserver on a free loopback port with its own etcd, static tokens (an admin and a
+/// restricted user), self-signed serving certs and generated service-account keys. Killed when
+/// dropped.
+#[derive(Debug)]
+pub struct KubeApiServer {
+    etcd: EtcdServer,
+    port: u16,
+    dir: tempfile::TempDir,
+    binary: PathBuf,
+    child: Option<Child>,
+}
+
+impl KubeApiServer {
+    /// Starts etcd and the apiserver, and waits for `/readyz`.
+    ///
+    /// # Panics
+    ///
+    /// When a process cannot start or the apiserver is not ready in 90 s.
+    pub async fn start() -> KubeApiServer {
+        let binary = kube_apiserver_binary().await;
+        let etcd = EtcdServer::start().await;
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+        std::fs::write(
+            dir.path().join("tokens.csv"),
+            format!(
+                "{ADMIN_TOKEN},admin,uid-admin,\"system:masters\"\n{RESTRICTED_TOKEN},restricted,uid-restricted\n"
+            ),
+        )
+        .unwrap_or_else(|e| panic!("tokens.csv: {e}"));
+        let status = Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(dir.path().join("sa.key"))
+            .arg("2048")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .unwrap_or_else(|e| panic!("openssl: {e}"));
+        assert!(status.success(), "openssl genrsa failed");
+        let mut server = KubeApiServer {
+            etcd,
+            port: free_port(),
+            dir,
+            binary,
+            child: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    async fn spawn(&mut self) {
+        let d = self.dir.path();
+        let child = Command::new(&self.binary)
+            .arg(format!("--etcd-servers={}", self.etcd.url()))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--secure-port={}", self.port))
+            .arg(format!("--cert-dir={}", d.join("certs").display()))
+            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            .arg("--allow-privileged=true")
+            .arg("--authorization-mode=RBAC")
+            .arg(format!(
+                "--token-auth-file={}",
+                d.join("tokens.csv").display()
+            ))
+            .arg(format!(
+                "--service-account-issuer=https://127.0.0.1:{}",
+                self.port
+            ))
+            .arg(format!(
+                "--service-account-key-file={}",
+                d.join("sa.key").display()
+            ))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                d.join("sa.key").display()
+            ))
+            .arg("--disable-admission-plugins=ServiceAccount")
+            .arg("--advertise-address=127.0.0.1")
+            .arg("--endpoint-reconciler-type=none")
+            .arg("-v=0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("kube-apiserver exited during start: {status}");
+            }
+            if self.ca().exists() {
+                if let Ok(client) = self.client_at(self.port, ADMIN_TOKEN).await {
+                    let request = http::Request::get("/readyz").body(Vec::new());
+                    if let Ok(request) = request {
+                        if client
+                            .request_text(request)
+                            .await
+                            .is_ok_and(|t| t.trim() == "ok")
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kube-apiserver not ready after 90 s"
+            );
+            sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Kills the apiserver (etcd keeps running) and starts it again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+
+    /// Kills the apiserver.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// The apiserver's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The serving certificate, which is also its CA.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("certs").join("apiserver.crt")
+    }
+
+    /// Writes a kubeconfig for `https://127.0.0.1:port` with `token`; returns its path.
+    ///
+    /// # Panics
+    ///
+    /// When the file cannot be written.
+    pub fn kubeconfig(&self, port: u16, token: &str) -> PathBuf {
+        let path = self
+            .dir
+            .path()
+            .join(format!("kubeconfig-{port}-{}", &token[..9]));
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority: {ca}\nusers:\n- name: test\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n    namespace: {NAMESPACE}\ncurrent-context: test\n",
+            ca = self.ca().display()
+        );
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("kubeconfig: {e}"));
+        path
+    }
+
+    /// A client of the apiserver at `port` (the apiserver's, or a proxy's) with `token`.
+    ///
+    /// # Errors
+    ///
+    /// When the kubeconfig cannot be loaded.
+    pub async fn client_at(&self, port: u16, token: &str) -> Result<kube::Client, kube::Error> {
+        let kubeconfig = Kubeconfig::read_from(self.kubeconfig(port, token))
+            .map_err(kube::Error::InferKubeconfig)?;
+        let mut config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(kube::Error::InferKubeconfig)?;
+        config.proxy_url = None;
+        config.connect_timeout = Some(Duration::from_secs(2));
+        config.read_timeout = Some(Duration::from_secs(300));
+        kube::Client::try_from(config)
+    }
+
+    /// An admin client, straight to the apiserver.
+    ///
+    /// # Panics
+    ///
+    /// When it cannot be built.
+    pub async fn admin(&self) -> kube::Client {
+        self.client_at(self.port, ADMIN_TOKEN)
+            .await
+            .unwrap_or_else(|e| panic!("admin client: {e}"))
+    }
+}
+
+struct ProxyFaults(Arc<Proxy>);
+
+#[async_trait]
+impl FaultSwitch for ProxyFaults {
+    async fn partition(&self) {
+        self.0.partition();
+    }
+    async fn heal(&self) {
+        self.0.heal();
+    }
+    // No transport count: over HTTP/2 a watching client sends flow-control frames
+    // (WINDOW_UPDATE) as events arrive; those are not requests. Backend calls are counted by
+    // `TestClient::backend_calls`, API requests by the benchmark from `/metrics`.
+}
+
+/// Runs the conformance suite against a real kube-apiserver started for the test; every client
+/// connects through its own [`Proxy`].
+#[derive(Debug)]
+pub struct KubeHarness {
+    server: KubeApiServer,
+}
+
+impl KubeHarness {
+    /// Starts an apiserver (and its etcd) for this harness.
+    pub async fn start() -> KubeHarness {
+        KubeHarness {
+            server: KubeApiServer::start().await,
+        }
+    }
+
+    /// The apiserver, to restart it.
+    pub fn server(&mut self) -> &mut KubeApiServer {
+        &mut self.server
+    }
+
+    /// The apiserver, to inspect it.
+    pub fn server_ref(&self) -> &KubeApiServer {
+        &self.server
+    }
+
+    /// A backend with `token` through a new proxy, and the proxy.
+    pub async fn backend_with(&self, token: &str) -> (KubeBackend, Arc<Proxy>) {
+        let proxy = Arc::new(
+            Proxy::start(std::net::SocketAddr::from((
+                [127, 0, 0, 1],
+                self.server.port(),
+            )))
+            .await
+            .unwrap_or_else(|e| panic!("proxy: {e}")),
+        );
+        let client = self
+            .server
+            .client_at(proxy.addr().port(), token)
+            .await
+            .unwrap_or_else(|e| panic!("client: {e}"));
+        (KubeBackend::new(client, NAMESPACE), proxy)
+    }
+
+    /// The Lease `lock`, read as admin.
+    pub async fn lease(&self, lock: &str) -> Option<Lease> {
+        Api::<Lease>::namespaced(self.server.admin().await, NAMESPACE)
+            .get_opt(lock)
+            .await
+            .unwrap_or_else(|e| panic!("get lease: {e}"))
+    }
+}
+
+#[async_trait]
+impl Harness for KubeHarness {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    async fn client(&self) -> TestClient {
+        let (backend, proxy) = self.backend_with(ADMIN_TOKEN).await;
+        TestClient::new(Arc::new(backend), Arc::new(ProxyFaults(proxy)))
+    }
+
+    async fn outage(&self) -> Outage {
+        // The apiserver is unreachable for this client (its proxy drops everything) until
+        // restored.
+        let (backend, proxy) = self.backend_with(ADMIN_TOKEN).await;
+        proxy.partition();
+        let heal = proxy.clone();
+        Outage {
+            client: TestClient::new(Arc::new(backend), Arc::new(ProxyFaults(proxy))),
+            restore: Box::new(move || Box::pin(async move { heal.heal() })),
+        }
+    }
+
+    async fn plant_malformed(&self, lock: &str, ttl: Duration) {
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(lock.to_owned()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(FOREIGN_HOLDER.to_owned()),
+                lease_duration_seconds: Some(
+                    i32::try_from(ttl.as_secs().max(1)).unwrap_or(i32::MAX),
+                ),
+                ..LeaseSpec::default()
+            }),
+        };
+        Api::<Lease>::namespaced(self.server.admin().await, NAMESPACE)
+            .create(&PostParams::default(), &lease)
+            .await
+            .unwrap_or_else(|e| panic!("create foreign lease: {e}"));
+    }
+
+    async fn malformed_present(&self, lock: &str) -> bool {
+        self.lease(lock).await.is_some_and(|l| {
+            l.spec.and_then(|s| s.holder_identity).as_deref() == Some(FOREIGN_HOLDER)
+        })
+    }
+
+    fn invalid_configs(&self) -> Vec<(Config, &'static str)> {
+        let mut name = crate::Timing::FAST.config("a", "x");
+        name.lease_name = "Not_A_DNS_Name".into();
+        let fractional = crate::Timing::FAST.config("a", "x").with_timing(
+            Duration::from_millis(2500),
+            Duration::from_millis(1500),
+            Duration::from_millis(300),
+        );
+        vec![(name, "lease_name"), (fractional, "lease_duration")]
+    }
+}
+
+/// The holder [`KubeHarness`] plants: not an identity an elector would write.
+pub const FOREIGN_HOLDER: &str = "\u{1}foreign\u{7}holder";
