@@ -267,8 +267,11 @@ struct Failover {
     after_a_validity: f64,
 }
 
-/// One crash failover on a fresh lock: `a` leads, `b` follows, `a` crashes.
-async fn failover_once(server: &EtcdServer) -> Failover {
+/// How often etcd's lessor looks for expired leases (`revokeExpiredLeases`, every 500 ms).
+const LESSOR_TICK: Duration = Duration::from_millis(500);
+
+/// One crash failover on a fresh lock: `a` leads, `b` follows, `a` crashes `stagger` later.
+async fn failover_once(server: &EtcdServer, stagger: Duration) -> Failover {
     let t = FAILOVER_TIMING;
     let lock = lock_name("bench-failover");
     let (a_proxy, a_backend) = proxied(server).await;
@@ -278,6 +281,7 @@ async fn failover_once(server: &EtcdServer) -> Failover {
     let b = Contender::start(t.config("b", &lock), b_backend);
     b.follows("a").await;
     let mut b_state = b.handle.subscribe();
+    sleep(stagger).await;
 
     let crashed = Instant::now();
     a_proxy.partition();
@@ -312,8 +316,12 @@ fn failover_pass(rt: &Runtime, server: &EtcdServer) {
     let samples = if full_run() { FAILOVER_SAMPLES } else { 1 };
     let runs: Vec<Failover> = rt.block_on(async {
         let mut runs = Vec::with_capacity(samples);
-        for _ in 0..samples {
-            runs.push(failover_once(server).await);
+        for i in 0..samples {
+            // Back to back, every sample would crash at about the same phase of etcd's lessor
+            // tick (each starts right after the previous takeover, itself right after a tick):
+            // spread the crashes evenly over one tick instead.
+            let stagger = LESSOR_TICK.mul_f64(i as f64 / samples as f64);
+            runs.push(failover_once(server, stagger).await);
         }
         runs
     });

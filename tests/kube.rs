@@ -7,3 +7,264 @@ leasehold_testkit::conformance_tests!(
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)],
     KubeHarness::start().await
 );
+
+mod kube_specific {
+    use std::time::Duration;
+
+    use k8s_openapi::api::coordination::v1::Lease;
+    use kube::api::{Api, DeleteParams, PostParams};
+    use leasehold::{
+        BackendError, Callbacks, CancellationToken, Elector, ElectorError, LockBackend,
+    };
+    use leasehold_testkit::scenarios::{lock_name, wait_for};
+    use leasehold_testkit::{
+        Harness, KubeHarness, Node, SafetyChecker, Timing, NAMESPACE, RESTRICTED_TOKEN,
+    };
+    use tokio::time::{sleep, timeout, Instant};
+
+    fn timing() -> Timing {
+        Timing::FAST
+    }
+
+    async fn node(h: &KubeHarness, id: &str, lock: &str, checker: &SafetyChecker) -> Node {
+        Node::start(
+            timing().config(id, lock),
+            h.client().await,
+            checker,
+            Duration::ZERO,
+        )
+    }
+
+    async fn leases(h: &KubeHarness) -> Api<Lease> {
+        Api::namespaced(h.server_ref().admin().await, NAMESPACE)
+    }
+
+    /// The Lease as client-go writes it: every field set, microsecond times, transitions.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lease_fields_match_client_go() {
+        let t = timing();
+        let h = KubeHarness::start().await;
+        let lock = lock_name("fields");
+        let checker = SafetyChecker::new();
+        let mut a = node(&h, "a", &lock, &checker).await;
+        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
+        let spec = h.lease(&lock).await.expect("lease").spec.expect("spec");
+        assert_eq!(spec.holder_identity.as_deref(), Some("a"));
+        assert_eq!(spec.lease_duration_seconds, Some(2));
+        assert_eq!(spec.lease_transitions, Some(0));
+        let renew = spec.renew_time.expect("renewTime").0;
+        assert!(spec.acquire_time.is_some());
+        assert_eq!(renew.subsec_nanosecond() % 1_000, 0, "MicroTime precision");
+        let token = a.last_leadership().expect("term").token();
+        let mut b = node(&h, "b", &lock, &checker).await;
+        wait_for("b follows", t.lease_duration, || {
+            b.handle.leader().as_deref() == Some("a")
+        })
+        .await;
+        a.stop().await.expect("a stops");
+        wait_for("b leads", t.lease_duration, || b.handle.is_leader()).await;
+        let spec = h.lease(&lock).await.expect("lease").spec.expect("spec");
+        assert_eq!(spec.holder_identity.as_deref(), Some("b"));
+        assert_eq!(spec.lease_transitions, Some(1), "the holder changed once");
+        assert!(b.last_leadership().expect("term").token() > token);
+        b.stop().await.expect("b stops");
+        let spec = h.lease(&lock).await.expect("lease").spec.expect("spec");
+        assert_eq!(
+            spec.holder_identity.as_deref(),
+            Some(""),
+            "released as client-go does"
+        );
+        assert_eq!(spec.lease_duration_seconds, Some(1));
+        checker.verify().expect("safe");
+    }
+
+    /// Without RBAC on leases: a typed, fatal error naming the verbs to grant.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forbidden_names_the_verbs_needed() {
+        let h = KubeHarness::start().await;
+        let (backend, _proxy) = h.backend_with(RESTRICTED_TOKEN).await;
+        let elector = Elector::new(
+            timing().config("a", &lock_name("forbidden")),
+            backend.clone(),
+            Callbacks::new(),
+        )
+        .expect("elector");
+        let result = timeout(
+            Duration::from_secs(20),
+            elector.run(CancellationToken::new()),
+        )
+        .await
+        .expect("run returns instead of retrying");
+        match result {
+            Err(ElectorError::Backend(BackendError::Unauthorized { detail, .. })) => {
+                for verb in [
+                    "get",
+                    "create",
+                    "update",
+                    "watch",
+                    "leases",
+                    "coordination.k8s.io",
+                ] {
+                    assert!(detail.contains(verb), "{verb} missing from: {detail}");
+                }
+            }
+            other => panic!("expected Unauthorized, got {other:?}"),
+        }
+        assert!(matches!(
+            backend.read("anything").await,
+            Err(BackendError::Unauthorized { .. })
+        ));
+    }
+
+    /// Leases written by other tools, with null or missing fields, are read without error.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leases_with_missing_fields_are_read() {
+        let t = timing();
+        let h = KubeHarness::start().await;
+        let lock = lock_name("sparse");
+        let sparse: Lease = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": lock},
+            "spec": {"holderIdentity": "kubectl-user"}
+        }))
+        .expect("lease json");
+        leases(&h)
+            .await
+            .create(&PostParams::default(), &sparse)
+            .await
+            .expect("create");
+        let client = h.client().await;
+        let seen = client
+            .backend
+            .read(&lock)
+            .await
+            .expect("read without error");
+        assert_eq!(seen.holder(), Some("kubectl-user"));
+        // No leaseDurationSeconds: judged with our own lease duration from when we saw it.
+        let checker = SafetyChecker::new();
+        let started = Instant::now();
+        let mut a = Node::start(t.config("a", &lock), client, &checker, Duration::ZERO);
+        wait_for("a takes over the stale Lease", 3 * t.lease_duration, || {
+            a.handle.is_leader()
+        })
+        .await;
+        assert!(started.elapsed() >= t.lease_duration.mul_f64(0.99));
+        let empty: Lease = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": lock_name("empty")}
+        }))
+        .expect("lease json");
+        leases(&h)
+            .await
+            .create(&PostParams::default(), &empty)
+            .await
+            .expect("create");
+        let empty_name = empty.metadata.name.clone().expect("name");
+        let seen = a.client.backend.read(&empty_name).await.expect("read");
+        assert_eq!(seen.holder(), None);
+        a.stop().await.expect("stops");
+        checker.verify().expect("safe");
+    }
+
+    /// The Lease deleted under the leader: it steps down (or re-creates it), never two leaders,
+    /// and the next term's token is greater although `leaseTransitions` restarted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lease_deleted_while_leading() {
+        let t = timing();
+        let h = KubeHarness::start().await;
+        let lock = lock_name("deleted");
+        let checker = SafetyChecker::new();
+        let mut a = node(&h, "a", &lock, &checker).await;
+        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
+        let mut b = node(&h, "b", &lock, &checker).await;
+        wait_for("b follows", t.lease_duration, || {
+            b.handle.leader().as_deref() == Some("a")
+        })
+        .await;
+        let before = a.last_leadership().expect("term").token();
+        leases(&h)
+            .await
+            .delete(&lock, &DeleteParams::default())
+            .await
+            .expect("delete");
+        wait_for("a steps down", t.lease_duration, || !a.handle.is_leader()).await;
+        wait_for("someone leads again", 3 * t.lease_duration, || {
+            a.handle.is_leader() || b.handle.is_leader()
+        })
+        .await;
+        let intervals = checker.verify().expect("safe").intervals;
+        assert!(intervals.last().expect("term").token > before);
+        a.stop().await.expect("a stops");
+        b.stop().await.expect("b stops");
+        checker.verify().expect("safe");
+    }
+
+    /// Someone edits the Lease by hand to a foreign holder: the leader steps down at its next
+    /// renew.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lease_edited_to_a_foreign_holder() {
+        let t = timing();
+        let h = KubeHarness::start().await;
+        let lock = lock_name("edited");
+        let checker = SafetyChecker::new();
+        let mut a = node(&h, "a", &lock, &checker).await;
+        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
+        let api = leases(&h).await;
+        let mut lease = api.get(&lock).await.expect("get");
+        if let Some(spec) = lease.spec.as_mut() {
+            spec.holder_identity = Some("operator".into());
+        }
+        api.replace(&lock, &PostParams::default(), &lease)
+            .await
+            .expect("edit");
+        let edited = Instant::now();
+        wait_for("a steps down", t.renew_deadline, || !a.handle.is_leader()).await;
+        assert!(edited.elapsed() <= t.retry_period + Duration::from_millis(700));
+        wait_for("a follows the operator's holder", t.lease_duration, || {
+            a.handle.leader().as_deref() == Some("operator")
+        })
+        .await;
+        // The foreign term is respected until it expires (as observed), then a takes over.
+        sleep(t.lease_duration / 2).await;
+        assert!(!a.handle.is_leader());
+        wait_for(
+            "a leads after the foreign term expires",
+            3 * t.lease_duration,
+            || a.handle.is_leader(),
+        )
+        .await;
+        a.stop().await.expect("a stops");
+        checker.verify().expect("safe");
+    }
+
+    /// The apiserver restarts under a leader: never two leaders; someone leads afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn apiserver_restart_while_leading() {
+        let t = timing();
+        let mut h = KubeHarness::start().await;
+        let lock = lock_name("restart");
+        let checker = SafetyChecker::new();
+        let mut a = node(&h, "a", &lock, &checker).await;
+        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
+        let mut b = node(&h, "b", &lock, &checker).await;
+        wait_for("b follows", t.lease_duration, || {
+            b.handle.leader().as_deref() == Some("a")
+        })
+        .await;
+        h.server().kill().await;
+        wait_for(
+            "a steps down while the apiserver is down",
+            2 * t.lease_duration,
+            || !a.handle.is_leader(),
+        )
+        .await;
+        h.server().restart().await;
+        wait_for(
+            "someone leads after the restart",
+            10 * t.lease_duration,
+            || a.handle.is_leader() || b.handle.is_leader(),
+        )
+        .await;
+        a.stop().await.expect("a stops");
+        b.stop().await.expect("b stops");
+        checker.verify().expect("safe");
+    }
+}

@@ -190,12 +190,29 @@ impl KubeBackend {
         (observation, expired)
     }
 
-    fn forget(&self, lock: &str) {
-        self.inner
+    /// What this candidate last saw of `lock`, if that was a live holder other than
+    /// `identity`: a deleted Lease is not a release, so its last holder is respected until its
+    /// observed expiry (otherwise an operator's `kubectl delete lease` would let a follower lead
+    /// while the old leader still does, until its next renew).
+    fn last_live(&self, lock: &str, identity: &str, fallback: Duration) -> Option<Observation> {
+        let now = Instant::now();
+        let observed = self
+            .inner
             .observed
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(lock);
+            .unwrap_or_else(PoisonError::into_inner);
+        let seen = observed.get(lock)?;
+        if seen.key.holder.is_empty() || seen.key.holder == identity {
+            return None;
+        }
+        let duration = seen.key.duration().unwrap_or(fallback);
+        let expires_at = seen.at + duration;
+        (now < expires_at).then(|| {
+            Observation::held(
+                lease::record_of(&seen.key, duration),
+                Some(expires_at - now),
+            )
+        })
     }
 
     fn remember(&self, candidate: &Candidate, lease: &Lease) {
@@ -279,10 +296,7 @@ impl KubeBackend {
         operation: &str,
     ) -> Result<Result<Lease, Observation>, BackendError> {
         match self.get(operation, &candidate.lock).await? {
-            None => {
-                self.forget(&candidate.lock);
-                Ok(Err(Observation::vacant()))
-            }
+            None => Ok(Err(Observation::vacant())),
             Some(current) => {
                 let ours = SpecKey::of(&current).same_term(&SpecKey::of(mine));
                 if ours {
@@ -317,6 +331,10 @@ impl LockBackend for KubeBackend {
             }
         })?;
         let Some(current) = self.get("acquire", lock).await? else {
+            if let Some(held) = self.last_live(lock, &candidate.identity, candidate.lease_duration)
+            {
+                return Ok(AcquireOutcome::Held(held));
+            }
             let fresh = lease::fresh(lock, &candidate.identity, seconds);
             return match self.inner.api.create(&PostParams::default(), &fresh).await {
                 Ok(created) => self.acquired(candidate, created),
@@ -356,10 +374,10 @@ impl LockBackend for KubeBackend {
                 )),
                 None => Ok(AcquireOutcome::Held(Observation::vacant())),
             },
-            Write::Gone => {
-                self.forget(lock);
-                Ok(AcquireOutcome::Held(Observation::vacant()))
-            }
+            Write::Gone => Ok(AcquireOutcome::Held(
+                self.last_live(lock, &candidate.identity, candidate.lease_duration)
+                    .unwrap_or_else(Observation::vacant),
+            )),
         }
     }
 
@@ -381,7 +399,6 @@ impl LockBackend for KubeBackend {
                     return Ok(RenewOutcome::Renewed);
                 }
                 Write::Gone => {
-                    self.forget(lock);
                     self.drop_written(candidate);
                     return Ok(RenewOutcome::Lost(Observation::vacant()));
                 }
@@ -481,6 +498,7 @@ impl LockBackend for KubeBackend {
         let events = futures::stream::iter([initial]).chain(events);
         let backend = self.clone();
         let fallback = candidate.lease_duration;
+        let identity = candidate.identity.clone();
         let stream = events.filter_map(move |event| {
             let result = match event {
                 Ok(WatchEvent::Added(lease) | WatchEvent::Modified(lease)) => {
@@ -496,10 +514,9 @@ impl LockBackend for KubeBackend {
                         None => Some(Ok(backend.observe(&lock, &lease, fallback).0)),
                     }
                 }
-                Ok(WatchEvent::Deleted(_)) => {
-                    backend.forget(&lock);
-                    Some(Ok(Observation::vacant()))
-                }
+                Ok(WatchEvent::Deleted(_)) => Some(Ok(backend
+                    .last_live(&lock, &identity, fallback)
+                    .unwrap_or_else(Observation::vacant))),
                 Ok(WatchEvent::Bookmark(_)) => None,
                 Ok(WatchEvent::Error(status)) => Some(Err(BackendError::Unavailable {
                     backend: backend.backend_name(),
