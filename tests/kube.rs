@@ -268,3 +268,105 @@ mod kube_specific {
         checker.verify().expect("safe");
     }
 }
+
+/// leasehold and client-go's `leaderelection` (a real Go program) compete on one Lease.
+mod client_go_interop {
+    use std::time::{Duration, SystemTime};
+
+    use leasehold_testkit::scenarios::{lock_name, wait_for};
+    use leasehold_testkit::{
+        client_go_elector_binary, GoElector, Harness, KubeHarness, Node, SafetyChecker, Timing,
+        ADMIN_TOKEN,
+    };
+    use tokio::time::Instant;
+
+    /// Wall-clock time of a monotonic instant (same machine, same moment of reference).
+    fn wall(at: Instant, origin: (Instant, SystemTime)) -> SystemTime {
+        if at >= origin.0 {
+            origin.1 + (at - origin.0)
+        } else {
+            origin.1 - (origin.0 - at)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leasehold_and_client_go_share_a_lease() {
+        let t = Timing::FAST;
+        let binary = client_go_elector_binary().await;
+        let h = KubeHarness::start().await;
+        let kubeconfig = h
+            .server_ref()
+            .kubeconfig(h.server_ref().port(), ADMIN_TOKEN);
+        let lock = lock_name("client-go");
+        let origin = (Instant::now(), SystemTime::now());
+        let checker = SafetyChecker::new();
+
+        // client-go leads first; ours follows and sees it.
+        let mut go1 = GoElector::start(&binary, &kubeconfig, &lock, "go-1", t);
+        wait_for("go-1 leads", 10 * t.lease_duration, || go1.is_leading()).await;
+        let mut ours = Node::start(
+            t.config("rust-1", &lock),
+            h.client().await,
+            &checker,
+            Duration::ZERO,
+        );
+        wait_for("ours sees go-1 as leader", 2 * t.lease_duration, || {
+            ours.handle.leader().as_deref() == Some("go-1")
+        })
+        .await;
+        tokio::time::sleep(t.lease_duration).await;
+        assert!(!ours.handle.is_leader());
+
+        // client-go releases (SIGTERM, release-on-cancel): ours takes over at once.
+        let released = Instant::now();
+        go1.terminate().await;
+        wait_for("ours leads after go-1 released", t.lease_duration, || {
+            ours.handle.is_leader()
+        })
+        .await;
+        let go_to_rust = released.elapsed();
+
+        // A new client-go candidate sees ours as leader, and takes over when ours releases.
+        let mut go2 = GoElector::start(&binary, &kubeconfig, &lock, "go-2", t);
+        wait_for("go-2 sees rust-1 as leader", 10 * t.lease_duration, || {
+            go2.leader().as_deref() == Some("rust-1")
+        })
+        .await;
+        assert!(!go2.is_leading());
+        let released = Instant::now();
+        ours.stop().await.expect("ours stops");
+        wait_for(
+            "go-2 leads after ours released",
+            2 * t.lease_duration,
+            || go2.is_leading(),
+        )
+        .await;
+        let rust_to_go = released.elapsed();
+        go2.terminate().await;
+
+        // Never two leaders, from both sides' reported intervals.
+        let mut intervals: Vec<(String, SystemTime, SystemTime)> = Vec::new();
+        for go in [&go1, &go2] {
+            for (start, end) in go.intervals() {
+                intervals.push((go.identity.clone(), start, end));
+            }
+        }
+        for i in checker.verify().expect("safe").intervals {
+            let end = i.end.expect("ended");
+            intervals.push((i.identity, wall(i.start, origin), wall(end, origin)));
+        }
+        intervals.sort_by_key(|i| i.1);
+        assert!(intervals.len() >= 3, "{intervals:?}");
+        for pair in intervals.windows(2) {
+            assert!(
+                pair[1].1 >= pair[0].2,
+                "two leaders at once: {} until {:?}, {} from {:?}",
+                pair[0].0,
+                pair[0].2,
+                pair[1].0,
+                pair[1].1
+            );
+        }
+        eprintln!("handover client-go -> leasehold: {go_to_rust:?}; leasehold -> client-go: {rust_to_go:?}");
+    }
+}

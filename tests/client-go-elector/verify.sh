@@ -14,10 +14,18 @@ apiserver=$("$root/scripts/build-kube-apiserver" | tail -n1)
 elector=$("$root/scripts/build-client-go-elector" | tail -n1)
 
 D=$(mktemp -d /tmp/client-go-elector-verify.XXXXXX)
-pids=()
+pids=() # started in this order: etcd, kube-apiserver, electors
+# Stop one process: SIGTERM, then SIGKILL after $2 seconds.
+stop() {
+  kill -TERM "$1" 2>/dev/null || return 0
+  for _ in $(seq 1 $(($2 * 10))); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
 cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  # In reverse order: a kube-apiserver whose etcd is already gone hangs on SIGTERM.
+  local i
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do stop "${pids[i]}" 10; done
   if [[ ${KEEP:-} == 1 ]]; then echo "verify: kept $D" >&2; else rm -rf "$D"; fi
 }
 trap cleanup EXIT
@@ -91,7 +99,8 @@ sleep 1
 [[ $(jq -r 'select(.event == "started") | .identity' "$D/alpha.out" "$D/beta.out" | wc -l) == 1 ]] \
   || fail "expected exactly one 'started'"
 for id in alpha beta; do
-  jq -e --arg l "$leader" 'select(.event == "new_leader" and .leader == $l)' "$D/$id.out" >/dev/null \
+  # (jq -s + any: jq 1.6's -e exits 4 when a later input yields no output)
+  jq -se --arg l "$leader" 'any(.[]; .event == "new_leader" and .leader == $l)' "$D/$id.out" >/dev/null \
     || fail "$id did not report new_leader $leader"
 done
 [[ $(api "$lease_url" | jq -r .spec.holderIdentity) == "$leader" ]] || fail "Lease holder is not $leader"
@@ -103,7 +112,7 @@ t0=$(date +%s%N)
 kill -TERM "${pid[$leader]}"
 rc=0; wait "${pid[$leader]}" || rc=$?
 [[ $rc == 0 ]] || fail "$leader exited $rc after SIGTERM"
-jq -e 'select(.event == "exit")' "$D/$leader.out" >/dev/null || fail "$leader printed no exit event"
+jq -se 'any(.[]; .event == "exit")' "$D/$leader.out" >/dev/null || fail "$leader printed no exit event"
 t1=
 for _ in $(seq 1 50); do
   t1=$(jq -r 'select(.event == "started") | .at_unix_nano' "$D/$other.out")

@@ -124,14 +124,19 @@ async fn keep_alive_once(
     shared: &Shared,
 ) -> Result<bool, etcd_client::Error> {
     let mut slot = shared.keeper.lock().await;
-    if slot.is_none() {
+    // Opening the keep-alive stream sends a first keep-alive: read its answer instead of sending
+    // a second one.
+    let opened = slot.is_none();
+    if opened {
         *slot = Some(client.clone().lease_keep_alive(lease).await?);
     }
     let Some((keeper, stream)) = slot.as_mut() else {
         return Ok(false);
     };
     let answer = async {
-        keeper.keep_alive().await?;
+        if !opened {
+            keeper.keep_alive().await?;
+        }
         stream.message().await
     }
     .await;

@@ -70,7 +70,7 @@ fn now() -> MicroTime {
 }
 
 fn wall(t: Option<&Timestamp>) -> Option<SystemTime> {
-    t.and_then(|t| SystemTime::try_from(*t).ok())
+    t.map(|t| SystemTime::from(*t))
 }
 
 pub(crate) fn token_of(lease: &Lease) -> Option<FencingToken> {

@@ -76,7 +76,7 @@ impl std::fmt::Debug for KubeBackend {
 }
 
 enum Write {
-    Done(Lease),
+    Done(Box<Lease>),
     Conflict,
     Gone,
 }
@@ -256,7 +256,7 @@ impl KubeBackend {
             .replace(lock, &PostParams::default(), lease)
             .await
         {
-            Ok(written) => Ok(Write::Done(written)),
+            Ok(written) => Ok(Write::Done(Box::new(written))),
             Err(kube::Error::Api(status)) if status.code == 409 => Ok(Write::Conflict),
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(Write::Gone),
             Err(error) => Err(self.error(operation, lock, &error)),
@@ -367,7 +367,7 @@ impl LockBackend for KubeBackend {
         }
         let taken = lease::taken(&current, &candidate.identity, seconds);
         match self.replace("acquire", lock, &taken).await? {
-            Write::Done(written) => self.acquired(candidate, written),
+            Write::Done(written) => self.acquired(candidate, *written),
             Write::Conflict => match self.get("acquire", lock).await? {
                 Some(lease) => Ok(AcquireOutcome::Held(
                     self.observe(lock, &lease, candidate.lease_duration).0,
@@ -475,15 +475,36 @@ impl LockBackend for KubeBackend {
     async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
         let lock = candidate.lock.clone();
         let selector = format!("metadata.name={lock}");
-        // List, then watch from the list's resourceVersion: the current state comes first (as a
-        // synthetic event), then every change after it, with nothing missed in between.
-        let listed = self
-            .inner
-            .api
-            .list(&ListParams::default().fields(&selector))
-            .await
-            .map_err(|e| self.error("watch", &lock, &e))?;
-        let version = listed.metadata.resource_version.clone().unwrap_or_default();
+        // Read, then watch from the resourceVersion read: the current state comes first (as a
+        // synthetic event), then every change after it, nothing missed in between. A watch from
+        // "0" or from no version needs the API server's watch cache to serve consistent reads,
+        // which older etcd versions cannot back (RequestWatchProgress); a given version works
+        // everywhere.
+        let (initial, version) = match self.get("watch", &lock).await? {
+            Some(lease) => {
+                let version = lease.metadata.resource_version.clone().unwrap_or_default();
+                (WatchEvent::Added(lease), version)
+            }
+            None => {
+                // No Lease yet: the list's version (needs `list`); without it, report a free
+                // lock and let the elector reopen the watch once the Lease exists.
+                let listed = self
+                    .inner
+                    .api
+                    .list(&ListParams::default().fields(&selector))
+                    .await;
+                match listed {
+                    Ok(list) => (
+                        WatchEvent::Deleted(Lease::default()),
+                        list.metadata.resource_version.unwrap_or_default(),
+                    ),
+                    Err(kube::Error::Api(status)) if status.code == 403 => {
+                        return Ok(futures::stream::iter([Ok(Observation::vacant())]).boxed());
+                    }
+                    Err(error) => return Err(self.error("watch", &lock, &error)),
+                }
+            }
+        };
         let params = WatchParams::default().fields(&selector).timeout(290);
         let events = self
             .inner
@@ -491,11 +512,7 @@ impl LockBackend for KubeBackend {
             .watch(&params, &version)
             .await
             .map_err(|e| self.error("watch", &lock, &e))?;
-        let initial = match listed.items.into_iter().next() {
-            Some(lease) => Ok(WatchEvent::Added(lease)),
-            None => Ok(WatchEvent::Deleted(Lease::default())),
-        };
-        let events = futures::stream::iter([initial]).chain(events);
+        let events = futures::stream::iter([Ok(initial)]).chain(events);
         let backend = self.clone();
         let fallback = candidate.lease_duration;
         let identity = candidate.identity.clone();

@@ -10,6 +10,7 @@
 //! `tokio::time::pause()` and they finish at once and deterministically.
 
 mod checker;
+mod client_go;
 mod etcd_server;
 mod harness;
 mod kube_server;
@@ -20,6 +21,7 @@ mod redis_server;
 pub mod scenarios;
 
 pub use checker::{Interval, SafetyChecker, SafetyReport, SafetyViolation};
+pub use client_go::{client_go_elector_binary, GoElector, GoEvent};
 pub use etcd_server::{EtcdHarness, EtcdServer, MALFORMED_VALUE};
 pub use harness::{FaultSwitch, Harness, Outage, TestClient, Timing};
 pub use kube_server::{
