@@ -491,7 +491,8 @@ impl LockBackend for EtcdBackend {
         let client = self.client().await?;
         let cell = self.seat_cell(candidate);
         let prefix = self.election_prefix(&candidate.lock);
-        let stream = seat::watch_predecessor(self.clone(), client, cell, prefix);
+        let stream =
+            seat::watch_predecessor(self.clone(), client, cell, prefix, candidate.lock.clone());
         Ok(stream.boxed())
     }
 

@@ -9,7 +9,7 @@ use etcd_client::{
     Client, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, SortOrder, SortTarget,
     WatchFilterType, WatchOptions,
 };
-use leasehold_core::{BackendError, Candidate, Observation};
+use leasehold_core::{BackendError, Candidate, LockBackend, Observation};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -204,6 +204,7 @@ pub(crate) fn watch_predecessor(
     client: Client,
     cell: Arc<SeatCell>,
     prefix: String,
+    lock: String,
 ) -> UnboundedReceiverStream<Result<Observation, BackendError>> {
     let (tx, rx) = mpsc::unbounded_channel();
     cell.watchers.fetch_add(1, Ordering::SeqCst);
@@ -211,11 +212,39 @@ pub(crate) fn watch_predecessor(
     tokio::spawn(async move {
         let _guard = guard;
         tokio::select! {
-            () = follow(&backend, client, &cell, &prefix, &tx) => {}
+            () = follow(&backend, client, &cell, &prefix, &lock, &tx) => {}
             () = tx.closed() => {}
         }
     });
     UnboundedReceiverStream::new(rx)
+}
+
+/// Reports the election's leader now and after every change under `prefix`, until `changed`.
+async fn observe_election(
+    backend: &EtcdBackend,
+    client: &mut Client,
+    prefix: &str,
+    lock: &str,
+    tx: &mpsc::UnboundedSender<Result<Observation, BackendError>>,
+    changed: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+) -> Result<(), etcd_client::Error> {
+    let mut stream = client
+        .watch(prefix, Some(WatchOptions::new().with_prefix()))
+        .await?;
+    let mut changed = changed;
+    loop {
+        let observation = backend.read(lock).await;
+        if tx.send(observation).is_err() {
+            return Ok(());
+        }
+        tokio::select! {
+            () = &mut changed => return Ok(()),
+            message = stream.message() => match message? {
+                Some(response) if !response.canceled() => {}
+                _ => return Ok(()),
+            },
+        }
+    }
 }
 
 async fn follow(
@@ -223,6 +252,7 @@ async fn follow(
     mut client: Client,
     cell: &SeatCell,
     prefix: &str,
+    lock: &str,
     tx: &mpsc::UnboundedSender<Result<Observation, BackendError>>,
 ) {
     let config = backend.config();
@@ -247,8 +277,14 @@ async fn follow(
             continue;
         }
         let Some(revision) = revision else {
-            // Not seated yet: the elector's next attempt puts our key.
-            changed.await;
+            // Not seated (yet): an observer, or an elector before its first attempt. Follow the
+            // whole election and report its leader on every change, until seated.
+            if let Err(error) =
+                observe_election(backend, &mut client, prefix, lock, tx, changed.as_mut()).await
+            {
+                let _ = tx.send(Err(map_error(config, "watch", &error)));
+                return;
+            }
             continue;
         };
         let ahead = client

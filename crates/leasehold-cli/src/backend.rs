@@ -1,0 +1,213 @@
+//! `--backend` URLs: parsing, connecting, and checking the backend answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use leasehold::{
+    EtcdBackend, EtcdConfig, KubeBackend, LockBackend, MemoryBackend, RedisBackend, RedisConfig,
+};
+
+use crate::error::CliError;
+
+/// A parsed `--backend` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendUrl {
+    /// `memory://`
+    Memory,
+    /// `redis://…` or `rediss://…`, passed to the redis crate as is.
+    Redis(String),
+    /// `etcd://[user:password@]host:port[,host:port]`
+    Etcd {
+        /// `http://host:port` endpoints.
+        endpoints: Vec<String>,
+        /// User and password.
+        user: Option<(String, String)>,
+    },
+    /// `kube://NAMESPACE`
+    Kube(String),
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+impl BackendUrl {
+    /// Parses a URL.
+    ///
+    /// # Errors
+    ///
+    /// [`CliError::BadUrl`], whose message lists the accepted forms.
+    pub fn parse(url: &str) -> Result<Self, CliError> {
+        let bad = |reason: &str| CliError::BadUrl {
+            url: redact(url),
+            reason: reason.to_owned(),
+        };
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(bad("no scheme"));
+        };
+        match scheme {
+            "memory" if rest.is_empty() => Ok(BackendUrl::Memory),
+            "memory" => Err(bad("memory:// takes nothing after the scheme")),
+            "redis" | "rediss" => {
+                if rest.is_empty() {
+                    return Err(bad("missing host"));
+                }
+                Ok(BackendUrl::Redis(url.to_owned()))
+            }
+            "etcd" => {
+                let (user, hosts) = match rest.rsplit_once('@') {
+                    Some((creds, hosts)) => {
+                        let (u, p) = creds
+                            .split_once(':')
+                            .ok_or_else(|| bad("credentials must be user:password@"))?;
+                        (Some((u.to_owned(), p.to_owned())), hosts)
+                    }
+                    None => (None, rest),
+                };
+                let hosts = hosts.trim_end_matches('/');
+                let endpoints: Vec<String> = hosts
+                    .split(',')
+                    .map(|h| {
+                        let valid = h.rsplit_once(':').is_some_and(|(host, port)| {
+                            !host.is_empty() && port.parse::<u16>().is_ok()
+                        });
+                        if valid {
+                            Ok(format!("http://{h}"))
+                        } else {
+                            Err(bad(&format!("{h:?} is not host:port")))
+                        }
+                    })
+                    .collect::<Result<_, _>>()?;
+                Ok(BackendUrl::Etcd { endpoints, user })
+            }
+            "kube" => {
+                let namespace = rest.trim_end_matches('/');
+                if namespace.is_empty() || namespace.contains('/') {
+                    return Err(bad("kube:// takes a namespace, e.g. kube://default"));
+                }
+                Ok(BackendUrl::Kube(namespace.to_owned()))
+            }
+            other => Err(bad(&format!("unknown scheme {other:?}"))),
+        }
+    }
+
+    /// A short description for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            BackendUrl::Memory => "the in-memory backend".into(),
+            BackendUrl::Redis(url) => format!("redis at {}", redact(url)),
+            BackendUrl::Etcd { endpoints, .. } => format!("etcd at {}", endpoints.join(",")),
+            BackendUrl::Kube(ns) => format!("kubernetes (namespace {ns})"),
+        }
+    }
+
+    /// Connects and checks that the backend answers a read of `lock` within `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`CliError::Unreachable`], [`CliError::Unauthorized`] or [`CliError::BadUrl`].
+    pub async fn connect(
+        &self,
+        lock: &str,
+        timeout: Duration,
+    ) -> Result<Arc<dyn LockBackend>, CliError> {
+        let backend: Arc<dyn LockBackend> = match self {
+            BackendUrl::Memory => Arc::new(MemoryBackend::new()),
+            BackendUrl::Redis(url) => {
+                let mut config = RedisConfig::new(url.clone());
+                config.connect_timeout = timeout;
+                Arc::new(RedisBackend::new(config).map_err(|e| CliError::BadUrl {
+                    url: redact(url),
+                    reason: e.to_string(),
+                })?)
+            }
+            BackendUrl::Etcd { endpoints, user } => {
+                let mut config = EtcdConfig::new(endpoints.clone());
+                config.user = user.clone();
+                config.connect_timeout = timeout;
+                Arc::new(EtcdBackend::new(config))
+            }
+            BackendUrl::Kube(namespace) => {
+                let backend =
+                    tokio::time::timeout(timeout, KubeBackend::from_env(namespace.clone()))
+                        .await
+                        .map_err(|_| self.unreachable(timeout, "no answer".into()))?
+                        .map_err(|e| CliError::Config(e.to_string()))?;
+                Arc::new(backend)
+            }
+        };
+        match tokio::time::timeout(timeout, backend.read(lock)).await {
+            Err(_) => Err(self.unreachable(timeout, "no answer".into())),
+            Ok(Err(leasehold::BackendError::Unauthorized { detail, .. })) => Err(
+                CliError::Unauthorized(format!("{} refused access: {detail}", self.describe())),
+            ),
+            // A malformed record is the lock's problem, not the connection's.
+            Ok(Err(leasehold::BackendError::MalformedRecord { .. })) | Ok(Ok(_)) => Ok(backend),
+            Ok(Err(error)) => Err(self.unreachable(timeout, error.to_string())),
+        }
+    }
+
+    fn unreachable(&self, timeout: Duration, detail: String) -> CliError {
+        CliError::Unreachable {
+            backend: self.describe(),
+            timeout,
+            detail,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_accepted_forms() {
+        assert_eq!(BackendUrl::parse("memory://").unwrap(), BackendUrl::Memory);
+        assert!(matches!(
+            BackendUrl::parse("redis://127.0.0.1:6379/2").unwrap(),
+            BackendUrl::Redis(_)
+        ));
+        assert!(matches!(
+            BackendUrl::parse("rediss://:pw@h:1").unwrap(),
+            BackendUrl::Redis(_)
+        ));
+        assert_eq!(
+            BackendUrl::parse("etcd://u:p@a:2379,b:2380").unwrap(),
+            BackendUrl::Etcd {
+                endpoints: vec!["http://a:2379".into(), "http://b:2380".into()],
+                user: Some(("u".into(), "p".into())),
+            }
+        );
+        assert_eq!(
+            BackendUrl::parse("kube://prod").unwrap(),
+            BackendUrl::Kube("prod".into())
+        );
+    }
+
+    #[test]
+    fn bad_urls_list_the_accepted_forms() {
+        for bad in [
+            "localhost:6379",
+            "http://x",
+            "etcd://nohostport",
+            "etcd://a:notaport",
+            "kube://",
+            "kube://a/b",
+            "memory://x",
+            "redis://",
+        ] {
+            let err = BackendUrl::parse(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 3, "{bad}");
+            let text = err.to_string();
+            assert!(
+                text.contains("accepted forms") && text.contains("kube://NAMESPACE"),
+                "{text}"
+            );
+        }
+        let err = BackendUrl::parse("etcd://user:secret@").unwrap_err();
+        assert!(!err.to_string().contains("secret"));
+    }
+}

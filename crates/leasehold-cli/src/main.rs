@@ -1,0 +1,155 @@
+//! `leasehold`: run any program only while this process holds leadership of a lock, inspect a
+//! lock, watch its leader, or see a demo. See `leasehold --help`.
+
+mod backend;
+mod child;
+mod demo;
+mod error;
+mod inspect;
+mod run;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit codes, documented in `--help` and the README.
+const EXIT_CODES: &str = "\
+EXIT CODES:
+    0    success (run: the command exited 0, or leasehold was stopped before it started)
+    N    run: the command's own exit code, passed through (128+S if it died from signal S)
+    1    an unexpected error
+    2    bad usage (unknown flag, missing argument)
+    3    bad backend URL or configuration
+    4    the backend cannot be reached (after --connect-timeout)
+    5    the backend refused our credentials or permissions
+    6    run: leadership was lost while the command ran (the command was stopped); use
+         --restart to campaign again instead";
+
+/// Leader election for any program: run it only while this process holds the lock.
+#[derive(Debug, Parser)]
+#[command(name = "leasehold", version, about, after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Campaign for LOCK and run CMD while leading; stop it when leadership ends.
+    ///
+    /// The command gets LEASEHOLD_TOKEN (fencing token), LEASEHOLD_TERM, LEASEHOLD_IDENTITY and
+    /// LEASEHOLD_LOCK. When leadership is lost it gets SIGTERM, then SIGKILL after --grace. When
+    /// it exits, the lock is released and leasehold exits with its code (or, with --restart,
+    /// campaigns again). SIGINT/SIGTERM to leasehold stop the command gracefully and release.
+    #[command(after_help = EXIT_CODES)]
+    Run(RunArgs),
+    /// Print the holder of LOCK, its token, times, lease duration, and whether it looks expired.
+    #[command(after_help = EXIT_CODES)]
+    Status(InspectArgs),
+    /// Print one line per leader change of LOCK, without campaigning.
+    #[command(after_help = EXIT_CODES)]
+    Watch(InspectArgs),
+    /// N candidates on the in-memory backend: kill the leader, let another resign, and print a
+    /// timeline with handover times. Needs no server.
+    Demo(DemoArgs),
+}
+
+/// Where the lock lives.
+#[derive(Debug, Clone, Args)]
+struct BackendArgs {
+    /// memory://, redis://host:port[/db], rediss://..., etcd://host:port[,host:port],
+    /// kube://NAMESPACE (kubeconfig or in-cluster).
+    #[arg(long, env = "LEASEHOLD_BACKEND")]
+    backend: String,
+    /// The lock name (Lease name, etcd election, Redis key).
+    #[arg(long, env = "LEASEHOLD_LOCK")]
+    lock: String,
+    /// How long to wait for the backend to answer at start.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// This candidate's identity (default: hostname-pid-random).
+    #[arg(long, env = "LEASEHOLD_IDENTITY")]
+    identity: Option<String>,
+    /// How long a lease lasts without renewal.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
+    /// How long the leader keeps trying to renew before it steps down.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    renew_deadline: Duration,
+    /// Interval between renewals and retries.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    retry_period: Duration,
+    /// Time between SIGTERM and SIGKILL when the command must stop.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    grace: Duration,
+    /// Campaign again after the command exits or leadership is lost, instead of exiting.
+    #[arg(long)]
+    restart: bool,
+    /// The command and its arguments (after `--`).
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// JSON output, one object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// How many candidates.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=50))]
+    candidates: u32,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LEASEHOLD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("leasehold: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run::run(args).await,
+            Command::Status(args) => inspect::status(args).await.map(|()| 0),
+            Command::Watch(args) => inspect::watch(args).await.map(|()| 0),
+            Command::Demo(args) => demo::demo(args.candidates).await.map(|()| 0),
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            eprintln!("leasehold: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}

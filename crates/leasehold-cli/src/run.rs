@@ -1,0 +1,163 @@
+//! `leasehold run`: campaign, run the command while leading, stop it when leadership ends.
+
+use std::hash::{BuildHasher, RandomState};
+use std::time::Duration;
+
+use leasehold::{Callbacks, CancellationToken, Config, Elector, Leadership};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+use crate::backend::BackendUrl;
+use crate::child::{exit_code, Child};
+use crate::error::CliError;
+use crate::RunArgs;
+
+/// The default identity: hostname, pid and a random suffix.
+fn default_identity() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "host".into());
+    let random = RandomState::new().hash_one(std::process::id()) & 0xffff_ff;
+    format!("{host}-{}-{random:06x}", std::process::id())
+}
+
+/// Runs `leasehold run`; returns the exit code.
+///
+/// # Errors
+///
+/// Bad configuration, unreachable backend, refused credentials, or lost leadership (without
+/// `--restart`).
+pub async fn run(args: RunArgs) -> Result<u8, CliError> {
+    let url = BackendUrl::parse(&args.backend.backend)?;
+    let lock = args.backend.lock.clone();
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let mut config = Config::new(identity.clone(), lock.clone()).with_timing(
+        args.lease_duration,
+        args.renew_deadline,
+        args.retry_period,
+    );
+    config.release_on_cancel = true;
+    config
+        .validate()
+        .map_err(|e| CliError::Config(format!("invalid configuration: {e}")))?;
+    let backend = url.connect(&lock, args.backend.connect_timeout).await?;
+
+    let mut terminate = signal(SignalKind::terminate())
+        .map_err(|e| CliError::Other(format!("cannot handle SIGTERM: {e}")))?;
+    let mut interrupt = signal(SignalKind::interrupt())
+        .map_err(|e| CliError::Other(format!("cannot handle SIGINT: {e}")))?;
+
+    let (terms, mut term_rx) = mpsc::unbounded_channel::<Leadership>();
+    let callbacks = Callbacks::new().on_started_leading(move |leadership| {
+        let _ = terms.send(leadership.clone());
+        // The term's work is the command, supervised below; it ends with the term.
+        async move { leadership.cancelled().await }
+    });
+    let elector = Elector::new(config, backend, callbacks)?;
+    let handle = elector.handle();
+    let shutdown = CancellationToken::new();
+    let mut elector_task = elector.spawn(shutdown.clone());
+    eprintln!(
+        "leasehold: {identity} campaigns for {lock:?} on {}",
+        url.describe()
+    );
+
+    let mut stopping = false;
+    let outcome = loop {
+        tokio::select! {
+            _ = terminate.recv() => { stopping = true; break 0; }
+            _ = interrupt.recv() => { stopping = true; break 0; }
+            finished = &mut elector_task => {
+                return match finished {
+                    Ok(Ok(())) => Ok(0),
+                    Ok(Err(error)) => Err(error.into()),
+                    Err(error) => Err(CliError::Other(format!("elector task failed: {error}"))),
+                };
+            }
+            Some(leadership) = term_rx.recv() => {
+                if !leadership.is_valid() {
+                    continue;
+                }
+                match supervise(&args, &identity, &lock, &leadership, &mut terminate, &mut interrupt).await? {
+                    Supervised::Exited(code) if args.restart => {
+                        eprintln!("leasehold: the command exited with {code}; resigning and campaigning again");
+                        handle.resign();
+                    }
+                    Supervised::Exited(code) => break code,
+                    Supervised::Lost if args.restart => {
+                        eprintln!("leasehold: leadership lost; the command was stopped; campaigning again");
+                    }
+                    Supervised::Lost => {
+                        shutdown.cancel();
+                        let _ = elector_task.await;
+                        return Err(CliError::LostLeadership { lock });
+                    }
+                    Supervised::Signalled(code) => { stopping = true; break code; }
+                }
+            }
+        }
+    };
+    // The command has stopped: now step down and release (the elector releases only after the
+    // term's work — the wait for the command — has finished).
+    shutdown.cancel();
+    match elector_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) if !stopping => return Err(error.into()),
+        Ok(Err(error)) => eprintln!("leasehold: while stopping: {error}"),
+        Err(error) => eprintln!("leasehold: elector task failed: {error}"),
+    }
+    Ok(outcome)
+}
+
+enum Supervised {
+    /// The command exited with this code while we led.
+    Exited(u8),
+    /// Leadership ended; the command was stopped.
+    Lost,
+    /// leasehold was signalled; the command was stopped with this code.
+    Signalled(u8),
+}
+
+async fn supervise(
+    args: &RunArgs,
+    identity: &str,
+    lock: &str,
+    leadership: &Leadership,
+    terminate: &mut tokio::signal::unix::Signal,
+    interrupt: &mut tokio::signal::unix::Signal,
+) -> Result<Supervised, CliError> {
+    let env = [
+        ("LEASEHOLD_TOKEN", leadership.token().to_string()),
+        ("LEASEHOLD_TERM", leadership.term().to_string()),
+        ("LEASEHOLD_IDENTITY", identity.to_owned()),
+        ("LEASEHOLD_LOCK", lock.to_owned()),
+    ];
+    eprintln!(
+        "leasehold: leading {lock:?} (term {}, token {}); starting {:?}",
+        leadership.term(),
+        leadership.token(),
+        args.command
+    );
+    let mut child = Child::spawn(&args.command, &env)?;
+    let grace: Duration = args.grace;
+    tokio::select! {
+        status = child.wait() => {
+            let code = status.map(exit_code).unwrap_or(1);
+            Ok(Supervised::Exited(code))
+        }
+        () = leadership.cancelled() => {
+            eprintln!("leasehold: leadership of {lock:?} ended; stopping the command (grace {grace:?})");
+            child.stop(grace).await;
+            Ok(Supervised::Lost)
+        }
+        _ = terminate.recv() => {
+            let status = child.stop(grace).await;
+            Ok(Supervised::Signalled(status.map(exit_code).unwrap_or(0)))
+        }
+        _ = interrupt.recv() => {
+            let status = child.stop(grace).await;
+            Ok(Supervised::Signalled(status.map(exit_code).unwrap_or(0)))
+        }
+    }
+}
