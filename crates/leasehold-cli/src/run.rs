@@ -18,7 +18,7 @@ fn default_identity() -> String {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "host".into());
-    let random = RandomState::new().hash_one(std::process::id()) & 0xffff_ff;
+    let random = RandomState::new().hash_one(std::process::id()) & 0x00ff_ffff;
     format!("{host}-{}-{random:06x}", std::process::id())
 }
 

@@ -124,19 +124,23 @@ async fn keep_alive_once(
     shared: &Shared,
 ) -> Result<bool, etcd_client::Error> {
     let mut slot = shared.keeper.lock().await;
-    // Opening the keep-alive stream sends a first keep-alive: read its answer instead of sending
-    // a second one.
-    let opened = slot.is_none();
-    if opened {
-        *slot = Some(client.clone().lease_keep_alive(lease).await?);
+    if slot.is_none() {
+        // Opening the keep-alive stream sends a first keep-alive and reads its answer: a lease
+        // that is gone fails it with "lease not found".
+        return match client.clone().lease_keep_alive(lease).await {
+            Ok(opened) => {
+                *slot = Some(opened);
+                Ok(true)
+            }
+            Err(etcd_client::Error::LeaseKeepAliveError(e)) if e.contains("not found") => Ok(false),
+            Err(error) => Err(error),
+        };
     }
     let Some((keeper, stream)) = slot.as_mut() else {
         return Ok(false);
     };
     let answer = async {
-        if !opened {
-            keeper.keep_alive().await?;
-        }
+        keeper.keep_alive().await?;
         stream.message().await
     }
     .await;

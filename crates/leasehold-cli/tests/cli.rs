@@ -1,0 +1,378 @@
+//! The `leasehold` binary as users run it: real processes against real Redis and etcd servers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use leasehold_testkit::{free_port, EtcdServer, RedisServer};
+use tokio::process::{Child, Command};
+use tokio::time::{sleep, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_leasehold");
+const TIMING: [&str; 8] = [
+    "--lease-duration",
+    "2s",
+    "--renew-deadline",
+    "1500ms",
+    "--retry-period",
+    "300ms",
+    "--grace",
+    "2s",
+];
+
+/// A command that appends `start TOKEN PID NANOS` when it starts and `stop TOKEN PID NANOS` when
+/// it gets SIGTERM, and otherwise runs for ever.
+fn worker(out: &Path) -> Vec<String> {
+    let o = out.display();
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "echo \"start $LEASEHOLD_TOKEN $$ $(date +%s%N)\" >> {o}; \
+             trap 'echo \"stop $LEASEHOLD_TOKEN $$ $(date +%s%N)\" >> {o}; exit 0' TERM; \
+             while :; do sleep 0.05; done"
+        ),
+    ]
+}
+
+fn leasehold_run(backend: &str, lock: &str, identity: &str, cmd: &[String]) -> Child {
+    Command::new(BIN)
+        .args([
+            "run",
+            "--backend",
+            backend,
+            "--lock",
+            lock,
+            "--identity",
+            identity,
+        ])
+        .args(TIMING)
+        .arg("--")
+        .args(cmd)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("leasehold run")
+}
+
+async fn leasehold(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .await
+        .expect("leasehold")
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Line {
+    start: bool,
+    token: u64,
+    pid: i32,
+    at: u128,
+}
+
+fn lines(out: &Path) -> Vec<Line> {
+    std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let kind = f.next()?;
+            Some(Line {
+                start: kind == "start",
+                token: f.next()?.parse().ok()?,
+                pid: f.next()?.parse().ok()?,
+                at: f.next()?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+fn alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+/// The parent (leasehold) of a child pid.
+fn parent_of(pid: i32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(") ")?.1;
+    after.split_whitespace().nth(1)?.parse().ok()
+}
+
+async fn wait_lines(out: &Path, starts: usize, within: Duration) -> Vec<Line> {
+    let deadline = Instant::now() + within;
+    loop {
+        let all = lines(out);
+        if all.iter().filter(|l| l.start).count() >= starts {
+            return all;
+        }
+        assert!(Instant::now() < deadline, "only {all:?} after {within:?}");
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Checks the file: tokens strictly increase, and each start comes after the previous child
+/// stopped (a stop line, or its death when its leasehold was killed, recorded in `deaths`).
+fn check_never_two(all: &[Line], deaths: &[(i32, u128)]) {
+    let starts: Vec<&Line> = all.iter().filter(|l| l.start).collect();
+    for pair in starts.windows(2) {
+        let (before, next) = (pair[0], pair[1]);
+        assert!(next.token > before.token, "tokens must increase: {all:?}");
+        let stopped = all
+            .iter()
+            .find(|l| !l.start && l.pid == before.pid)
+            .map(|l| l.at)
+            .or_else(|| deaths.iter().find(|d| d.0 == before.pid).map(|d| d.1))
+            .unwrap_or_else(|| panic!("child {} never stopped: {all:?}", before.pid));
+        assert!(
+            stopped <= next.at,
+            "two children at once: {} ran until {stopped}, {} started at {}",
+            before.pid,
+            next.pid,
+            next.at
+        );
+    }
+}
+
+async fn kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .await;
+}
+
+async fn scenario(backend: &str, dir: &Path) {
+    let out = dir.join("events");
+    let cmd = worker(&out);
+    let lock = format!("cli-{}", std::process::id());
+    let mut runs: Vec<Child> = ["a", "b", "c"]
+        .iter()
+        .map(|id| leasehold_run(backend, &lock, id, &cmd))
+        .collect();
+
+    // One child starts.
+    let all = wait_lines(&out, 1, Duration::from_secs(20)).await;
+    sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        lines(&out).iter().filter(|l| l.start).count(),
+        1,
+        "two children started"
+    );
+    let first = all[0].clone();
+
+    // SIGTERM to its leasehold: the child is stopped, the lock released, another starts fast.
+    let leader = parent_of(first.pid).expect("leader pid");
+    let signalled = now_nanos();
+    kill(leader, "-TERM").await;
+    let all = wait_lines(&out, 2, Duration::from_secs(10)).await;
+    let second = all
+        .iter()
+        .filter(|l| l.start)
+        .nth(1)
+        .expect("second")
+        .clone();
+    let handover = Duration::from_nanos(u64::try_from(second.at - signalled).unwrap_or(0));
+    assert!(
+        handover < Duration::from_secs(1),
+        "graceful handover took {handover:?}: it should not wait for expiry"
+    );
+
+    // SIGKILL to the next leasehold: its child dies with it; another starts after the expiry.
+    let leader = parent_of(second.pid).expect("leader pid");
+    let killed = now_nanos();
+    kill(leader, "-KILL").await;
+    let all = wait_lines(&out, 3, Duration::from_secs(20)).await;
+    assert!(
+        !alive(second.pid),
+        "the child outlived its killed leasehold"
+    );
+    let third = all
+        .iter()
+        .filter(|l| l.start)
+        .nth(2)
+        .expect("third")
+        .clone();
+    let failover = Duration::from_nanos(u64::try_from(third.at - killed).unwrap_or(0));
+    assert!(
+        failover >= Duration::from_millis(1000),
+        "failover after a crash took only {failover:?}: it must wait for the lease to expire"
+    );
+    check_never_two(&all, &[(second.pid, killed)]);
+
+    for run in &mut runs {
+        if let Some(pid) = run.id() {
+            kill(pid, "-TERM").await;
+        }
+    }
+    for run in &mut runs {
+        let _ = tokio::time::timeout(Duration::from_secs(10), run.wait()).await;
+    }
+    check_never_two(&lines(&out), &[(second.pid, killed)]);
+    eprintln!("{backend}: handover {handover:?}, failover {failover:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_on_redis_never_overlap() {
+    let server = RedisServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    scenario(&server.url(), dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_on_etcd_never_overlap() {
+    let server = EtcdServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("etcd://{}", server.addr());
+    scenario(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_code_passes_through_and_the_lock_is_released() {
+    let server = RedisServer::start().await;
+    let url = server.url();
+    let status = Command::new(BIN)
+        .args(["run", "--backend", &url, "--lock", "exit-code"])
+        .args(TIMING)
+        .args(["--", "sh", "-c", "test -n \"$LEASEHOLD_TOKEN\" && exit 7"])
+        .status()
+        .await
+        .expect("run");
+    assert_eq!(status.code(), Some(7));
+    let out = leasehold(&["status", "--backend", &url, "--lock", "exit-code", "--json"]).await;
+    assert!(out.status.success());
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON");
+    assert_eq!(json["state"], "free", "{json}");
+    // A command that cannot start.
+    let status = Command::new(BIN)
+        .args([
+            "run",
+            "--backend",
+            &url,
+            "--lock",
+            "nope",
+            "--",
+            "/no/such/program",
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .expect("run");
+    assert_eq!(status.code(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_watch_report_the_leader() {
+    let server = RedisServer::start().await;
+    let url = server.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("events");
+    let watch = Command::new(BIN)
+        .args(["watch", "--backend", &url, "--lock", "observed", "--json"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("watch");
+    let mut run = leasehold_run(&url, "observed", "pod-7", &worker(&out));
+    wait_lines(&out, 1, Duration::from_secs(10)).await;
+    let status = leasehold(&["status", "--backend", &url, "--lock", "observed", "--json"]).await;
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    assert_eq!(json["holder"], "pod-7", "{json}");
+    assert_eq!(json["state"], "held");
+    assert!(json["token"].as_u64().is_some());
+    let human = leasehold(&["status", "--backend", &url, "--lock", "observed"]).await;
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.contains("holder:      pod-7") && text.contains("held"),
+        "{text}"
+    );
+
+    if let Some(pid) = run.id() {
+        kill(pid, "-TERM").await;
+    }
+    let _ = run.wait().await;
+    sleep(Duration::from_millis(500)).await;
+    if let Some(pid) = watch.id() {
+        kill(pid, "-INT").await;
+    }
+    let output = tokio::time::timeout(Duration::from_secs(10), watch.wait_with_output())
+        .await
+        .expect("watch exits on SIGINT")
+        .expect("output");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let leaders: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .map(|v: serde_json::Value| v["leader"].clone())
+        .collect();
+    assert_eq!(
+        leaders,
+        vec![
+            serde_json::Value::Null,
+            "pod-7".into(),
+            serde_json::Value::Null
+        ],
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_urls_and_unreachable_backends_are_clear() {
+    let out = leasehold(&["status", "--backend", "localhost:6379", "--lock", "x"]).await;
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for form in ["memory://", "redis://", "etcd://", "kube://NAMESPACE"] {
+        assert!(err.contains(form), "{err}");
+    }
+    let port = free_port();
+    for backend in [
+        format!("redis://127.0.0.1:{port}/"),
+        format!("etcd://127.0.0.1:{port}"),
+    ] {
+        let started = Instant::now();
+        let out = leasehold(&[
+            "run",
+            "--backend",
+            &backend,
+            "--lock",
+            "x",
+            "--connect-timeout",
+            "1s",
+            "--",
+            "true",
+        ])
+        .await;
+        assert_eq!(out.status.code(), Some(4), "{backend}: {:?}", out);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cannot reach"), "{err}");
+    }
+    let out = leasehold(&[
+        "run",
+        "--backend",
+        "memory://",
+        "--lock",
+        "x",
+        "--lease-duration",
+        "1s",
+        "--",
+        "true",
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("renew_deadline"));
+    let help = leasehold(&["run", "--help"]).await;
+    assert!(String::from_utf8_lossy(&help.stdout).contains("EXIT CODES"));
+    let _ = PathBuf::new();
+}
