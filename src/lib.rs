@@ -40,6 +40,50 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## One example per backend
+//!
+//! Redis (feature `redis`):
+//!
+//! ```no_run
+//! # #[cfg(feature = "redis")]
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use leasehold::{Callbacks, CancellationToken, Config, Elector, RedisBackend};
+//!
+//! let backend = RedisBackend::from_url("redis://127.0.0.1:6379/0")?;
+//! let elector = Elector::new(Config::new("pod-1", "my-app"), backend, Callbacks::new())?;
+//! elector.run(CancellationToken::new()).await?;
+//! # Ok(()) }
+//! # fn main() {}
+//! ```
+//!
+//! etcd (feature `etcd`), sharing elections with `etcdctl elect`:
+//!
+//! ```no_run
+//! # #[cfg(feature = "etcd")]
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use leasehold::{Callbacks, CancellationToken, Config, Elector, EtcdBackend, EtcdConfig};
+//!
+//! let backend = EtcdBackend::new(EtcdConfig::new(["http://127.0.0.1:2379"]));
+//! let elector = Elector::new(Config::new("pod-1", "my-app"), backend, Callbacks::new())?;
+//! elector.run(CancellationToken::new()).await?;
+//! # Ok(()) }
+//! # fn main() {}
+//! ```
+//!
+//! Kubernetes (feature `kube`), sharing Leases with client-go:
+//!
+//! ```no_run
+//! # #[cfg(feature = "kube")]
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use leasehold::{Callbacks, CancellationToken, Config, Elector, KubeBackend};
+//!
+//! let backend = KubeBackend::from_env("my-namespace").await?;
+//! let elector = Elector::new(Config::new("pod-1", "my-app-leader"), backend, Callbacks::new())?;
+//! elector.run(CancellationToken::new()).await?;
+//! # Ok(()) }
+//! # fn main() {}
+//! ```
+//!
 //! See the README for the guarantees, the configuration rules and the backend contract.
 
 pub use leasehold_core::*;
