@@ -7,6 +7,7 @@ mod demo;
 mod error;
 mod inspect;
 mod run;
+mod serve;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -92,6 +93,10 @@ struct RunArgs {
     /// Campaign again after the command exits or leadership is lost, instead of exiting.
     #[arg(long)]
     restart: bool,
+    /// Serve Prometheus `/metrics` and `/healthz` (200 or 503) on this address, e.g.
+    /// 127.0.0.1:9090.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// The command and its arguments (after `--`).
     #[arg(
         required = true,

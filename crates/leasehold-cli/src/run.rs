@@ -41,6 +41,10 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
     config
         .validate()
         .map_err(|e| CliError::Config(format!("invalid configuration: {e}")))?;
+    let prometheus = match args.metrics_addr {
+        Some(_) => Some(crate::serve::recorder()?),
+        None => None,
+    };
     let backend = url.connect(&lock, args.backend.connect_timeout).await?;
 
     let mut terminate = signal(SignalKind::terminate())
@@ -56,6 +60,10 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
     });
     let elector = Elector::new(config, backend, callbacks)?;
     let handle = elector.handle();
+    if let (Some(addr), Some(prometheus)) = (args.metrics_addr, prometheus) {
+        crate::serve::serve(addr, handle.clone(), prometheus).await?;
+        eprintln!("leasehold: serving http://{addr}/metrics and /healthz");
+    }
     let shutdown = CancellationToken::new();
     let mut elector_task = elector.spawn(shutdown.clone());
     eprintln!(

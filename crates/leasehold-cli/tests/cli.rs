@@ -376,3 +376,65 @@ async fn bad_urls_and_unreachable_backends_are_clear() {
     assert!(String::from_utf8_lossy(&help.stdout).contains("EXIT CODES"));
     let _ = PathBuf::new();
 }
+
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the metrics endpoint");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    response
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_healthz_answer_on_loopback() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut run = Command::new(BIN)
+        .args([
+            "run",
+            "--backend",
+            "memory://",
+            "--lock",
+            "served",
+            "--metrics-addr",
+            &addr,
+        ])
+        .args(TIMING)
+        .args(["--", "sleep", "30"])
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            let body = http_get(port, "/metrics").await;
+            if body.contains("leader_election_master_status{name=\"served\"} 1") {
+                break body;
+            }
+        }
+        assert!(Instant::now() < deadline, "no metrics endpoint");
+        sleep(Duration::from_millis(50)).await;
+    };
+    assert!(metrics.starts_with("HTTP/1.0 200") || metrics.starts_with("HTTP/1.1 200"));
+    assert!(
+        metrics.contains("leasehold_terms_started_total{name=\"served\"} 1"),
+        "{metrics}"
+    );
+    let health = http_get(port, "/healthz").await;
+    assert!(health.contains(" 200 "), "{health}");
+    assert!(health.contains("leading (term 1"), "{health}");
+    if let Some(pid) = run.id() {
+        kill(pid, "-TERM").await;
+    }
+    let _ = run.wait().await;
+}

@@ -20,6 +20,7 @@ use crate::callbacks::{Callbacks, Leadership};
 use crate::config::Config;
 use crate::error::{BackendError, ElectorError};
 use crate::machine::{Action, Call, Machine};
+use crate::metrics::ElectorMetrics;
 use crate::state::{LeaderState, TermInfo};
 
 /// How long [`Elector::run`] waits, on exit, for queued `on_stopped_leading` / `on_new_leader`
@@ -104,6 +105,8 @@ impl Elector {
             state: self.state.subscribe(),
             commands: self.commands.clone(),
             identity: Arc::from(self.config.identity.as_str()),
+            lease_duration: self.config.lease_duration,
+            retry_period: self.config.retry_period,
         }
     }
 
@@ -158,6 +161,33 @@ pub struct ElectorHandle {
     state: watch::Receiver<LeaderState>,
     commands: mpsc::UnboundedSender<Command>,
     identity: Arc<str>,
+    lease_duration: Duration,
+    retry_period: Duration,
+}
+
+/// The result of a health check ([`ElectorHandle::health`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// `true` when healthy.
+    pub healthy: bool,
+    /// Why, in words, for a `/healthz` body.
+    pub reason: String,
+}
+
+impl Health {
+    fn ok(reason: String) -> Self {
+        Self {
+            healthy: true,
+            reason,
+        }
+    }
+
+    fn failing(reason: String) -> Self {
+        Self {
+            healthy: false,
+            reason,
+        }
+    }
 }
 
 impl ElectorHandle {
@@ -194,6 +224,51 @@ impl ElectorHandle {
     /// leading or when the elector has stopped.
     pub fn resign(&self) {
         let _ = self.commands.send(Command::Resign);
+    }
+
+    /// client-go's `HealthzAdaptor` check: unhealthy when this elector holds a term whose last
+    /// successful renew is older than `lease_duration + tolerance` (the elector is stuck), or when
+    /// the elector has stopped. A follower is healthy.
+    pub fn health_with_tolerance(&self, tolerance: Duration) -> Health {
+        self.check(self.lease_duration + tolerance)
+    }
+
+    /// A stricter check for `/healthz`: unhealthy as soon as a leader's renewals stall — its last
+    /// successful renew is older than two retry periods (it will step down at the renew deadline
+    /// unless one succeeds) — or when the elector has stopped. A follower is healthy.
+    pub fn health(&self) -> Health {
+        self.check(2 * self.retry_period)
+    }
+
+    fn check(&self, limit: Duration) -> Health {
+        let state = self.state.borrow();
+        if state.stopped {
+            return Health::failing(match &state.last_error {
+                Some(error) => format!("leader election stopped (last error: {error})"),
+                None => "leader election stopped".into(),
+            });
+        }
+        match (state.term, state.renewed_at) {
+            (Some(term), Some(renewed)) => {
+                let since = renewed.elapsed();
+                if since > limit {
+                    Health::failing(format!(
+                        "leading (term {}, token {}) but the last successful renew was {since:?} ago (limit {limit:?})",
+                        term.number, term.token
+                    ))
+                } else {
+                    Health::ok(format!(
+                        "leading (term {}, token {}), renewed {since:?} ago",
+                        term.number, term.token
+                    ))
+                }
+            }
+            (Some(_), None) => Health::ok("leading (standalone mode)".into()),
+            (None, _) => Health::ok(match &state.leader {
+                Some(leader) => format!("following {leader}"),
+                None => "campaigning, no leader known".into(),
+            }),
+        }
     }
 
     /// Waits until this elector leads (or has stopped).
@@ -283,6 +358,8 @@ struct Driver {
     term: Option<LiveTerm>,
     notices: mpsc::UnboundedSender<Notice>,
     notifier: Option<JoinHandle<()>>,
+    metrics: ElectorMetrics,
+    call_started: Option<(&'static str, Instant)>,
 }
 
 impl Driver {
@@ -291,6 +368,7 @@ impl Driver {
         let notifier = tokio::spawn(
             notify(elector.callbacks.clone(), notice_rx).instrument(tracing::Span::current()),
         );
+        let metrics = ElectorMetrics::new(&elector.config.lease_name);
         Self {
             candidate: candidate(&elector.config),
             machine: Machine::new(&elector.config),
@@ -307,6 +385,14 @@ impl Driver {
             term: None,
             notices,
             notifier: Some(notifier),
+            metrics,
+            call_started: None,
+        }
+    }
+
+    fn record_call(&mut self, error: Option<&BackendError>) {
+        if let Some((operation, started)) = self.call_started.take() {
+            self.metrics.call(operation, started.elapsed(), error);
         }
     }
 
@@ -335,10 +421,22 @@ impl Driver {
                     self.call = None;
                     let now = Instant::now();
                     match done {
-                        Done::Acquire(r) => self.machine.handle_acquire(now, r),
-                        Done::Renew(r) => self.machine.handle_renew(now, r),
-                        Done::Release(r) => self.machine.handle_release(now, r),
-                        Done::Withdraw(r) => self.machine.handle_withdraw(now, r),
+                        Done::Acquire(r) => {
+                            self.record_call(r.as_ref().err());
+                            self.machine.handle_acquire(now, r);
+                        }
+                        Done::Renew(r) => {
+                            self.record_call(r.as_ref().err());
+                            self.machine.handle_renew(now, r);
+                        }
+                        Done::Release(r) => {
+                            self.record_call(r.as_ref().err());
+                            self.machine.handle_release(now, r);
+                        }
+                        Done::Withdraw(r) => {
+                            self.record_call(r.as_ref().err());
+                            self.machine.handle_withdraw(now, r);
+                        }
                     }
                 }
                 () = async { sleep_until(wake.expect("guarded")).await }, if wake.is_some() => {
@@ -377,14 +475,19 @@ impl Driver {
             match action {
                 Action::Watch(true) => self.open_watch().await,
                 Action::Watch(false) => self.watch = None,
-                Action::Call { call, deadline } => self.call = Some(self.perform(call, deadline)),
+                Action::Call { call, deadline } => {
+                    self.call_started = Some((call.name(), Instant::now()));
+                    self.call = Some(self.perform(call, deadline));
+                }
                 Action::StartLeading(term) => self.start_leading(term),
                 Action::StopLeading {
                     term,
                     at,
                     valid_until,
-                    ..
+                    cause,
                 } => {
+                    self.metrics.leading(false);
+                    self.metrics.term_ended(cause);
                     if let Some(live) = self.term.take() {
                         live.end(at, valid_until);
                     }
@@ -397,6 +500,7 @@ impl Driver {
                     let _ = self.notices.send(Notice::NewLeader(identity));
                 }
                 Action::Exit(result) => {
+                    self.metrics.leading(false);
                     self.call = None;
                     self.watch = None;
                     self.publisher.publish(self.machine.leader_state());
@@ -463,6 +567,8 @@ impl Driver {
     }
 
     fn start_leading(&mut self, term: TermInfo) {
+        self.metrics.leading(true);
+        self.metrics.term_started(term.token);
         let cancel = CancellationToken::new();
         let ended = Arc::new(OnceLock::new());
         // Publish first, so the leader's work sees itself as leader.

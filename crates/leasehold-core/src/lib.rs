@@ -10,6 +10,7 @@ mod config;
 mod elector;
 mod error;
 pub mod machine;
+pub mod metrics;
 mod record;
 mod state;
 
@@ -21,7 +22,7 @@ pub use config::{
     Config, DEFAULT_LEASE_DURATION, DEFAULT_MAX_CLOCK_DRIFT, DEFAULT_RENEW_DEADLINE,
     DEFAULT_RETRY_PERIOD, MAX_NAME_LEN,
 };
-pub use elector::{Elector, ElectorHandle};
+pub use elector::{Elector, ElectorHandle, Health};
 pub use error::{BackendError, ConfigError, ElectorError};
 pub use record::{FencingToken, LeaderRecord, Observation};
 pub use state::{LeaderState, StopCause, TermInfo};

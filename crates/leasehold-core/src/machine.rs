@@ -250,15 +250,20 @@ impl Machine {
 
     /// A snapshot of what the machine knows, for subscribers.
     pub fn leader_state(&self) -> LeaderState {
-        let (term, valid_until) = match &self.state {
-            State::Leading(lead) => (Some(lead.term), Some(lead.valid_until)),
-            State::Standalone(term) => (Some(*term), None),
-            _ => (None, None),
+        let (term, valid_until, renewed_at) = match &self.state {
+            State::Leading(lead) => (
+                Some(lead.term),
+                Some(lead.valid_until),
+                Some(lead.last_success_sent),
+            ),
+            State::Standalone(term) => (Some(*term), None, None),
+            _ => (None, None, None),
         };
         LeaderState {
             leader: self.leader.clone(),
             term,
             valid_until,
+            renewed_at,
             last_error: self.last_error.clone(),
             stopped: self.state == State::Done,
         }

@@ -57,6 +57,8 @@ pub struct LeaderState {
     /// While leading: the instant the term's validity ends unless renewed (`None` in standalone
     /// mode, which never ends on its own).
     pub valid_until: Option<Instant>,
+    /// While leading: the send instant of the last successful acquire or renew.
+    pub renewed_at: Option<Instant>,
     /// The last backend error seen, cleared by the next successful call.
     pub last_error: Option<BackendError>,
     /// `true` once the elector has stopped.

@@ -295,6 +295,8 @@ impl KubeBackend {
         mine: &Lease,
         operation: &str,
     ) -> Result<Result<Lease, Observation>, BackendError> {
+        // client-go's slow path: the cached record was stale, read it again.
+        leasehold_core::metrics::slowpath(&candidate.lock);
         match self.get(operation, &candidate.lock).await? {
             None => Ok(Err(Observation::vacant())),
             Some(current) => {

@@ -170,6 +170,12 @@ impl GoElector {
         // Let the reader task take the last lines.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    /// SIGKILL, as a crashed process: nothing is released (the Lease stays held until it
+    /// expires); waits for the exit.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
 }
 
 fn parse(line: &str) -> Option<GoEvent> {

@@ -1,0 +1,899 @@
+//! Benchmarks of the Kubernetes backend against a real `kube-apiserver` (v1.37.2, with its own
+//! etcd) on loopback, started by the bench itself (`leasehold_testkit::KubeHarness`, killed when
+//! the bench ends), side by side with client-go's `leaderelection` (the real Go program of
+//! `tests/client-go-elector`, run as child processes) on the same apiserver with the same
+//! timing.
+//!
+//! ```text
+//! cargo bench --features kube --bench kube
+//! ```
+//!
+//! The binaries come from `$LEASEHOLD_KUBE_APISERVER` / `$LEASEHOLD_CLIENT_GO_ELECTOR`, else
+//! from `scripts/build-kube-apiserver` / `scripts/build-client-go-elector` (built once, cached).
+//!
+//! - `handover/kube`: graceful handover with `Timing::FAST` (2 s lease, 1.5 s renew deadline,
+//!   300 ms retry). leasehold: from the leader's `resign()` (it releases the Lease) until the
+//!   follower leads (its watch sees the release, it takes the Lease); criterion's estimate, then
+//!   a pass that prints p50 / p99 / max. client-go: two Go processes on one Lease, from just
+//!   before the leader's SIGTERM (release-on-cancel) until the follower's `started` event (its
+//!   wall-clock time): the follower only sees the release at its next poll (retry period with
+//!   client-go's jitter: 300 to 660 ms).
+//! - `failover/kube`: crash failover with `Timing::FAST`. leasehold: the leader's client is
+//!   partitioned through a [`Proxy`] and its elector task aborted; client-go: the leader process
+//!   is SIGKILLed. Prints the time from the crash until the follower leads, and the age of the
+//!   leader's last renew (as an admin watch of all Leases saw it) when the follower led: both
+//!   wait for the lease to expire as they observed it, client-go's follower observes the renews
+//!   at its polls only, leasehold's through its watch.
+//! - `requests/kube`: API requests per second on `leases` of a leader and of one follower in
+//!   steady state, for both, with the default timing (15 s / 10 s / 2 s) and `Timing::FAST`,
+//!   from the apiserver's `/metrics` (`apiserver_request_total` by verb; `watch` counts the
+//!   watches *opened*: those that completed plus the change of `apiserver_longrunning_requests`,
+//!   as a watch is only counted in `apiserver_request_total` when it ends). The apiserver's own
+//!   Lease traffic (its identity Lease in `kube-system`, an update about every 10 s) is left
+//!   out, from the admin watch of all Leases.
+//!
+//! Plain timed loops print the percentiles and the failover and request figures, as the other
+//! benches do; only leasehold's handover also goes through criterion, as each of its
+//! iterations is cheap enough (two electors on a fresh Lease: a few requests). Each client-go
+//! sample starts a Go process, and each failover sample waits for a lease to expire: not
+//! criterion material.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant as StdInstant, SystemTime};
+
+use criterion::{Criterion, SamplingMode};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, GetParams, ListParams, WatchEvent, WatchParams};
+use leasehold::{Callbacks, CancellationToken, Config, Elector, ElectorError, ElectorHandle};
+use leasehold_kube::KubeBackend;
+use leasehold_testkit::scenarios::{lock_name, wait_for};
+use leasehold_testkit::{
+    client_go_elector_binary, GoElector, GoEvent, KubeHarness, Timing, ADMIN_TOKEN, NAMESPACE,
+};
+use tokio::runtime::Runtime;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, timeout, Instant};
+
+/// Samples of leasehold's handover percentile pass (fewer under `cargo test --benches`).
+const HANDOVER_SAMPLES: usize = 30;
+/// Samples of client-go's handover pass: one Go process each.
+const GO_HANDOVER_SAMPLES: usize = 10;
+/// Samples of leasehold's failover pass: each one waits for a lease to expire.
+const FAILOVER_SAMPLES: usize = 5;
+/// Samples of client-go's failover pass.
+const GO_FAILOVER_SAMPLES: usize = 3;
+/// Bound on every wait, so a regression fails instead of hanging.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// The timing of the handover and failover passes: 2 s lease (whole seconds on Kubernetes),
+/// 1.5 s renew deadline, 300 ms retry period.
+const FAST: Timing = Timing::FAST;
+
+/// leasehold's and client-go's defaults: 15 s lease, 10 s renew deadline, 2 s retry period.
+const DEFAULT: Timing = Timing {
+    lease_duration: leasehold::DEFAULT_LEASE_DURATION,
+    renew_deadline: leasehold::DEFAULT_RENEW_DEADLINE,
+    retry_period: leasehold::DEFAULT_RETRY_PERIOD,
+};
+
+/// `cargo bench` passes `--bench`; `cargo test --benches` does not: that run is kept short.
+fn full_run() -> bool {
+    std::env::args().any(|arg| arg == "--bench")
+}
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// The apiserver, the Go program and a kubeconfig for it, an admin client and the admin watch
+/// of all Leases: shared by every pass.
+struct Bench {
+    harness: KubeHarness,
+    admin: kube::Client,
+    go_binary: PathBuf,
+    kubeconfig: PathBuf,
+    changes: Changes,
+}
+
+impl Bench {
+    async fn start() -> Bench {
+        let go_binary = client_go_elector_binary().await;
+        let harness = KubeHarness::start().await;
+        let server = harness.server_ref();
+        let kubeconfig = server.kubeconfig(server.port(), ADMIN_TOKEN);
+        let admin = server.admin().await;
+        let changes = Changes::start(admin.clone()).await;
+        Bench {
+            harness,
+            admin,
+            go_binary,
+            kubeconfig,
+            changes,
+        }
+    }
+
+    /// A backend on a client of its own straight to the apiserver (as the Go program has).
+    async fn backend(&self) -> KubeBackend {
+        let server = self.harness.server_ref();
+        let client = server
+            .client_at(server.port(), ADMIN_TOKEN)
+            .await
+            .expect("a client of kube-apiserver");
+        KubeBackend::new(client, NAMESPACE)
+    }
+
+    /// A client-go elector process on `lock`.
+    fn go(&self, lock: &str, identity: &str, timing: Timing) -> GoElector {
+        GoElector::start(&self.go_binary, &self.kubeconfig, lock, identity, timing)
+    }
+
+    async fn shutdown(mut self) {
+        self.changes.task.abort();
+        let _ = self.changes.task.await;
+        self.harness.server().kill().await;
+    }
+}
+
+/// A running leasehold elector whose leader's work waits for the end of its term.
+struct Contender {
+    handle: ElectorHandle,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), ElectorError>>,
+}
+
+impl Contender {
+    fn start(config: Config, backend: KubeBackend) -> Contender {
+        let callbacks =
+            Callbacks::new().on_started_leading(|term: leasehold::Leadership| async move {
+                term.cancelled().await
+            });
+        let elector = Elector::new(config, backend, callbacks).expect("a valid elector config");
+        let handle = elector.handle();
+        let shutdown = CancellationToken::new();
+        let task = elector.spawn(shutdown.clone());
+        Contender {
+            handle,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn leads(&self, who: &str) {
+        let led = timeout(PATIENCE, self.handle.wait_for_leadership())
+            .await
+            .unwrap_or_else(|_| panic!("{who} did not lead within {PATIENCE:?}"));
+        assert!(led, "{who} stopped before leading");
+    }
+
+    async fn follows(&self, leader: &str) {
+        timeout(
+            PATIENCE,
+            self.handle
+                .subscribe()
+                .wait_for(|s| s.leader.as_deref() == Some(leader)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{leader} not seen as the leader within {PATIENCE:?}"))
+        .expect("the follower's elector runs");
+    }
+
+    /// Shuts down (releasing the Lease if leading) and waits for `run` to return.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        timeout(PATIENCE, self.task)
+            .await
+            .expect("the elector stops in time")
+            .expect("the elector task did not panic")
+            .expect("the elector stopped cleanly");
+    }
+
+    /// Kills the elector without any release, as a crashed process.
+    async fn abort(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// The wall-clock time of the latest `started` event of a Go elector.
+fn go_started(go: &GoElector) -> SystemTime {
+    go.events()
+        .into_iter()
+        .rev()
+        .find_map(|event| match event {
+            GoEvent::Started(at) => Some(at),
+            _ => None,
+        })
+        .expect("the Go elector reported a started event")
+}
+
+/// `q`-quantile of sorted values (nearest rank).
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let index = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[index]
+}
+
+fn sorted(mut values: Vec<f64>) -> Vec<f64> {
+    values.sort_unstable_by(f64::total_cmp);
+    values
+}
+
+/// `later − earlier` in milliseconds, negative when `later` is earlier.
+fn wall_ms(later: SystemTime, earlier: SystemTime) -> f64 {
+    match later.duration_since(earlier) {
+        Ok(d) => d.as_secs_f64() * 1e3,
+        Err(e) => -e.duration().as_secs_f64() * 1e3,
+    }
+}
+
+/// "n=.. p50=.. p99=.. max=.." of latencies in milliseconds.
+fn summary(values: Vec<f64>) -> String {
+    let values = sorted(values);
+    format!(
+        "n={} p50={:.1}ms p99={:.1}ms max={:.1}ms",
+        values.len(),
+        quantile(&values, 0.50),
+        quantile(&values, 0.99),
+        quantile(&values, 1.0)
+    )
+}
+
+// ----- the admin's watch of every Lease -----
+
+/// One change of a Lease somewhere in the cluster, as the admin's watch saw it (or one of the
+/// watch's own requests, when it had to be reopened).
+#[derive(Debug, Clone)]
+struct LeaseChange {
+    /// When it arrived.
+    at: SystemTime,
+    namespace: String,
+    name: String,
+    /// The request that made it, as a verb of `verb_name`.
+    verb: &'static str,
+}
+
+/// A watch of all Leases (cluster-wide, as the admin), logging every change with its arrival
+/// time: to tell the renews of the Lease under test, and to leave out the apiserver's own
+/// Lease traffic from the request counts.
+struct Changes {
+    log: Arc<Mutex<Vec<LeaseChange>>>,
+    task: JoinHandle<()>,
+}
+
+impl Changes {
+    async fn start(admin: kube::Client) -> Changes {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready, watching) = oneshot::channel();
+        let task = tokio::spawn(watch_leases(admin, log.clone(), ready));
+        timeout(PATIENCE, watching)
+            .await
+            .expect("the admin watch of all Leases opens in time")
+            .expect("the admin watch task runs");
+        Changes { log, task }
+    }
+
+    fn log(&self) -> Vec<LeaseChange> {
+        self.log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Waits for the next update of Lease `lock` (the leader's next renew).
+    async fn next_update(&self, lock: &str) {
+        let seen = self.log().len();
+        timeout(PATIENCE, async {
+            loop {
+                let log = self.log();
+                if log[seen..].iter().any(|c| is_update_of(c, lock)) {
+                    return;
+                }
+                sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the leader renews in time");
+    }
+
+    /// The arrival time of the last write (create or update) of `lock` before `before`.
+    fn last_write(&self, lock: &str, before: SystemTime) -> SystemTime {
+        self.log()
+            .into_iter()
+            .rev()
+            .find(|c| {
+                let write = is_update_of(c, lock) || (c.verb == "create" && c.name == lock);
+                write && c.namespace == NAMESPACE && c.at < before
+            })
+            .map(|c| c.at)
+            .expect("the leader wrote its Lease before the crash")
+    }
+}
+
+fn is_update_of(change: &LeaseChange, lock: &str) -> bool {
+    change.namespace == NAMESPACE && change.name == lock && change.verb == "update"
+}
+
+async fn watch_leases(
+    admin: kube::Client,
+    log: Arc<Mutex<Vec<LeaseChange>>>,
+    ready: oneshot::Sender<()>,
+) {
+    let api = Api::<Lease>::all(admin);
+    let push = |verb: &'static str, namespace: String, name: String| {
+        log.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(LeaseChange {
+                at: SystemTime::now(),
+                namespace,
+                name,
+                verb,
+            });
+    };
+    let mut ready = Some(ready);
+    loop {
+        // After the first time, this watch's own requests are counted by the apiserver too:
+        // log them, to leave them out.
+        let reopen = ready.is_none();
+        if reopen {
+            push("list", String::new(), String::new());
+        }
+        let Ok(list) = api.list(&ListParams::default()).await else {
+            sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let version = list.metadata.resource_version.unwrap_or_default();
+        if reopen {
+            push("watch", String::new(), String::new());
+        }
+        // 290 s: kube-rs wants less than 295 s; the whole bench takes less.
+        let params = WatchParams::default().timeout(290);
+        let Ok(events) = api.watch(&params, &version).await else {
+            sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(());
+        }
+        let mut events = events.boxed();
+        while let Some(event) = events.next().await {
+            let (verb, lease) = match event {
+                Ok(WatchEvent::Added(lease)) => ("create", lease),
+                Ok(WatchEvent::Modified(lease)) => ("update", lease),
+                Ok(WatchEvent::Deleted(lease)) => ("delete", lease),
+                Ok(WatchEvent::Bookmark(_)) => continue,
+                Ok(WatchEvent::Error(_)) | Err(_) => break,
+            };
+            push(
+                verb,
+                lease.metadata.namespace.unwrap_or_default(),
+                lease.metadata.name.unwrap_or_default(),
+            );
+        }
+    }
+}
+
+// ----- handover -----
+
+/// One graceful handover on a fresh Lease: `a` leads, `b` follows; returns the time from
+/// `a.resign()` until `b` leads. Setup and teardown are not measured.
+async fn handover_once(a_backend: &KubeBackend, b_backend: &KubeBackend) -> Duration {
+    let lock = lock_name("bench-handover");
+    let a = Contender::start(FAST.config("a", &lock), a_backend.clone());
+    a.leads("a").await;
+    let b = Contender::start(FAST.config("b", &lock), b_backend.clone());
+    b.follows("a").await;
+    let mut b_state = b.handle.subscribe();
+
+    let resigned = StdInstant::now();
+    a.handle.resign();
+    timeout(PATIENCE, b_state.wait_for(|s| s.term.is_some()))
+        .await
+        .expect("b takes over in time")
+        .expect("b runs");
+    let elapsed = resigned.elapsed();
+
+    a.stop().await;
+    b.stop().await;
+    elapsed
+}
+
+fn handover_benches(c: &mut Criterion, rt: &Runtime, bench: &Bench) {
+    // One client per candidate, as two processes would have; each iteration starts fresh
+    // electors on a fresh Lease over them.
+    let (a_backend, b_backend) =
+        rt.block_on(async { (bench.backend().await, bench.backend().await) });
+    let mut group = c.benchmark_group("handover");
+    // Criterion sizes the run by the measured time alone (a few ms here), while each iteration
+    // also pays for its set-up (two electors, a watch, two shutdowns: about 100 ms). Flat
+    // sampling with a tiny target keeps it to one warm-up iteration and one iteration per
+    // sample (criterion may then say it could not complete the samples in the target time).
+    group.sampling_mode(SamplingMode::Flat);
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_millis(1));
+    group.measurement_time(Duration::from_millis(10));
+    group.bench_function("kube", |bencher| {
+        bencher.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    total += handover_once(&a_backend, &b_backend).await;
+                }
+                total
+            })
+        });
+    });
+    group.finish();
+}
+
+/// leasehold: resign → the follower leads, in milliseconds.
+async fn handover_leasehold(bench: &Bench, samples: usize) -> Vec<f64> {
+    let (a_backend, b_backend) = (bench.backend().await, bench.backend().await);
+    let mut latencies = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let elapsed = handover_once(&a_backend, &b_backend).await;
+        latencies.push(elapsed.as_secs_f64() * 1e3);
+    }
+    latencies
+}
+
+/// client-go: SIGTERM of the leader → the follower's `started`, in milliseconds. One Lease, a
+/// chain of processes: each sample's follower leads the next sample, against a new follower.
+async fn handover_client_go(bench: &Bench, samples: usize) -> Vec<f64> {
+    let lock = lock_name("bench-go-handover");
+    let mut leader = bench.go(&lock, "go-0", FAST);
+    wait_for("go-0 leads", PATIENCE, || leader.is_leading()).await;
+    let mut latencies = Vec::with_capacity(samples);
+    for i in 1..=samples {
+        let follower = bench.go(&lock, &format!("go-{i}"), FAST);
+        wait_for("the Go follower sees the leader", PATIENCE, || {
+            follower.leader().as_deref() == Some(leader.identity.as_str())
+        })
+        .await;
+        let before = SystemTime::now();
+        leader.terminate().await;
+        wait_for("the Go follower leads", PATIENCE, || follower.is_leading()).await;
+        latencies.push(wall_ms(go_started(&follower), before));
+        leader = follower;
+    }
+    leader.terminate().await;
+    latencies
+}
+
+/// p50 / p99 / max of the handover latency of both, which criterion's report does not give.
+fn handover_pass(rt: &Runtime, bench: &Bench) {
+    let (ours, go) = if full_run() {
+        (HANDOVER_SAMPLES, GO_HANDOVER_SAMPLES)
+    } else {
+        (3, 2)
+    };
+    let (ours, go) = rt.block_on(async {
+        (
+            handover_leasehold(bench, ours).await,
+            handover_client_go(bench, go).await,
+        )
+    });
+    let t = FAST;
+    println!(
+        "handover/kube leasehold: {} (resign → follower leads; lease {:?}, retry {:?})",
+        summary(ours),
+        t.lease_duration,
+        t.retry_period
+    );
+    println!(
+        "handover/kube client-go: {} (SIGTERM → follower's started; its polls come every \
+         {:?} to {:?})",
+        summary(go),
+        t.retry_period,
+        t.retry_period.mul_f64(2.2),
+    );
+}
+
+// ----- failover -----
+
+/// What one crash failover measured, in milliseconds.
+struct Failover {
+    /// From the crash until the follower led.
+    crash_to_lead: f64,
+    /// From the leader's last renew (its update's arrival on the admin watch) until the
+    /// follower led.
+    renew_to_lead: f64,
+}
+
+/// leasehold, on a fresh Lease: `a` leads (through a proxy), `b` follows, `a` crashes
+/// `stagger` later.
+async fn failover_leasehold(bench: &Bench, stagger: Duration) -> Failover {
+    let lock = lock_name("bench-failover");
+    let (a_backend, a_proxy) = bench.harness.backend_with(ADMIN_TOKEN).await;
+    let a = Contender::start(FAST.config("a", &lock), a_backend);
+    a.leads("a").await;
+    let b = Contender::start(FAST.config("b", &lock), bench.backend().await);
+    b.follows("a").await;
+    let mut b_state = b.handle.subscribe();
+    sleep(stagger).await;
+
+    let (crashed, crashed_wall) = (Instant::now(), SystemTime::now());
+    a_proxy.partition();
+    a.abort().await;
+    let b_started = timeout(PATIENCE, b_state.wait_for(|s| s.term.is_some()))
+        .await
+        .expect("b takes over in time")
+        .expect("b runs")
+        .term
+        .expect("b leads")
+        .started_at;
+    b.stop().await;
+    let crash_to_lead = b_started.saturating_duration_since(crashed);
+    let last_renew = bench.changes.last_write(&lock, crashed_wall);
+    Failover {
+        crash_to_lead: crash_to_lead.as_secs_f64() * 1e3,
+        renew_to_lead: wall_ms(crashed_wall + crash_to_lead, last_renew),
+    }
+}
+
+/// client-go, on one Lease with a chain of processes: SIGKILL of the leader → the follower's
+/// `started`.
+async fn failover_client_go(bench: &Bench, samples: usize) -> Vec<Failover> {
+    let lock = lock_name("bench-go-failover");
+    let mut leader = bench.go(&lock, "go-0", FAST);
+    wait_for("go-0 leads", PATIENCE, || leader.is_leading()).await;
+    let mut runs = Vec::with_capacity(samples);
+    for i in 1..=samples {
+        let follower = bench.go(&lock, &format!("go-{i}"), FAST);
+        wait_for("the Go follower sees the leader", PATIENCE, || {
+            follower.leader().as_deref() == Some(leader.identity.as_str())
+        })
+        .await;
+        sleep(stagger(i - 1, samples)).await;
+        let killed = SystemTime::now();
+        leader.kill().await;
+        wait_for("the Go follower leads", PATIENCE, || follower.is_leading()).await;
+        let started = go_started(&follower);
+        runs.push(Failover {
+            crash_to_lead: wall_ms(started, killed),
+            renew_to_lead: wall_ms(started, bench.changes.last_write(&lock, killed)),
+        });
+        leader = follower;
+    }
+    leader.terminate().await;
+    runs
+}
+
+/// Back to back, every sample would crash at about the same phase of the leader's renew
+/// period: spread the crashes evenly over one period instead.
+fn stagger(i: usize, samples: usize) -> Duration {
+    FAST.retry_period.mul_f64(i as f64 / samples as f64)
+}
+
+fn failover_pass(rt: &Runtime, bench: &Bench) {
+    let (ours, go) = if full_run() {
+        (FAILOVER_SAMPLES, GO_FAILOVER_SAMPLES)
+    } else {
+        (1, 1)
+    };
+    let (ours, go) = rt.block_on(async {
+        let mut runs = Vec::with_capacity(ours);
+        for i in 0..ours {
+            runs.push(failover_leasehold(bench, stagger(i, ours)).await);
+        }
+        (runs, failover_client_go(bench, go).await)
+    });
+    let t = FAST;
+    println!(
+        "failover/kube (lease {:?}, renew deadline {:?}, retry {:?}): crash → new leader; \
+         last renew → new leader",
+        t.lease_duration, t.renew_deadline, t.retry_period
+    );
+    for (name, runs) in [("leasehold", ours), ("client-go", go)] {
+        let crash = sorted(runs.iter().map(|r| r.crash_to_lead).collect());
+        let renew = sorted(runs.iter().map(|r| r.renew_to_lead).collect());
+        println!(
+            "  {name}: n={} crash→leads p50={:.0}ms min={:.0}ms max={:.0}ms; \
+             last renew→leads p50={:.0}ms min={:.0}ms max={:.0}ms",
+            runs.len(),
+            quantile(&crash, 0.5),
+            quantile(&crash, 0.0),
+            quantile(&crash, 1.0),
+            quantile(&renew, 0.5),
+            quantile(&renew, 0.0),
+            quantile(&renew, 1.0),
+        );
+    }
+}
+
+// ----- steady-state requests -----
+
+/// The lower-case Kubernetes verb of an HTTP verb in the apiserver's metrics.
+fn verb_name(verb: &str) -> &'static str {
+    match verb {
+        "GET" => "get",
+        "PUT" => "update",
+        "POST" => "create",
+        "PATCH" => "patch",
+        "DELETE" => "delete",
+        "LIST" => "list",
+        "WATCH" => "watch",
+        _ => "other",
+    }
+}
+
+/// Requests on leases so far by verb, from the apiserver's `/metrics`.
+struct Snapshot {
+    at: SystemTime,
+    counts: BTreeMap<&'static str, f64>,
+}
+
+/// `name{labels} value` → (name, labels, value).
+fn sample(line: &str) -> Option<(&str, BTreeMap<&str, &str>, f64)> {
+    let (head, value) = line.rsplit_once(' ')?;
+    let (name, labels) = head.split_once('{')?;
+    let labels = labels
+        .strip_suffix('}')?
+        .split("\",")
+        .filter_map(|pair| {
+            let (key, value) = pair.split_once("=\"")?;
+            Some((key, value.trim_end_matches('"')))
+        })
+        .collect();
+    Some((name, labels, value.parse().ok()?))
+}
+
+/// `apiserver_request_total` on `leases` summed by verb (every status code), and as `watch`
+/// the watches opened so far: the completed ones plus the open ones
+/// (`apiserver_longrunning_requests`), as a watch is only counted when it ends.
+async fn scrape(admin: &kube::Client) -> Snapshot {
+    let at = SystemTime::now();
+    // `GET /metrics` built by kube's own request builder (the bench does not depend on `http`).
+    let request = kube::core::Request::new("")
+        .get("metrics", &GetParams::default())
+        .expect("a GET /metrics request");
+    let text = admin
+        .request_text(request)
+        .await
+        .expect("GET /metrics from kube-apiserver");
+    let mut counts = BTreeMap::new();
+    for (name, labels, value) in text.lines().filter_map(sample) {
+        let counted = match name {
+            "apiserver_request_total" => true,
+            "apiserver_longrunning_requests" => labels.get("verb") == Some(&"WATCH"),
+            _ => false,
+        };
+        if counted
+            && labels.get("resource") == Some(&"leases")
+            && labels.get("group") == Some(&"coordination.k8s.io")
+        {
+            let verb = labels.get("verb").copied().unwrap_or_default();
+            *counts.entry(verb_name(verb)).or_insert(0.0) += value;
+        }
+    }
+    assert!(
+        !counts.is_empty(),
+        "no apiserver_request_total on leases in kube-apiserver's /metrics"
+    );
+    Snapshot { at, counts }
+}
+
+/// Per-verb rates between two snapshots, less the changes of other Leases than `lock` (the
+/// apiserver's own) and the admin watch's own requests; and how many of those were left out.
+fn rates(
+    from: &Snapshot,
+    to: &Snapshot,
+    window: Duration,
+    changes: &[LeaseChange],
+    lock: &str,
+) -> (BTreeMap<&'static str, f64>, usize) {
+    let mut deltas: BTreeMap<&'static str, f64> = to
+        .counts
+        .iter()
+        .map(|(verb, count)| (*verb, count - from.counts.get(verb).copied().unwrap_or(0.0)))
+        .collect();
+    let mut excluded = 0;
+    for change in changes {
+        let ours = change.namespace == NAMESPACE && change.name == lock;
+        if !ours && change.at > from.at && change.at <= to.at {
+            *deltas.entry(change.verb).or_insert(0.0) -= 1.0;
+            excluded += 1;
+        }
+    }
+    let rates = deltas
+        .into_iter()
+        .map(|(verb, delta)| (verb, delta / window.as_secs_f64()))
+        .collect();
+    (rates, excluded)
+}
+
+/// "0.50/s [update 0.50]".
+fn breakdown(rates: &BTreeMap<&'static str, f64>) -> String {
+    let parts: Vec<String> = rates
+        .iter()
+        .filter(|(_, rate)| rate.abs() >= 0.005)
+        .map(|(verb, rate)| format!("{verb} {rate:.2}"))
+        .collect();
+    let total: f64 = rates.values().sum();
+    if parts.is_empty() {
+        format!("{total:.2}/s")
+    } else {
+        format!("{total:.2}/s [{}]", parts.join(", "))
+    }
+}
+
+/// Which implementation a request pass measures.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Leasehold,
+    ClientGo,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Leasehold => "leasehold",
+            Side::ClientGo => "client-go",
+        }
+    }
+}
+
+/// A candidate of either side.
+enum Candidate {
+    Leasehold(Contender),
+    ClientGo(GoElector),
+}
+
+impl Candidate {
+    async fn start(side: Side, bench: &Bench, identity: &str, lock: &str, t: Timing) -> Self {
+        match side {
+            Side::Leasehold => Candidate::Leasehold(Contender::start(
+                t.config(identity, lock),
+                bench.backend().await,
+            )),
+            Side::ClientGo => Candidate::ClientGo(bench.go(lock, identity, t)),
+        }
+    }
+
+    async fn leads(&self, who: &str) {
+        match self {
+            Candidate::Leasehold(c) => c.leads(who).await,
+            Candidate::ClientGo(go) => wait_for(who, PATIENCE, || go.is_leading()).await,
+        }
+    }
+
+    async fn follows(&self, leader: &str) {
+        match self {
+            Candidate::Leasehold(c) => c.follows(leader).await,
+            Candidate::ClientGo(go) => {
+                wait_for("the follower sees the leader", PATIENCE, || {
+                    go.leader().as_deref() == Some(leader)
+                })
+                .await;
+            }
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        match self {
+            Candidate::Leasehold(c) => c.handle.is_leader(),
+            Candidate::ClientGo(go) => go.is_leading(),
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            Candidate::Leasehold(c) => c.stop().await,
+            Candidate::ClientGo(mut go) => go.terminate().await,
+        }
+    }
+}
+
+/// Leader alone, then leader and follower: requests per second of each on leases, from the
+/// apiserver's counters (the follower's by difference).
+///
+/// Each window is a whole number of retry periods and starts in the middle of one, right after
+/// a settling time that begins at a renew (as the admin watch sees it): both windows then hold
+/// the same number of the leader's renewals (client-go's renew period is the retry period plus
+/// the request's latency, so it drifts a little; its follower polls every 1 to 2.2 retry
+/// periods at random).
+async fn request_rates(bench: &Bench, side: Side, t: Timing) {
+    let retry = t.retry_period;
+    let (settle_min, window_min) = if full_run() {
+        // Long enough for a few of client-go's jittered polls with the default timing.
+        (Duration::from_secs(1), Duration::from_secs(6))
+    } else {
+        (Duration::ZERO, Duration::ZERO)
+    };
+    let periods = (window_min.as_secs_f64() / retry.as_secs_f64())
+        .ceil()
+        .max(5.0);
+    let window = retry.mul_f64(periods);
+    let settle = retry.mul_f64((settle_min.as_secs_f64() / retry.as_secs_f64()).floor() + 0.5);
+    let lock = lock_name(&format!("bench-requests-{}", side.name()));
+
+    let a = Candidate::start(side, bench, "a", &lock, t).await;
+    a.leads("a").await;
+    bench.changes.next_update(&lock).await;
+    sleep(settle).await;
+    let s0 = scrape(&bench.admin).await;
+    sleep(window).await;
+    let s1 = scrape(&bench.admin).await;
+
+    let b = Candidate::start(side, bench, "b", &lock, t).await;
+    b.follows("a").await;
+    bench.changes.next_update(&lock).await;
+    sleep(settle).await;
+    let s2 = scrape(&bench.admin).await;
+    sleep(window).await;
+    let s3 = scrape(&bench.admin).await;
+    assert!(a.is_leader(), "a kept leading");
+    assert!(!b.is_leader(), "b kept following");
+    b.stop().await;
+    a.stop().await;
+
+    let changes = bench.changes.log();
+    let (leader, left_out_1) = rates(&s0, &s1, window, &changes, &lock);
+    let (total, left_out_2) = rates(&s2, &s3, window, &changes, &lock);
+    let mut follower = total.clone();
+    for (verb, rate) in &leader {
+        *follower.entry(verb).or_insert(0.0) -= rate;
+    }
+    println!(
+        "requests/kube {} (retry {retry:?}): leader={} follower={}",
+        side.name(),
+        breakdown(&leader),
+        breakdown(&follower),
+    );
+    println!(
+        "  (windows {window:?}; left out: {} request(s) on the apiserver's own Leases)",
+        left_out_1 + left_out_2
+    );
+}
+
+fn request_pass(rt: &Runtime, bench: &Bench) {
+    let every: &[Timing] = if full_run() {
+        &[DEFAULT, FAST]
+    } else {
+        &[FAST]
+    };
+    rt.block_on(async {
+        for &t in every {
+            for side in [Side::Leasehold, Side::ClientGo] {
+                request_rates(bench, side, t).await;
+            }
+        }
+    });
+    println!(
+        "  (expected for client-go: leader 1 update per retry period; follower 1 get per \
+         1.6 retry periods on average)"
+    );
+}
+
+// A hand-written `main` instead of `criterion_group!`/`criterion_main!`: the functions those
+// macros generate have no docs, which the workspace's `missing_docs = "deny"` refuses.
+fn main() {
+    let mut criterion = Criterion::default()
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+        .configure_from_args();
+    let rt = runtime();
+    let started = StdInstant::now();
+    let bench = rt.block_on(Bench::start());
+    rt.block_on(async {
+        let server = bench.harness.server_ref();
+        eprintln!("DIAG port {} ca {}", server.port(), server.ca().display());
+        sleep(Duration::from_secs(40)).await;
+    });
+    if std::env::var_os("DIAG_ONLY").is_some() {
+        return;
+    }
+    handover_benches(&mut criterion, &rt, &bench);
+    handover_pass(&rt, &bench);
+    failover_pass(&rt, &bench);
+    request_pass(&rt, &bench);
+    // Kill the apiserver and its etcd inside the runtime their child processes belong to.
+    rt.block_on(bench.shutdown());
+    criterion.final_summary();
+    eprintln!("kube bench: {:.0?} in all", started.elapsed());
+}
