@@ -880,14 +880,6 @@ fn main() {
     let rt = runtime();
     let started = StdInstant::now();
     let bench = rt.block_on(Bench::start());
-    rt.block_on(async {
-        let server = bench.harness.server_ref();
-        eprintln!("DIAG port {} ca {}", server.port(), server.ca().display());
-        sleep(Duration::from_secs(40)).await;
-    });
-    if std::env::var_os("DIAG_ONLY").is_some() {
-        return;
-    }
     handover_benches(&mut criterion, &rt, &bench);
     handover_pass(&rt, &bench);
     failover_pass(&rt, &bench);

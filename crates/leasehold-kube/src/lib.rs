@@ -1,4 +1,4 @@
-//! A Kubernetes `Lease` [`LockBackend`](leasehold_core::LockBackend) for leasehold,
+//! A Kubernetes `Lease` [`LockBackend`] for leasehold,
 //! wire-compatible with client-go's `LeaseLock`: a Go controller and a Rust one can share one
 //! Lease during a migration.
 //!
