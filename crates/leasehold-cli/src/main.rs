@@ -59,9 +59,13 @@ enum Command {
 /// Where the lock lives.
 #[derive(Debug, Clone, Args)]
 struct BackendArgs {
-    /// memory://, redis://host:port[/db], rediss://..., etcd://host:port[,host:port],
-    /// kube://NAMESPACE (kubeconfig or in-cluster).
-    #[arg(long, env = "LEASEHOLD_BACKEND")]
+    /// Where the lock lives (see the help text for the URL forms).
+    #[arg(
+        long,
+        env = "LEASEHOLD_BACKEND",
+        help = "memory://, redis://host:port[/db], rediss://..., etcd://host:port[,host:port], \
+                kube://NAMESPACE (kubeconfig or in-cluster)"
+    )]
     backend: String,
     /// The lock name (Lease name, etcd election, Redis key).
     #[arg(long, env = "LEASEHOLD_LOCK")]
