@@ -227,6 +227,59 @@ mod redis_specific {
         let _ = child.kill().await;
     }
 
+    /// `wait_replicas`: without a replica, acquire fails (and gives the lock back) instead of
+    /// leading on a write no replica has; with one attached, acquire and renew succeed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wait_for_replicas() {
+        let primary = RedisServer::start().await;
+        let lock = lock_name("wait");
+        let mut config = RedisConfig::new(primary.url());
+        config.wait_replicas = Some(leasehold_redis::WaitReplicas {
+            replicas: 1,
+            timeout: Duration::from_millis(200),
+        });
+        let backend = RedisBackend::new(config).expect("config");
+        let c = Candidate::new(&lock, "a", Duration::from_secs(2));
+        match backend.try_acquire(&c).await {
+            Err(BackendError::Unavailable { detail, .. }) => {
+                assert!(detail.contains("0 of 1 replicas"), "{detail}")
+            }
+            other => panic!("acquire without a replica must fail, got {other:?}"),
+        }
+        assert_eq!(backend.read(&lock).await.expect("read").holder(), None);
+
+        let _replica = RedisServer::start_replica_of(&primary).await;
+        let mut conn = primary
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connection");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut conn)
+                .await
+                .expect("INFO");
+            if info.contains("connected_slaves:1") && info.contains("state=online") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replica never came online: {info}"
+            );
+            sleep(Duration::from_millis(100)).await;
+        }
+        let grant = match backend.try_acquire(&c).await {
+            Ok(AcquireOutcome::Acquired(grant)) => grant,
+            other => panic!("acquire with a replica must succeed, got {other:?}"),
+        };
+        assert!(matches!(
+            backend.renew(&c, &grant).await,
+            Ok(leasehold::RenewOutcome::Renewed)
+        ));
+    }
+
     /// A lock name with braces would break the hash tag: refused when the elector is built.
     #[test]
     fn braces_in_lock_names_are_refused() {

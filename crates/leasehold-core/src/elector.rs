@@ -488,10 +488,12 @@ impl Driver {
                 } => {
                     self.metrics.leading(false);
                     self.metrics.term_ended(cause);
+                    // is_leader() turns false first, then the term's token is cancelled: who
+                    // sees the cancellation never sees a stale `true`.
+                    self.publisher.publish(self.machine.leader_state());
                     if let Some(live) = self.term.take() {
                         live.end(at, valid_until);
                     }
-                    self.publisher.publish(self.machine.leader_state());
                     tracing::debug!(term = term.number, "term ended; leader's work cancelled");
                     self.awaiting_work = true;
                     let _ = self.notices.send(Notice::Stopped);

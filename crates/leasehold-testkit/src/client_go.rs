@@ -13,24 +13,8 @@ use crate::harness::Timing;
 
 /// The client-go elector binary: `$LEASEHOLD_CLIENT_GO_ELECTOR`, else what
 /// `scripts/build-client-go-elector` prints (it builds once per source change and caches).
-///
-/// # Panics
-///
-/// When the build script fails.
 pub async fn client_go_elector_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("LEASEHOLD_CLIENT_GO_ELECTOR") {
-        return PathBuf::from(path);
-    }
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-client-go-elector");
-    let output = Command::new(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(output.status.success(), "{} failed", script.display());
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
+    crate::kube_server::built_binary("LEASEHOLD_CLIENT_GO_ELECTOR", "build-client-go-elector").await
 }
 
 /// One line the Go program printed.

@@ -11,8 +11,8 @@ use leasehold_etcd::{EtcdBackend, EtcdConfig};
 use tokio::process::{Child, Command};
 use tokio::time::{sleep, Instant};
 
-use crate::harness::{FaultSwitch, Harness, Outage, TestClient};
-use crate::proxy::Proxy;
+use crate::harness::{Harness, Outage, TestClient};
+use crate::proxy::{Proxy, ProxyFaults};
 use crate::redis_server::free_port;
 
 /// An `etcd` (Debian's etcd-server) on free loopback client and peer ports, with a temporary
@@ -161,18 +161,6 @@ impl EtcdServer {
     }
 }
 
-struct ProxyFaults(Arc<Proxy>);
-
-#[async_trait]
-impl FaultSwitch for ProxyFaults {
-    async fn partition(&self) {
-        self.0.partition();
-    }
-    async fn heal(&self) {
-        self.0.heal();
-    }
-}
-
 /// Runs the conformance suite against a real `etcd` started for the test; every client connects
 /// through its own [`Proxy`], so it can be partitioned.
 #[derive(Debug)]
@@ -222,7 +210,7 @@ impl Harness for EtcdHarness {
 
     async fn client(&self) -> TestClient {
         let (backend, proxy) = Self::client_via(self.server.addr()).await;
-        TestClient::new(Arc::new(backend), Arc::new(ProxyFaults(proxy)))
+        TestClient::new(Arc::new(backend), Arc::new(ProxyFaults::uncounted(proxy)))
     }
 
     async fn outage(&self) -> Outage {
@@ -230,7 +218,7 @@ impl Harness for EtcdHarness {
         let (backend, proxy) = Self::client_via(SocketAddr::from(([127, 0, 0, 1], port))).await;
         let extra = self.extra.clone();
         Outage {
-            client: TestClient::new(Arc::new(backend), Arc::new(ProxyFaults(proxy))),
+            client: TestClient::new(Arc::new(backend), Arc::new(ProxyFaults::uncounted(proxy))),
             restore: Box::new(move || {
                 Box::pin(async move {
                     let server = EtcdServer::start_on(port).await;

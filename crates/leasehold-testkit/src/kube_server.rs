@@ -15,8 +15,8 @@ use tokio::process::{Child, Command};
 use tokio::time::{sleep, Instant};
 
 use crate::etcd_server::EtcdServer;
-use crate::harness::{FaultSwitch, Harness, Outage, TestClient};
-use crate::proxy::Proxy;
+use crate::harness::{Harness, Outage, TestClient};
+use crate::proxy::{Proxy, ProxyFaults};
 use crate::redis_server::free_port;
 
 /// Token of the admin user (group `system:masters`: bypasses RBAC).
@@ -26,17 +26,19 @@ pub const RESTRICTED_TOKEN: &str = "leasehold-restricted-token";
 /// The namespace the tests use.
 pub const NAMESPACE: &str = "default";
 
-/// The kube-apiserver binary: `$LEASEHOLD_KUBE_APISERVER`, else what
-/// `scripts/build-kube-apiserver` prints (it builds once and caches).
+/// A binary built and cached by one of the `scripts/build-*` scripts: `$env_var` when set, else
+/// the last line the script prints (it builds once and caches).
 ///
 /// # Panics
 ///
-/// When the build script fails.
-pub async fn kube_apiserver_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("LEASEHOLD_KUBE_APISERVER") {
+/// When the script fails.
+pub(crate) async fn built_binary(env_var: &str, script: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env_var) {
         return PathBuf::from(path);
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-kube-apiserver");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts")
+        .join(script);
     let output = Command::new(&script)
         .stderr(Stdio::inherit())
         .output()
@@ -47,6 +49,12 @@ pub async fn kube_apiserver_binary() -> PathBuf {
     let path = stdout.lines().last().unwrap_or_default().trim().to_owned();
     assert!(!path.is_empty(), "{} printed no path", script.display());
     PathBuf::from(path)
+}
+
+/// The kube-apiserver binary: `$LEASEHOLD_KUBE_APISERVER`, else what
+/// `scripts/build-kube-apiserver` prints (it builds once and caches).
+pub async fn kube_apiserver_binary() -> PathBuf {
+    built_binary("LEASEHOLD_KUBE_APISERVER", "build-kube-apiserver").await
 }
 
 /// A kube-apiserver on a free loopback port with its own etcd, static tokens (an admin and a
@@ -237,21 +245,6 @@ impl KubeApiServer {
     }
 }
 
-struct ProxyFaults(Arc<Proxy>);
-
-#[async_trait]
-impl FaultSwitch for ProxyFaults {
-    async fn partition(&self) {
-        self.0.partition();
-    }
-    async fn heal(&self) {
-        self.0.heal();
-    }
-    // No transport count: over HTTP/2 a watching client sends flow-control frames
-    // (WINDOW_UPDATE) as events arrive; those are not requests. Backend calls are counted by
-    // `TestClient::backend_calls`, API requests by the benchmark from `/metrics`.
-}
-
 /// Runs the conformance suite against a real kube-apiserver started for the test; every client
 /// connects through its own [`Proxy`].
 #[derive(Debug)]
@@ -312,7 +305,7 @@ impl Harness for KubeHarness {
 
     async fn client(&self) -> TestClient {
         let (backend, proxy) = self.backend_with(ADMIN_TOKEN).await;
-        TestClient::new(Arc::new(backend), Arc::new(ProxyFaults(proxy)))
+        TestClient::new(Arc::new(backend), Arc::new(ProxyFaults::uncounted(proxy)))
     }
 
     async fn outage(&self) -> Outage {
@@ -322,7 +315,7 @@ impl Harness for KubeHarness {
         proxy.partition();
         let heal = proxy.clone();
         Outage {
-            client: TestClient::new(Arc::new(backend), Arc::new(ProxyFaults(proxy))),
+            client: TestClient::new(Arc::new(backend), Arc::new(ProxyFaults::uncounted(proxy))),
             restore: Box::new(move || Box::pin(async move { heal.heal() })),
         }
     }

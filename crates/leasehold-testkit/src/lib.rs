@@ -37,7 +37,7 @@ pub use redis_server::{
 /// Expands to one `#[tokio::test]` per conformance scenario, each calling the scenario with the
 /// harness that `$harness` evaluates to (an expression, awaited inside the test).
 ///
-/// ```ignore
+/// ```text
 /// leasehold_testkit::conformance_tests!(#[tokio::test(start_paused = true)], MemoryHarness::new());
 /// ```
 #[macro_export]

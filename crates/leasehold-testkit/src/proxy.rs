@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use leasehold_core::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -126,5 +127,44 @@ async fn pump(
         if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
+    }
+}
+
+/// The [`FaultSwitch`](crate::FaultSwitch) of a client that talks through a [`Proxy`].
+pub struct ProxyFaults {
+    proxy: Arc<Proxy>,
+    count_requests: bool,
+}
+
+impl ProxyFaults {
+    /// Fault switches that also report the proxy's chunk count as requests (RESP: one chunk per
+    /// command).
+    pub fn counting(proxy: Arc<Proxy>) -> Self {
+        Self {
+            proxy,
+            count_requests: true,
+        }
+    }
+
+    /// Fault switches without a request count (HTTP/2 and gRPC clients send flow-control frames
+    /// that are not requests).
+    pub fn uncounted(proxy: Arc<Proxy>) -> Self {
+        Self {
+            proxy,
+            count_requests: false,
+        }
+    }
+}
+
+#[async_trait]
+impl crate::FaultSwitch for ProxyFaults {
+    async fn partition(&self) {
+        self.proxy.partition();
+    }
+    async fn heal(&self) {
+        self.proxy.heal();
+    }
+    fn requests(&self) -> Option<u64> {
+        self.count_requests.then(|| self.proxy.requests())
     }
 }

@@ -11,7 +11,7 @@ use tokio::process::{Child, Command};
 use tokio::time::{sleep, Instant};
 
 use crate::harness::{FaultSwitch, Harness, Outage, TestClient};
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, ProxyFaults};
 
 /// A free TCP port on 127.0.0.1 (bound and released; the small race is acceptable in tests).
 ///
@@ -50,6 +50,17 @@ impl RedisServer {
     /// Starts a server that requires `password` (`requirepass`).
     pub async fn start_with_password(password: &str) -> RedisServer {
         Self::start_on(free_port(), Some(password.to_owned())).await
+    }
+
+    /// Starts a replica of `primary` (`--replicaof`) on a free port.
+    pub async fn start_replica_of(primary: &RedisServer) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+        let args = vec![
+            "--replicaof".to_owned(),
+            "127.0.0.1".to_owned(),
+            primary.port.to_string(),
+        ];
+        Self::start_with(free_port(), None, args, dir).await
     }
 
     /// Starts a server on `port`.
@@ -149,21 +160,6 @@ fn url_for(addr: SocketAddr, password: Option<&str>) -> String {
     }
 }
 
-struct ProxyFaults(Arc<Proxy>);
-
-#[async_trait]
-impl FaultSwitch for ProxyFaults {
-    async fn partition(&self) {
-        self.0.partition();
-    }
-    async fn heal(&self) {
-        self.0.heal();
-    }
-    fn requests(&self) -> Option<u64> {
-        Some(self.0.requests())
-    }
-}
-
 /// Runs the conformance suite against a real `redis-server` started for the test; every client
 /// connects through its own [`Proxy`], so it can be partitioned.
 #[derive(Debug)]
@@ -203,7 +199,7 @@ impl RedisHarness {
         config.connect_timeout = Duration::from_secs(1);
         config.response_timeout = Duration::from_secs(1);
         let backend = RedisBackend::new(config).unwrap_or_else(|e| panic!("redis backend: {e}"));
-        TestClient::new(Arc::new(backend), Arc::new(ProxyFaults(proxy)))
+        TestClient::new(Arc::new(backend), Arc::new(ProxyFaults::counting(proxy)))
     }
 }
 
