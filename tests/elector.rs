@@ -59,7 +59,7 @@ async fn panicking_callbacks_do_not_stop_the_elector() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn work_that_ignores_cancellation_delays_release_only_until_the_renew_deadline() {
+async fn work_that_ignores_cancellation_is_never_released_under() {
     let callbacks = Callbacks::new().on_started_leading(|_| std::future::pending::<()>());
     let store = MemoryBackend::new();
     let elector = Elector::new(config("a"), store.connect(), callbacks).unwrap();
@@ -78,8 +78,12 @@ async fn work_that_ignores_cancellation_delays_release_only_until_the_renew_dead
     assert!(waited <= Duration::from_millis(1500), "waited {waited:?}");
     assert!(
         waited >= Duration::from_millis(1000),
-        "released too early ({waited:?}): the work was still running"
+        "gave up too early: {waited:?}"
     );
+    // The work still runs: the lock is not released (the next leader must not start beside
+    // it); it expires on its own at the end of the lease.
+    assert_eq!(store.read("lock").await.unwrap().holder(), Some("a"));
+    sleep(Duration::from_millis(600)).await;
     assert_eq!(store.read("lock").await.unwrap().holder(), None);
 }
 

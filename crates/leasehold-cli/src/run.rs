@@ -87,7 +87,17 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
                 if !leadership.is_valid() {
                     continue;
                 }
-                match supervise(&args, &identity, &lock, &leadership, &mut terminate, &mut interrupt).await? {
+                let supervised = supervise(&args, &identity, &lock, &leadership, &mut terminate, &mut interrupt).await;
+                let supervised = match supervised {
+                    Ok(supervised) => supervised,
+                    Err(error) => {
+                        // The command could not start: step down and release before reporting.
+                        shutdown.cancel();
+                        let _ = elector_task.await;
+                        return Err(error);
+                    }
+                };
+                match supervised {
                     Supervised::Exited(code) if args.restart => {
                         eprintln!("leasehold: the command exited with {code}; resigning and campaigning again");
                         handle.resign();
@@ -106,8 +116,8 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
             }
         }
     };
-    // The command has stopped: now step down and release (the elector releases only after the
-    // term's work — the wait for the command — has finished).
+    // The command has stopped: only now step down and release, so the next leader's command can
+    // never start beside this one.
     shutdown.cancel();
     match elector_task.await {
         Ok(Ok(())) => {}
@@ -148,24 +158,38 @@ async fn supervise(
         args.command
     );
     let mut child = Child::spawn(&args.command, &env)?;
-    let grace: Duration = args.grace;
+    let grace = |why: &str| capped_grace(args.grace, leadership, why);
     tokio::select! {
         status = child.wait() => {
             let code = status.map(exit_code).unwrap_or(1);
             Ok(Supervised::Exited(code))
         }
         () = leadership.cancelled() => {
-            eprintln!("leasehold: leadership of {lock:?} ended; stopping the command (grace {grace:?})");
-            child.stop(grace).await;
+            child.stop(grace("leadership ended")).await;
             Ok(Supervised::Lost)
         }
         _ = terminate.recv() => {
-            let status = child.stop(grace).await;
+            let status = child.stop(grace("SIGTERM")).await;
             Ok(Supervised::Signalled(status.map(exit_code).unwrap_or(0)))
         }
         _ = interrupt.recv() => {
-            let status = child.stop(grace).await;
+            let status = child.stop(grace("SIGINT")).await;
             Ok(Supervised::Signalled(status.map(exit_code).unwrap_or(0)))
         }
     }
+}
+
+/// The grace before SIGKILL: `--grace`, cut short so the command never runs past the term's
+/// validity (after which another candidate may lead). A term already past it gets SIGKILL at
+/// once.
+fn capped_grace(grace: Duration, leadership: &Leadership, why: &str) -> Duration {
+    let margin = Duration::from_millis(100);
+    let left = leadership.deadline().map_or(grace, |deadline| {
+        deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .saturating_sub(margin)
+    });
+    let capped = grace.min(left);
+    eprintln!("leasehold: {why}; stopping the command (SIGTERM, SIGKILL after {capped:?})");
+    capped
 }

@@ -51,7 +51,8 @@ impl Callbacks {
     /// Called when this elector becomes the leader. The future is the leader's work: it runs on
     /// its own task and should end soon after [`Leadership::cancelled`] fires. On shutdown or
     /// resign with `release_on_cancel`, the elector waits for it (at most until the term's renew
-    /// deadline) before it releases the lock, so the next leader never overlaps with it.
+    /// deadline) before it releases the lock, so the next leader never overlaps with it; work
+    /// still running at that deadline is not released under: the lock then expires on its own.
     pub fn on_started_leading<F, Fut>(mut self, f: F) -> Self
     where
         F: Fn(Leadership) -> Fut + Send + Sync + 'static,
@@ -101,7 +102,8 @@ pub struct Leadership {
     pub(crate) term: TermInfo,
     pub(crate) cancel: CancellationToken,
     pub(crate) state: watch::Receiver<LeaderState>,
-    pub(crate) ended: Arc<OnceLock<Instant>>,
+    /// When the term ended, and its validity at that moment.
+    pub(crate) ended: Arc<OnceLock<(Instant, Option<Instant>)>>,
 }
 
 impl Leadership {
@@ -121,12 +123,14 @@ impl Leadership {
     }
 
     /// The instant this term's validity ends unless it is renewed; `None` in standalone mode.
-    /// Moves forward with every renew, and stops moving when the term ends.
+    /// Moves forward with every renew, and stops moving when the term ends: after the end it is
+    /// the last instant the term was valid on any clock — work that must not overlap the next
+    /// leader has to be done by then.
     pub fn deadline(&self) -> Option<Instant> {
         let state = self.state.borrow();
         match state.term {
             Some(term) if term.number == self.term.number => state.valid_until,
-            _ => self.ended.get().copied(),
+            _ => self.ended.get().and_then(|(_, valid_until)| *valid_until),
         }
     }
 
@@ -143,7 +147,9 @@ impl Leadership {
     /// validity at that moment (an elector that is paused or killed never leads past its
     /// validity).
     pub fn ended_at(&self) -> Option<Instant> {
-        self.ended.get().copied()
+        self.ended
+            .get()
+            .map(|(at, valid_until)| valid_until.map_or(*at, |until| (*at).min(until)))
     }
 
     /// A token cancelled when the term ends (step-down, loss, resign, shutdown).

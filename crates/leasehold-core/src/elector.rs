@@ -301,14 +301,13 @@ enum Notice {
 /// The live term as the driver holds it. Dropping it (the driver dropped = a crash) ends the term.
 struct LiveTerm {
     cancel: CancellationToken,
-    ended: Arc<OnceLock<Instant>>,
+    ended: Arc<OnceLock<(Instant, Option<Instant>)>>,
     valid_until: Option<Instant>,
 }
 
 impl LiveTerm {
     fn end(&self, at: Instant, valid_until: Option<Instant>) {
-        let end = valid_until.map_or(at, |until| at.min(until));
-        let _ = self.ended.set(end);
+        let _ = self.ended.set((at, valid_until));
         self.cancel.cancel();
     }
 }

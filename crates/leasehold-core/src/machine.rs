@@ -394,7 +394,9 @@ impl Machine {
                     // After a resign, `quiet_until` holds the attempt back further.
                     self.follow(Some(now + self.params.retry_period));
                 }
-                _ => self.exit(now, Ok(())),
+                // Released: nothing is held any more, so leave cleanly (an etcd candidate
+                // revokes its lease).
+                _ => self.begin_exit(),
             }
         }
         self.advance(now);
@@ -580,15 +582,16 @@ impl Machine {
                     self.send(now, Call::Acquire, now + self.params.renew_deadline);
                 }
             }
-            State::WindingDown {
-                deadline,
-                then,
-                grant,
-            } => {
+            State::WindingDown { deadline, then, .. } => {
                 if now >= *deadline {
-                    tracing::warn!("the leader's work did not finish in time; going on");
-                    let (then, grant) = (*then, grant.take());
-                    self.after_wind_down(now, then, grant);
+                    // Releasing now would let the next leader start beside work that is still
+                    // running: leave the lock to expire on its own instead.
+                    tracing::warn!(
+                        "the leader's work did not finish by the renew deadline; not releasing: \
+                         the lock expires on its own"
+                    );
+                    let then = *then;
+                    self.after_wind_down(now, then, None);
                     self.advance(now);
                 }
             }
@@ -637,16 +640,14 @@ impl Machine {
         self.last_error = None;
         let token = grant.token;
         if self.shutting_down {
-            tracing::info!(%token, "acquired while shutting down: not leading");
-            if self.params.release_on_cancel {
-                self.state = State::Releasing {
-                    grant,
-                    then: Then::ReleaseThenExit,
-                    sent: false,
-                };
-            } else {
-                self.exit(now, Ok(()));
-            }
+            // No term started and no work ran: giving it back is always safe, and spares the
+            // others a whole lease of waiting (whatever release_on_cancel says).
+            tracing::info!(%token, "acquired while shutting down: not leading; releasing");
+            self.state = State::Releasing {
+                grant,
+                then: Then::ReleaseThenExit,
+                sent: false,
+            };
             return;
         }
         if self.last_token.is_some_and(|last| token <= last) {
@@ -756,8 +757,13 @@ impl Machine {
         };
     }
 
+    /// After the wind-down: release `grant` if there is one to release, else exit (or, after a
+    /// resign, follow) without releasing.
     fn after_wind_down(&mut self, now: Instant, then: Then, grant: Option<Grant>) {
         match (then, grant) {
+            (Then::ReleaseThenFollow, None) if !self.shutting_down => {
+                self.follow(Some(now + self.params.retry_period));
+            }
             (Then::Exit, _) | (_, None) => self.exit(now, Ok(())),
             (then, Some(grant)) => {
                 self.state = State::Releasing {
@@ -780,9 +786,10 @@ impl Machine {
         }
     }
 
+    /// Leaves the election: withdraws once no call is in flight (an in-flight acquire's result
+    /// is handled first: if it succeeded, the grant is released before withdrawing).
     fn begin_exit(&mut self) {
-        if self.pending.is_some() {
-            // The in-flight call's result decides (an acquire may have succeeded).
+        if self.pending.is_some_and(|p| p.kind == PendingKind::Acquire) {
             return;
         }
         self.state = State::Withdrawing { sent: false };

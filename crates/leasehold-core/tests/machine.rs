@@ -371,19 +371,35 @@ fn shutdown_while_leading_waits_for_the_work_then_releases() {
     sim.m.handle_work_finished(sim.now);
     assert_eq!(Sim::calls(&sim.drain()), vec![Call::Release(grant(4))]);
     sim.m.handle_release(sim.now, Ok(ReleaseOutcome::Released));
-    let actions = sim.drain();
-    assert_eq!(actions.last(), Some(&Action::Exit(Ok(()))));
+    // Nothing held any more: leave the election cleanly, then exit.
+    assert_eq!(Sim::calls(&sim.drain()), vec![Call::Withdraw]);
+    sim.m.handle_withdraw(sim.now, Ok(()));
+    assert_eq!(sim.drain().last(), Some(&Action::Exit(Ok(()))));
 }
 
 #[test]
-fn shutdown_release_waits_at_most_until_the_renew_deadline() {
+fn work_still_running_at_the_renew_deadline_is_not_released() {
     let mut sim = Sim::leading(4);
     let acquired = sim.now;
     sim.m.handle_shutdown(sim.now);
     sim.drain();
+    // The work never reports finished: at the renew deadline the machine exits without
+    // releasing (a release would start the next leader beside the running work).
     let actions = sim.advance(DEADLINE);
-    assert_eq!(Sim::calls(&actions), vec![Call::Release(grant(4))]);
+    assert!(Sim::calls(&actions).is_empty(), "{actions:?}");
+    assert_eq!(actions.last(), Some(&Action::Exit(Ok(()))));
     assert_eq!(sim.now, acquired + DEADLINE);
+}
+
+#[test]
+fn a_resign_whose_work_does_not_finish_follows_without_releasing() {
+    let mut sim = Sim::leading(4);
+    sim.m.handle_resign(sim.now);
+    sim.drain();
+    let actions = sim.advance(DEADLINE);
+    assert!(Sim::calls(&actions).is_empty(), "{actions:?}");
+    assert!(actions.contains(&Action::Watch(true)), "follows again");
+    assert!(!sim.m.is_done());
 }
 
 #[test]
@@ -424,7 +440,21 @@ fn shutdown_during_an_acquire_releases_what_it_got_without_leading() {
     assert!(!actions.iter().any(|a| matches!(a, Action::StartLeading(_))));
     assert_eq!(Sim::calls(&actions), vec![Call::Release(grant(2))]);
     sim.m.handle_release(sim.now, Ok(ReleaseOutcome::Released));
+    assert_eq!(Sim::calls(&sim.drain()), vec![Call::Withdraw]);
+    sim.m.handle_withdraw(sim.now, Ok(()));
     assert_eq!(sim.drain().last(), Some(&Action::Exit(Ok(()))));
+}
+
+#[test]
+fn an_acquire_granted_during_shutdown_is_released_even_without_release_on_cancel() {
+    let mut c = config();
+    c.release_on_cancel = false;
+    let mut sim = Sim::started(c);
+    sim.m.handle_shutdown(sim.now);
+    sim.drain();
+    sim.m
+        .handle_acquire(sim.now, Ok(AcquireOutcome::Acquired(grant(3))));
+    assert_eq!(Sim::calls(&sim.drain()), vec![Call::Release(grant(3))]);
 }
 
 #[test]

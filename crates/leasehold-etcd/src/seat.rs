@@ -42,6 +42,7 @@ pub(crate) struct Seat {
     pub granted: Option<i64>,
     shared: Arc<Shared>,
     client: Client,
+    ttl: Duration,
     task: JoinHandle<()>,
 }
 
@@ -84,6 +85,7 @@ impl Seat {
             granted: None,
             shared,
             client: client.clone(),
+            ttl,
             task,
         })
     }
@@ -98,7 +100,7 @@ impl Seat {
 
     /// Sends one keep-alive now; `Ok(false)` when the lease is gone.
     pub async fn keep_alive_now(&self) -> Result<bool, etcd_client::Error> {
-        let alive = keep_alive_once(&self.client, self.lease, &self.shared).await?;
+        let alive = keep_alive_once(&self.client, self.lease, &self.shared, self.ttl / 3).await?;
         if !alive {
             self.mark_dead();
         }
@@ -118,44 +120,47 @@ impl Drop for Seat {
     }
 }
 
+/// One keep-alive round trip, bounded by `limit`; `Ok(false)` when the lease is gone.
+///
+/// The stream is taken out of its slot for the exchange and put back only after a complete
+/// round trip: an exchange cut short (timeout, or the caller dropped at its deadline) drops the
+/// stream, so a late answer can never be read as the answer to a later keep-alive.
 async fn keep_alive_once(
     client: &Client,
     lease: i64,
     shared: &Shared,
+    limit: Duration,
 ) -> Result<bool, etcd_client::Error> {
     let mut slot = shared.keeper.lock().await;
-    if slot.is_none() {
-        // Opening the keep-alive stream sends a first keep-alive and reads its answer: a lease
-        // that is gone fails it with "lease not found".
-        return match client.clone().lease_keep_alive(lease).await {
-            Ok(opened) => {
-                *slot = Some(opened);
-                Ok(true)
-            }
-            Err(etcd_client::Error::LeaseKeepAliveError(e)) if e.contains("not found") => Ok(false),
-            Err(error) => Err(error),
+    let exchange = async {
+        let Some((mut keeper, mut stream)) = slot.take() else {
+            // Opening the keep-alive stream sends a first keep-alive and reads its answer: a
+            // lease that is gone fails it with "lease not found".
+            return match client.clone().lease_keep_alive(lease).await {
+                Ok(opened) => Ok((true, Some(opened))),
+                Err(etcd_client::Error::LeaseKeepAliveError(e)) if e.contains("not found") => {
+                    Ok((false, None))
+                }
+                Err(error) => Err(error),
+            };
         };
-    }
-    let Some((keeper, stream)) = slot.as_mut() else {
-        return Ok(false);
-    };
-    let answer = async {
         keeper.keep_alive().await?;
-        stream.message().await
-    }
-    .await;
-    match answer {
-        Ok(Some(response)) => Ok(response.ttl() > 0),
-        Ok(None) => {
-            *slot = None;
-            Err(etcd_client::Error::LeaseKeepAliveError(
+        match stream.message().await? {
+            Some(response) => Ok((response.ttl() > 0, Some((keeper, stream)))),
+            None => Err(etcd_client::Error::LeaseKeepAliveError(
                 "keep-alive stream closed".into(),
-            ))
+            )),
         }
-        Err(error) => {
-            *slot = None;
-            Err(error)
+    };
+    match tokio::time::timeout(limit, exchange).await {
+        Ok(Ok((alive, kept))) => {
+            *slot = kept;
+            Ok(alive)
         }
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(etcd_client::Error::LeaseKeepAliveError(format!(
+            "no keep-alive answer within {limit:?}"
+        ))),
     }
 }
 
@@ -177,7 +182,7 @@ async fn keep_alive_loop(
             // Not following (leading: each renew is a keep-alive; or gone: let it expire).
             continue;
         }
-        match keep_alive_once(&client, lease, &shared).await {
+        match keep_alive_once(&client, lease, &shared, period).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(
