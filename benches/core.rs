@@ -11,21 +11,21 @@
 //!   multi-thread runtime: from the leader's `resign()` to the follower leading.
 //!   A second pass outside criterion prints p50 / p99 / max of that latency.
 
+mod common;
+
 use std::time::{Duration, Instant as StdInstant};
 
+use common::{print_handover_percentiles, runtime, samples, time_iterations, PATIENCE};
 use criterion::{black_box, BatchSize, Criterion};
 use leasehold::machine::{Action, Call, Machine};
 use leasehold::{
     AcquireOutcome, Callbacks, CancellationToken, Config, Elector, FencingToken, Grant,
     LeaderRecord, MemoryBackend, RenewOutcome,
 };
-use tokio::runtime::Runtime;
 use tokio::time::{timeout, Instant};
 
 /// Samples of the percentile pass (fewer under `cargo test --benches`).
 const PERCENTILE_SAMPLES: usize = 200;
-/// Bound on every wait of the handover bench, so a regression fails instead of hanging.
-const PATIENCE: Duration = Duration::from_secs(10);
 
 fn grant(token: u64) -> Grant {
     Grant {
@@ -129,13 +129,6 @@ async fn handover_once() -> Duration {
     elapsed
 }
 
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-}
-
 fn handover_benches(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("handover");
@@ -143,56 +136,22 @@ fn handover_benches(c: &mut Criterion) {
     group.warm_up_time(Duration::from_millis(500));
     group.measurement_time(Duration::from_secs(2));
     group.bench_function("memory", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    total += handover_once().await;
-                }
-                total
-            })
-        });
+        b.iter_custom(|iters| time_iterations(&rt, iters, handover_once));
     });
     group.finish();
 }
 
 /// p50 / p99 / max of the handover latency, which criterion's report does not give.
 fn handover_percentiles() {
-    // `cargo bench` passes `--bench`; `cargo test --benches` does not: keep that run short.
-    let samples = if std::env::args().any(|arg| arg == "--bench") {
-        PERCENTILE_SAMPLES
-    } else {
-        10
-    };
+    let samples = samples(PERCENTILE_SAMPLES, 10);
     let rt = runtime();
-    let mut latencies: Vec<Duration> = rt.block_on(async {
-        let mut latencies = Vec::with_capacity(samples);
-        for _ in 0..samples {
-            latencies.push(handover_once().await);
-        }
-        latencies
-    });
-    latencies.sort_unstable();
-    let micros = |q: f64| {
-        let index = ((latencies.len() - 1) as f64 * q).round() as usize;
-        latencies[index].as_secs_f64() * 1e6
-    };
-    println!(
-        "handover/memory: n={} p50={:.0}µs p99={:.0}µs max={:.0}µs",
-        latencies.len(),
-        micros(0.50),
-        micros(0.99),
-        micros(1.0)
-    );
+    let latencies = rt.block_on(common::repeat(samples, |_| handover_once()));
+    print_handover_percentiles("memory", &latencies);
 }
 
-// A hand-written `main` instead of `criterion_group!`/`criterion_main!`: the functions those
-// macros generate have no docs, which the workspace's `missing_docs = "deny"` refuses.
+// A hand-written `main`: see `common::criterion`.
 fn main() {
-    let mut criterion = Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .configure_from_args();
+    let mut criterion = common::criterion(Duration::from_millis(500), Duration::from_secs(2));
     machine_benches(&mut criterion);
     handover_benches(&mut criterion);
     handover_percentiles();

@@ -38,16 +38,22 @@
 //! sample starts a Go process, and each failover sample waits for a lease to expire: not
 //! criterion material.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant as StdInstant, SystemTime};
 
+use common::{
+    bench_handover, full_run, handover_latencies, leader_and_follower, minus, p50_min_max_ms,
+    runtime, samples, settle_time, sorted, stagger, summary, takes_over, whole_periods, Contender,
+    PATIENCE,
+};
 use criterion::{Criterion, SamplingMode};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, GetParams, ListParams, WatchEvent, WatchParams};
-use leasehold::{Callbacks, CancellationToken, Config, Elector, ElectorError, ElectorHandle};
 use leasehold_kube::KubeBackend;
 use leasehold_testkit::scenarios::{lock_name, wait_for};
 use leasehold_testkit::{
@@ -66,8 +72,6 @@ const GO_HANDOVER_SAMPLES: usize = 10;
 const FAILOVER_SAMPLES: usize = 5;
 /// Samples of client-go's failover pass.
 const GO_FAILOVER_SAMPLES: usize = 3;
-/// Bound on every wait, so a regression fails instead of hanging.
-const PATIENCE: Duration = Duration::from_secs(10);
 
 /// The timing of the handover and failover passes: 2 s lease (whole seconds on Kubernetes),
 /// 1.5 s renew deadline, 300 ms retry period.
@@ -79,18 +83,6 @@ const DEFAULT: Timing = Timing {
     renew_deadline: leasehold::DEFAULT_RENEW_DEADLINE,
     retry_period: leasehold::DEFAULT_RETRY_PERIOD,
 };
-
-/// `cargo bench` passes `--bench`; `cargo test --benches` does not: that run is kept short.
-fn full_run() -> bool {
-    std::env::args().any(|arg| arg == "--bench")
-}
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-}
 
 /// The apiserver, the Go program and a kubeconfig for it, an admin client and the admin watch
 /// of all Leases: shared by every pass.
@@ -134,70 +126,36 @@ impl Bench {
         GoElector::start(&self.go_binary, &self.kubeconfig, lock, identity, timing)
     }
 
+    /// The first of a chain of client-go processes on `lock` (with [`FAST`]), once it leads.
+    async fn go_leader(&self, lock: &str) -> GoElector {
+        let leader = self.go(lock, "go-0", FAST);
+        wait_for("go-0 leads", PATIENCE, || leader.is_leading()).await;
+        leader
+    }
+
+    /// The `i`-th of a chain of client-go processes on `lock`, once it sees `leader` leading.
+    async fn go_follower(&self, lock: &str, i: usize, leader: &GoElector) -> GoElector {
+        let follower = self.go(lock, &format!("go-{i}"), FAST);
+        wait_for("the Go follower sees the leader", PATIENCE, || {
+            follower.leader().as_deref() == Some(leader.identity.as_str())
+        })
+        .await;
+        follower
+    }
+
+    /// The apiserver's counters `settle` after the next renew of `lock`, and `window` later.
+    async fn window(&self, lock: &str, settle: Duration, window: Duration) -> (Snapshot, Snapshot) {
+        self.changes.next_update(lock).await;
+        sleep(settle).await;
+        let from = scrape(&self.admin).await;
+        sleep(window).await;
+        (from, scrape(&self.admin).await)
+    }
+
     async fn shutdown(mut self) {
         self.changes.task.abort();
         let _ = self.changes.task.await;
         self.harness.server().kill().await;
-    }
-}
-
-/// A running leasehold elector whose leader's work waits for the end of its term.
-struct Contender {
-    handle: ElectorHandle,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), ElectorError>>,
-}
-
-impl Contender {
-    fn start(config: Config, backend: KubeBackend) -> Contender {
-        let callbacks =
-            Callbacks::new().on_started_leading(|term: leasehold::Leadership| async move {
-                term.cancelled().await
-            });
-        let elector = Elector::new(config, backend, callbacks).expect("a valid elector config");
-        let handle = elector.handle();
-        let shutdown = CancellationToken::new();
-        let task = elector.spawn(shutdown.clone());
-        Contender {
-            handle,
-            shutdown,
-            task,
-        }
-    }
-
-    async fn leads(&self, who: &str) {
-        let led = timeout(PATIENCE, self.handle.wait_for_leadership())
-            .await
-            .unwrap_or_else(|_| panic!("{who} did not lead within {PATIENCE:?}"));
-        assert!(led, "{who} stopped before leading");
-    }
-
-    async fn follows(&self, leader: &str) {
-        timeout(
-            PATIENCE,
-            self.handle
-                .subscribe()
-                .wait_for(|s| s.leader.as_deref() == Some(leader)),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("{leader} not seen as the leader within {PATIENCE:?}"))
-        .expect("the follower's elector runs");
-    }
-
-    /// Shuts down (releasing the Lease if leading) and waits for `run` to return.
-    async fn stop(self) {
-        self.shutdown.cancel();
-        timeout(PATIENCE, self.task)
-            .await
-            .expect("the elector stops in time")
-            .expect("the elector task did not panic")
-            .expect("the elector stopped cleanly");
-    }
-
-    /// Kills the elector without any release, as a crashed process.
-    async fn abort(self) {
-        self.task.abort();
-        let _ = self.task.await;
     }
 }
 
@@ -213,35 +171,12 @@ fn go_started(go: &GoElector) -> SystemTime {
         .expect("the Go elector reported a started event")
 }
 
-/// `q`-quantile of sorted values (nearest rank).
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    let index = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[index]
-}
-
-fn sorted(mut values: Vec<f64>) -> Vec<f64> {
-    values.sort_unstable_by(f64::total_cmp);
-    values
-}
-
 /// `later − earlier` in milliseconds, negative when `later` is earlier.
 fn wall_ms(later: SystemTime, earlier: SystemTime) -> f64 {
     match later.duration_since(earlier) {
         Ok(d) => d.as_secs_f64() * 1e3,
         Err(e) => -e.duration().as_secs_f64() * 1e3,
     }
-}
-
-/// "n=.. p50=.. p99=.. max=.." of latencies in milliseconds.
-fn summary(values: Vec<f64>) -> String {
-    let values = sorted(values);
-    format!(
-        "n={} p50={:.1}ms p99={:.1}ms max={:.1}ms",
-        values.len(),
-        quantile(&values, 0.50),
-        quantile(&values, 0.99),
-        quantile(&values, 1.0)
-    )
 }
 
 // ----- the admin's watch of every Lease -----
@@ -380,29 +315,6 @@ async fn watch_leases(
 
 // ----- handover -----
 
-/// One graceful handover on a fresh Lease: `a` leads, `b` follows; returns the time from
-/// `a.resign()` until `b` leads. Setup and teardown are not measured.
-async fn handover_once(a_backend: &KubeBackend, b_backend: &KubeBackend) -> Duration {
-    let lock = lock_name("bench-handover");
-    let a = Contender::start(FAST.config("a", &lock), a_backend.clone());
-    a.leads("a").await;
-    let b = Contender::start(FAST.config("b", &lock), b_backend.clone());
-    b.follows("a").await;
-    let mut b_state = b.handle.subscribe();
-
-    let resigned = StdInstant::now();
-    a.handle.resign();
-    timeout(PATIENCE, b_state.wait_for(|s| s.term.is_some()))
-        .await
-        .expect("b takes over in time")
-        .expect("b runs");
-    let elapsed = resigned.elapsed();
-
-    a.stop().await;
-    b.stop().await;
-    elapsed
-}
-
 fn handover_benches(c: &mut Criterion, rt: &Runtime, bench: &Bench) {
     // One client per candidate, as two processes would have; each iteration starts fresh
     // electors on a fresh Lease over them.
@@ -417,44 +329,25 @@ fn handover_benches(c: &mut Criterion, rt: &Runtime, bench: &Bench) {
     group.sample_size(10);
     group.warm_up_time(Duration::from_millis(1));
     group.measurement_time(Duration::from_millis(10));
-    group.bench_function("kube", |bencher| {
-        bencher.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    total += handover_once(&a_backend, &b_backend).await;
-                }
-                total
-            })
-        });
-    });
+    bench_handover(&mut group, "kube", rt, &a_backend, &b_backend);
     group.finish();
 }
 
-/// leasehold: resign → the follower leads, in milliseconds.
+/// leasehold: resign → the follower leads (`Timing::FAST`, as [`FAST`]), in milliseconds.
 async fn handover_leasehold(bench: &Bench, samples: usize) -> Vec<f64> {
     let (a_backend, b_backend) = (bench.backend().await, bench.backend().await);
-    let mut latencies = Vec::with_capacity(samples);
-    for _ in 0..samples {
-        let elapsed = handover_once(&a_backend, &b_backend).await;
-        latencies.push(elapsed.as_secs_f64() * 1e3);
-    }
-    latencies
+    let latencies = handover_latencies(&a_backend, &b_backend, samples).await;
+    latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect()
 }
 
 /// client-go: SIGTERM of the leader → the follower's `started`, in milliseconds. One Lease, a
 /// chain of processes: each sample's follower leads the next sample, against a new follower.
 async fn handover_client_go(bench: &Bench, samples: usize) -> Vec<f64> {
     let lock = lock_name("bench-go-handover");
-    let mut leader = bench.go(&lock, "go-0", FAST);
-    wait_for("go-0 leads", PATIENCE, || leader.is_leading()).await;
+    let mut leader = bench.go_leader(&lock).await;
     let mut latencies = Vec::with_capacity(samples);
     for i in 1..=samples {
-        let follower = bench.go(&lock, &format!("go-{i}"), FAST);
-        wait_for("the Go follower sees the leader", PATIENCE, || {
-            follower.leader().as_deref() == Some(leader.identity.as_str())
-        })
-        .await;
+        let follower = bench.go_follower(&lock, i, &leader).await;
         let before = SystemTime::now();
         leader.terminate().await;
         wait_for("the Go follower leads", PATIENCE, || follower.is_leading()).await;
@@ -467,11 +360,10 @@ async fn handover_client_go(bench: &Bench, samples: usize) -> Vec<f64> {
 
 /// p50 / p99 / max of the handover latency of both, which criterion's report does not give.
 fn handover_pass(rt: &Runtime, bench: &Bench) {
-    let (ours, go) = if full_run() {
-        (HANDOVER_SAMPLES, GO_HANDOVER_SAMPLES)
-    } else {
-        (3, 2)
-    };
+    let (ours, go) = (
+        samples(HANDOVER_SAMPLES, 3),
+        samples(GO_HANDOVER_SAMPLES, 2),
+    );
     let (ours, go) = rt.block_on(async {
         (
             handover_leasehold(bench, ours).await,
@@ -481,14 +373,14 @@ fn handover_pass(rt: &Runtime, bench: &Bench) {
     let t = FAST;
     println!(
         "handover/kube leasehold: {} (resign → follower leads; lease {:?}, retry {:?})",
-        summary(ours),
+        summary(ours, "ms", 1),
         t.lease_duration,
         t.retry_period
     );
     println!(
         "handover/kube client-go: {} (SIGTERM → follower's started; its polls come every \
          {:?} to {:?})",
-        summary(go),
+        summary(go, "ms", 1),
         t.retry_period,
         t.retry_period.mul_f64(2.2),
     );
@@ -510,23 +402,14 @@ struct Failover {
 async fn failover_leasehold(bench: &Bench, stagger: Duration) -> Failover {
     let lock = lock_name("bench-failover");
     let (a_backend, a_proxy) = bench.harness.backend_with(ADMIN_TOKEN).await;
-    let a = Contender::start(FAST.config("a", &lock), a_backend);
-    a.leads("a").await;
-    let b = Contender::start(FAST.config("b", &lock), bench.backend().await);
-    b.follows("a").await;
+    let (a, b) = leader_and_follower(FAST, &lock, a_backend, bench.backend().await).await;
     let mut b_state = b.handle.subscribe();
     sleep(stagger).await;
 
     let (crashed, crashed_wall) = (Instant::now(), SystemTime::now());
     a_proxy.partition();
     a.abort().await;
-    let b_started = timeout(PATIENCE, b_state.wait_for(|s| s.term.is_some()))
-        .await
-        .expect("b takes over in time")
-        .expect("b runs")
-        .term
-        .expect("b leads")
-        .started_at;
+    let b_started = takes_over(&mut b_state).await;
     b.stop().await;
     let crash_to_lead = b_started.saturating_duration_since(crashed);
     let last_renew = bench.changes.last_write(&lock, crashed_wall);
@@ -540,16 +423,11 @@ async fn failover_leasehold(bench: &Bench, stagger: Duration) -> Failover {
 /// `started`.
 async fn failover_client_go(bench: &Bench, samples: usize) -> Vec<Failover> {
     let lock = lock_name("bench-go-failover");
-    let mut leader = bench.go(&lock, "go-0", FAST);
-    wait_for("go-0 leads", PATIENCE, || leader.is_leading()).await;
+    let mut leader = bench.go_leader(&lock).await;
     let mut runs = Vec::with_capacity(samples);
     for i in 1..=samples {
-        let follower = bench.go(&lock, &format!("go-{i}"), FAST);
-        wait_for("the Go follower sees the leader", PATIENCE, || {
-            follower.leader().as_deref() == Some(leader.identity.as_str())
-        })
-        .await;
-        sleep(stagger(i - 1, samples)).await;
+        let follower = bench.go_follower(&lock, i, &leader).await;
+        sleep(spread(i - 1, samples)).await;
         let killed = SystemTime::now();
         leader.kill().await;
         wait_for("the Go follower leads", PATIENCE, || follower.is_leading()).await;
@@ -566,21 +444,17 @@ async fn failover_client_go(bench: &Bench, samples: usize) -> Vec<Failover> {
 
 /// Back to back, every sample would crash at about the same phase of the leader's renew
 /// period: spread the crashes evenly over one period instead.
-fn stagger(i: usize, samples: usize) -> Duration {
-    FAST.retry_period.mul_f64(i as f64 / samples as f64)
+fn spread(i: usize, samples: usize) -> Duration {
+    stagger(FAST.retry_period, i, samples)
 }
 
 fn failover_pass(rt: &Runtime, bench: &Bench) {
-    let (ours, go) = if full_run() {
-        (FAILOVER_SAMPLES, GO_FAILOVER_SAMPLES)
-    } else {
-        (1, 1)
-    };
+    let (ours, go) = (
+        samples(FAILOVER_SAMPLES, 1),
+        samples(GO_FAILOVER_SAMPLES, 1),
+    );
     let (ours, go) = rt.block_on(async {
-        let mut runs = Vec::with_capacity(ours);
-        for i in 0..ours {
-            runs.push(failover_leasehold(bench, stagger(i, ours)).await);
-        }
+        let runs = common::repeat(ours, |i| failover_leasehold(bench, spread(i, ours))).await;
         (runs, failover_client_go(bench, go).await)
     });
     let t = FAST;
@@ -593,15 +467,10 @@ fn failover_pass(rt: &Runtime, bench: &Bench) {
         let crash = sorted(runs.iter().map(|r| r.crash_to_lead).collect());
         let renew = sorted(runs.iter().map(|r| r.renew_to_lead).collect());
         println!(
-            "  {name}: n={} crash→leads p50={:.0}ms min={:.0}ms max={:.0}ms; \
-             last renew→leads p50={:.0}ms min={:.0}ms max={:.0}ms",
+            "  {name}: n={} crash→leads {}; last renew→leads {}",
             runs.len(),
-            quantile(&crash, 0.5),
-            quantile(&crash, 0.0),
-            quantile(&crash, 1.0),
-            quantile(&renew, 0.5),
-            quantile(&renew, 0.0),
-            quantile(&renew, 1.0),
+            p50_min_max_ms(&crash, 0, false),
+            p50_min_max_ms(&renew, 0, false),
         );
     }
 }
@@ -805,28 +674,17 @@ async fn request_rates(bench: &Bench, side: Side, t: Timing) {
     } else {
         (Duration::ZERO, Duration::ZERO)
     };
-    let periods = (window_min.as_secs_f64() / retry.as_secs_f64())
-        .ceil()
-        .max(5.0);
-    let window = retry.mul_f64(periods);
-    let settle = retry.mul_f64((settle_min.as_secs_f64() / retry.as_secs_f64()).floor() + 0.5);
+    let window = whole_periods(retry, window_min, 5.0);
+    let settle = settle_time(retry, settle_min);
     let lock = lock_name(&format!("bench-requests-{}", side.name()));
 
     let a = Candidate::start(side, bench, "a", &lock, t).await;
     a.leads("a").await;
-    bench.changes.next_update(&lock).await;
-    sleep(settle).await;
-    let s0 = scrape(&bench.admin).await;
-    sleep(window).await;
-    let s1 = scrape(&bench.admin).await;
+    let (s0, s1) = bench.window(&lock, settle, window).await;
 
     let b = Candidate::start(side, bench, "b", &lock, t).await;
     b.follows("a").await;
-    bench.changes.next_update(&lock).await;
-    sleep(settle).await;
-    let s2 = scrape(&bench.admin).await;
-    sleep(window).await;
-    let s3 = scrape(&bench.admin).await;
+    let (s2, s3) = bench.window(&lock, settle, window).await;
     assert!(a.is_leader(), "a kept leading");
     assert!(!b.is_leader(), "b kept following");
     b.stop().await;
@@ -835,10 +693,7 @@ async fn request_rates(bench: &Bench, side: Side, t: Timing) {
     let changes = bench.changes.log();
     let (leader, left_out_1) = rates(&s0, &s1, window, &changes, &lock);
     let (total, left_out_2) = rates(&s2, &s3, window, &changes, &lock);
-    let mut follower = total.clone();
-    for (verb, rate) in &leader {
-        *follower.entry(verb).or_insert(0.0) -= rate;
-    }
+    let follower = minus(&total, &leader);
     println!(
         "requests/kube {} (retry {retry:?}): leader={} follower={}",
         side.name(),
@@ -870,13 +725,9 @@ fn request_pass(rt: &Runtime, bench: &Bench) {
     );
 }
 
-// A hand-written `main` instead of `criterion_group!`/`criterion_main!`: the functions those
-// macros generate have no docs, which the workspace's `missing_docs = "deny"` refuses.
+// A hand-written `main`: see `common::criterion`.
 fn main() {
-    let mut criterion = Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(1))
-        .configure_from_args();
+    let mut criterion = common::criterion(Duration::from_millis(300), Duration::from_secs(1));
     let rt = runtime();
     let started = StdInstant::now();
     let bench = rt.block_on(Bench::start());
