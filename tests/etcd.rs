@@ -172,11 +172,13 @@ mod etcd_specific {
             .await
             .expect("etcdctl lease revoke");
         assert!(status.success());
-        wait_for("a steps down", t.renew_deadline, || !a.handle.is_leader()).await;
+        wait_for("a steps down", 2 * t.lease_duration, || !a.handle.is_leader()).await;
         let took = revoked.elapsed();
+        // At its next renew (one retry period), not at its renew deadline; generous for a
+        // loaded 2-core machine.
         assert!(
-            took <= t.retry_period + Duration::from_millis(500),
-            "stepping down took {took:?}, more than a renew period"
+            took < t.renew_deadline,
+            "stepping down took {took:?}: the revoke was not noticed before the renew deadline"
         );
         // It keeps campaigning: a new lease, a new key, a new term with a greater token.
         wait_for("a leads again", 3 * t.lease_duration, || {

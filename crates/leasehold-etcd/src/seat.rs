@@ -100,7 +100,9 @@ impl Seat {
 
     /// Sends one keep-alive now; `Ok(false)` when the lease is gone.
     pub async fn keep_alive_now(&self) -> Result<bool, etcd_client::Error> {
-        let alive = keep_alive_once(&self.client, self.lease, &self.shared, self.ttl / 3).await?;
+        // Bounded by the TTL (no answer within it and the lease is gone anyway); the elector's
+        // own call deadline usually cuts it shorter.
+        let alive = keep_alive_once(&self.client, self.lease, &self.shared, self.ttl).await?;
         if !alive {
             self.mark_dead();
         }
