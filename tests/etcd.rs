@@ -172,7 +172,10 @@ mod etcd_specific {
             .await
             .expect("etcdctl lease revoke");
         assert!(status.success());
-        wait_for("a steps down", 2 * t.lease_duration, || !a.handle.is_leader()).await;
+        wait_for("a steps down", 2 * t.lease_duration, || {
+            !a.handle.is_leader()
+        })
+        .await;
         let took = revoked.elapsed();
         // At its next renew (one retry period), not at its renew deadline; generous for a
         // loaded 2-core machine.
