@@ -60,6 +60,25 @@ async fn node<H: Harness + ?Sized>(
     )
 }
 
+/// Starts `a` (whose work takes `wind_down` to end) and waits until it leads, then `b` and waits
+/// until it follows `a`.
+async fn leader_and_follower<H: Harness + ?Sized>(
+    h: &H,
+    lock: &str,
+    checker: &SafetyChecker,
+    wind_down: Duration,
+) -> (Node, Node) {
+    let t = h.timing();
+    let a = node(h, "a", lock, checker, wind_down).await;
+    leads(&a, 2 * t.lease_duration).await;
+    let b = node(h, "b", lock, checker, Duration::ZERO).await;
+    wait_for("b to follow a", t.lease_duration, || {
+        b.handle.leader().as_deref() == Some("a")
+    })
+    .await;
+    (a, b)
+}
+
 /// Waits until `node` leads and its `on_started_leading` has run.
 async fn leads(node: &Node, within: Duration) {
     let what = format!("{} to lead", node.identity);
@@ -238,14 +257,12 @@ pub async fn follower_sees_leader<H: Harness + ?Sized>(h: &H) {
     let t = h.timing();
     let lock = lock_name("follower");
     let checker = SafetyChecker::new();
-    let mut a = node(h, "a", &lock, &checker, Duration::ZERO).await;
-    leads(&a, 2 * t.lease_duration).await;
-    let mut b = node(h, "b", &lock, &checker, Duration::ZERO).await;
-    wait_for("b to see a as leader", t.lease_duration, || {
-        b.handle.leader().as_deref() == Some("a")
+    let (mut a, mut b) = leader_and_follower(h, &lock, &checker, Duration::ZERO).await;
+    // Callbacks run on their own task, a moment after the state is published.
+    wait_for("b's on_new_leader(a)", t.lease_duration, || {
+        b.events().contains(&NodeEvent::NewLeader("a".into()))
     })
     .await;
-    assert!(b.events().contains(&NodeEvent::NewLeader("a".into())));
     assert!(!b.handle.is_leader());
     let calls = b.client.backend_calls();
     if let Some(before) = b.client.faults.requests() {
@@ -280,13 +297,7 @@ pub async fn graceful_handover<H: Harness + ?Sized>(h: &H) {
     let lock = lock_name("handover");
     let checker = SafetyChecker::new();
     let wind_down = Duration::from_millis(200);
-    let mut a = node(h, "a", &lock, &checker, wind_down).await;
-    leads(&a, 2 * t.lease_duration).await;
-    let mut b = node(h, "b", &lock, &checker, Duration::ZERO).await;
-    wait_for("b to follow a", t.lease_duration, || {
-        b.handle.leader().as_deref() == Some("a")
-    })
-    .await;
+    let (mut a, mut b) = leader_and_follower(h, &lock, &checker, wind_down).await;
     a.stop().await.expect("a stops");
     leads(&b, t.lease_duration).await;
     let a_work_end = work_ended_at(&a).expect("a's work ended");
@@ -310,13 +321,7 @@ pub async fn crash_failover_at_expiry<H: Harness + ?Sized>(h: &H) {
     let t = h.timing();
     let lock = lock_name("crash");
     let checker = SafetyChecker::new();
-    let mut a = node(h, "a", &lock, &checker, Duration::ZERO).await;
-    leads(&a, 2 * t.lease_duration).await;
-    let mut b = node(h, "b", &lock, &checker, Duration::ZERO).await;
-    wait_for("b to follow a", t.lease_duration, || {
-        b.handle.leader().as_deref() == Some("a")
-    })
-    .await;
+    let (mut a, mut b) = leader_and_follower(h, &lock, &checker, Duration::ZERO).await;
     let term = a.last_leadership().expect("a's term");
     a.client.faults.partition().await;
     // Let a renew already on its way finish, then freeze a's validity.
@@ -346,13 +351,7 @@ pub async fn renew_failure_steps_down<H: Harness + ?Sized>(h: &H) {
     let t = h.timing();
     let lock = lock_name("renew-failure");
     let checker = SafetyChecker::new();
-    let mut a = node(h, "a", &lock, &checker, Duration::ZERO).await;
-    leads(&a, 2 * t.lease_duration).await;
-    let mut b = node(h, "b", &lock, &checker, Duration::ZERO).await;
-    wait_for("b to follow a", t.lease_duration, || {
-        b.handle.leader().as_deref() == Some("a")
-    })
-    .await;
+    let (mut a, mut b) = leader_and_follower(h, &lock, &checker, Duration::ZERO).await;
     let term = a.last_leadership().expect("a's term");
     a.client.faults.partition().await;
     let mut last_deadline = term.deadline().expect("deadline");
@@ -621,13 +620,7 @@ pub async fn resign_hands_over<H: Harness + ?Sized>(h: &H) {
     let t = h.timing();
     let lock = lock_name("resign");
     let checker = SafetyChecker::new();
-    let mut a = node(h, "a", &lock, &checker, Duration::ZERO).await;
-    leads(&a, 2 * t.lease_duration).await;
-    let mut b = node(h, "b", &lock, &checker, Duration::ZERO).await;
-    wait_for("b to follow a", t.lease_duration, || {
-        b.handle.leader().as_deref() == Some("a")
-    })
-    .await;
+    let (mut a, mut b) = leader_and_follower(h, &lock, &checker, Duration::ZERO).await;
     let resigned = Instant::now();
     a.handle.resign();
     leads(&b, t.lease_duration).await;
