@@ -188,6 +188,21 @@ impl RedisHarness {
         &self.server
     }
 
+    /// The key of `lock` and a plain connection to the server, to plant or inspect a value.
+    async fn lock_key(&self, lock: &str) -> (String, redis::aio::MultiplexedConnection) {
+        let key = RedisBackend::from_url(&self.server.url())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .keys(lock)
+            .lock;
+        let connection = self
+            .server
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("redis: {e}"));
+        (key, connection)
+    }
+
     /// A backend for `url` through a new proxy to `target`.
     async fn client_via(target: SocketAddr, password: Option<&str>) -> TestClient {
         let proxy = Arc::new(
@@ -232,16 +247,7 @@ impl Harness for RedisHarness {
     }
 
     async fn plant_malformed(&self, lock: &str, ttl: Duration) {
-        let key = RedisBackend::from_url(&self.server.url())
-            .unwrap_or_else(|e| panic!("{e}"))
-            .keys(lock)
-            .lock;
-        let mut connection = self
-            .server
-            .client()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap_or_else(|e| panic!("redis: {e}"));
+        let (key, mut connection) = self.lock_key(lock).await;
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         let () = redis::cmd("SET")
             .arg(&key)
@@ -254,16 +260,7 @@ impl Harness for RedisHarness {
     }
 
     async fn malformed_present(&self, lock: &str) -> bool {
-        let key = RedisBackend::from_url(&self.server.url())
-            .unwrap_or_else(|e| panic!("{e}"))
-            .keys(lock)
-            .lock;
-        let mut connection = self
-            .server
-            .client()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap_or_else(|e| panic!("redis: {e}"));
+        let (key, mut connection) = self.lock_key(lock).await;
         let value: Option<String> = redis::cmd("GET")
             .arg(&key)
             .query_async(&mut connection)
