@@ -278,12 +278,35 @@ async fn status_and_watch_report_the_leader() {
     let url = server.url();
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("events");
-    let watch = Command::new(BIN)
+    let mut watch = Command::new(BIN)
         .args(["watch", "--backend", &url, "--lock", "observed", "--json"])
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("watch");
+    // Collect the watch's lines as they come, and start the leader only once the watch has
+    // reported the free lock (otherwise a slow start would miss it).
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stdout = watch.stdout.take().expect("piped stdout");
+    let reader = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut all = seen
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                all.push_str(&line);
+                all.push('\n');
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.lock().map(|s| s.is_empty()).unwrap_or(true) {
+        assert!(Instant::now() < deadline, "watch printed nothing");
+        sleep(Duration::from_millis(20)).await;
+    }
     let mut run = leasehold_run(&url, "observed", "pod-7", &worker(&out));
     wait_lines(&out, 1, Duration::from_secs(10)).await;
     let status = leasehold(&["status", "--backend", &url, "--lock", "observed", "--json"]).await;
@@ -306,11 +329,12 @@ async fn status_and_watch_report_the_leader() {
     if let Some(pid) = watch.id() {
         kill(pid, "-INT").await;
     }
-    let output = tokio::time::timeout(Duration::from_secs(10), watch.wait_with_output())
+    tokio::time::timeout(Duration::from_secs(10), watch.wait())
         .await
         .expect("watch exits on SIGINT")
-        .expect("output");
-    let text = String::from_utf8_lossy(&output.stdout);
+        .expect("status");
+    let _ = reader.await;
+    let text = seen.lock().map(|s| s.clone()).unwrap_or_default();
     let leaders: Vec<serde_json::Value> = text
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
