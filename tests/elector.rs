@@ -69,7 +69,11 @@ async fn work_that_ignores_cancellation_is_never_released_under() {
     handle.wait_for_leadership().await;
     let asked = Instant::now();
     shutdown.cancel();
-    task.await.unwrap().unwrap();
+    let result = task.await.unwrap();
+    assert!(
+        matches!(result, Err(ElectorError::WorkStillRunning { .. })),
+        "run says the work still runs: {result:?}"
+    );
     let waited = asked.elapsed();
     assert!(
         !handle.is_leader(),
@@ -276,4 +280,132 @@ async fn config_errors_name_the_field() {
     let err = Elector::new(c, MemoryBackend::new(), Callbacks::new()).unwrap_err();
     assert!(matches!(&err, ElectorError::Config(e) if e.field() == "retry_period"));
     assert!(err.to_string().contains("retry_period"), "{err}");
+}
+
+/// What a leader's work recorded: `("start" | "end", token, instant)`.
+type WorkLog = Arc<std::sync::Mutex<Vec<(&'static str, u64, Instant)>>>;
+
+/// Work that ignores cancellation for `linger` after its term ends, logging start and end.
+fn lingering_work(log: &WorkLog, linger: Duration) -> Callbacks {
+    let log = log.clone();
+    Callbacks::new().on_started_leading(move |leadership| {
+        let log = log.clone();
+        async move {
+            let token = leadership.token().get();
+            log.lock().unwrap().push(("start", token, Instant::now()));
+            leadership.cancelled().await;
+            sleep(linger).await; // ignores the cancellation for a while
+            log.lock().unwrap().push(("end", token, Instant::now()));
+        }
+    })
+}
+
+/// Every "start" comes after the "end" of every earlier start: no two terms' work at once.
+fn assert_one_work_at_a_time(log: &WorkLog) {
+    let log = log.lock().unwrap().clone();
+    let mut running: Option<u64> = None;
+    for (kind, token, at) in &log {
+        match *kind {
+            "start" => {
+                assert!(
+                    running.is_none(),
+                    "term {token}'s work started at {at:?} while term {running:?}'s still ran: {log:?}"
+                );
+                running = Some(*token);
+            }
+            _ => running = None,
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_term_never_starts_while_an_earlier_terms_work_runs() {
+    let log: WorkLog = Arc::default();
+    let store = MemoryBackend::new();
+    let client = store.connect();
+    let faults = client.clone();
+    let elector = Elector::new(
+        config("a"),
+        client,
+        lingering_work(&log, Duration::from_secs(5)),
+    )
+    .unwrap();
+    let handle = elector.handle();
+    let mut state = handle.subscribe();
+    let shutdown = CancellationToken::new();
+    let task = elector.spawn(shutdown.clone());
+    assert!(handle.wait_for_leadership().await);
+    faults
+        .faults()
+        .partition(leasehold::memory::Partition::Fail);
+    state.wait_for(|s| s.term.is_none()).await.unwrap();
+    faults.faults().heal();
+    until("a second term", || {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.0 == "start")
+            .count()
+            >= 2
+    })
+    .await;
+    assert_one_work_at_a_time(&log);
+    shutdown.cancel();
+    let _ = task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_waits_for_an_earlier_terms_work_and_reports_it_still_running() {
+    let log: WorkLog = Arc::default();
+    let store = MemoryBackend::new();
+    let client = store.connect();
+    let faults = client.clone();
+    let elector = Elector::new(
+        config("a"),
+        client,
+        lingering_work(&log, Duration::from_secs(1)),
+    )
+    .unwrap();
+    let handle = elector.handle();
+    let mut state = handle.subscribe();
+    let shutdown = CancellationToken::new();
+    let task = elector.spawn(shutdown.clone());
+    assert!(handle.wait_for_leadership().await);
+    // Term 1 ends at its renew deadline; its work lingers 1 s. A shutdown right then waits for it.
+    faults
+        .faults()
+        .partition(leasehold::memory::Partition::Fail);
+    state.wait_for(|s| s.term.is_none()).await.unwrap();
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    let returned = Instant::now();
+    let ended = log
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|e| e.0 == "end")
+        .map(|e| e.2);
+    assert!(
+        ended.is_some_and(|ended| ended <= returned),
+        "run returned at {returned:?} before the work ended ({ended:?})"
+    );
+
+    // Work that outlasts the bound: run says so.
+    let log: WorkLog = Arc::default();
+    let elector = Elector::new(
+        config("b"),
+        store.connect(),
+        lingering_work(&log, Duration::from_secs(3600)),
+    )
+    .unwrap();
+    let handle = elector.handle();
+    let shutdown = CancellationToken::new();
+    let task = elector.spawn(shutdown.clone());
+    assert!(handle.wait_for_leadership().await);
+    shutdown.cancel();
+    let result = task.await.unwrap();
+    assert!(
+        matches!(result, Err(ElectorError::WorkStillRunning { terms: 1 })),
+        "{result:?}"
+    );
 }

@@ -401,7 +401,15 @@ impl Driver {
         loop {
             if let Some(result) = self.perform_actions().await {
                 self.drain_notifier().await;
-                return result.map_err(ElectorError::from);
+                result?;
+                if self.work.as_ref().is_some_and(|work| !work.is_finished()) {
+                    tracing::error!(
+                        "stopped while the leader's work is still running (it ignored its \
+                         cancellation)"
+                    );
+                    return Err(ElectorError::WorkStillRunning { terms: 1 });
+                }
+                return Ok(());
             }
             self.publisher.publish(self.machine.leader_state());
             if self.awaiting_work && self.work.is_none() {
@@ -585,11 +593,8 @@ impl Driver {
             ended,
             valid_until: self.machine.leader_state().valid_until,
         });
-        if let Some(previous) = self.work.take() {
-            if !previous.is_finished() {
-                tracing::warn!("the previous term's work is still running while a new term starts");
-            }
-        }
+        // The machine starts no term before the previous term's work has finished.
+        debug_assert!(self.work.as_ref().is_none_or(JoinHandle::is_finished));
         self.awaiting_work = false;
         self.work = self.callbacks.started.clone().map(|started| {
             tokio::spawn(

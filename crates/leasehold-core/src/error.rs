@@ -197,4 +197,16 @@ pub enum ElectorError {
     /// [`Elector::run`](crate::Elector::run) was called twice.
     #[error("this elector has already run; create a new one with Elector::new")]
     AlreadyRan,
+    /// [`Elector::run`](crate::Elector::run) stopped (on shutdown) while the leader's work of
+    /// an earlier term was still running after the bounded wait: that work ignored its
+    /// cancellation and may now run beside the next leader (the lock was not released under
+    /// it, but it expires on its own). Stop it by other means, or exit the process.
+    #[error(
+        "leader election stopped, but the leader's work is still running ({terms} term(s)); \
+         it ignored its cancellation and may overlap with the next leader once the lock expires"
+    )]
+    WorkStillRunning {
+        /// How many terms' work is still running.
+        terms: usize,
+    },
 }

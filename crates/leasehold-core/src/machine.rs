@@ -93,6 +93,8 @@ pub enum Action {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Then {
     Exit,
+    /// Leave the queue (withdraw), then exit: a shutdown while not leading.
+    WithdrawThenExit,
     ReleaseThenExit,
     ReleaseThenFollow,
 }
@@ -173,6 +175,10 @@ pub struct Machine {
     leader: Option<String>,
     last_token: Option<FencingToken>,
     terms: u64,
+    /// The leader's work of the latest term may still run: from [`Action::StartLeading`] until
+    /// [`Machine::handle_work_finished`] after the term's [`Action::StopLeading`]. No new term is
+    /// campaigned for meanwhile.
+    work_running: bool,
     shutting_down: bool,
     quiet_until: Option<Instant>,
     last_error: Option<BackendError>,
@@ -200,6 +206,7 @@ impl Machine {
             leader: None,
             last_token: None,
             terms: 0,
+            work_running: false,
             shutting_down: false,
             quiet_until: None,
             last_error: None,
@@ -221,7 +228,7 @@ impl Machine {
             } else {
                 lead.step_down_at
             }),
-            State::Following { next_attempt } if self.pending.is_none() => {
+            State::Following { next_attempt } if self.pending.is_none() && !self.work_running => {
                 next_attempt.map(|t| self.quiet_until.map_or(t, |q| t.max(q)))
             }
             State::WindingDown { deadline, .. } => Some(*deadline),
@@ -289,6 +296,7 @@ impl Machine {
             );
             self.state = State::Standalone(term);
             self.set_leader(Some(self.params.identity.clone()));
+            self.work_running = true;
             self.actions.push_back(Action::StartLeading(term));
             return;
         }
@@ -502,6 +510,14 @@ impl Machine {
                     sent,
                 };
             }
+            State::Following { .. } if self.work_running => {
+                // An earlier term's work still runs: wait for it (bounded) before leaving.
+                self.state = State::WindingDown {
+                    grant: None,
+                    deadline: now + self.params.renew_deadline,
+                    then: Then::WithdrawThenExit,
+                };
+            }
             state @ State::Following { .. } => {
                 self.state = state;
                 self.begin_exit();
@@ -529,8 +545,10 @@ impl Machine {
         }
     }
 
-    /// The leader's work has finished after [`Action::StopLeading`] (or there was none).
+    /// The leader's work has finished after [`Action::StopLeading`] (or there was none). Until
+    /// then the machine does not campaign for a new term.
     pub fn handle_work_finished(&mut self, now: Instant) {
+        self.work_running = false;
         if let State::WindingDown { then, grant, .. } = &self.state {
             let (then, grant) = (*then, grant.clone());
             self.after_wind_down(now, then, grant);
@@ -577,7 +595,7 @@ impl Machine {
                 let due = next_attempt
                     .map(|t| self.quiet_until.map_or(t, |q| t.max(q)))
                     .is_some_and(|t| now >= t);
-                if due && idle {
+                if due && idle && !self.work_running {
                     *next_attempt = None;
                     self.send(now, Call::Acquire, now + self.params.renew_deadline);
                 }
@@ -695,6 +713,7 @@ impl Machine {
         self.quiet_until = None;
         self.close_watch();
         self.set_leader(Some(self.params.identity.clone()));
+        self.work_running = true;
         self.actions.push_back(Action::StartLeading(term));
     }
 
@@ -763,6 +782,10 @@ impl Machine {
         match (then, grant) {
             (Then::ReleaseThenFollow, None) if !self.shutting_down => {
                 self.follow(Some(now + self.params.retry_period));
+            }
+            (Then::WithdrawThenExit, _) => {
+                self.state = State::Following { next_attempt: None };
+                self.begin_exit();
             }
             (Then::Exit, _) | (_, None) => self.exit(now, Ok(())),
             (then, Some(grant)) => {

@@ -499,6 +499,7 @@ fn a_token_that_does_not_increase_is_refused() {
     sim.m
         .handle_renew(sim.now, Ok(RenewOutcome::Lost(Observation::vacant())));
     sim.drain();
+    sim.m.handle_work_finished(sim.now);
     assert_eq!(Sim::calls(&sim.advance(RETRY)), vec![Call::Acquire]);
     sim.m
         .handle_acquire(sim.now, Ok(AcquireOutcome::Acquired(grant(10))));
@@ -747,4 +748,20 @@ proptest! {
     fn random_event_sequences_keep_every_invariant(ops in proptest::collection::vec(op(), 1..120)) {
         run_ops(ops)?;
     }
+}
+
+#[test]
+fn no_new_term_is_campaigned_for_while_the_last_terms_work_runs() {
+    let mut sim = Sim::leading(10);
+    sim.advance(RETRY);
+    sim.m
+        .handle_renew(sim.now, Ok(RenewOutcome::Lost(Observation::vacant())));
+    sim.drain();
+    // The lock is free, but the lost term's work has not finished: no acquire, and no timer
+    // that would spin.
+    sim.m.handle_observation(sim.now, Observation::vacant());
+    assert!(Sim::calls(&sim.drain()).is_empty());
+    assert_eq!(sim.m.poll_timeout(), None);
+    sim.m.handle_work_finished(sim.now);
+    assert_eq!(Sim::calls(&sim.drain()), vec![Call::Acquire]);
 }
