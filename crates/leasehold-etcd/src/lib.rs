@@ -173,7 +173,13 @@ impl EtcdBackend {
                     .with_connect_timeout(config.connect_timeout)
                     .with_timeout(config.request_timeout);
                 if let Some((user, password)) = &config.user {
-                    options = options.with_user(user.clone(), password.clone());
+                    // etcd's simple tokens expire when unused for `--auth-token-ttl` (5 min by
+                    // default): a follower that only waits on its watch would find its token
+                    // gone at the next call, just when it is needed. With this, a call refused
+                    // with "invalid auth token" authenticates again and is retried once.
+                    options = options
+                        .with_user(user.clone(), password.clone())
+                        .with_auto_token_refresh(true);
                 }
                 if let Some(tls) = &config.tls {
                     options = options.with_tls(tls.clone());
