@@ -380,4 +380,32 @@ mod etcd_specific {
         b.stop().await.expect("b stops");
         checker.verify().expect("safe");
     }
+
+    /// A follower whose connection dies silently while it waits on its watch (a blackhole: its
+    /// bytes dropped, no FIN, no RST), and the leader crashes meanwhile. Once new connections get
+    /// through again (the dead one stays dead: nothing will ever arrive on that watch), the
+    /// follower must notice, reconnect and take over, not wait for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn follower_on_a_silently_dead_connection_takes_over() {
+        let t = timing();
+        let h = EtcdHarness::start().await;
+        let lock = lock_name("blackhole");
+        let checker = SafetyChecker::new();
+        let mut a = node(&h, "a", &lock, &checker).await;
+        started(&mut a, 2 * t.lease_duration).await;
+        let (client, b_proxy) = client_as(h.server_ref().addr(), None).await;
+        let mut b = Node::start(t.config("b", &lock), client, &checker, Duration::ZERO);
+        sees_leader(&b, "a", 2 * t.lease_duration).await;
+        b_proxy.blackhole();
+        a.crash().await;
+        // a's lease, and b's (its keep-alives are swallowed), run out meanwhile.
+        sleep(2 * t.lease_duration).await;
+        b_proxy.heal();
+        let healed = Instant::now();
+        let b_start = started(&mut b, 10 * t.lease_duration).await;
+        assert!(b_start > healed, "b led while it could not reach etcd");
+        eprintln!("b led {:?} after the heal", b_start - healed);
+        b.stop().await.expect("b stops");
+        checker.verify().expect("safe");
+    }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, Permission, PutOptions};
 use leasehold_core::{async_trait, Config};
-use leasehold_etcd::{EtcdBackend, EtcdConfig};
+use leasehold_etcd::{EtcdBackend, EtcdConfig, KeepAlive};
 use tokio::process::{Child, Command};
 use tokio::time::{sleep, Instant};
 
@@ -143,6 +143,9 @@ impl EtcdServer {
             .arg("--initial-cluster")
             .arg(format!("default={peer_url}"))
             .args(["--logger", "zap", "--log-level", "error"])
+            // The clients' keep-alive pings come every second (see `client_via_as`); etcd's
+            // default minimum of 5 s would answer them with GOAWAY.
+            .args(["--grpc-keepalive-min-time", "500ms"])
             .args(&self.flags)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -266,6 +269,10 @@ impl EtcdHarness {
         let mut config = EtcdConfig::new([format!("http://{}", proxy.addr())]);
         config.connect_timeout = Duration::from_secs(1);
         config.request_timeout = Duration::from_secs(2);
+        config.keep_alive = Some(KeepAlive {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+        });
         config.user = user.map(|(name, password)| (name.to_owned(), password.to_owned()));
         (EtcdBackend::new(config), proxy)
     }
