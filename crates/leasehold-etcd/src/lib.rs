@@ -13,6 +13,10 @@
 //! checks the key. A lease revoked or expired ends the term at the next renew; the elector's
 //! renew deadline (shorter than the TTL) ends it anyway.
 //!
+//! A follower only waits on its watch; the connection's HTTP/2 keep-alive
+//! ([`EtcdConfig::keep_alive`]) is what tells it that a silently dead connection took the watch
+//! with it. With authentication, an expired token is refreshed and the call retried once.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use leasehold_core::{Callbacks, CancellationToken, Config, Elector};
