@@ -17,8 +17,15 @@ mod etcd_specific {
         ElectorError, LockBackend,
     };
     use leasehold_etcd::{EtcdBackend, EtcdConfig};
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use leasehold_testkit::proxy::{Proxy, ProxyFaults};
     use leasehold_testkit::scenarios::{lock_name, wait_for};
-    use leasehold_testkit::{EtcdHarness, EtcdServer, Harness, Node, SafetyChecker, Timing};
+    use leasehold_testkit::{
+        EtcdHarness, EtcdServer, Harness, Node, NodeEvent, SafetyChecker, TestClient, Timing,
+        APP_USER,
+    };
     use tokio::io::{AsyncBufReadExt, BufReader};
     use tokio::process::{Child, Command};
     use tokio::time::{sleep, timeout, Instant};
@@ -34,6 +41,46 @@ mod etcd_specific {
             checker,
             Duration::ZERO,
         )
+    }
+
+    /// A test client through its own proxy to `target`, logged in as `user` when given; with
+    /// the proxy, for the faults the `FaultSwitch` does not have.
+    async fn client_as(target: SocketAddr, user: Option<(&str, &str)>) -> (TestClient, Arc<Proxy>) {
+        let (backend, proxy) = EtcdHarness::client_via_as(target, user).await;
+        let faults = Arc::new(ProxyFaults::uncounted(proxy.clone()));
+        (TestClient::new(Arc::new(backend), faults), proxy)
+    }
+
+    /// When `node`'s first term started (its `on_started_leading` ran), waiting up to `within`;
+    /// fails at once, with the elector's result, if it exits first.
+    async fn started(node: &mut Node, within: Duration) -> Instant {
+        let deadline = Instant::now() + within;
+        loop {
+            let start = node.events().iter().find_map(|e| match e {
+                NodeEvent::Started(_, at) => Some(*at),
+                _ => None,
+            });
+            if let Some(at) = start {
+                return at;
+            }
+            if node.has_exited() {
+                let result = node.stop().await;
+                panic!("{} exited before it led: {result:?}", node.identity);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not lead within {within:?}",
+                node.identity
+            );
+            sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits until `node` has reported `leader` as the new leader (`on_new_leader`).
+    async fn sees_leader(node: &Node, leader: &str, within: Duration) {
+        let event = NodeEvent::NewLeader(leader.to_owned());
+        let what = format!("{} to see {leader} lead", node.identity);
+        wait_for(&what, within, || node.events().contains(&event)).await;
     }
 
     fn etcdctl(server: &EtcdServer) -> Command {
@@ -304,5 +351,61 @@ mod etcd_specific {
             Ok(AcquireOutcome::Acquired(_))
         ));
         backend.withdraw(&c).await.expect("withdraw");
+    }
+
+    /// With auth on, etcd's simple tokens expire when unused for `--auth-token-ttl`. A follower
+    /// that waited on its watch longer than that must still take over when the leader crashes
+    /// (its token is refreshed), not exit with `Unauthorized` just when failover is needed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn follower_takes_over_after_its_auth_token_expired() {
+        let t = timing();
+        let token_ttl = Duration::from_secs(1);
+        let password = "app-password";
+        let server = EtcdServer::start_with_app_user(password, token_ttl).await;
+        let lock = lock_name("token-expiry");
+        let checker = SafetyChecker::new();
+        let user = Some((APP_USER, password));
+        let (client, _proxy) = client_as(server.addr(), user).await;
+        let mut a = Node::start(t.config("a", &lock), client, &checker, Duration::ZERO);
+        started(&mut a, 2 * t.lease_duration).await;
+        let (client, _proxy) = client_as(server.addr(), user).await;
+        let mut b = Node::start(t.config("b", &lock), client, &checker, Duration::ZERO);
+        sees_leader(&b, "a", 2 * t.lease_duration).await;
+        // etcd drops unused tokens once a second: b's is gone well after 3 TTLs.
+        sleep(4 * token_ttl).await;
+        a.crash().await;
+        let crashed = Instant::now();
+        let b_start = started(&mut b, 5 * t.lease_duration).await;
+        assert!(b_start > crashed, "b led before a crashed");
+        b.stop().await.expect("b stops");
+        checker.verify().expect("safe");
+    }
+
+    /// A follower whose connection dies silently while it waits on its watch (a blackhole: its
+    /// bytes dropped, no FIN, no RST), and the leader crashes meanwhile. Once new connections get
+    /// through again (the dead one stays dead: nothing will ever arrive on that watch), the
+    /// follower must notice, reconnect and take over, not wait for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn follower_on_a_silently_dead_connection_takes_over() {
+        let t = timing();
+        let h = EtcdHarness::start().await;
+        let lock = lock_name("blackhole");
+        let checker = SafetyChecker::new();
+        let mut a = node(&h, "a", &lock, &checker).await;
+        started(&mut a, 2 * t.lease_duration).await;
+        let (client, b_proxy) = client_as(h.server_ref().addr(), None).await;
+        let mut b = Node::start(t.config("b", &lock), client, &checker, Duration::ZERO);
+        sees_leader(&b, "a", 2 * t.lease_duration).await;
+        b_proxy.blackhole();
+        a.crash().await;
+        // a's lease, and b's (its keep-alives are swallowed), run out meanwhile.
+        sleep(2 * t.lease_duration).await;
+        b_proxy.heal();
+        let healed = Instant::now();
+        let b_start = started(&mut b, 10 * t.lease_duration).await;
+        assert!(b_start > healed, "b led while it could not reach etcd");
+        eprintln!("b led {:?} after the heal", b_start - healed);
+        b.stop().await.expect("b stops");
+        checker.verify().expect("safe");
     }
 }

@@ -13,6 +13,10 @@
 //! checks the key. A lease revoked or expired ends the term at the next renew; the elector's
 //! renew deadline (shorter than the TTL) ends it anyway.
 //!
+//! A follower only waits on its watch; the connection's HTTP/2 keep-alive
+//! ([`EtcdConfig::keep_alive`]) is what tells it that a silently dead connection took the watch
+//! with it. With authentication, an expired token is refreshed and the call retried once.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use leasehold_core::{Callbacks, CancellationToken, Config, Elector};
@@ -66,6 +70,31 @@ pub struct EtcdConfig {
     pub connect_timeout: Duration,
     /// Timeout of one request. Default 5 s.
     pub request_timeout: Duration,
+    /// HTTP/2 keep-alive of the connection while a stream (a watch, a lease keep-alive) is open.
+    /// Without it, a connection that died silently (a firewall or NAT that lost its state, a
+    /// host gone without a reset) is never noticed, and a follower waits for ever on a watch
+    /// that will never speak. Default 5 s / 5 s; `None` turns it off.
+    pub keep_alive: Option<KeepAlive>,
+}
+
+/// HTTP/2 keep-alive settings, for [`EtcdConfig::keep_alive`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepAlive {
+    /// A ping is sent after this long without a frame from the server. etcd answers pings more
+    /// frequent than its `--grpc-keepalive-min-time` (default 5 s) by closing the connection.
+    pub interval: Duration,
+    /// No answer within this long, and the connection is dropped: its calls and watches fail
+    /// (the elector reopens the watch) and the next call connects again.
+    pub timeout: Duration,
+}
+
+impl Default for KeepAlive {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 impl EtcdConfig {
@@ -78,6 +107,7 @@ impl EtcdConfig {
             key_prefix: String::new(),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
+            keep_alive: Some(KeepAlive::default()),
         }
     }
 }
@@ -116,13 +146,16 @@ pub(crate) fn map_error(
     let backend = backend_name(config);
     if let etcd_client::Error::GRpcStatus(status) = error {
         let message = status.message();
-        let denied = matches!(
-            status.code(),
-            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
-        ) || message.contains("authentication failed")
-            || message.contains("permission denied")
-            || message.contains("invalid auth token")
-            || message.contains("user name is empty");
+        let denied = match status.code() {
+            // "invalid auth token", "permission denied", ...
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => true,
+            // etcd sends a wrong password and a missing user name as InvalidArgument, a code it
+            // shares with malformed requests: only the message tells them apart.
+            tonic::Code::InvalidArgument => {
+                message.contains("authentication failed") || message.contains("user name is empty")
+            }
+            _ => false,
+        };
         if denied {
             return BackendError::Unauthorized {
                 backend,
@@ -145,6 +178,11 @@ pub(crate) fn map_error(
         backend,
         detail: format!("{operation}: {error}"),
     }
+}
+
+/// etcd's "requested lease not found" (`codes.NotFound`): the lease expired or was revoked.
+fn lease_not_found(error: &etcd_client::Error) -> bool {
+    matches!(error, etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::NotFound)
 }
 
 impl EtcdBackend {
@@ -171,9 +209,23 @@ impl EtcdBackend {
             .get_or_try_init(|| async {
                 let mut options = ConnectOptions::new()
                     .with_connect_timeout(config.connect_timeout)
-                    .with_timeout(config.request_timeout);
+                    .with_timeout(config.request_timeout)
+                    // A member cut off from its cluster's leader fails our calls and cancels
+                    // our watches instead of serving them stale or leaving them silent.
+                    .with_require_leader(true);
+                if let Some(keep_alive) = config.keep_alive {
+                    options = options
+                        .with_keep_alive(keep_alive.interval, keep_alive.timeout)
+                        .with_keep_alive_while_idle(false);
+                }
                 if let Some((user, password)) = &config.user {
-                    options = options.with_user(user.clone(), password.clone());
+                    // etcd's simple tokens expire when unused for `--auth-token-ttl` (5 min by
+                    // default): a follower that only waits on its watch would find its token
+                    // gone at the next call, just when it is needed. With this, a call refused
+                    // with "invalid auth token" authenticates again and is retried once.
+                    options = options
+                        .with_user(user.clone(), password.clone())
+                        .with_auto_token_refresh(true);
                 }
                 if let Some(tls) = &config.tls {
                     options = options.with_tls(tls.clone());
@@ -235,12 +287,12 @@ impl EtcdBackend {
     }
 
     /// Ensures the seat's key exists (creating it under the seat's lease); returns its create
-    /// revision and whether it is new.
+    /// revision and whether it is new, or `None` when the seat's lease is gone.
     async fn ensure_key(
         &self,
         client: &mut Client,
         seat: &mut Seat,
-    ) -> Result<(i64, bool), BackendError> {
+    ) -> Result<Option<(i64, bool)>, BackendError> {
         let txn = Txn::new()
             .when([Compare::create_revision(
                 seat.key.as_str(),
@@ -253,10 +305,11 @@ impl EtcdBackend {
                 Some(etcd_client::PutOptions::new().with_lease(seat.lease)),
             )])
             .or_else([TxnOp::get(seat.key.as_str(), None)]);
-        let response = client
-            .txn(txn)
-            .await
-            .map_err(|e| self.error("acquire", &e))?;
+        let response = match client.txn(txn).await {
+            Ok(response) => response,
+            Err(error) if lease_not_found(&error) => return Ok(None),
+            Err(error) => return Err(self.error("acquire", &error)),
+        };
         let revision = if response.succeeded() {
             response.header().map_or(0, |h| h.revision())
         } else {
@@ -280,7 +333,7 @@ impl EtcdBackend {
             seat.create_revision = Some(revision);
             seat.granted = None;
         }
-        Ok((revision, new))
+        Ok(Some((revision, new)))
     }
 }
 
@@ -361,15 +414,12 @@ impl LockBackend for EtcdBackend {
                 self.delete_key(&mut client, seat, revision).await?;
             }
         }
-        let (revision, new) = match self.ensure_key(&mut client, seat).await {
-            Err(BackendError::Unavailable { detail, .. }) if detail.contains("lease not found") => {
-                seat.mark_dead();
-                return Err(BackendError::Unavailable {
-                    backend: backend_name(&self.inner.config),
-                    detail: "our etcd lease expired; a new one is taken on the next attempt".into(),
-                });
-            }
-            other => other?,
+        let Some((revision, new)) = self.ensure_key(&mut client, seat).await? else {
+            seat.mark_dead();
+            return Err(BackendError::Unavailable {
+                backend: backend_name(&self.inner.config),
+                detail: "our etcd lease expired; a new one is taken on the next attempt".into(),
+            });
         };
         if new {
             // A new key: the watch of this seat moves to the key now ahead of it.

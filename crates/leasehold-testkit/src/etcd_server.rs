@@ -5,9 +5,9 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, PutOptions};
+use etcd_client::{Client, ConnectOptions, Permission, PutOptions};
 use leasehold_core::{async_trait, Config};
-use leasehold_etcd::{EtcdBackend, EtcdConfig};
+use leasehold_etcd::{EtcdBackend, EtcdConfig, KeepAlive};
 use tokio::process::{Child, Command};
 use tokio::time::{sleep, Instant};
 
@@ -24,7 +24,16 @@ pub struct EtcdServer {
     dir: tempfile::TempDir,
     child: Option<Child>,
     auth: Option<(String, String)>,
+    /// Extra command-line flags, kept across restarts.
+    flags: Vec<String>,
 }
+
+/// The unprivileged user [`EtcdServer::start_with_app_user`] creates.
+pub const APP_USER: &str = "leasehold-app";
+
+/// The key prefix [`APP_USER`]'s role may read and write: every
+/// [`lock_name`](crate::scenarios::lock_name) starts with it.
+pub const APP_KEY_PREFIX: &str = "lh-";
 
 impl EtcdServer {
     /// Starts a server on free ports.
@@ -38,20 +47,70 @@ impl EtcdServer {
 
     /// Starts a server whose client port is `client_port`.
     pub async fn start_on(client_port: u16) -> EtcdServer {
+        Self::start_with_flags(client_port, Vec::new()).await
+    }
+
+    async fn start_with_flags(client_port: u16, flags: Vec<String>) -> EtcdServer {
         let mut server = EtcdServer {
             client_port,
             peer_port: free_port(),
             dir: tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}")),
             child: None,
             auth: None,
+            flags,
         };
         server.spawn().await;
+        server
+    }
+
+    /// Starts a server with authentication enabled and simple tokens that expire after
+    /// `token_ttl` unused (`--auth-token-ttl`, whole seconds, at least 1): user `root` and user
+    /// [`APP_USER`], both with `password`; [`APP_USER`] has a role with readwrite permission on
+    /// the keys prefixed [`APP_KEY_PREFIX`] only.
+    pub async fn start_with_app_user(password: &str, token_ttl: Duration) -> EtcdServer {
+        let ttl = token_ttl.as_secs().max(1).to_string();
+        let mut server =
+            Self::start_with_flags(free_port(), vec!["--auth-token-ttl".into(), ttl]).await;
+        let mut client = server.client().await;
+        let step = |what: &str, r: Result<(), etcd_client::Error>| {
+            if let Err(e) = r {
+                panic!("setting up etcd auth, {what}: {e}");
+            }
+        };
+        step("role add", client.role_add(APP_USER).await.map(|_| ()));
+        step(
+            "grant permission",
+            client
+                .role_grant_permission(
+                    APP_USER,
+                    Permission::read_write(APP_KEY_PREFIX).with_prefix(),
+                )
+                .await
+                .map(|_| ()),
+        );
+        step(
+            "user add",
+            client.user_add(APP_USER, password, None).await.map(|_| ()),
+        );
+        step(
+            "grant role",
+            client.user_grant_role(APP_USER, APP_USER).await.map(|_| ()),
+        );
+        drop(client);
+        server.enable_auth(password).await;
         server
     }
 
     /// Starts a server with authentication enabled: user `root` with `password`.
     pub async fn start_with_auth(password: &str) -> EtcdServer {
         let mut server = Self::start().await;
+        server.enable_auth(password).await;
+        server
+    }
+
+    /// Adds user `root` with `password` and enables authentication.
+    async fn enable_auth(&mut self, password: &str) {
+        let server = self;
         let mut client = server.client().await;
         let step = |what: &str, r: Result<(), etcd_client::Error>| {
             if let Err(e) = r {
@@ -68,7 +127,6 @@ impl EtcdServer {
         );
         step("auth enable", client.auth_enable().await.map(|_| ()));
         server.auth = Some(("root".into(), password.into()));
-        server
     }
 
     async fn spawn(&mut self) {
@@ -85,6 +143,10 @@ impl EtcdServer {
             .arg("--initial-cluster")
             .arg(format!("default={peer_url}"))
             .args(["--logger", "zap", "--log-level", "error"])
+            // The clients' keep-alive pings come every second (see `client_via_as`); etcd's
+            // default minimum of 5 s would answer them with GOAWAY.
+            .args(["--grpc-keepalive-min-time", "500ms"])
+            .args(&self.flags)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -190,6 +252,15 @@ impl EtcdHarness {
 
     /// A backend through a new proxy to `target`, with its proxy.
     pub async fn client_via(target: SocketAddr) -> (EtcdBackend, Arc<Proxy>) {
+        Self::client_via_as(target, None).await
+    }
+
+    /// A backend through a new proxy to `target`, logged in as `user` (name, password) when
+    /// given, with its proxy.
+    pub async fn client_via_as(
+        target: SocketAddr,
+        user: Option<(&str, &str)>,
+    ) -> (EtcdBackend, Arc<Proxy>) {
         let proxy = Arc::new(
             Proxy::start(target)
                 .await
@@ -198,6 +269,11 @@ impl EtcdHarness {
         let mut config = EtcdConfig::new([format!("http://{}", proxy.addr())]);
         config.connect_timeout = Duration::from_secs(1);
         config.request_timeout = Duration::from_secs(2);
+        config.keep_alive = Some(KeepAlive {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+        });
+        config.user = user.map(|(name, password)| (name.to_owned(), password.to_owned()));
         (EtcdBackend::new(config), proxy)
     }
 }

@@ -22,7 +22,7 @@ pub mod scenarios;
 
 pub use checker::{Interval, SafetyChecker, SafetyReport, SafetyViolation};
 pub use client_go::{client_go_elector_binary, GoElector, GoEvent};
-pub use etcd_server::{EtcdHarness, EtcdServer, MALFORMED_VALUE};
+pub use etcd_server::{EtcdHarness, EtcdServer, APP_KEY_PREFIX, APP_USER, MALFORMED_VALUE};
 pub use harness::{FaultSwitch, Harness, Outage, TestClient, Timing};
 pub use kube_server::{
     kube_apiserver_binary, KubeApiServer, KubeHarness, ADMIN_TOKEN, FOREIGN_HOLDER, NAMESPACE,

@@ -1,9 +1,10 @@
-//! A loopback TCP proxy that can cut a client off a real server (a partition), for fault
-//! injection against real backends. Not a mock: bytes go to the real server.
+//! A loopback TCP proxy that can cut a client off a real server (a partition that holds the
+//! bytes back, or a blackhole that silently drops them), for fault injection against real
+//! backends. Not a mock: bytes go to the real server.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use leasehold_core::async_trait;
@@ -18,7 +19,38 @@ pub struct Proxy {
     addr: SocketAddr,
     partitioned: watch::Sender<bool>,
     requests: Arc<AtomicU64>,
+    holes: Arc<Blackholes>,
     task: JoinHandle<()>,
+}
+
+/// Which connections are blackholed: those opened before the latest
+/// [`blackhole`](Proxy::blackhole) (epoch), and those opened while it lasts.
+#[derive(Debug, Default)]
+struct Blackholes {
+    epoch: AtomicU64,
+    active: AtomicBool,
+}
+
+/// One connection's view of [`Blackholes`].
+#[derive(Debug, Clone)]
+struct Fate {
+    holes: Arc<Blackholes>,
+    born: u64,
+    born_dead: bool,
+}
+
+impl Fate {
+    fn new(holes: &Arc<Blackholes>) -> Self {
+        Self {
+            holes: holes.clone(),
+            born: holes.epoch.load(Ordering::SeqCst),
+            born_dead: holes.active.load(Ordering::SeqCst),
+        }
+    }
+
+    fn dead(&self) -> bool {
+        self.born_dead || self.holes.epoch.load(Ordering::SeqCst) > self.born
+    }
 }
 
 impl Proxy {
@@ -32,18 +64,21 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let (partitioned, _) = watch::channel(false);
         let requests = Arc::new(AtomicU64::new(0));
+        let holes = Arc::new(Blackholes::default());
         let task = {
             let partitioned = partitioned.clone();
             let requests = requests.clone();
+            let holes = holes.clone();
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
                     let rx = partitioned.subscribe();
                     let requests = requests.clone();
+                    let fate = Fate::new(&holes);
                     tokio::spawn(async move {
                         if let Ok(server) = TcpStream::connect(target).await {
                             let _ = client.set_nodelay(true);
                             let _ = server.set_nodelay(true);
-                            splice(client, server, rx, requests).await;
+                            splice(client, server, rx, requests, fate).await;
                         }
                     });
                 }
@@ -53,6 +88,7 @@ impl Proxy {
             addr,
             partitioned,
             requests,
+            holes,
             task,
         })
     }
@@ -68,9 +104,20 @@ impl Proxy {
         self.partitioned.send_replace(true);
     }
 
-    /// Resumes forwarding.
+    /// Resumes forwarding; ends a [`blackhole`](Self::blackhole) for connections opened from
+    /// now on (the blackholed ones stay dead).
     pub fn heal(&self) {
+        self.holes.active.store(false, Ordering::SeqCst);
         self.partitioned.send_replace(false);
+    }
+
+    /// Silently kills every connection open now, for good, and every connection opened until
+    /// [`heal`](Self::heal): their bytes are read and thrown away in both directions while both
+    /// sockets stay open (no FIN, no RST), as when a firewall or NAT on the path lost the
+    /// connections' state. Only a peer's own timeout (keep-alive, deadline) can tell them dead.
+    pub fn blackhole(&self) {
+        self.holes.active.store(true, Ordering::SeqCst);
+        self.holes.epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Chunks the clients have sent so far (a count of requests, roughly one per command).
@@ -90,6 +137,7 @@ async fn splice(
     server: TcpStream,
     partitioned: watch::Receiver<bool>,
     requests: Arc<AtomicU64>,
+    fate: Fate,
 ) {
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
@@ -98,8 +146,9 @@ async fn splice(
         server_write,
         partitioned.clone(),
         Some(requests),
+        fate.clone(),
     );
-    let down = pump(server_read, client_write, partitioned, None);
+    let down = pump(server_read, client_write, partitioned, None, fate);
     tokio::select! {
         () = up => {}
         () = down => {}
@@ -111,6 +160,7 @@ async fn pump(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut partitioned: watch::Receiver<bool>,
     requests: Option<Arc<AtomicU64>>,
+    fate: Fate,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -123,6 +173,10 @@ async fn pump(
         }
         if partitioned.wait_for(|cut| !*cut).await.is_err() {
             return;
+        }
+        if fate.dead() {
+            // Blackholed: swallow the bytes, keep both sockets open.
+            continue;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
