@@ -351,7 +351,7 @@ mod redis_specific {
         h.server().restart().await;
         let cc = Candidate::new(lock_name("after-restart"), "c", t.lease_duration);
         let mut refused = None;
-        for _ in 0..50 {
+        for _ in 0..100 {
             match backend.try_acquire(&cc).await {
                 Err(BackendError::Unavailable { detail, .. }) if detail.contains("refused") => {
                     refused = Some(detail);
@@ -359,7 +359,7 @@ mod redis_specific {
                 }
                 // The connection is being re-established.
                 Err(BackendError::Unavailable { .. } | BackendError::Timeout { .. }) => {
-                    sleep(Duration::from_millis(20)).await;
+                    sleep(Duration::from_millis(50)).await;
                 }
                 other => panic!("an empty restart must refuse grants for a lease, got {other:?}"),
             }
