@@ -19,7 +19,8 @@ mod redis_specific {
     use leasehold_testkit::proxy::Proxy;
     use leasehold_testkit::scenarios::{lock_name, wait_for};
     use leasehold_testkit::{
-        Harness, Node, NodeEvent, RedisHarness, RedisServer, SafetyChecker, Timing, GARBAGE,
+        Harness, Node, NodeEvent, Persistence, RedisHarness, RedisServer, SafetyChecker, Timing,
+        GARBAGE,
     };
     use tokio::time::{sleep, Instant};
 
@@ -79,6 +80,292 @@ mod redis_specific {
         a.stop().await.expect("a stops");
         b.stop().await.expect("b stops");
         checker.verify().expect("safe");
+    }
+
+    /// Waits until a term begins that was not in `before` (the count of recorded terms).
+    async fn new_term(checker: &SafetyChecker, before: usize, within: Duration) {
+        wait_for("a new term", within, || checker.intervals().len() > before).await;
+    }
+
+    /// A and B hand the lock back and forth after a snapshot was taken, then stop; the server
+    /// is SIGKILLed and reloads the snapshot. A newcomer C (which has seen no token, so its
+    /// elector cannot mask the backend's mistake) must get a token greater than every token
+    /// granted before, although the reloaded counter is older than they are.
+    async fn tokens_survive_stale_reload(persistence: Persistence) {
+        let t = timing();
+        let mut h = RedisHarness::start_persistent(persistence).await;
+        let lock = lock_name("stale-reload");
+        let checker = SafetyChecker::new();
+        let mut a = node(&h, "a", &lock, &checker).await;
+        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
+        let mut b = node(&h, "b", &lock, &checker).await;
+        wait_for("b follows", t.lease_duration, || {
+            b.handle.leader().as_deref() == Some("a")
+        })
+        .await;
+        h.server().snapshot().await;
+        // Two more terms after the snapshot: b, then a again.
+        a.handle.resign();
+        new_term(&checker, 1, 2 * t.lease_duration).await;
+        b.handle.resign();
+        new_term(&checker, 2, 2 * t.lease_duration).await;
+        b.stop().await.expect("b stops");
+        a.stop().await.expect("a stops");
+        let before = checker.intervals().len();
+        h.server().crash_restart_from_snapshot().await;
+        let mut c = node(&h, "c", &lock, &checker).await;
+        new_term(&checker, before, 10 * t.lease_duration).await;
+        c.stop().await.expect("c stops");
+        let report = checker
+            .verify()
+            .unwrap_or_else(|v| panic!("after a reload of stale data ({persistence:?}): {v}"));
+        assert_eq!(report.intervals.len(), before + 1);
+    }
+
+    /// Issue 10.1, RDB: the snapshot's counter is behind the tokens granted after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn token_increases_after_crash_restart_rdb() {
+        tokens_survive_stale_reload(Persistence::Rdb).await;
+    }
+
+    /// Issue 10.1, AOF everysec: the append-only file lost its unsynced tail (the copy taken
+    /// before the last terms stands for what a power loss leaves).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn token_increases_after_crash_restart_aof_everysec() {
+        tokens_survive_stale_reload(Persistence::AofEverysec).await;
+    }
+
+    /// How the server comes back under a leader in [`restart_under_leader`].
+    #[derive(Debug, Clone, Copy)]
+    enum Comeback {
+        /// Empty: no persistence.
+        Empty,
+        /// From an RDB snapshot taken more than a lease before the crash: the lock key in it
+        /// looks expired, though the leader renewed after the snapshot.
+        StaleSnapshot,
+    }
+
+    /// A leads and B follows; A is cut off (its renews fail, it keeps its validity), the server
+    /// is SIGKILLed and comes back after 800 ms without the lock. B must not lead before A's
+    /// validity has ended (the safety checker judges the recorded intervals), and B leads in the
+    /// end.
+    async fn restart_under_leader(comeback: Comeback) {
+        let t = timing();
+        let persistence = match comeback {
+            Comeback::Empty => Persistence::None,
+            Comeback::StaleSnapshot => Persistence::Rdb,
+        };
+        let mut h = RedisHarness::start_persistent(persistence).await;
+        let lock = lock_name("restart-two-leaders");
+        let checker = SafetyChecker::new();
+        let mut a = node(&h, "a", &lock, &checker).await;
+        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
+        let mut b = node(&h, "b", &lock, &checker).await;
+        wait_for("b follows", t.lease_duration, || {
+            b.handle.leader().as_deref() == Some("a")
+        })
+        .await;
+        if let Comeback::StaleSnapshot = comeback {
+            h.server().snapshot().await;
+            // A renews several times after the snapshot: the key in it expires before reload.
+            sleep(t.lease_duration + t.lease_duration / 2).await;
+            assert!(a.handle.is_leader());
+        }
+        a.client.faults.partition().await;
+        h.server().kill().await;
+        sleep(Duration::from_millis(800)).await;
+        match comeback {
+            Comeback::Empty => h.server().restart().await,
+            Comeback::StaleSnapshot => h.server().crash_restart_from_snapshot().await,
+        }
+        wait_for("b leads after the restart", 10 * t.lease_duration, || {
+            b.handle.is_leader()
+        })
+        .await;
+        a.client.faults.heal().await;
+        b.stop().await.expect("b stops");
+        a.stop().await.expect("a stops");
+        checker
+            .verify()
+            .unwrap_or_else(|v| panic!("restart ({comeback:?}) under a leader: {v}"));
+    }
+
+    /// Issue 10.2: a restart that lost the data must not give two leaders.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn empty_restart_never_two_leaders() {
+        restart_under_leader(Comeback::Empty).await;
+    }
+
+    /// Issue 10.2: a restart from a stale snapshot must not give two leaders either.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stale_snapshot_restart_never_two_leaders() {
+        restart_under_leader(Comeback::StaleSnapshot).await;
+    }
+
+    /// How the lock key disappears in [`lock_key_vanishes_under_leader`].
+    #[derive(Debug, Clone, Copy)]
+    enum Vanish {
+        /// An operator's `DEL`.
+        Deleted,
+        /// Evicted under `maxmemory` (`volatile-ttl`: the lock key is the only key with a TTL,
+        /// so it is the one evicted).
+        Evicted,
+    }
+
+    /// A leads, cut off (it keeps its validity); the lock key vanishes; a newcomer B must not
+    /// acquire before A's validity has ended, and leads in the end.
+    async fn lock_key_vanishes_under_leader(how: Vanish) {
+        let t = timing();
+        let h = RedisHarness::start().await;
+        let lock = lock_name("vanish");
+        let key = RedisBackend::from_url("redis://127.0.0.1:1/")
+            .expect("url")
+            .keys(&lock)
+            .lock;
+        let checker = SafetyChecker::new();
+        let mut a = node(&h, "a", &lock, &checker).await;
+        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
+        a.client.faults.partition().await;
+        let mut conn = plain(&h).await;
+        match how {
+            Vanish::Deleted => {
+                let n: i64 = redis::cmd("DEL")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("DEL");
+                assert_eq!(n, 1, "the lock key was there");
+            }
+            Vanish::Evicted => {
+                for (name, value) in [("maxmemory-policy", "volatile-ttl"), ("maxmemory", "1")] {
+                    let () = redis::cmd("CONFIG")
+                        .arg("SET")
+                        .arg(name)
+                        .arg(value)
+                        .query_async(&mut conn)
+                        .await
+                        .expect("CONFIG SET");
+                }
+                // Any write now evicts (then fails with OOM: nothing else is evictable).
+                let _: redis::RedisResult<()> = redis::cmd("SET")
+                    .arg("filler")
+                    .arg("x")
+                    .query_async(&mut conn)
+                    .await;
+                let () = redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg("maxmemory")
+                    .arg("0")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("CONFIG SET");
+                let info: String = redis::cmd("INFO")
+                    .arg("stats")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("INFO");
+                assert!(
+                    !info.contains("evicted_keys:0\r"),
+                    "nothing evicted: {info}"
+                );
+            }
+        }
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("EXISTS");
+        assert_eq!(exists, 0, "the lock key must be gone");
+        assert!(a.handle.is_leader(), "a is still valid");
+        let mut b = node(&h, "b", &lock, &checker).await;
+        wait_for("b leads", 5 * t.lease_duration, || b.handle.is_leader()).await;
+        a.client.faults.heal().await;
+        b.stop().await.expect("b stops");
+        a.stop().await.expect("a stops");
+        checker
+            .verify()
+            .unwrap_or_else(|v| panic!("lock key {how:?} under a leader: {v}"));
+    }
+
+    /// Issue 10.2: an operator's `DEL` of the lock key does not let a newcomer in early.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deleted_lock_key_waits_for_the_leaders_validity() {
+        lock_key_vanishes_under_leader(Vanish::Deleted).await;
+    }
+
+    /// Issue 10.2: neither does an eviction of the lock key under `maxmemory`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn evicted_lock_key_waits_for_the_leaders_validity() {
+        lock_key_vanishes_under_leader(Vanish::Evicted).await;
+    }
+
+    /// The refusals, call by call: a vanished lock key is reported as still held by the last
+    /// holder until its lease ends (so a follower schedules its attempt then); the last holder
+    /// itself may take it back; a release frees the lock at once; a brand-new lock on a
+    /// long-running server is granted at once; after an empty restart an acquire is refused with
+    /// a transient error that says why.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refusals_are_outcomes_with_a_schedule() {
+        let t = timing();
+        let mut h = RedisHarness::start().await;
+        let lock = lock_name("refusals");
+        let backend = RedisBackend::from_url(&h.server_ref().url()).expect("url");
+        let ca = Candidate::new(&lock, "a", t.lease_duration);
+        let cb = Candidate::new(&lock, "b", t.lease_duration);
+        let ga = match backend.try_acquire(&ca).await {
+            Ok(AcquireOutcome::Acquired(grant)) => grant,
+            other => panic!("a brand-new lock is granted at once, got {other:?}"),
+        };
+        let mut conn = plain(&h).await;
+        let () = redis::cmd("DEL")
+            .arg(backend.keys(&lock).lock)
+            .query_async(&mut conn)
+            .await
+            .expect("DEL");
+        match backend.try_acquire(&cb).await {
+            Ok(AcquireOutcome::Held(seen)) => {
+                assert_eq!(seen.holder(), Some("a"));
+                let wait = seen.expires_in.expect("a wait");
+                assert!(
+                    wait > Duration::ZERO && wait <= t.lease_duration,
+                    "{wait:?}"
+                );
+            }
+            other => panic!("b must wait for a's lease, got {other:?}"),
+        }
+        let ga2 = match backend.try_acquire(&ca).await {
+            Ok(AcquireOutcome::Acquired(grant)) => grant,
+            other => panic!("a may take its own lock back, got {other:?}"),
+        };
+        assert!(ga2.token > ga.token);
+        assert_eq!(
+            backend.release(&ca, &ga2).await.expect("release"),
+            leasehold::ReleaseOutcome::Released
+        );
+        let gb = match backend.try_acquire(&cb).await {
+            Ok(AcquireOutcome::Acquired(grant)) => grant,
+            other => panic!("a release frees the lock at once, got {other:?}"),
+        };
+        assert!(gb.token > ga2.token);
+
+        h.server().restart().await;
+        let cc = Candidate::new(lock_name("after-restart"), "c", t.lease_duration);
+        let mut refused = None;
+        for _ in 0..100 {
+            match backend.try_acquire(&cc).await {
+                Err(BackendError::Unavailable { detail, .. }) if detail.contains("refused") => {
+                    refused = Some(detail);
+                    break;
+                }
+                // The connection is being re-established.
+                Err(BackendError::Unavailable { .. } | BackendError::Timeout { .. }) => {
+                    sleep(Duration::from_millis(50)).await;
+                }
+                other => panic!("an empty restart must refuse grants for a lease, got {other:?}"),
+            }
+        }
+        let detail = refused.expect("a refusal after the restart");
+        assert!(detail.contains("restarted"), "{detail}");
     }
 
     /// A wrong or missing password is a typed, fatal error: `run` returns it at once instead of

@@ -3,8 +3,8 @@
 //! - One key per lock, hash-tagged (`<prefix>{<lock>}`), so the lock, its fencing counter
 //!   (`<prefix>{<lock>}:meta`) and the scripts that touch both live in one slot of a Redis
 //!   Cluster.
-//! - Acquire is one Lua script: `SET NX PX` semantics plus `HINCRBY` of the fencing counter, and
-//!   a `PUBLISH` of the new record. Renew and release are scripts that compare the holder and
+//! - Acquire is one Lua script: `SET NX PX` semantics plus the next fencing token from the
+//!   meta hash, and a `PUBLISH` of the new record. Renew and release are scripts that compare the holder and
 //!   token first; both publish too, so followers learn of every change without asking and
 //!   schedule their attempt at the expiry they saw.
 //! - Followers `SUBSCRIBE` to `<prefix>{<lock>}:events`: a release hands over at once.
@@ -18,10 +18,16 @@
 //!   still believes it leads. [`RedisConfig::wait_replicas`] makes acquire and renew wait for
 //!   `WAIT n` acknowledgements and fail otherwise; that narrows the window, it does not close it.
 //!   Use fencing tokens in the systems your leader writes to.
-//! - **Fencing across restarts.** The counter starts from the server's clock (µs since the epoch)
-//!   when its key is missing, so tokens keep increasing across a restart that lost the data, as
-//!   long as the server's clock does not step back. With persistence (AOF `appendfsync always`)
-//!   the counter itself survives.
+//! - **Fencing across restarts.** Every acquire takes `max(counter + 1, server time in µs)`, so
+//!   tokens keep increasing across a restart that lost or reloaded old data, or a failover, as
+//!   long as the server's clock does not step back.
+//! - **After a restart or data loss, nobody leads for up to one lease.** An acquire is refused
+//!   while an earlier lease may still run: until the end of the last lease recorded in the
+//!   lock's meta (so a deleted or evicted lock key is safe), or, when the meta is missing or
+//!   comes from another server process (its `run_id`), until one lease has passed since
+//!   leasehold first saw this server process ([`RedisBackend::server_key`]; the uptime on
+//!   Redis Cluster). Use `noeviction` or a `volatile-*` maxmemory policy: `allkeys-*` may evict
+//!   the meta.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -270,6 +276,57 @@ impl RedisBackend {
         }
     }
 
+    /// The server-wide key (`<prefix>server`, a hash of `run_id` and `since`) that records
+    /// since when, in the server's time, leasehold has known this server's data to be
+    /// continuous. A lock with no metadata is granted at once only when that was at least one
+    /// lease ago; otherwise the server may have restarted empty under a live holder. Not used
+    /// on Redis Cluster, where the server's uptime stands in for it.
+    pub fn server_key(&self) -> String {
+        format!("{}server", self.inner.config.key_prefix)
+    }
+
+    /// The answer to an acquire the server refused because an earlier holder's lease may still
+    /// run although the lock is gone (a restart that lost or reloaded the data, a deleted or
+    /// evicted lock key). With a known earlier holder, the candidate sees it holding the lock
+    /// until the wait ends, and schedules its next attempt then; otherwise (unknown, or the
+    /// candidate itself) a transient error, retried after `retry_period`.
+    fn refused(
+        &self,
+        candidate: &Candidate,
+        last: Option<&[u8]>,
+        wait_ms: i64,
+        reason: &str,
+    ) -> Result<AcquireOutcome, BackendError> {
+        let wait = Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0));
+        let why = if reason == "restart" {
+            "the server restarted, reloaded old data or failed over (its run id changed, or the \
+             lock's metadata is missing)"
+        } else {
+            "the lock key vanished (deleted or evicted) while the last lease granted on it may \
+             still run"
+        };
+        let last = last.and_then(|raw| record::parse(&candidate.lock, raw).ok());
+        match last.filter(|r| r.holder != candidate.identity && !r.is_vacant()) {
+            Some(record) => {
+                tracing::warn!(
+                    lock = %candidate.lock,
+                    last_holder = %record.holder,
+                    wait_ms,
+                    "acquire refused: {why}; no grants until that lease has surely ended"
+                );
+                Ok(AcquireOutcome::Held(Observation::held(record, Some(wait))))
+            }
+            None => Err(BackendError::Unavailable {
+                backend: format!("redis at {}", self.inner.address),
+                detail: format!(
+                    "acquire of lock {:?} refused for {wait_ms} ms more: {why}; no grants until \
+                     any lease granted before has surely ended",
+                    candidate.lock
+                ),
+            }),
+        }
+    }
+
     /// The server address, without credentials.
     pub fn address(&self) -> &str {
         &self.inner.address
@@ -308,8 +365,8 @@ impl RedisBackend {
                 backend,
                 detail: format!(
                     "{operation}: {error}. Check the user and password in the URL; the ACL user \
-                     needs EVAL, EVALSHA, SCRIPT, GET, PTTL, SUBSCRIBE, PUBLISH and WAIT on keys \
-                     and channels {}*",
+                     needs EVAL, EVALSHA, SCRIPT, GET, SET, DEL, PTTL, HMGET, HSET, TIME, INFO, \
+                     SUBSCRIBE, PUBLISH and WAIT on keys and channels {}*",
                     self.inner.config.key_prefix
                 ),
             }
@@ -379,6 +436,7 @@ fn lease_ms(candidate: &Candidate) -> u64 {
 }
 
 type ScriptReply = (String, Option<Vec<u8>>, i64);
+type AcquireReply = (String, Option<Vec<u8>>, i64, String);
 
 #[async_trait]
 impl LockBackend for RedisBackend {
@@ -409,12 +467,13 @@ impl LockBackend for RedisBackend {
     async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
         let keys = self.keys(&candidate.lock);
         let mut connection = self.connection().await?;
-        let (status, raw, pttl): ScriptReply = self
-            .inner
-            .scripts
-            .acquire
-            .key(&keys.lock)
-            .key(&keys.meta)
+        let mut invocation = self.inner.scripts.acquire.key(&keys.lock);
+        invocation.key(&keys.meta);
+        if self.inner.cluster.is_none() {
+            // On a cluster the script may only touch the lock's slot: it uses the uptime.
+            invocation.key(self.server_key());
+        }
+        let (status, raw, pttl, reason): AcquireReply = invocation
             .arg(&candidate.identity)
             .arg(lease_ms(candidate))
             .arg(wall_ms())
@@ -422,6 +481,9 @@ impl LockBackend for RedisBackend {
             .invoke_async(&mut connection)
             .await
             .map_err(|e| self.error("acquire", &e))?;
+        if status == "refused" {
+            return self.refused(candidate, raw.as_deref(), pttl, &reason);
+        }
         let observation = record::observe(&candidate.lock, raw.as_deref(), pttl);
         match status.as_str() {
             "acquired" => {
@@ -464,6 +526,7 @@ impl LockBackend for RedisBackend {
             .scripts
             .renew
             .key(&keys.lock)
+            .key(&keys.meta)
             .arg(&candidate.identity)
             .arg(grant.token.get())
             .arg(lease_ms(candidate))
@@ -498,6 +561,7 @@ impl LockBackend for RedisBackend {
             .scripts
             .release
             .key(&keys.lock)
+            .key(&keys.meta)
             .arg(&candidate.identity)
             .arg(grant.token.get())
             .arg(&keys.channel)

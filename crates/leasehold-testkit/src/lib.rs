@@ -31,7 +31,7 @@ pub use kube_server::{
 pub use memory::MemoryHarness;
 pub use node::{Node, NodeEvent};
 pub use redis_server::{
-    free_port, RedisCluster, RedisClusterHarness, RedisHarness, RedisServer, GARBAGE,
+    free_port, Persistence, RedisCluster, RedisClusterHarness, RedisHarness, RedisServer, GARBAGE,
 };
 
 /// Expands to one `#[tokio::test]` per conformance scenario, each calling the scenario with the

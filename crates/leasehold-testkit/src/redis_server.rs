@@ -25,14 +25,47 @@ pub fn free_port() -> u16 {
         .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
 }
 
-/// A `redis-server` on a free loopback port, without persistence, in a temporary directory.
-/// Killed when dropped (also on panic).
+/// How a [`RedisServer`] keeps its data on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// Nothing on disk (`--save "" --appendonly no`): a restart comes back empty.
+    None,
+    /// RDB snapshots (`--save "1 1"`): a restart reloads the latest snapshot, which may be
+    /// older than the last writes.
+    Rdb,
+    /// An append-only file fsynced every second (`--appendonly yes --appendfsync everysec`):
+    /// a power loss can lose the last second of writes.
+    AofEverysec,
+}
+
+impl Persistence {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Persistence::None => &["--save", "", "--appendonly", "no"],
+            Persistence::Rdb => &["--save", "1 1", "--appendonly", "no"],
+            Persistence::AofEverysec => &[
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+            ],
+        }
+    }
+}
+
+/// A `redis-server` on a free loopback port, in a temporary directory, without persistence
+/// unless started with [`RedisServer::start_persistent`]. Killed when dropped (also on panic).
 #[derive(Debug)]
 pub struct RedisServer {
     port: u16,
     password: Option<String>,
     extra_args: Vec<String>,
+    persistence: Persistence,
     dir: tempfile::TempDir,
+    /// The copy of the data files taken by [`RedisServer::snapshot`].
+    saved: Option<tempfile::TempDir>,
     child: Option<Child>,
 }
 
@@ -69,21 +102,81 @@ impl RedisServer {
         Self::start_with(port, password, Vec::new(), dir).await
     }
 
+    /// Starts a server on a free port that keeps its data as `persistence` says.
+    pub async fn start_persistent(persistence: Persistence) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+        let mut server = Self::new(free_port(), None, Vec::new(), dir);
+        server.persistence = persistence;
+        server.spawn().await;
+        server.mark_long_known().await;
+        server
+    }
+
+    fn new(
+        port: u16,
+        password: Option<String>,
+        extra_args: Vec<String>,
+        dir: tempfile::TempDir,
+    ) -> RedisServer {
+        RedisServer {
+            port,
+            password,
+            extra_args,
+            persistence: Persistence::None,
+            dir,
+            saved: None,
+            child: None,
+        }
+    }
+
     async fn start_with(
         port: u16,
         password: Option<String>,
         extra_args: Vec<String>,
         dir: tempfile::TempDir,
     ) -> RedisServer {
-        let mut server = RedisServer {
-            port,
-            password,
-            extra_args,
-            dir,
-            child: None,
-        };
+        let mut server = Self::new(port, password, extra_args, dir);
         server.spawn().await;
+        if server.extra_args.is_empty() {
+            server.mark_long_known().await;
+        }
         server
+    }
+
+    /// Marks this brand-new server as known to leasehold since ever (the server-wide key of
+    /// [`RedisBackend::server_key`], default prefix), as if it had been up for long: locks
+    /// are then granted at once, without the one-lease wait that follows a server (re)start.
+    /// Restarts ([`restart`](Self::restart), [`crash_restart`](Self::crash_restart)) do not
+    /// do this, so they get the wait.
+    async fn mark_long_known(&self) {
+        let key = RedisBackend::from_url(&self.url())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .server_key();
+        let mut c = self
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("redis: {e}"));
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("redis INFO: {e}"));
+        let run_id = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .unwrap_or_else(|| panic!("no run_id in INFO server"))
+            .trim()
+            .to_owned();
+        let () = redis::cmd("HSET")
+            .arg(&key)
+            .arg("run_id")
+            .arg(run_id)
+            .arg("since")
+            .arg(0)
+            .query_async(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("redis HSET: {e}"));
     }
 
     async fn spawn(&mut self) {
@@ -91,7 +184,8 @@ impl RedisServer {
         command
             .arg("--port")
             .arg(self.port.to_string())
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--bind", "127.0.0.1"])
+            .args(self.persistence.args())
             .arg("--dir")
             .arg(self.dir.path())
             .args(["--protected-mode", "no", "--loglevel", "warning"])
@@ -127,9 +221,77 @@ impl RedisServer {
         }
     }
 
-    /// Kills and starts the server again on the same port: all data is lost.
+    /// Kills and starts the server again on the same port: all data is lost (also the files
+    /// of a persistent server).
     pub async fn restart(&mut self) {
         self.kill().await;
+        for entry in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            remove(&entry.path());
+        }
+        self.spawn().await;
+    }
+
+    /// Kills the server (SIGKILL: no shutdown, no save) and starts it again on the same port
+    /// and directory: it reloads whatever its persistence mode had on disk.
+    pub async fn crash_restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+
+    /// Takes a point-in-time copy of the data on disk, for
+    /// [`crash_restart_from_snapshot`](Self::crash_restart_from_snapshot): with
+    /// [`Persistence::Rdb`] a `SAVE` (an RDB snapshot taken now), with
+    /// [`Persistence::AofEverysec`] a copy of the append-only files as they are now (what a
+    /// power loss leaves when the later writes were not fsynced yet).
+    ///
+    /// # Panics
+    ///
+    /// Without persistence, or when the server or the file system fails.
+    pub async fn snapshot(&mut self) {
+        let source = match self.persistence {
+            Persistence::None => panic!("snapshot needs a persistent RedisServer"),
+            Persistence::Rdb => {
+                let mut c = self
+                    .client()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .unwrap_or_else(|e| panic!("redis: {e}"));
+                let () = redis::cmd("SAVE")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap_or_else(|e| panic!("redis SAVE: {e}"));
+                "dump.rdb"
+            }
+            Persistence::AofEverysec => "appendonlydir",
+        };
+        let saved = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+        copy_tree(&self.dir.path().join(source), &saved.path().join(source));
+        self.saved = Some(saved);
+    }
+
+    /// Kills the server (SIGKILL), puts back the data taken by [`snapshot`](Self::snapshot)
+    /// (an old snapshot, or an append-only file that lost its unsynced tail) and starts it
+    /// again on the same port: the server reloads stale data.
+    ///
+    /// # Panics
+    ///
+    /// Without an earlier [`snapshot`](Self::snapshot), or when the file system fails.
+    pub async fn crash_restart_from_snapshot(&mut self) {
+        self.kill().await;
+        let saved = self
+            .saved
+            .as_ref()
+            .unwrap_or_else(|| panic!("crash_restart_from_snapshot needs a snapshot first"));
+        for entry in std::fs::read_dir(saved.path()).into_iter().flatten() {
+            let entry = entry.unwrap_or_else(|e| panic!("read snapshot: {e}"));
+            let target = self.dir.path().join(entry.file_name());
+            remove(&target);
+            copy_tree(&entry.path(), &target);
+        }
         self.spawn().await;
     }
 
@@ -153,6 +315,28 @@ impl RedisServer {
     }
 }
 
+/// Removes a file or a directory tree, if it exists.
+fn remove(path: &std::path::Path) {
+    let _ = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+}
+
+/// Copies a file, or a directory with its files, to `to`.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    if from.is_dir() {
+        std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("mkdir {}: {e}", to.display()));
+        for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("read dir: {e}")) {
+            let entry = entry.unwrap_or_else(|e| panic!("read dir: {e}"));
+            copy_tree(&entry.path(), &to.join(entry.file_name()));
+        }
+    } else {
+        std::fs::copy(from, to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+    }
+}
+
 fn url_for(addr: SocketAddr, password: Option<&str>) -> String {
     match password {
         Some(password) => format!("redis://:{password}@{addr}/0"),
@@ -172,8 +356,13 @@ pub struct RedisHarness {
 impl RedisHarness {
     /// Starts a server for this harness.
     pub async fn start() -> RedisHarness {
+        Self::start_persistent(Persistence::None).await
+    }
+
+    /// Starts a server that keeps its data as `persistence` says.
+    pub async fn start_persistent(persistence: Persistence) -> RedisHarness {
         RedisHarness {
-            server: RedisServer::start().await,
+            server: RedisServer::start_persistent(persistence).await,
             extra: Arc::default(),
         }
     }
@@ -347,6 +536,31 @@ impl RedisCluster {
                 assert!(
                     Instant::now() < deadline,
                     "the cluster did not become ok in 30 s"
+                );
+                sleep(Duration::from_millis(100)).await;
+            }
+        }
+        // A lock without metadata waits one lease after a server's start (the uptime stands
+        // in for the server-wide key on a cluster): let the scenarios' leases pass first.
+        for node in &nodes {
+            loop {
+                let info: String = async {
+                    let mut c = node.client().get_multiplexed_async_connection().await?;
+                    redis::cmd("INFO").arg("server").query_async(&mut c).await
+                }
+                .await
+                .unwrap_or_default();
+                let uptime = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("uptime_in_seconds:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0);
+                if uptime > crate::Timing::FAST.lease_duration.as_secs() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster nodes did not come up in 30 s"
                 );
                 sleep(Duration::from_millis(100)).await;
             }
