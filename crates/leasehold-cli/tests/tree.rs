@@ -332,3 +332,45 @@ async fn a_lost_term_kills_the_tree_at_once_without_the_grace() {
         assert!(!alive(*pid), "{pid} of {first:?} outlived the lost term");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renew_deadline_step_down_ends_the_tree_by_the_terms_validity() {
+    let server = RedisServer::start().await;
+    let proxy = leasehold_testkit::proxy::Proxy::start(server.addr())
+        .await
+        .expect("proxy");
+    let url = format!("redis://{}/0", proxy.addr());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _cleanup = Cleanup(dir.path().to_path_buf());
+    // The grace is far longer than the lease: the term's validity must cut it short.
+    let timing = [
+        "--lease-duration",
+        "6s",
+        "--renew-deadline",
+        "4s",
+        "--retry-period",
+        "300ms",
+        "--grace",
+        "90s",
+    ];
+    let cmd = tree_command(dir.path(), "trap '' TERM");
+    let mut a = leasehold_run(&url, "tree-deadline", "a", &timing, &cmd);
+    let a_err = collect_stderr(&mut a);
+    let (_, first) = wait_tree(dir.path(), 1, Duration::from_secs(20)).await;
+
+    // Renewals hang: a steps down at its renew deadline, still valid for up to 2 s more.
+    proxy.partition();
+    let status = tokio::time::timeout(Duration::from_secs(40), a.wait())
+        .await
+        .unwrap_or_else(|_| panic!("the grace outlived the term: {}", text(&a_err)))
+        .expect("a's status");
+    assert_eq!(status.code(), Some(6), "{}", text(&a_err));
+    let log = text(&a_err);
+    assert!(
+        log.contains("leadership ended; stopping the command (SIGTERM, SIGKILL after"),
+        "a step-down with validity left gets SIGTERM first: {log}"
+    );
+    for pid in &first {
+        assert!(!alive(*pid), "{pid} of {first:?} outlived the term");
+    }
+}
