@@ -144,6 +144,11 @@ async fn dropping_run_is_a_crash_that_ends_the_term_without_release() {
     assert!(!handle.is_leader());
     assert!(handle.state().stopped);
     assert!(leadership.ended_at().is_some());
+    assert_eq!(
+        leadership.stop_cause(),
+        None,
+        "no cause: the elector was dropped"
+    );
     // Not released: the lock is still held until it expires.
     assert_eq!(store.read("lock").await.unwrap().holder(), Some("a"));
     sleep(Duration::from_secs(2)).await;
@@ -408,4 +413,75 @@ async fn shutdown_waits_for_an_earlier_terms_work_and_reports_it_still_running()
         matches!(result, Err(ElectorError::WorkStillRunning { terms: 1 })),
         "{result:?}"
     );
+/// Waits for `term` to end (within a minute of paused time).
+async fn ended(term: &leasehold::Leadership) {
+    tokio::time::timeout(Duration::from_secs(60), term.cancelled())
+        .await
+        .expect("the term ends");
+}
+
+/// Runs an elector on `store` (the same client: its faults apply) until its first term starts;
+/// returns that term.
+async fn first_term(
+    store: &MemoryBackend,
+    shutdown: CancellationToken,
+) -> (
+    leasehold::Leadership,
+    leasehold::ElectorHandle,
+    tokio::task::JoinHandle<Result<(), ElectorError>>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let callbacks = Callbacks::new().on_started_leading(move |leadership| {
+        let _ = tx.send(leadership.clone());
+        async move { leadership.cancelled().await }
+    });
+    let elector = Elector::new(config("a"), store.clone(), callbacks).expect("elector");
+    let handle = elector.handle();
+    let task = elector.spawn(shutdown);
+    let leadership = rx.recv().await.expect("a term");
+    (leadership, handle, task)
+}
+
+#[tokio::test(start_paused = true)]
+async fn leadership_tells_why_its_term_ended() {
+    use leasehold::memory::Partition;
+    use leasehold::StopCause;
+
+    // Lost: the lock was deleted, the next renew finds it gone.
+    let store = MemoryBackend::new();
+    let shutdown = CancellationToken::new();
+    let (term, _, task) = first_term(&store, shutdown.clone()).await;
+    assert_eq!(term.stop_cause(), None, "the term lasts");
+    store.delete("lock");
+    ended(&term).await;
+    assert_eq!(term.stop_cause(), Some(StopCause::Lost));
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    // RenewDeadline: no renew succeeds in time.
+    let store = MemoryBackend::new();
+    let shutdown = CancellationToken::new();
+    let (term, _, task) = first_term(&store, shutdown.clone()).await;
+    store.faults().partition(Partition::Fail);
+    ended(&term).await;
+    assert_eq!(term.stop_cause(), Some(StopCause::RenewDeadline));
+    store.faults().heal();
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    // Resigned, then Shutdown.
+    let store = MemoryBackend::new();
+    let shutdown = CancellationToken::new();
+    let (term, handle, task) = first_term(&store, shutdown.clone()).await;
+    handle.resign();
+    ended(&term).await;
+    assert_eq!(term.stop_cause(), Some(StopCause::Resigned));
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    let shutdown = CancellationToken::new();
+    let (term, _, task) = first_term(&MemoryBackend::new(), shutdown.clone()).await;
+    shutdown.cancel();
+    ended(&term).await;
+    assert_eq!(term.stop_cause(), Some(StopCause::Shutdown));
+    task.await.unwrap().unwrap();
 }

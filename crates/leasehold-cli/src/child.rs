@@ -1,28 +1,42 @@
-//! The supervised command: its own process group, killed if leasehold dies, stopped with
-//! SIGTERM then SIGKILL.
+//! The supervised command, as leasehold sees it: a [supervisor](crate::supervisor) process
+//! (leasehold re-executed) that runs the command and ends its whole process tree — when the
+//! command exits, when asked, and when leasehold dies.
 
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::sys::signal::Signal;
 use tokio::process::Command;
 
 use crate::error::CliError;
 
-/// A running command.
+/// The hidden subcommand that runs the supervisor.
+pub const SUPERVISE: &str = "__supervise";
+
+/// What the supervisor writes on its status pipe once the command has started (anything else
+/// is the error that kept it from starting).
+pub const STARTED: &str = "started";
+
+/// A running command, behind its supervisor.
 pub struct Child {
-    inner: tokio::process::Child,
-    group: Option<Pid>,
+    supervisor: tokio::process::Child,
+    /// The write end of the control pipe: `T` = SIGTERM the tree, `K` = SIGKILL it. Closing it
+    /// (leasehold exits or dies) makes the supervisor SIGKILL the tree.
+    control: File,
 }
 
-/// Makes the child get SIGKILL when leasehold dies (even by SIGKILL), so a command never outlives
-/// the leadership it was started under.
+/// Makes the child get SIGKILL when its parent (the supervisor) dies, even by SIGKILL: a last
+/// line of defence should the supervisor itself be killed.
 ///
 /// This is the crate's one `unsafe` block: `pre_exec` is unsafe because its closure runs in the
 /// forked child before `exec`, where only async-signal-safe calls are allowed.
 #[allow(unsafe_code)]
-fn die_with_parent(command: &mut Command) {
+pub fn die_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
     // SAFETY: the closure only calls prctl(2) through nix (no allocation, no lock): it is
     // async-signal-safe.
     unsafe {
@@ -32,64 +46,108 @@ fn die_with_parent(command: &mut Command) {
     }
 }
 
+/// A pipe whose two ends are close-on-exec.
+fn pipe() -> Result<(OwnedFd, OwnedFd), CliError> {
+    nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(|e| CliError::Other(format!("cannot create a pipe: {e}")))
+}
+
+/// Lets the next program started inherit `fd` (clears close-on-exec). Only the supervisor is
+/// started while it is set, and leasehold closes its copy right after.
+fn inheritable(fd: &OwnedFd) -> Result<(), CliError> {
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))
+        .map(drop)
+        .map_err(|e| CliError::Other(format!("cannot pass a pipe to the supervisor: {e}")))
+}
+
 impl Child {
-    /// Starts `argv` with `env` added, in a new process group, inheriting stdio.
+    /// Starts `argv` with `env` added under a supervisor, both in process groups of their own,
+    /// inheriting stdio; returns once the command has started.
     ///
     /// # Errors
     ///
     /// [`CliError::Other`] when the program cannot be started (not found, not executable).
-    pub fn spawn(argv: &[String], env: &[(&str, String)]) -> Result<Child, CliError> {
-        let Some((program, args)) = argv.split_first() else {
+    pub async fn spawn(argv: &[String], env: &[(&str, String)]) -> Result<Child, CliError> {
+        if argv.is_empty() {
             return Err(CliError::Other("no command given after --".into()));
-        };
-        let mut command = Command::new(program);
+        }
+        let (control_read, control_write) = pipe()?;
+        let (status_read, status_write) = pipe()?;
+        inheritable(&control_read)?;
+        inheritable(&status_write)?;
+        // /proc/self/exe: this very binary, even if it was replaced on disk since it started.
+        let mut command = Command::new("/proc/self/exe");
         command
-            .args(args)
+            .arg0("leasehold")
+            .arg(SUPERVISE)
+            .arg(control_read.as_raw_fd().to_string())
+            .arg(status_write.as_raw_fd().to_string())
+            .arg("--")
+            .args(argv)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .process_group(0)
-            .kill_on_drop(true);
-        die_with_parent(&mut command);
-        let inner = command
-            .spawn()
-            .map_err(|e| CliError::Other(format!("cannot start {program:?}: {e}")))?;
-        let group = inner
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .map(Pid::from_raw);
-        Ok(Child { inner, group })
+            .process_group(0);
+        let spawned = command.spawn();
+        drop(control_read);
+        drop(status_write);
+        let mut supervisor =
+            spawned.map_err(|e| CliError::Other(format!("cannot start the supervisor: {e}")))?;
+        let status = tokio::task::spawn_blocking(move || {
+            let mut status = String::new();
+            File::from(status_read)
+                .read_to_string(&mut status)
+                .map(|_| status)
+        })
+        .await;
+        match status {
+            Ok(Ok(status)) if status == STARTED => Ok(Child {
+                supervisor,
+                control: File::from(control_write),
+            }),
+            other => {
+                let _ = supervisor.wait().await;
+                Err(CliError::Other(match other {
+                    Ok(Ok(message)) if !message.is_empty() => message,
+                    Ok(Err(e)) => format!("cannot hear from the supervisor: {e}"),
+                    _ => "the supervisor exited before it started the command".into(),
+                }))
+            }
+        }
     }
 
-    /// Waits for the command to exit.
+    /// Waits for the command to exit (and everything it left behind to be killed).
     ///
     /// # Cancel safety
     ///
     /// Cancel safe.
     pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
-        self.inner.wait().await
+        self.supervisor.wait().await
     }
 
-    /// SIGTERM to the command's process group, SIGKILL after `grace`; returns its status.
+    fn send(&mut self, order: u8) {
+        if let Err(error) = self.control.write_all(&[order]) {
+            tracing::debug!(%error, "the supervisor is gone");
+        }
+    }
+
+    /// SIGTERM to the command's whole tree, SIGKILL after `grace`; returns its status.
     pub async fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
-        if let Ok(Some(status)) = self.inner.try_wait() {
+        if let Ok(Some(status)) = self.supervisor.try_wait() {
             return Some(status);
         }
-        self.signal(Signal::SIGTERM);
-        match tokio::time::timeout(grace, self.inner.wait()).await {
+        self.send(b'T');
+        match tokio::time::timeout(grace, self.supervisor.wait()).await {
             Ok(status) => status.ok(),
             Err(_) => {
                 tracing::warn!(?grace, "the command ignored SIGTERM; sending SIGKILL");
-                self.signal(Signal::SIGKILL);
-                self.inner.wait().await.ok()
+                self.kill().await
             }
         }
     }
 
-    fn signal(&self, signal: Signal) {
-        if let Some(group) = self.group {
-            if let Err(error) = killpg(group, signal) {
-                tracing::debug!(%error, ?signal, "signal to the command's process group failed");
-            }
-        }
+    /// SIGKILL to the command's whole tree at once; returns its status.
+    pub async fn kill(&mut self) -> Option<ExitStatus> {
+        self.send(b'K');
+        self.supervisor.wait().await.ok()
     }
 }
 

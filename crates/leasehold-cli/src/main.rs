@@ -8,6 +8,7 @@ mod error;
 mod inspect;
 mod run;
 mod serve;
+mod supervisor;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -40,9 +41,12 @@ enum Command {
     /// Campaign for LOCK and run CMD while leading; stop it when leadership ends.
     ///
     /// The command gets LEASEHOLD_TOKEN (fencing token), LEASEHOLD_TERM, LEASEHOLD_IDENTITY and
-    /// LEASEHOLD_LOCK. When leadership is lost it gets SIGTERM, then SIGKILL after --grace. When
-    /// it exits, the lock is released and leasehold exits with its code (or, with --restart,
-    /// campaigns again). SIGINT/SIGTERM to leasehold stop the command gracefully and release.
+    /// LEASEHOLD_LOCK. Its whole process tree ends with the term: when the backend reports the
+    /// term lost it gets SIGKILL at once; when renewing fails, or on SIGINT/SIGTERM to
+    /// leasehold, SIGTERM, then SIGKILL after --grace (never past the term's validity). When it
+    /// exits, whatever it left running gets SIGKILL, then the lock is released and leasehold
+    /// exits with its code (or, with --restart, campaigns again). If leasehold dies, even by
+    /// SIGKILL, the tree gets SIGKILL.
     #[command(after_help = EXIT_CODES)]
     Run(RunArgs),
     /// Print the holder of LOCK, its token, times, lease duration, and whether it looks expired.
@@ -54,6 +58,25 @@ enum Command {
     /// N candidates on the in-memory backend: kill the leader, let another resign, and print a
     /// timeline with handover times. Needs no server.
     Demo(DemoArgs),
+    /// Internal: the supervisor between `run` and its command.
+    #[command(name = "__supervise", hide = true)]
+    Supervise(SuperviseArgs),
+}
+
+#[derive(Debug, Args)]
+struct SuperviseArgs {
+    /// The inherited read end of the control pipe.
+    control_fd: i32,
+    /// The inherited write end of the status pipe.
+    status_fd: i32,
+    /// The command and its arguments (after `--`).
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    command: Vec<String>,
 }
 
 /// Where the lock lives.
@@ -136,6 +159,13 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Command::Supervise(args) = &cli.command {
+        return ExitCode::from(supervisor::supervise(
+            args.control_fd,
+            args.status_fd,
+            &args.command,
+        ));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -152,6 +182,7 @@ fn main() -> ExitCode {
             Command::Status(args) => inspect::status(args).await.map(|()| 0),
             Command::Watch(args) => inspect::watch(args).await.map(|()| 0),
             Command::Demo(args) => demo::demo(args.candidates).await.map(|()| 0),
+            Command::Supervise(_) => Ok(1),
         }
     });
     match result {

@@ -3,7 +3,7 @@
 use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
-use leasehold::{Callbacks, CancellationToken, Config, Elector, Leadership};
+use leasehold::{Callbacks, CancellationToken, Config, Elector, Leadership, StopCause};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
@@ -157,7 +157,7 @@ async fn supervise(
         leadership.token(),
         args.command
     );
-    let mut child = Child::spawn(&args.command, &env)?;
+    let mut child = Child::spawn(&args.command, &env).await?;
     let grace = |why: &str| capped_grace(args.grace, leadership, why);
     tokio::select! {
         status = child.wait() => {
@@ -165,7 +165,13 @@ async fn supervise(
             Ok(Supervised::Exited(code))
         }
         () = leadership.cancelled() => {
-            child.stop(grace("leadership ended")).await;
+            if leadership.stop_cause() == Some(StopCause::Lost) {
+                // The backend no longer holds our term: someone else may lead already.
+                eprintln!("leasehold: leadership lost; killing the command (SIGKILL)");
+                child.kill().await;
+            } else {
+                child.stop(grace("leadership ended")).await;
+            }
             Ok(Supervised::Lost)
         }
         _ = terminate.recv() => {

@@ -96,11 +96,16 @@ fn alive(pid: i32) -> bool {
             .contains(") Z ")
 }
 
-/// The parent (leasehold) of a child pid.
-fn parent_of(pid: i32) -> Option<u32> {
+/// The parent of a pid.
+fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(") ")?.1;
     after.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The leasehold that runs a command: the parent of the command's supervisor.
+fn leasehold_of(command: i32) -> Option<u32> {
+    parent_of(parent_of(command)?)?.try_into().ok()
 }
 
 async fn wait_lines(out: &Path, starts: usize, within: Duration) -> Vec<Line> {
@@ -172,7 +177,7 @@ async fn scenario(backend: &str, dir: &Path) {
     let first = all[0].clone();
 
     // SIGTERM to its leasehold: the child is stopped, the lock released, another starts fast.
-    let leader = parent_of(first.pid).expect("leader pid");
+    let leader = leasehold_of(first.pid).expect("leader pid");
     let signalled = now_nanos();
     kill(leader, "-TERM").await;
     let all = wait_lines(&out, 2, Duration::from_secs(10)).await;
@@ -189,7 +194,7 @@ async fn scenario(backend: &str, dir: &Path) {
     );
 
     // SIGKILL to the next leasehold: its child dies with it; another starts after the expiry.
-    let leader = parent_of(second.pid).expect("leader pid");
+    let leader = leasehold_of(second.pid).expect("leader pid");
     let killed = now_nanos();
     kill(leader, "-KILL").await;
     let all = wait_lines(&out, 3, Duration::from_secs(20)).await;

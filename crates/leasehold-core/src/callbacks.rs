@@ -11,7 +11,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::record::FencingToken;
-use crate::state::{LeaderState, TermInfo};
+use crate::state::{LeaderState, StopCause, TermInfo};
+
+/// How a term ended: the instant, the term's validity at that instant, and the cause.
+pub(crate) type Ended = (Instant, Option<Instant>, Option<StopCause>);
 
 pub(crate) type StartedFn = dyn Fn(Leadership) -> BoxFuture<'static, ()> + Send + Sync;
 pub(crate) type StoppedFn = dyn Fn() + Send + Sync;
@@ -102,8 +105,9 @@ pub struct Leadership {
     pub(crate) term: TermInfo,
     pub(crate) cancel: CancellationToken,
     pub(crate) state: watch::Receiver<LeaderState>,
-    /// When the term ended, and its validity at that moment.
-    pub(crate) ended: Arc<OnceLock<(Instant, Option<Instant>)>>,
+    /// When the term ended, its validity at that moment, and why (`None` when the elector's
+    /// driver was dropped).
+    pub(crate) ended: Arc<OnceLock<Ended>>,
 }
 
 impl Leadership {
@@ -130,7 +134,10 @@ impl Leadership {
         let state = self.state.borrow();
         match state.term {
             Some(term) if term.number == self.term.number => state.valid_until,
-            _ => self.ended.get().and_then(|(_, valid_until)| *valid_until),
+            _ => self
+                .ended
+                .get()
+                .and_then(|(_, valid_until, _)| *valid_until),
         }
     }
 
@@ -149,7 +156,16 @@ impl Leadership {
     pub fn ended_at(&self) -> Option<Instant> {
         self.ended
             .get()
-            .map(|(at, valid_until)| valid_until.map_or(*at, |until| (*at).min(until)))
+            .map(|(at, valid_until, _)| valid_until.map_or(*at, |until| (*at).min(until)))
+    }
+
+    /// Why the term ended, once it has: e.g. [`StopCause::Lost`] when the backend reported it
+    /// lost (someone else may already lead, so the work must stop at once), or
+    /// [`StopCause::RenewDeadline`] when no renew succeeded in time (the term is still valid
+    /// until [`deadline`](Self::deadline)). `None` while the term lasts, and when it ended
+    /// because the elector itself was dropped.
+    pub fn stop_cause(&self) -> Option<StopCause> {
+        self.ended.get().and_then(|(_, _, cause)| *cause)
     }
 
     /// A token cancelled when the term ends (step-down, loss, resign, shutdown).
@@ -174,6 +190,7 @@ impl fmt::Debug for Leadership {
             .field("token", &self.term.token)
             .field("started_at", &self.term.started_at)
             .field("ended_at", &self.ended_at())
+            .field("stop_cause", &self.stop_cause())
             .finish()
     }
 }

@@ -16,12 +16,12 @@ use tracing::Instrument;
 use crate::backend::{
     AcquireOutcome, Candidate, LockBackend, ReleaseOutcome, RenewOutcome, WatchStream,
 };
-use crate::callbacks::{Callbacks, Leadership};
+use crate::callbacks::{Callbacks, Ended, Leadership};
 use crate::config::Config;
 use crate::error::{BackendError, ElectorError};
 use crate::machine::{Action, Call, Machine};
 use crate::metrics::ElectorMetrics;
-use crate::state::{LeaderState, TermInfo};
+use crate::state::{LeaderState, StopCause, TermInfo};
 
 /// How long [`Elector::run`] waits, on exit, for queued `on_stopped_leading` / `on_new_leader`
 /// callbacks to finish.
@@ -301,20 +301,20 @@ enum Notice {
 /// The live term as the driver holds it. Dropping it (the driver dropped = a crash) ends the term.
 struct LiveTerm {
     cancel: CancellationToken,
-    ended: Arc<OnceLock<(Instant, Option<Instant>)>>,
+    ended: Arc<OnceLock<Ended>>,
     valid_until: Option<Instant>,
 }
 
 impl LiveTerm {
-    fn end(&self, at: Instant, valid_until: Option<Instant>) {
-        let _ = self.ended.set((at, valid_until));
+    fn end(&self, at: Instant, valid_until: Option<Instant>, cause: Option<StopCause>) {
+        let _ = self.ended.set((at, valid_until, cause));
         self.cancel.cancel();
     }
 }
 
 impl Drop for LiveTerm {
     fn drop(&mut self) {
-        self.end(Instant::now(), self.valid_until);
+        self.end(Instant::now(), self.valid_until, None);
     }
 }
 
@@ -499,7 +499,7 @@ impl Driver {
                     // sees the cancellation never sees a stale `true`.
                     self.publisher.publish(self.machine.leader_state());
                     if let Some(live) = self.term.take() {
-                        live.end(at, valid_until);
+                        live.end(at, valid_until, Some(cause));
                     }
                     tracing::debug!(term = term.number, "term ended; leader's work cancelled");
                     self.awaiting_work = true;
