@@ -15,6 +15,16 @@ pub const DEFAULT_RETRY_PERIOD: Duration = Duration::from_secs(2);
 /// Default [`Config::max_clock_drift`]: clock rates may differ by up to 1 %.
 pub const DEFAULT_MAX_CLOCK_DRIFT: f64 = 0.01;
 
+/// Longest duration accepted by [`Config::validate`] for `lease_duration`, `renew_deadline` and
+/// `retry_period`: 365 days.
+///
+/// A lease is a failover timeout: one longer than a year would leave a crashed leader's lock
+/// unusable for that long. The bound fits every backend with room to spare (a Kubernetes
+/// `leaseDurationSeconds` is an `i32` of seconds, about 68 years; an etcd TTL an `i64` of
+/// seconds; a Redis `PX` an `i64` of milliseconds), stays within the range of tokio's timer
+/// wheel (about 2 years), and keeps every `Instant + Duration` of the elector far from overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
 /// Longest identity or lock name accepted by [`Config::validate`]; backends may be stricter.
 pub const MAX_NAME_LEN: usize = 253;
 
@@ -113,7 +123,7 @@ impl Config {
     /// Rules (DESIGN.md, guarantee 9):
     /// - `identity` and `lease_name` are non-empty, at most [`MAX_NAME_LEN`] bytes, without
     ///   control characters;
-    /// - every duration is non-zero;
+    /// - every duration is non-zero and at most [`MAX_DURATION`];
     /// - `lease_duration > renew_deadline > retry_period × 1.2`;
     /// - `renew_deadline + retry_period <= lease_duration`;
     /// - `max_clock_drift` is finite and in `[0, 0.5)`, and
@@ -139,7 +149,15 @@ impl Config {
             if value.is_zero() {
                 return Err(ConfigError::ZeroDuration { field });
             }
+            if value > MAX_DURATION {
+                return Err(ConfigError::TooLarge {
+                    field,
+                    value,
+                    max: MAX_DURATION,
+                });
+            }
         }
+        // From here every duration is at most MAX_DURATION: their sums cannot overflow.
         if !self.max_clock_drift.is_finite() || !(0.0..0.5).contains(&self.max_clock_drift) {
             return Err(ConfigError::ClockDrift {
                 value: self.max_clock_drift,
@@ -192,11 +210,30 @@ impl Config {
 
     /// How long a successful acquire or renew keeps this candidate valid, measured from its send
     /// instant: `lease_duration × (1 − max_clock_drift)`.
+    ///
+    /// Computed in integer nanoseconds with the margin `lease_duration × max_clock_drift` rounded
+    /// up, so the result is never above `lease_duration` (a float product could round up past
+    /// it). Never panics, whatever the configuration: a drift that is NaN or at least 1 gives
+    /// zero, a negative drift gives `lease_duration` ([`validate`](Self::validate) refuses both).
     pub fn valid_for(&self) -> Duration {
-        self.lease_duration
-            .mul_f64((1.0 - self.max_clock_drift).clamp(0.0, 1.0))
+        let drift = self.max_clock_drift;
+        if drift.is_nan() || drift >= 1.0 {
+            return Duration::ZERO;
+        }
+        if drift <= 0.0 {
+            return self.lease_duration;
+        }
+        let nanos = self.lease_duration.as_nanos();
+        // `as` from f64 to an integer saturates; the product is finite and non-negative here.
+        let margin = ((nanos as f64) * drift).ceil() as u128;
+        let valid = nanos.saturating_sub(margin);
+        let secs = u64::try_from(valid / NANOS_PER_SEC).unwrap_or(u64::MAX);
+        let subsec = u32::try_from(valid % NANOS_PER_SEC).unwrap_or(0);
+        Duration::new(secs, subsec)
     }
 }
+
+const NANOS_PER_SEC: u128 = 1_000_000_000;
 
 fn check_name(field: &'static str, value: &str) -> Result<(), ConfigError> {
     if value.trim().is_empty() {
@@ -322,5 +359,151 @@ mod tests {
         let err = serde_json::from_str::<Config>(r#"{"retry_period":"2 parsecs"}"#)
             .expect_err("bad duration");
         assert!(err.to_string().contains("expected a duration"), "{err}");
+    }
+
+    /// `u64::MAX` seconds, the longest `Duration` with whole seconds.
+    const HUGE: Duration = Duration::from_secs(u64::MAX);
+
+    fn too_large(field: &'static str, value: Duration) -> ConfigError {
+        ConfigError::TooLarge {
+            field,
+            value,
+            max: MAX_DURATION,
+        }
+    }
+
+    #[test]
+    fn huge_durations_are_refused_naming_the_field() {
+        let s = Duration::from_secs;
+        // Each case is consistent apart from its size, so only the bound can refuse it.
+        let cases = [
+            (ok().with_timing(HUGE, s(10), s(2)), "lease_duration", HUGE),
+            (
+                ok().with_timing(Duration::MAX, s(10), s(2)),
+                "lease_duration",
+                Duration::MAX,
+            ),
+            (
+                ok().with_timing(Duration::MAX, HUGE - s(3), s(2)),
+                "lease_duration",
+                Duration::MAX,
+            ),
+            (
+                ok().with_timing(MAX_DURATION + Duration::from_nanos(1), s(10), s(2)),
+                "lease_duration",
+                MAX_DURATION + Duration::from_nanos(1),
+            ),
+        ];
+        for (config, field, value) in cases {
+            assert_eq!(
+                config.validate(),
+                Err(too_large(field, value)),
+                "{config:?}"
+            );
+        }
+        // The order of the checks names the largest field first; each field is bounded.
+        let c = ok().with_timing(MAX_DURATION, MAX_DURATION + s(1), s(2));
+        assert_eq!(
+            c.validate(),
+            Err(too_large("renew_deadline", MAX_DURATION + s(1)))
+        );
+        let c = ok().with_timing(MAX_DURATION, s(10), Duration::MAX);
+        assert_eq!(c.validate(), Err(too_large("retry_period", Duration::MAX)));
+        // The bound itself is accepted.
+        ok().with_timing(MAX_DURATION, s(10), s(2))
+            .validate()
+            .expect("MAX_DURATION is accepted");
+        let message = too_large("lease_duration", HUGE).to_string();
+        assert!(message.contains("lease_duration"), "{message}");
+    }
+
+    #[test]
+    fn serde_string_of_u64_max_seconds_is_refused() {
+        let parsed = serde_json::from_str::<Config>(
+            r#"{"identity":"a","lease_name":"l","lease_duration":"18446744073709551615s"}"#,
+        );
+        match parsed {
+            // humantime reads it as u64::MAX seconds: validate must refuse it.
+            Ok(config) => assert_eq!(
+                config.validate(),
+                Err(too_large("lease_duration", config.lease_duration))
+            ),
+            Err(error) => assert!(error.to_string().contains("lease_duration"), "{error}"),
+        }
+    }
+
+    #[test]
+    fn zero_drift_with_a_huge_lease_does_not_panic() {
+        let mut c = ok().with_timing(HUGE, Duration::from_secs(10), Duration::from_secs(2));
+        c.max_clock_drift = 0.0;
+        assert_eq!(c.validate(), Err(too_large("lease_duration", HUGE)));
+        assert!(c.valid_for() <= HUGE);
+        c.lease_duration = Duration::MAX;
+        assert!(c.valid_for() <= Duration::MAX);
+    }
+
+    #[test]
+    fn odd_drifts_give_typed_errors_or_work() {
+        let below_half = 0.5f64.next_down();
+        let subnormal = f64::from_bits(1);
+        let s = Duration::from_secs;
+        for lease in [s(15), s(30), MAX_DURATION, HUGE, Duration::MAX] {
+            for drift in [
+                0.0,
+                -0.0,
+                subnormal,
+                -subnormal,
+                f64::MIN_POSITIVE,
+                0.01,
+                below_half,
+                0.5,
+                0.5f64.next_up(),
+                1.0,
+                -0.01,
+                -1.0,
+                f64::NAN,
+                -f64::NAN,
+                f64::INFINITY,
+                f64::NEG_INFINITY,
+                f64::MAX,
+                f64::MIN,
+            ] {
+                let mut c = ok().with_timing(lease, s(10), s(2));
+                c.max_clock_drift = drift;
+                let valid_for = c.valid_for();
+                assert!(valid_for <= lease, "{lease:?} {drift}: {valid_for:?}");
+                match c.validate() {
+                    Ok(()) => {
+                        assert!((0.0..0.5).contains(&drift), "{lease:?} {drift}");
+                        assert!(lease <= MAX_DURATION, "{lease:?} {drift}");
+                        assert!(c.renew_deadline < valid_for, "{lease:?} {drift}");
+                    }
+                    Err(error) => {
+                        let field = error.field();
+                        assert!(
+                            ["lease_duration", "max_clock_drift"].contains(&field),
+                            "{lease:?} {drift}: {error}"
+                        );
+                    }
+                }
+            }
+        }
+        // Near 0.5 a lease is trusted for about half its duration.
+        let mut c = ok().with_timing(s(30), s(10), s(2));
+        c.max_clock_drift = below_half;
+        c.validate().expect("30 s × (1 − 0.4999…) > 10 s");
+        assert!(c.valid_for() <= s(15) && c.valid_for() > s(15) - Duration::from_nanos(2));
+        // A subnormal drift still takes something off: the bound is rounded down, never up.
+        let mut c = ok();
+        c.max_clock_drift = subnormal;
+        c.validate().expect("a subnormal drift is a valid fraction");
+        assert!(c.valid_for() < c.lease_duration);
+        // Unusable drifts trust the lease for nothing.
+        for drift in [f64::NAN, 1.0, 2.0, f64::INFINITY] {
+            c.max_clock_drift = drift;
+            assert_eq!(c.valid_for(), Duration::ZERO, "{drift}");
+        }
+        // The default drift gives exactly 99 %.
+        assert_eq!(ok().valid_for(), Duration::from_millis(14_850));
     }
 }

@@ -230,7 +230,8 @@ impl ElectorHandle {
     /// successful renew is older than `lease_duration + tolerance` (the elector is stuck), or when
     /// the elector has stopped. A follower is healthy.
     pub fn health_with_tolerance(&self, tolerance: Duration) -> Health {
-        self.check(self.lease_duration + tolerance)
+        // Saturating: a caller's `Duration::MAX` means "never stuck", not a panic.
+        self.check(self.lease_duration.saturating_add(tolerance))
     }
 
     /// A stricter check for `/healthz`: unhealthy as soon as a leader's renewals stall — its last

@@ -41,6 +41,16 @@ pub enum ConfigError {
         /// The field at fault.
         field: &'static str,
     },
+    /// A duration longer than [`MAX_DURATION`](crate::MAX_DURATION).
+    #[error("config field `{field}` = {value:?} is longer than the maximum {max:?} (a lease longer than that cannot be a failover timeout)")]
+    TooLarge {
+        /// The field at fault.
+        field: &'static str,
+        /// The value given.
+        value: Duration,
+        /// The largest value accepted.
+        max: Duration,
+    },
     /// Durations that do not fit together.
     #[error("config field `{field}` breaks the rule `{rule}`: {detail}")]
     Inconsistent {
@@ -82,6 +92,7 @@ impl ConfigError {
             | ConfigError::TooLong { field, .. }
             | ConfigError::InvalidName { field, .. }
             | ConfigError::ZeroDuration { field }
+            | ConfigError::TooLarge { field, .. }
             | ConfigError::Inconsistent { field, .. }
             | ConfigError::Unsupported { field, .. } => field,
             ConfigError::ClockDrift { .. } => "max_clock_drift",

@@ -20,7 +20,7 @@ pub use backend::{
 pub use callbacks::{Callbacks, Leadership};
 pub use config::{
     Config, DEFAULT_LEASE_DURATION, DEFAULT_MAX_CLOCK_DRIFT, DEFAULT_RENEW_DEADLINE,
-    DEFAULT_RETRY_PERIOD, MAX_NAME_LEN,
+    DEFAULT_RETRY_PERIOD, MAX_DURATION, MAX_NAME_LEN,
 };
 pub use elector::{Elector, ElectorHandle, Health};
 pub use error::{BackendError, ConfigError, ElectorError};

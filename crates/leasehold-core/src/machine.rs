@@ -188,6 +188,11 @@ impl Machine {
     /// A machine for `config`, which the caller has validated. Nothing happens until
     /// [`handle_start`](Self::handle_start).
     pub fn new(config: &Config) -> Self {
+        // No overflow in `now + duration` below: `Config::validate` bounds every duration by
+        // `MAX_DURATION` (365 days) and `valid_for() <= lease_duration`, so these sums stay
+        // within a year of a monotonic `now`; an `Instant` holds ~292 billion years. A backend's
+        // `expires_in` is not bounded by the config: the backends here report at most a Redis
+        // record's `lease_ms` (u64 milliseconds, ~585 million years), which fits too.
         Self {
             params: Params {
                 identity: config.identity.clone(),

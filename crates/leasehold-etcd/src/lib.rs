@@ -31,6 +31,7 @@
 //! `etcdctl elect my-app` candidates and leasehold electors of lock `my-app` (with the default
 //! empty `key_prefix`) share one election.
 
+mod record;
 mod seat;
 
 use std::collections::HashMap;
@@ -343,21 +344,13 @@ fn record_of(
     kv: &KeyValue,
     lease_duration: Duration,
 ) -> Result<LeaderRecord, BackendError> {
-    let holder = kv.value_str().map_err(|_| BackendError::MalformedRecord {
-        lock: lock.to_owned(),
-        detail: format!(
-            "election key {:?} holds a value that is not UTF-8; it is left alone until its lease ends",
-            String::from_utf8_lossy(kv.key())
-        ),
-    })?;
-    Ok(LeaderRecord {
-        holder: holder.to_owned(),
-        token: u64::try_from(kv.create_revision()).ok().map(FencingToken),
+    record::decode(
+        lock,
+        kv.key(),
+        kv.value(),
+        kv.create_revision(),
         lease_duration,
-        acquire_time: None,
-        renew_time: None,
-        transitions: 0,
-    })
+    )
 }
 
 fn token_of(revision: i64) -> FencingToken {

@@ -251,4 +251,172 @@ mod tests {
         let t = now().0;
         assert_eq!(t.subsec_nanosecond() % 1000, 0, "microsecond precision");
     }
+
+    use proptest::prelude::*;
+
+    fn timestamp() -> impl Strategy<Value = Timestamp> {
+        prop_oneof![
+            (Timestamp::MIN.as_second()..=Timestamp::MAX.as_second())
+                .prop_filter_map("in jiff's range", |s| Timestamp::from_second(s).ok()),
+            (
+                Timestamp::MIN.as_second()..=Timestamp::MAX.as_second(),
+                -999_999_999..=999_999_999i32,
+            )
+                .prop_filter_map("in jiff's range", |(s, n)| Timestamp::new(s, n).ok()),
+            Just(Timestamp::MIN),
+            Just(Timestamp::MAX),
+            Just(Timestamp::UNIX_EPOCH),
+        ]
+    }
+
+    fn lease() -> impl Strategy<Value = Lease> {
+        (
+            proptest::option::of(any::<String>()),
+            proptest::option::of(prop_oneof![
+                any::<i32>(),
+                Just(i32::MIN),
+                Just(i32::MAX),
+                Just(0),
+                Just(-1),
+            ]),
+            proptest::option::of(timestamp()),
+            proptest::option::of(timestamp()),
+            proptest::option::of(any::<i32>()),
+            proptest::option::of(prop_oneof![
+                any::<String>(),
+                any::<u64>().prop_map(|n| n.to_string()),
+                any::<i64>().prop_map(|n| n.to_string()),
+            ]),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(holder, seconds, acquire, renew, transitions, resource_version, has_spec)| {
+                    Lease {
+                        metadata: ObjectMeta {
+                            name: Some("x".into()),
+                            resource_version,
+                            ..ObjectMeta::default()
+                        },
+                        spec: has_spec.then(|| LeaseSpec {
+                            holder_identity: holder,
+                            lease_duration_seconds: seconds,
+                            acquire_time: acquire.map(MicroTime),
+                            renew_time: renew.map(MicroTime),
+                            lease_transitions: transitions,
+                            ..LeaseSpec::default()
+                        }),
+                    }
+                },
+            )
+    }
+
+    /// Everything this crate reads from or writes over a Lease, on `lease`.
+    fn decode_all(lease: &Lease) {
+        let key = SpecKey::of(lease);
+        let duration = key.duration();
+        if let Some(duration) = duration {
+            assert!(duration >= Duration::from_secs(1));
+            assert!(duration <= Duration::from_secs(i32::MAX.unsigned_abs().into()));
+        }
+        let _ = malformed(&key);
+        let record = record_of(&key, duration.unwrap_or(Duration::from_secs(15)));
+        assert_eq!(record.holder, key.holder);
+        let _ = token_of(lease);
+        let _ = key.same_term(&SpecKey::of(&taken(lease, "me", 15)));
+        let taken = taken(lease, "me", i32::MAX);
+        let transitions = taken.spec.as_ref().and_then(|s| s.lease_transitions);
+        assert!(transitions.is_some());
+        let _ = SpecKey::of(&renewed(lease));
+        let _ = SpecKey::of(&released(lease));
+    }
+
+    /// JSON values of every kind, a little nested, and strings shaped like the Lease's times.
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<u64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+            any::<String>().prop_map(serde_json::Value::from),
+            prop_oneof![
+                Just("9999-12-31T23:59:59.999999Z"),
+                Just("-009999-01-01T00:00:00Z"),
+                Just("1970-01-01T00:00:00Z"),
+                Just("2024-02-30T25:61:61Z"),
+                Just("2024-01-01T00:00:00.123456789+99:99"),
+                Just(""),
+            ]
+            .prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(2, 8, 3, |inner| {
+            proptest::collection::vec(inner, 0..3).prop_map(serde_json::Value::from)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn leases_with_any_field_values_are_read_without_panic(lease in lease()) {
+            decode_all(&lease);
+            // Its JSON (times truncated to microseconds; years outside 0..=9999 do not read
+            // back, an error) decodes without panic too.
+            let json = serde_json::to_vec(&lease).expect("a Lease serializes");
+            if let Ok(back) = serde_json::from_slice::<Lease>(&json) {
+                decode_all(&back);
+                prop_assert_eq!(SpecKey::of(&back).holder, SpecKey::of(&lease).holder);
+            }
+        }
+
+        #[test]
+        fn arbitrary_json_into_a_lease_is_an_error_or_read_without_panic(
+            fields in proptest::collection::vec(
+                (
+                    prop_oneof![
+                        Just("holderIdentity"), Just("leaseDurationSeconds"),
+                        Just("acquireTime"), Just("renewTime"), Just("leaseTransitions"),
+                        Just("preferredHolder"), Just("strategy"), Just("unknown"),
+                    ],
+                    json(),
+                ),
+                0..6,
+            ),
+            resource_version in json(),
+        ) {
+            let spec: serde_json::Map<String, serde_json::Value> =
+                fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            let raw = serde_json::json!({
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": { "name": "x", "resourceVersion": resource_version },
+                "spec": spec,
+            })
+            .to_string();
+            if let Ok(lease) = serde_json::from_str::<Lease>(&raw) {
+                decode_all(&lease);
+            }
+        }
+
+        #[test]
+        fn any_lease_duration_gives_seconds_or_a_typed_error(
+            secs in prop_oneof![any::<u64>(), 0..100u64, Just(u64::MAX)],
+            nanos in prop_oneof![Just(0u32), 0..1_000_000_000u32],
+        ) {
+            let duration = Duration::new(secs, nanos);
+            match duration_seconds(duration) {
+                Ok(seconds) => prop_assert_eq!(u64::try_from(seconds).ok(), Some(secs)),
+                Err(error) => prop_assert_eq!(error.field(), "lease_duration"),
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_into_a_lease_are_an_error_or_read_without_panic(
+            raw in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
+            if let Ok(lease) = serde_json::from_slice::<Lease>(&raw) {
+                decode_all(&lease);
+            }
+        }
+    }
 }

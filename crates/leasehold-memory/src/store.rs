@@ -6,8 +6,9 @@ use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use leasehold_core::{
-    async_trait, AcquireOutcome, BackendError, Candidate, FencingToken, Grant, LeaderRecord,
-    LockBackend, Observation, ReleaseOutcome, RenewOutcome, WatchStream,
+    async_trait, AcquireOutcome, BackendError, Candidate, ConfigError, FencingToken, Grant,
+    LeaderRecord, LockBackend, Observation, ReleaseOutcome, RenewOutcome, WatchStream,
+    MAX_DURATION,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -128,13 +129,14 @@ impl MemoryBackend {
     }
 
     /// Puts a value this library cannot read into `lock`, as another program might, expiring
-    /// after `ttl` (`None`: never). Followers are notified.
+    /// after `ttl` (`None`, or a TTL too long for the clock: never). Followers are notified.
     pub fn put_foreign(&self, lock: &str, raw: impl Into<String>, ttl: Option<Duration>) {
         let raw = raw.into();
         self.store.with_slot(lock, |slot, now| {
             slot.entry = Entry::Foreign {
                 raw,
-                expires_at: ttl.map(|ttl| now + ttl),
+                // A TTL past the end of the clock never ends.
+                expires_at: ttl.and_then(|ttl| now.checked_add(ttl)),
             };
             slot.notify();
         });
@@ -179,6 +181,23 @@ impl MemoryBackend {
     }
 }
 
+/// When a lease of `candidate` taken or renewed at `now` expires: refused, with a typed error,
+/// beyond [`MAX_DURATION`] (which [`Config::validate`](leasehold_core::Config::validate) enforces
+/// too) or past the end of the clock, so that a caller's absurd duration is never a panic.
+fn expiry(now: Instant, candidate: &Candidate) -> Result<Instant, BackendError> {
+    let lease = candidate.lease_duration;
+    now.checked_add(lease)
+        .filter(|_| lease <= MAX_DURATION)
+        .ok_or_else(|| BackendError::InvalidConfig {
+            backend: "memory".into(),
+            source: ConfigError::TooLarge {
+                field: "lease_duration",
+                value: lease,
+                max: MAX_DURATION,
+            },
+        })
+}
+
 fn holds(entry: &Entry, candidate: &Candidate, grant: &Grant) -> bool {
     matches!(entry, Entry::Held { record, .. }
         if record.holder == candidate.identity && record.token == Some(grant.token))
@@ -200,6 +219,7 @@ impl LockBackend for MemoryBackend {
                 Entry::Held { record, .. } => Some(record.holder.clone()),
                 Entry::Free => None,
             };
+            let expires_at = expiry(now, candidate)?;
             slot.last_token += 1;
             if previous.as_deref() != Some(candidate.identity.as_str()) {
                 slot.transitions += 1;
@@ -216,7 +236,7 @@ impl LockBackend for MemoryBackend {
             };
             slot.entry = Entry::Held {
                 record: record.clone(),
-                expires_at: now + candidate.lease_duration,
+                expires_at,
             };
             slot.notify();
             Ok(AcquireOutcome::Acquired(Grant { token, record }))
@@ -236,9 +256,10 @@ impl LockBackend for MemoryBackend {
                         .unwrap_or_else(|_| Observation::vacant()),
                 ));
             }
+            let renewed_until = expiry(now, candidate)?;
             if let Entry::Held { record, expires_at } = &mut slot.entry {
                 record.renew_time = Some(SystemTime::now());
-                *expires_at = now + candidate.lease_duration;
+                *expires_at = renewed_until;
             }
             // Followers learn the new expiry without asking: they stay quiet.
             slot.notify();

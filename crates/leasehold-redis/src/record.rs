@@ -19,8 +19,13 @@ struct Stored {
     transitions: u64,
 }
 
+/// A wall-clock time from milliseconds since the epoch; `None` for 0 or for a time the
+/// platform's `SystemTime` cannot hold (`UNIX_EPOCH + u64::MAX ms` fits on Linux, not on every
+/// platform).
 fn wall(ms: u64) -> Option<SystemTime> {
-    (ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(ms))
+    (ms > 0)
+        .then(|| UNIX_EPOCH.checked_add(Duration::from_millis(ms)))
+        .flatten()
 }
 
 /// Parses a stored value.
@@ -98,5 +103,94 @@ mod tests {
         assert_eq!(o.expires_in, Some(Duration::from_millis(1500)));
         assert_eq!(observe("l", None, -2).unwrap(), Observation::vacant());
         assert_eq!(observe("l", Some(raw), -1).unwrap().expires_in, None);
+    }
+
+    use proptest::prelude::*;
+
+    fn is_typed(result: &Result<LeaderRecord, BackendError>) -> bool {
+        matches!(result, Ok(_) | Err(BackendError::MalformedRecord { .. }))
+    }
+
+    /// JSON values of every kind, nested a little: what a foreign writer might put in the key.
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<u64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+            any::<String>().prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::hash_map(any::<String>(), inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn arbitrary_bytes_decode_or_give_a_typed_error(
+            raw in proptest::collection::vec(any::<u8>(), 0..256),
+            pttl in any::<i64>(),
+        ) {
+            prop_assert!(is_typed(&parse("l", &raw)));
+            let observed = observe("l", Some(&raw), pttl);
+            let typed = matches!(observed, Ok(_) | Err(BackendError::MalformedRecord { .. }));
+            prop_assert!(typed);
+        }
+
+        #[test]
+        fn records_with_any_field_values_decode_or_give_a_typed_error(
+            v in prop_oneof![Just(1u64), any::<u64>()],
+            holder in any::<String>(),
+            token in any::<u64>(),
+            lease_ms in any::<u64>(),
+            acquired_ms in any::<u64>(),
+            renewed_ms in any::<u64>(),
+            transitions in any::<u64>(),
+            pttl in any::<i64>(),
+        ) {
+            let raw = serde_json::json!({
+                "v": v, "holder": holder, "token": token, "lease_ms": lease_ms,
+                "acquired_ms": acquired_ms, "renewed_ms": renewed_ms, "transitions": transitions,
+            })
+            .to_string();
+            let parsed = parse("l", raw.as_bytes());
+            if v == 1 {
+                let record = parsed.expect("a version 1 record with fields in range");
+                prop_assert_eq!(&record.holder, &holder);
+                prop_assert_eq!(record.token, Some(FencingToken(token)));
+                prop_assert_eq!(record.lease_duration, Duration::from_millis(lease_ms));
+                prop_assert_eq!(record.acquire_time.is_some(), acquired_ms > 0);
+                let observed = observe("l", Some(raw.as_bytes()), pttl).expect("parsed above");
+                let expected = u64::try_from(pttl).ok().map(Duration::from_millis);
+                prop_assert_eq!(observed.expires_in, expected);
+            } else {
+                let is_malformed = matches!(parsed, Err(BackendError::MalformedRecord { .. }));
+                prop_assert!(is_malformed);
+            }
+        }
+
+        #[test]
+        fn arbitrary_json_fields_decode_or_give_a_typed_error(
+            fields in proptest::collection::hash_map(
+                prop_oneof![
+                    Just("v".to_owned()), Just("holder".to_owned()), Just("token".to_owned()),
+                    Just("lease_ms".to_owned()), Just("acquired_ms".to_owned()),
+                    Just("renewed_ms".to_owned()), Just("transitions".to_owned()),
+                    any::<String>(),
+                ],
+                json(),
+                0..9,
+            ),
+        ) {
+            let raw = serde_json::Value::Object(fields.into_iter().collect()).to_string();
+            prop_assert!(is_typed(&parse("l", raw.as_bytes())));
+        }
     }
 }

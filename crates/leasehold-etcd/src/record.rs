@@ -1,0 +1,87 @@
+//! Decoding an election key into a [`LeaderRecord`]: pure, so that it is tested on arbitrary
+//! bytes.
+
+use std::time::Duration;
+
+use leasehold_core::{BackendError, FencingToken, LeaderRecord};
+
+/// A leader record from an election key's `key`, `value` (the holder's identity) and create
+/// revision (the token; `None` when negative).
+///
+/// # Errors
+///
+/// [`BackendError::MalformedRecord`] when the value is not UTF-8: another program wrote it.
+pub(crate) fn decode(
+    lock: &str,
+    key: &[u8],
+    value: &[u8],
+    create_revision: i64,
+    lease_duration: Duration,
+) -> Result<LeaderRecord, BackendError> {
+    let holder = std::str::from_utf8(value).map_err(|_| BackendError::MalformedRecord {
+        lock: lock.to_owned(),
+        detail: format!(
+            "election key {:?} holds a value that is not UTF-8; it is left alone until its lease ends",
+            String::from_utf8_lossy(&key[..key.len().min(256)])
+        ),
+    })?;
+    Ok(LeaderRecord {
+        holder: holder.to_owned(),
+        token: u64::try_from(create_revision).ok().map(FencingToken),
+        lease_duration,
+        acquire_time: None,
+        renew_time: None,
+        transitions: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn identities_are_read_and_other_bytes_refused() {
+        let r = decode("l", b"l/694d", b"pod-1", 7, Duration::from_secs(15)).unwrap();
+        assert_eq!(r.holder, "pod-1");
+        assert_eq!(r.token, Some(FencingToken(7)));
+        assert!(matches!(
+            decode("l", b"l/694d", b"\xff\xfe", 7, Duration::ZERO),
+            Err(BackendError::MalformedRecord { .. })
+        ));
+        for revision in [-1, i64::MIN] {
+            let r = decode("l", b"l/1", b"a", revision, Duration::ZERO).unwrap();
+            assert_eq!(r.token, None, "{revision}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn arbitrary_keys_and_values_decode_or_give_a_typed_error(
+            key in proptest::collection::vec(any::<u8>(), 0..300),
+            value in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..64),
+                any::<String>().prop_map(String::into_bytes),
+            ],
+            create_revision in any::<i64>(),
+            secs in any::<u64>(),
+        ) {
+            let lease = Duration::from_secs(secs);
+            match decode("l", &key, &value, create_revision, lease) {
+                Ok(record) => {
+                    prop_assert_eq!(record.holder.as_bytes(), &value[..]);
+                    let token = (create_revision >= 0)
+                        .then(|| FencingToken(create_revision.unsigned_abs()));
+                    prop_assert_eq!(record.token, token);
+                }
+                Err(BackendError::MalformedRecord { detail, .. }) => {
+                    prop_assert!(std::str::from_utf8(&value).is_err());
+                    prop_assert!(detail.len() < 2048);
+                }
+                Err(other) => prop_assert!(false, "untyped error {}", other),
+            }
+        }
+    }
+}
