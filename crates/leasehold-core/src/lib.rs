@@ -11,6 +11,9 @@ mod elector;
 mod error;
 pub mod machine;
 pub mod metrics;
+#[cfg(feature = "chaos-mutants")]
+#[doc(hidden)]
+pub mod mutant;
 mod record;
 mod state;
 

@@ -161,6 +161,9 @@ struct Params {
     retry_period: Duration,
     valid_for: Duration,
     release_on_cancel: bool,
+    // CHAOS-MUTANT hook 1/3: the rule weakened on purpose (simulation only).
+    #[cfg(feature = "chaos-mutants")]
+    mutant: Option<crate::mutant::Mutant>,
 }
 
 /// The elector's state machine. See the [module docs](self).
@@ -202,6 +205,8 @@ impl Machine {
                 retry_period: config.retry_period,
                 valid_for: config.valid_for(),
                 release_on_cancel: config.release_on_cancel,
+                #[cfg(feature = "chaos-mutants")]
+                mutant: None,
             },
             state: State::Idle,
             actions: VecDeque::new(),
@@ -216,6 +221,19 @@ impl Machine {
             quiet_until: None,
             last_error: None,
         }
+    }
+
+    // CHAOS-MUTANT hook 2/3. Never built into what users get (the feature is off by default).
+    /// A machine with one rule weakened on purpose, which the simulation must catch.
+    #[cfg(feature = "chaos-mutants")]
+    #[doc(hidden)]
+    pub fn with_mutant(config: &Config, mutant: crate::mutant::Mutant) -> Self {
+        let mut machine = Self::new(config);
+        machine.params.mutant = Some(mutant);
+        if mutant == crate::mutant::Mutant::NoDriftMargin {
+            machine.params.valid_for = config.lease_duration;
+        }
+        machine
     }
 
     // ----- outputs -----
@@ -354,12 +372,13 @@ impl Machine {
         match result {
             Ok(RenewOutcome::Renewed) => {
                 self.last_error = None;
+                let valid_until = self.valid_from(sent_at, now);
                 if let State::Leading(lead) = &mut self.state {
                     // Only a renew sent after the last success may extend the term, and only
                     // before the step-down: a late success of a dropped term changes nothing.
                     if sent_at >= lead.last_success_sent && now < lead.step_down_at {
                         lead.last_success_sent = sent_at;
-                        lead.valid_until = sent_at + self.params.valid_for;
+                        lead.valid_until = valid_until;
                         lead.step_down_at = sent_at + self.params.renew_deadline;
                         lead.next_renew = (sent_at + self.params.retry_period).max(now);
                         tracing::trace!(token = %lead.term.token, "renewed");
@@ -563,6 +582,17 @@ impl Machine {
 
     // ----- internals -----
 
+    /// The end of validity of a successful call sent at `sent_at`, answered at `now`.
+    fn valid_from(&self, sent_at: Instant, now: Instant) -> Instant {
+        // CHAOS-MUTANT hook 3/3.
+        #[cfg(feature = "chaos-mutants")]
+        if self.params.mutant == Some(crate::mutant::Mutant::RenewFromReply) {
+            return now + self.params.valid_for;
+        }
+        let _ = now;
+        sent_at + self.params.valid_for
+    }
+
     fn advance(&mut self, now: Instant) {
         if let Some(retry) = self.watch_retry_at {
             if !self.wants_watch() {
@@ -711,7 +741,7 @@ impl Machine {
             term,
             grant,
             last_success_sent: sent_at,
-            valid_until: sent_at + self.params.valid_for,
+            valid_until: self.valid_from(sent_at, now),
             step_down_at,
             next_renew: (sent_at + self.params.retry_period).max(now),
         });
