@@ -297,17 +297,24 @@ fn lingering_work(log: &WorkLog, linger: Duration) -> Callbacks {
         let log = log.clone();
         async move {
             let token = leadership.token().get();
-            log.lock().unwrap().push(("start", token, Instant::now()));
+            log.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(("start", token, Instant::now()));
             leadership.cancelled().await;
             sleep(linger).await; // ignores the cancellation for a while
-            log.lock().unwrap().push(("end", token, Instant::now()));
+            log.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(("end", token, Instant::now()));
         }
     })
 }
 
 /// Every "start" comes after the "end" of every earlier start: no two terms' work at once.
 fn assert_one_work_at_a_time(log: &WorkLog) {
-    let log = log.lock().unwrap().clone();
+    let log = log
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     let mut running: Option<u64> = None;
     for (kind, token, at) in &log {
         match *kind {
@@ -413,6 +420,8 @@ async fn shutdown_waits_for_an_earlier_terms_work_and_reports_it_still_running()
         matches!(result, Err(ElectorError::WorkStillRunning { terms: 1 })),
         "{result:?}"
     );
+}
+
 /// Waits for `term` to end (within a minute of paused time).
 async fn ended(term: &leasehold::Leadership) {
     tokio::time::timeout(Duration::from_secs(60), term.cancelled())
