@@ -120,7 +120,7 @@ impl Config {
 
     /// Checks every rule of the configuration.
     ///
-    /// Rules (DESIGN.md, guarantee 9):
+    /// Rules (ARCHITECTURE.md, invariant 9):
     /// - `identity` and `lease_name` are non-empty, at most [`MAX_NAME_LEN`] bytes, without
     ///   control characters;
     /// - every duration is non-zero and at most [`MAX_DURATION`];

@@ -5,7 +5,7 @@
 //! [`Machine::handle_timeout`] at [`Machine::poll_timeout`]. The async [`Elector`](crate::Elector)
 //! is one such driver; tests and property tests are others.
 //!
-//! Rules it keeps (DESIGN.md guarantees 1, 2, 3, 8):
+//! Rules it keeps (ARCHITECTURE.md, invariants 1, 2, 3, 8):
 //! - a term granted by a call sent at `S` is valid until `S + lease_duration × (1 − drift)`
 //!   and renewals move that bound only forward;
 //! - the leader steps down at `S' + renew_deadline`, `S'` the send instant of its last
