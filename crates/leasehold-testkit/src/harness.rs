@@ -169,6 +169,23 @@ pub trait Harness: Send + Sync + 'static {
     /// Whether `lock` still holds the value written by [`plant_malformed`](Self::plant_malformed).
     async fn malformed_present(&self, lock: &str) -> bool;
 
+    /// Deletes `lock` as an operator would (`kubectl delete lease`, `DEL`, `etcdctl del
+    /// --prefix`), whoever holds it.
+    async fn delete_lock(&self, lock: &str);
+
+    /// `true` when deleting the lock hands it to the next candidate at once (etcd's election
+    /// protocol: a deleted key is a resignation); otherwise a deleted holder's lease is still
+    /// respected by candidates that saw it. Default `false`.
+    fn deletion_frees_at_once(&self) -> bool {
+        false
+    }
+
+    /// `true` when a leader's watch tells it of a deletion of its lock (Redis without keyspace
+    /// notifications does not: its leader learns at its next renew). Default `true`.
+    fn notifies_deletion(&self) -> bool {
+        true
+    }
+
     /// Configs the backend itself must refuse (besides the core's rules), with the field each
     /// one must be refused for.
     fn invalid_configs(&self) -> Vec<(Config, &'static str)> {

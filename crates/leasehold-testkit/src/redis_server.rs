@@ -269,6 +269,19 @@ impl Harness for RedisHarness {
         value.as_deref() == Some(GARBAGE)
     }
 
+    async fn delete_lock(&self, lock: &str) {
+        let (key, mut connection) = self.lock_key(lock).await;
+        let _: i64 = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut connection)
+            .await
+            .unwrap_or_else(|e| panic!("redis DEL: {e}"));
+    }
+
+    fn notifies_deletion(&self) -> bool {
+        false
+    }
+
     fn invalid_configs(&self) -> Vec<(leasehold_core::Config, &'static str)> {
         let mut braces = crate::Timing::FAST.config("a", "x");
         braces.lease_name = "bad{name}".into();
@@ -448,5 +461,18 @@ impl Harness for RedisClusterHarness {
             .await
             .unwrap_or_else(|e| panic!("redis GET: {e}"));
         value.as_deref() == Some(GARBAGE)
+    }
+
+    async fn delete_lock(&self, lock: &str) {
+        let key = self.cluster.backend().keys(lock).lock;
+        let _: i64 = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut self.cluster.connection().await)
+            .await
+            .unwrap_or_else(|e| panic!("redis DEL: {e}"));
+    }
+
+    fn notifies_deletion(&self) -> bool {
+        false
     }
 }
