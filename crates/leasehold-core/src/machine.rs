@@ -160,6 +160,8 @@ struct Params {
     renew_deadline: Duration,
     retry_period: Duration,
     valid_for: Duration,
+    /// `1 − max_clock_drift`: the share of an announced lease this candidate trusts.
+    trust: f64,
     release_on_cancel: bool,
     // CHAOS-MUTANT hook 1/3: the rule weakened on purpose (simulation only).
     #[cfg(feature = "chaos-mutants")]
@@ -204,6 +206,7 @@ impl Machine {
                 renew_deadline: config.renew_deadline,
                 retry_period: config.retry_period,
                 valid_for: config.valid_for(),
+                trust: (1.0 - config.max_clock_drift).clamp(0.0, 1.0),
                 release_on_cancel: config.release_on_cancel,
                 #[cfg(feature = "chaos-mutants")]
                 mutant: None,
@@ -446,10 +449,17 @@ impl Machine {
         self.advance(now);
     }
 
-    /// An observation from the watch.
+    /// An observation from the watch. A follower learns the leader and the expiry; a leader
+    /// watches its own lock: a record that names someone else, or no holder at all (deleted,
+    /// released by someone else), ends the term at once ([`StopCause::Lost`]); a record of its
+    /// own that announces a shorter lease than its own shortens the term's validity to that
+    /// lease (counted from the last successful renew's send) and renews at once, which writes its
+    /// own duration back.
     pub fn handle_observation(&mut self, now: Instant, observation: Observation) {
-        if matches!(self.state, State::Following { .. }) {
-            self.observe(now, &observation, false);
+        match self.state {
+            State::Following { .. } => self.observe(now, &observation, false),
+            State::Leading(_) => self.observe_own_lock(now, &observation),
+            _ => {}
         }
         self.advance(now);
     }
@@ -746,7 +756,10 @@ impl Machine {
             next_renew: (sent_at + self.params.retry_period).max(now),
         });
         self.quiet_until = None;
-        self.close_watch();
+        // The watch stays open: a leader watches its own lock.
+        if !self.watch_open && self.watch_retry_at.is_none() {
+            self.open_watch();
+        }
         self.set_leader(Some(self.params.identity.clone()));
         self.work_running = true;
         self.actions.push_back(Action::StartLeading(term));
@@ -869,10 +882,58 @@ impl Machine {
     }
 
     fn wants_watch(&self) -> bool {
-        matches!(self.state, State::Following { .. })
+        matches!(self.state, State::Following { .. } | State::Leading(_))
+    }
+
+    /// A leader's view of a change of its own lock (see [`Self::handle_observation`]).
+    fn observe_own_lock(&mut self, now: Instant, observation: &Observation) {
+        let identity = self.params.identity.as_str();
+        let State::Leading(lead) = &mut self.state else {
+            return;
+        };
+        let record = observation.record.as_ref();
+        if record
+            .and_then(|r| r.token)
+            .is_some_and(|token| token < lead.term.token)
+        {
+            // From before this term (a late notification): says nothing about it.
+            return;
+        }
+        match (observation.holder(), record) {
+            (Some(holder), Some(record)) if holder == identity => {
+                if record.lease_duration < self.params.lease_duration {
+                    let until =
+                        lead.last_success_sent + record.lease_duration.mul_f64(self.params.trust);
+                    if until < lead.valid_until {
+                        tracing::warn!(
+                            announced = ?record.lease_duration,
+                            ours = ?self.params.lease_duration,
+                            "the lock announces a shorter lease than ours (a foreign write): \
+                             validity shortened; renewing at once"
+                        );
+                        lead.valid_until = until;
+                        lead.step_down_at = lead.step_down_at.min(until);
+                    }
+                    lead.next_renew = lead.next_renew.min(now);
+                }
+            }
+            (holder, _) => {
+                tracing::warn!(
+                    token = %lead.term.token,
+                    holder = ?holder,
+                    "the lock changed under the leader (deleted, released or taken by someone \
+                     else): stepping down at once"
+                );
+                self.step_down(now, StopCause::Lost);
+                self.follow(Some(now + self.params.retry_period));
+                self.observe(now, observation, false);
+            }
+        }
     }
 
     fn open_watch(&mut self) {
+        // An open watch has no reopening pending.
+        self.watch_retry_at = None;
         if !self.watch_open {
             self.watch_open = true;
             self.actions.push_back(Action::Watch(true));

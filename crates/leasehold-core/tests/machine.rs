@@ -93,10 +93,18 @@ impl Sim {
     fn advance(&mut self, d: Duration) -> Vec<Action> {
         let end = self.now + d;
         let mut out = Vec::new();
+        let mut steps = 0u32;
         while let Some(t) = self.m.poll_timeout() {
             if t > end {
                 break;
             }
+            steps += 1;
+            assert!(
+                steps < 10_000,
+                "the machine's timer does not advance: poll_timeout {t:?} at {:?}, {:?}",
+                self.now,
+                self.m.leader_state()
+            );
             self.now = self.now.max(t);
             self.m.handle_timeout(self.now);
             out.extend(self.drain());
@@ -150,8 +158,8 @@ fn acquiring_starts_a_term_valid_from_the_send_instant() {
     assert_eq!((term.number, term.token), (1, FencingToken(7)));
     assert!(actions.contains(&Action::NewLeader("me".into())));
     assert!(
-        actions.contains(&Action::Watch(false)),
-        "leaders do not watch"
+        !actions.contains(&Action::Watch(false)),
+        "a leader keeps watching its own lock"
     );
     let state = sim.m.leader_state();
     assert_eq!(state.valid_until, Some(sent + LEASE.mul_f64(0.99)));
@@ -259,7 +267,7 @@ fn lost_renew_steps_down_and_follows_the_new_holder() {
         }
     )));
     assert!(actions.contains(&Action::NewLeader("other".into())));
-    assert!(actions.contains(&Action::Watch(true)));
+    assert!(!actions.contains(&Action::Watch(false)), "still watching");
     assert_eq!(sim.m.leader_state().leader.as_deref(), Some("other"));
 }
 
@@ -398,7 +406,11 @@ fn a_resign_whose_work_does_not_finish_follows_without_releasing() {
     sim.drain();
     let actions = sim.advance(DEADLINE);
     assert!(Sim::calls(&actions).is_empty(), "{actions:?}");
-    assert!(actions.contains(&Action::Watch(true)), "follows again");
+    assert!(
+        !actions.contains(&Action::Watch(false)),
+        "the watch stays open to follow again"
+    );
+    assert!(sim.m.leader_state().term.is_none());
     assert!(!sim.m.is_done());
 }
 
@@ -474,7 +486,7 @@ fn resign_releases_then_stays_quiet_for_a_lease() {
     let resigned = sim.now;
     sim.m.handle_release(sim.now, Ok(ReleaseOutcome::Released));
     let actions = sim.drain();
-    assert!(actions.contains(&Action::Watch(true)));
+    assert!(!actions.contains(&Action::Watch(false)), "still watching");
     // Our own release notification must not make us grab the lock back.
     sim.m.handle_observation(sim.now, Observation::vacant());
     assert!(Sim::calls(&sim.drain()).is_empty());
@@ -764,4 +776,88 @@ fn no_new_term_is_campaigned_for_while_the_last_terms_work_runs() {
     assert_eq!(sim.m.poll_timeout(), None);
     sim.m.handle_work_finished(sim.now);
     assert_eq!(Sim::calls(&sim.drain()), vec![Call::Acquire]);
+}
+
+fn own_record(token: u64, lease: Duration) -> Observation {
+    Observation::held(
+        LeaderRecord::new("me", FencingToken(token), lease),
+        Some(lease),
+    )
+}
+
+#[test]
+fn a_leader_whose_lock_is_deleted_or_taken_steps_down_at_once() {
+    for observation in [Observation::vacant(), held_by_token("other", 9)] {
+        let mut sim = Sim::leading(8);
+        sim.now += ms(700);
+        sim.m.handle_observation(sim.now, observation.clone());
+        let actions = sim.drain();
+        let stop = actions.iter().find_map(|a| match a {
+            Action::StopLeading { cause, at, .. } => Some((*cause, *at)),
+            _ => None,
+        });
+        assert_eq!(stop, Some((StopCause::Lost, sim.now)), "{observation:?}");
+        assert!(
+            Sim::calls(&actions).is_empty(),
+            "no call needed to learn it"
+        );
+        assert!(!sim.m.is_leader(sim.now));
+    }
+}
+
+fn held_by_token(holder: &str, token: u64) -> Observation {
+    Observation::held(
+        LeaderRecord::new(holder, FencingToken(token), LEASE),
+        Some(LEASE),
+    )
+}
+
+#[test]
+fn a_leader_ignores_observations_from_before_its_term() {
+    let mut sim = Sim::leading(8);
+    sim.m.handle_observation(sim.now, held_by_token("other", 7));
+    sim.m.handle_observation(sim.now, own_record(8, LEASE));
+    assert!(sim.drain().is_empty());
+    assert!(sim.m.is_leader(sim.now));
+}
+
+#[test]
+fn a_shorter_announced_lease_shortens_validity_and_renews_at_once() {
+    let mut sim = Sim::leading(3);
+    let acquired = sim.now;
+    sim.now += ms(400);
+    let announced = Duration::from_secs(3);
+    sim.m.handle_observation(sim.now, own_record(3, announced));
+    let actions = sim.drain();
+    assert_eq!(Sim::calls(&actions), vec![Call::Renew(grant(3))]);
+    let state = sim.m.leader_state();
+    assert_eq!(state.valid_until, Some(acquired + announced.mul_f64(0.99)));
+    // The renew writes our own duration back; its success counts from its send instant.
+    let sent = sim.now;
+    sim.now += ms(20);
+    sim.m.handle_renew(sim.now, Ok(RenewOutcome::Renewed));
+    sim.drain();
+    assert_eq!(
+        sim.m.leader_state().valid_until,
+        Some(sent + LEASE.mul_f64(0.99))
+    );
+    // A longer or equal announced lease changes nothing.
+    sim.m.handle_observation(sim.now, own_record(3, LEASE * 2));
+    assert!(Sim::calls(&sim.drain()).is_empty());
+}
+
+/// Found by the property test: a watch reopened on a state change must not leave its retry
+/// timer behind (a timer that never moves spins the driver).
+#[test]
+fn a_watch_reopened_after_a_step_down_leaves_no_stale_timer() {
+    let mut sim = Sim::started(config());
+    sim.m.handle_watch_closed(sim.now, None);
+    sim.m
+        .handle_acquire(sim.now, Ok(AcquireOutcome::Acquired(grant(1))));
+    sim.m.handle_observation(sim.now, held_by_token("other", 2));
+    sim.drain();
+    if let Some(t) = sim.m.poll_timeout() {
+        assert!(t > sim.now, "a timer due now that nothing clears");
+    }
+    sim.advance(RETRY);
 }

@@ -9,7 +9,9 @@ use etcd_client::{
     Client, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, SortOrder, SortTarget,
     WatchFilterType, WatchOptions,
 };
-use leasehold_core::{BackendError, Candidate, LockBackend, Observation};
+use leasehold_core::{
+    BackendError, Candidate, FencingToken, LeaderRecord, LockBackend, Observation,
+};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -271,11 +273,15 @@ async fn follow(
         let changed = cell.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let (alive, revision) = {
+        let (alive, revision, own) = {
             let seat = cell.seat.lock().await;
             match seat.as_ref() {
-                Some(s) => (s.is_alive(), s.create_revision),
-                None => (true, None),
+                Some(s) => (
+                    s.is_alive(),
+                    s.create_revision,
+                    Some((s.identity.clone(), s.key.clone(), s.ttl)),
+                ),
+                None => (true, None, None),
             }
         };
         if !alive {
@@ -310,23 +316,35 @@ async fn follow(
                 ),
             )
             .await;
-        let ahead = match ahead {
+        let (ahead, start) = match ahead {
             Ok(response) => {
                 let start = response.header().map_or(0, |h| h.revision()) + 1;
-                response.kvs().first().map(|kv| (kv.key().to_vec(), start))
+                (response.kvs().first().map(|kv| kv.key().to_vec()), start)
             }
             Err(error) => {
                 let _ = tx.send(Err(map_error(config, "watch", &error)));
                 return;
             }
         };
-        let Some((key, start)) = ahead else {
-            // First in line: the candidate can take the lead now.
-            if tx.send(Ok(Observation::vacant())).is_err() {
-                return;
+        let (key, first) = match (ahead, own) {
+            (Some(key), _) => (key, false),
+            (None, Some((identity, key, ttl))) => {
+                // First in line: the candidate leads (or may take the lead now). Then watch our
+                // own key: its deletion by anyone else ends the term at once.
+                let token = FencingToken(u64::try_from(revision).unwrap_or(0));
+                let mine = Observation::held(LeaderRecord::new(identity, token, ttl), None);
+                if tx.send(Ok(mine)).is_err() {
+                    return;
+                }
+                (key.into_bytes(), true)
             }
-            changed.await;
-            continue;
+            (None, None) => {
+                if tx.send(Ok(Observation::vacant())).is_err() {
+                    return;
+                }
+                changed.await;
+                continue;
+            }
         };
         let options = WatchOptions::new()
             .with_start_revision(start)
@@ -353,6 +371,10 @@ async fn follow(
                         if response.events().iter().any(|e| e.event_type() == EventType::Delete) {
                             if tx.send(Ok(Observation::vacant())).is_err() {
                                 return;
+                            }
+                            if first {
+                                // Our own key is gone: wait until the seat is taken again.
+                                changed.await;
                             }
                             break;
                         }

@@ -35,6 +35,9 @@ struct Slot {
     /// The last token granted on this lock; survives deletion of the entry.
     last_token: u64,
     transitions: u64,
+    /// After an operator's deletion of a live holder's entry: no acquire before the deleted
+    /// lease would have expired (a deletion is not a release).
+    guarded_until: Option<Instant>,
     changes: watch::Sender<u64>,
 }
 
@@ -44,6 +47,7 @@ impl Slot {
             entry: Entry::Free,
             last_token: 0,
             transitions: 0,
+            guarded_until: None,
             changes: watch::channel(0).0,
         }
     }
@@ -142,9 +146,14 @@ impl MemoryBackend {
         });
     }
 
-    /// Deletes whatever `lock` holds, as an operator might. Fencing tokens keep increasing.
+    /// Deletes whatever `lock` holds, as an operator might. Fencing tokens keep increasing, and
+    /// a deleted holder's lease is still respected: nobody acquires the lock before it would have
+    /// expired (the holder learns of the deletion from its watch).
     pub fn delete(&self, lock: &str) {
         self.store.with_slot(lock, |slot, _| {
+            if let Entry::Held { expires_at, .. } = slot.entry {
+                slot.guarded_until = Some(expires_at);
+            }
             slot.entry = Entry::Free;
             slot.notify();
         });
@@ -217,7 +226,16 @@ impl LockBackend for MemoryBackend {
                     return slot.observe(&candidate.lock, now).map(AcquireOutcome::Held);
                 }
                 Entry::Held { record, .. } => Some(record.holder.clone()),
-                Entry::Free => None,
+                Entry::Free => {
+                    if let Some(until) = slot.guarded_until.filter(|until| now < *until) {
+                        // A deleted holder's lease has not run out yet.
+                        return Ok(AcquireOutcome::Held(Observation {
+                            record: None,
+                            expires_in: Some(until - now),
+                        }));
+                    }
+                    None
+                }
             };
             let expires_at = expiry(now, candidate)?;
             slot.last_token += 1;

@@ -591,9 +591,25 @@ impl LockBackend for RedisBackend {
 
     async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
         let keys = self.keys(&candidate.lock);
+        // Keyspace notifications of the lock key, where the server emits them
+        // (`notify-keyspace-events` with `K` and `g`, `x` or `e`): an operator's `DEL`, an
+        // expiry or an eviction then reaches a leader at once. Cluster nodes emit them only to
+        // their own subscribers, so this is for a single server.
+        let keyspace = self.inner.cluster.is_none().then(|| {
+            let db = self
+                .inner
+                .client
+                .get_connection_info()
+                .redis_settings()
+                .db();
+            format!("__keyspace@{db}__:{}", keys.lock)
+        });
         let connect = async {
             let mut pubsub = self.inner.client.get_async_pubsub().await?;
             pubsub.subscribe(&keys.channel).await?;
+            if let Some(keyspace) = &keyspace {
+                pubsub.subscribe(keyspace).await?;
+            }
             Ok::<_, RedisError>(pubsub)
         };
         let pubsub = tokio::time::timeout(self.inner.config.connect_timeout, connect)
@@ -607,17 +623,34 @@ impl LockBackend for RedisBackend {
         let lock = candidate.lock.clone();
         Ok(pubsub
             .into_on_message()
-            .map(move |message| {
-                let payload = message.get_payload_bytes();
-                if payload.is_empty() {
-                    return Ok(Observation::vacant());
-                }
-                let record = record::parse(&lock, payload)?;
-                let expires_in = Some(record.lease_duration);
-                Ok(Observation::held(record, expires_in))
+            .filter_map(move |message| {
+                let observation = if keyspace.as_deref() == Some(message.get_channel_name()) {
+                    keyspace_event(message.get_payload_bytes())
+                } else {
+                    Some(event(&lock, message.get_payload_bytes()))
+                };
+                futures::future::ready(observation)
             })
             .boxed())
     }
+}
+
+/// An event on the lock's channel: an empty payload is a release, anything else the record
+/// just written.
+fn event(lock: &str, payload: &[u8]) -> Result<Observation, BackendError> {
+    if payload.is_empty() {
+        return Ok(Observation::vacant());
+    }
+    let record = record::parse(lock, payload)?;
+    let expires_in = Some(record.lease_duration);
+    Ok(Observation::held(record, expires_in))
+}
+
+/// A keyspace notification of the lock key: its removal (`del`, also sent for `UNLINK`;
+/// `expired`; `evicted`) leaves the lock vacant. Writes are reported on the lock's own channel
+/// with the record, so other events say nothing new.
+fn keyspace_event(payload: &[u8]) -> Option<Result<Observation, BackendError>> {
+    matches!(payload, b"del" | b"expired" | b"evicted").then(|| Ok(Observation::vacant()))
 }
 
 fn protocol(detail: &str) -> BackendError {

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use leasehold_core::{FencingToken, Leadership};
 use tokio::time::Instant;
@@ -125,6 +126,32 @@ impl SafetyChecker {
                 }
             }
         }
+        self.verify_tokens()
+    }
+
+    /// The longest time two recorded terms overlapped (an open term lasts until now); zero when
+    /// none did. For backends whose protocol admits a bounded overlap (a lock deleted from
+    /// outside hands on at once): the bound is asserted on this.
+    pub fn longest_overlap(&self) -> Duration {
+        let now = Instant::now();
+        let intervals = self.intervals();
+        let mut longest = Duration::ZERO;
+        for (i, first) in intervals.iter().enumerate() {
+            for second in &intervals[i + 1..] {
+                let end = first.end.unwrap_or(now).min(second.end.unwrap_or(now));
+                longest = longest.max(end.saturating_duration_since(second.start));
+            }
+        }
+        longest
+    }
+
+    /// Checks that tokens strictly increase in start order, whatever the overlaps.
+    ///
+    /// # Errors
+    ///
+    /// The first [`SafetyViolation::TokenOrder`] found.
+    pub fn verify_tokens(&self) -> Result<SafetyReport, SafetyViolation> {
+        let intervals = self.intervals();
         for pair in intervals.windows(2) {
             if pair[1].token <= pair[0].token {
                 return Err(SafetyViolation::TokenOrder {
@@ -146,7 +173,6 @@ impl SafetyChecker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn iv(id: &str, token: u64, start: Instant, end: Option<Instant>) -> Interval {
         Interval {

@@ -324,6 +324,21 @@ impl Harness for EtcdHarness {
             .unwrap_or_else(|e| panic!("put: {e}"));
     }
 
+    async fn delete_lock(&self, lock: &str) {
+        let mut client = self.server.client().await;
+        client
+            .delete(
+                format!("{lock}/"),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("delete: {e}"));
+    }
+
+    fn deletion_frees_at_once(&self) -> bool {
+        true
+    }
+
     async fn malformed_present(&self, lock: &str) -> bool {
         let mut client = self.server.client().await;
         let response = client

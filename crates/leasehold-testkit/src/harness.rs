@@ -1,7 +1,7 @@
 //! What a backend provides to the conformance suite.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -62,19 +62,23 @@ pub struct TestClient {
     /// Its fault switches.
     pub faults: Arc<dyn FaultSwitch>,
     calls: Arc<AtomicU64>,
+    sent: Arc<Mutex<Vec<(tokio::time::Instant, &'static str)>>>,
 }
 
 impl TestClient {
     /// A client of `backend` with `faults`; calls through [`backend`](Self::backend) are counted.
     pub fn new(backend: Arc<dyn LockBackend>, faults: Arc<dyn FaultSwitch>) -> Self {
         let calls = Arc::new(AtomicU64::new(0));
+        let sent = Arc::new(Mutex::new(Vec::new()));
         Self {
             backend: Arc::new(Counting {
                 inner: backend,
                 calls: calls.clone(),
+                sent: sent.clone(),
             }),
             faults,
             calls,
+            sent,
         }
     }
 
@@ -82,17 +86,36 @@ impl TestClient {
     pub fn backend_calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }
+
+    /// The calls of kind `method` (`"try_acquire"`, `"renew"`, `"release"`, `"read"`,
+    /// `"withdraw"`) sent from `from` to `until`, both included.
+    pub fn calls_sent_between(
+        &self,
+        method: &str,
+        from: tokio::time::Instant,
+        until: tokio::time::Instant,
+    ) -> usize {
+        let sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+        sent.iter()
+            .filter(|(at, kind)| *kind == method && (from..=until).contains(at))
+            .count()
+    }
 }
 
 /// Counts the calls an elector makes.
 struct Counting {
     inner: Arc<dyn LockBackend>,
     calls: Arc<AtomicU64>,
+    sent: Arc<Mutex<Vec<(tokio::time::Instant, &'static str)>>>,
 }
 
 impl Counting {
-    fn count(&self) {
+    fn count(&self, method: &'static str) {
         self.calls.fetch_add(1, Ordering::Relaxed);
+        self.sent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((tokio::time::Instant::now(), method));
     }
 }
 
@@ -105,26 +128,26 @@ impl LockBackend for Counting {
         self.inner.validate(candidate)
     }
     async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
-        self.count();
+        self.count("try_acquire");
         self.inner.try_acquire(candidate).await
     }
     async fn renew(&self, c: &Candidate, g: &Grant) -> Result<RenewOutcome, BackendError> {
-        self.count();
+        self.count("renew");
         self.inner.renew(c, g).await
     }
     async fn release(&self, c: &Candidate, g: &Grant) -> Result<ReleaseOutcome, BackendError> {
-        self.count();
+        self.count("release");
         self.inner.release(c, g).await
     }
     async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
-        self.count();
+        self.count("read");
         self.inner.read(lock).await
     }
     async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
         self.inner.watch(candidate).await
     }
     async fn withdraw(&self, candidate: &Candidate) -> Result<(), BackendError> {
-        self.count();
+        self.count("withdraw");
         self.inner.withdraw(candidate).await
     }
 }
@@ -168,6 +191,23 @@ pub trait Harness: Send + Sync + 'static {
 
     /// Whether `lock` still holds the value written by [`plant_malformed`](Self::plant_malformed).
     async fn malformed_present(&self, lock: &str) -> bool;
+
+    /// Deletes `lock` as an operator would (`kubectl delete lease`, `DEL`, `etcdctl del
+    /// --prefix`), whoever holds it.
+    async fn delete_lock(&self, lock: &str);
+
+    /// `true` when deleting the lock hands it to the next candidate at once (etcd's election
+    /// protocol: a deleted key is a resignation); otherwise a deleted holder's lease is still
+    /// respected by candidates that saw it. Default `false`.
+    fn deletion_frees_at_once(&self) -> bool {
+        false
+    }
+
+    /// `true` when a leader's watch tells it of a deletion of its lock (Redis without keyspace
+    /// notifications does not: its leader learns at its next renew). Default `true`.
+    fn notifies_deletion(&self) -> bool {
+        true
+    }
 
     /// Configs the backend itself must refuse (besides the core's rules), with the field each
     /// one must be refused for.

@@ -340,6 +340,18 @@ impl Harness for KubeHarness {
             .unwrap_or_else(|e| panic!("create foreign lease: {e}"));
     }
 
+    async fn delete_lock(&self, lock: &str) {
+        Api::<Lease>::namespaced(self.server.admin().await, NAMESPACE)
+            .delete(lock, &kube::api::DeleteParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("delete lease: {e}"));
+    }
+
+    fn deletion_frees_at_once(&self) -> bool {
+        // A missing Lease is created by the first candidate that tries (as client-go does).
+        true
+    }
+
     async fn malformed_present(&self, lock: &str) -> bool {
         self.lease(lock).await.is_some_and(|l| {
             l.spec.and_then(|s| s.holder_identity).as_deref() == Some(FOREIGN_HOLDER)

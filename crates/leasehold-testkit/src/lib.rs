@@ -55,6 +55,7 @@ macro_rules! conformance_tests {
             backend_down_at_start,
             malformed_record,
             late_release_never_blanks_newer_holder,
+            lock_deleted_under_leader,
             resign_hands_over,
             standalone_mode,
             bad_config,

@@ -73,4 +73,8 @@ impl Harness for MemoryHarness {
     async fn malformed_present(&self, lock: &str) -> bool {
         self.store.foreign_value(lock).is_some()
     }
+
+    async fn delete_lock(&self, lock: &str) {
+        self.store.delete(lock);
+    }
 }

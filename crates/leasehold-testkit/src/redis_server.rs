@@ -189,6 +189,10 @@ impl RedisServer {
             .arg("--dir")
             .arg(self.dir.path())
             .args(["--protected-mode", "no", "--loglevel", "warning"])
+            // Keyspace notifications of deletions, expiries and evictions, which a leader
+            // subscribes to (cluster nodes emit them too, but the backend does not subscribe
+            // there).
+            .args(["--notify-keyspace-events", "Kgxe"])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
@@ -458,6 +462,21 @@ impl Harness for RedisHarness {
         value.as_deref() == Some(GARBAGE)
     }
 
+    async fn delete_lock(&self, lock: &str) {
+        let (key, mut connection) = self.lock_key(lock).await;
+        let _: i64 = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut connection)
+            .await
+            .unwrap_or_else(|e| panic!("redis DEL: {e}"));
+    }
+
+    fn notifies_deletion(&self) -> bool {
+        // With `notify-keyspace-events` set (as this harness starts the server), a leader
+        // learns of a `DEL` from its watch.
+        true
+    }
+
     fn invalid_configs(&self) -> Vec<(leasehold_core::Config, &'static str)> {
         let mut braces = crate::Timing::FAST.config("a", "x");
         braces.lease_name = "bad{name}".into();
@@ -662,5 +681,18 @@ impl Harness for RedisClusterHarness {
             .await
             .unwrap_or_else(|e| panic!("redis GET: {e}"));
         value.as_deref() == Some(GARBAGE)
+    }
+
+    async fn delete_lock(&self, lock: &str) {
+        let key = self.cluster.backend().keys(lock).lock;
+        let _: i64 = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut self.cluster.connection().await)
+            .await
+            .unwrap_or_else(|e| panic!("redis DEL: {e}"));
+    }
+
+    fn notifies_deletion(&self) -> bool {
+        false
     }
 }

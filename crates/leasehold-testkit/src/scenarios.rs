@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use leasehold_core::{
     AcquireOutcome, BackendError, Callbacks, Candidate, Config, Elector, ElectorError, Grant,
-    LeaderRecord, ReleaseOutcome, RenewOutcome,
+    LeaderRecord, ReleaseOutcome, RenewOutcome, StopCause,
 };
 use tokio::time::{sleep, timeout, Instant};
 
@@ -762,4 +762,91 @@ pub async fn bad_config<H: Harness + ?Sized>(h: &H) {
         }
     }
     Elector::new(good, client.backend.clone(), Callbacks::new()).expect("a valid config works");
+}
+
+/// An operator deletes the lock while `a` leads and `b` follows: `a` learns of it from its
+/// watch and steps down at once (before its next renew), where the backend notifies deletions;
+/// `b`, which saw `a`, does not lead before `a`'s lease would have expired, where deletion is not
+/// a hand-over by the backend's protocol (the [`SafetyChecker`] judges the intervals); and
+/// someone leads again afterwards.
+pub async fn lock_deleted_under_leader<H: Harness + ?Sized>(h: &H) {
+    // A long retry period, so that "before its next renew" means something.
+    let t = Timing {
+        lease_duration: Duration::from_secs(10),
+        renew_deadline: Duration::from_secs(6),
+        retry_period: Duration::from_secs(4),
+    };
+    let checker = SafetyChecker::new();
+    let lock = lock_name("deleted");
+    let a = Node::start(
+        t.config("a", &lock),
+        h.client().await,
+        &checker,
+        Duration::ZERO,
+    );
+    leads(&a, 2 * t.lease_duration).await;
+    let b = Node::start(
+        t.config("b", &lock),
+        h.client().await,
+        &checker,
+        Duration::ZERO,
+    );
+    wait_for("b to follow a", t.lease_duration, || {
+        b.handle.leader().as_deref() == Some("a")
+    })
+    .await;
+    // Right after one of a's renewals, so that its next one is a whole retry period away.
+    let renewed = a.handle.state().renewed_at;
+    wait_for("a to renew", 2 * t.retry_period, || {
+        a.handle.state().renewed_at != renewed
+    })
+    .await;
+    let deleted_at = Instant::now();
+    h.delete_lock(&lock).await;
+    let term = a.last_leadership().unwrap_or_else(|| panic!("a never led"));
+    wait_for("a's term to end", 2 * t.lease_duration, || {
+        term.ended_at().is_some()
+    })
+    .await;
+    let ended_at = term.ended_at().unwrap_or_else(|| panic!("a's term ended"));
+    assert_eq!(
+        term.stop_cause(),
+        Some(StopCause::Lost),
+        "a's term ended because its lock changed under it"
+    );
+    if h.notifies_deletion() {
+        assert_eq!(
+            a.client.calls_sent_between("renew", deleted_at, ended_at),
+            0,
+            "a stepped down only after calling the backend again: it did not learn of the \
+             deletion from its watch"
+        );
+    }
+    wait_for("a second term", 3 * t.lease_duration, || {
+        checker.intervals().len() >= 2
+    })
+    .await;
+    if h.deletion_frees_at_once() {
+        // The backend's protocol hands a deleted lock on at once (as client-go does): the
+        // overlap is bounded by the leader's notification latency, not excluded. Without the
+        // leader's watch it would last until a's next renew, seconds later.
+        let overlap = checker.longest_overlap();
+        eprintln!(
+            "{}: a deleted lock handed on at once; overlap {overlap:?}",
+            h.name()
+        );
+        assert!(
+            overlap < Duration::from_secs(1),
+            "a led {overlap:?} beside the next holder after its lock was deleted"
+        );
+        let report = checker
+            .verify_tokens()
+            .unwrap_or_else(|violation| panic!("fencing broken: {violation}"));
+        assert!(report.intervals.len() >= 2, "a new term began: {report:?}");
+    } else {
+        let report = checker
+            .verify()
+            .unwrap_or_else(|violation| panic!("safety violated: {violation}"));
+        assert!(report.intervals.len() >= 2, "a new term began: {report:?}");
+    }
 }
