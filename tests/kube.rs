@@ -235,6 +235,70 @@ mod kube_specific {
         checker.verify().expect("safe");
     }
 
+    /// A third party shortens the Lease's `leaseDurationSeconds` (6 → 2), keeping the holder;
+    /// the leader is partitioned a moment later. Followers judge expiry by the announced
+    /// duration, so the leader must neither republish the foreign value nor count on its own
+    /// longer one: its next renew writes its own duration back (at once: it watches its own
+    /// Lease), and never two leaders.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn foreign_shorter_lease_duration_is_not_republished() {
+        let t = Timing {
+            lease_duration: Duration::from_secs(6),
+            renew_deadline: Duration::from_secs(4),
+            retry_period: Duration::from_secs(1),
+        };
+        let h = KubeHarness::start().await;
+        let lock = lock_name("shortened");
+        let checker = SafetyChecker::new();
+        let a = Node::start(
+            t.config("a", &lock),
+            h.client().await,
+            &checker,
+            Duration::ZERO,
+        );
+        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
+        let b = Node::start(
+            t.config("b", &lock),
+            h.client().await,
+            &checker,
+            Duration::ZERO,
+        );
+        wait_for("b follows a", t.lease_duration, || {
+            b.handle.leader().as_deref() == Some("a")
+        })
+        .await;
+        let api = leases(&h).await;
+        let mut lease = api.get(&lock).await.expect("get");
+        if let Some(spec) = lease.spec.as_mut() {
+            spec.lease_duration_seconds = Some(2);
+        }
+        api.replace(&lock, &PostParams::default(), &lease)
+            .await
+            .expect("edit");
+        // Long enough for a's next renew (one retry period) to have gone through.
+        sleep(t.retry_period + Duration::from_millis(500)).await;
+        a.client.faults.partition().await;
+        let announced = api
+            .get(&lock)
+            .await
+            .expect("get")
+            .spec
+            .and_then(|s| s.lease_duration_seconds);
+        wait_for("b leads", 3 * t.lease_duration, || {
+            checker.intervals().len() >= 2
+        })
+        .await;
+        let report = checker
+            .verify()
+            .unwrap_or_else(|violation| panic!("safety violated: {violation}"));
+        assert_eq!(
+            announced,
+            Some(6),
+            "a's renew wrote its own leaseDurationSeconds back over the foreign one"
+        );
+        assert_eq!(report.intervals[1].identity, "b", "{report:?}");
+    }
+
     /// The apiserver restarts under a leader: never two leaders; someone leads afterwards.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn apiserver_restart_while_leading() {

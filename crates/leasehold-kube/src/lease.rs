@@ -135,10 +135,13 @@ pub(crate) fn taken(current: &Lease, identity: &str, seconds: i32) -> Lease {
     lease
 }
 
-/// `mine` with a new `renewTime`.
-pub(crate) fn renewed(mine: &Lease) -> Lease {
+/// `mine` with a new `renewTime` and our own `leaseDurationSeconds`: a renew never republishes
+/// a duration someone else wrote (followers judge expiry by the announced duration).
+pub(crate) fn renewed(mine: &Lease, duration_seconds: i32) -> Lease {
     let mut lease = mine.clone();
-    lease.spec.get_or_insert_with(LeaseSpec::default).renew_time = Some(now());
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    spec.renew_time = Some(now());
+    spec.lease_duration_seconds = Some(duration_seconds);
     lease
 }
 
@@ -252,6 +255,21 @@ mod tests {
         assert_eq!(t.subsec_nanosecond() % 1000, 0, "microsecond precision");
     }
 
+    #[test]
+    fn a_renew_writes_our_own_duration_over_a_foreign_one() {
+        let mut lease = fresh("x", "a", 15);
+        lease.spec.as_mut().unwrap().lease_duration_seconds = Some(3);
+        let renewed = renewed(&lease, 15);
+        let spec = renewed.spec.unwrap();
+        assert_eq!(spec.lease_duration_seconds, Some(15));
+        assert_eq!(spec.holder_identity.as_deref(), Some("a"));
+        assert_eq!(
+            spec.acquire_time,
+            lease.spec.unwrap().acquire_time,
+            "the same term"
+        );
+    }
+
     use proptest::prelude::*;
 
     fn timestamp() -> impl Strategy<Value = Timestamp> {
@@ -326,7 +344,7 @@ mod tests {
         let taken = taken(lease, "me", i32::MAX);
         let transitions = taken.spec.as_ref().and_then(|s| s.lease_transitions);
         assert!(transitions.is_some());
-        let _ = SpecKey::of(&renewed(lease));
+        let _ = SpecKey::of(&renewed(lease, 1));
         let _ = SpecKey::of(&released(lease));
     }
 

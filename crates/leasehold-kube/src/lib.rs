@@ -289,6 +289,16 @@ impl KubeBackend {
 
     /// After a conflict on our own write: the current Lease if it still holds our term (same
     /// holder and acquire time), to retry on its resourceVersion.
+    /// `leaseDurationSeconds` for `candidate` (validated by `Elector::new` already).
+    fn duration_seconds(&self, candidate: &Candidate) -> Result<i32, BackendError> {
+        lease::duration_seconds(candidate.lease_duration).map_err(|source| {
+            BackendError::InvalidConfig {
+                backend: self.backend_name(),
+                source,
+            }
+        })
+    }
+
     async fn still_ours(
         &self,
         candidate: &Candidate,
@@ -326,12 +336,7 @@ impl LockBackend for KubeBackend {
 
     async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
         let lock = candidate.lock.as_str();
-        let seconds = lease::duration_seconds(candidate.lease_duration).map_err(|source| {
-            BackendError::InvalidConfig {
-                backend: self.backend_name(),
-                source,
-            }
-        })?;
+        let seconds = self.duration_seconds(candidate)?;
         let Some(current) = self.get("acquire", lock).await? else {
             if let Some(held) = self.last_live(lock, &candidate.identity, candidate.lease_duration)
             {
@@ -393,9 +398,13 @@ impl LockBackend for KubeBackend {
             return Ok(RenewOutcome::Lost(Observation::vacant()));
         };
         let _ = grant;
+        let seconds = self.duration_seconds(candidate)?;
         let mut base = mine.clone();
         for _ in 0..2 {
-            match self.replace("renew", lock, &lease::renewed(&base)).await? {
+            match self
+                .replace("renew", lock, &lease::renewed(&base, seconds))
+                .await?
+            {
                 Write::Done(written) => {
                     self.remember(candidate, &written);
                     return Ok(RenewOutcome::Renewed);
