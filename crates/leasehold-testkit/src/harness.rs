@@ -10,6 +10,8 @@ use leasehold_core::{
     Observation, ReleaseOutcome, RenewOutcome, WatchStream,
 };
 
+use crate::calls::{BackendCall, CallKind, CallLog, CallResult};
+
 /// Durations the scenarios run with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
@@ -62,20 +64,31 @@ pub struct TestClient {
     /// Its fault switches.
     pub faults: Arc<dyn FaultSwitch>,
     calls: Arc<AtomicU64>,
+    log: CallLog,
 }
 
 impl TestClient {
-    /// A client of `backend` with `faults`; calls through [`backend`](Self::backend) are counted.
+    /// A client of `backend` with `faults`; calls through [`backend`](Self::backend) are counted
+    /// and logged ([`calls`](Self::calls)).
     pub fn new(backend: Arc<dyn LockBackend>, faults: Arc<dyn FaultSwitch>) -> Self {
         let calls = Arc::new(AtomicU64::new(0));
+        let log = CallLog::default();
         Self {
             backend: Arc::new(Counting {
                 inner: backend,
                 calls: calls.clone(),
+                log: log.clone(),
             }),
             faults,
             calls,
+            log,
         }
+    }
+
+    /// Every call made through [`backend`](Self::backend) so far, watch included, in the order
+    /// sent, with when each was sent and answered and what it returned.
+    pub fn calls(&self) -> Vec<BackendCall> {
+        self.log.calls()
     }
 
     /// Calls made through this client: acquire, renew, release, read and withdraw (not watch).
@@ -84,10 +97,11 @@ impl TestClient {
     }
 }
 
-/// Counts the calls an elector makes.
+/// Counts and logs the calls an elector makes.
 struct Counting {
     inner: Arc<dyn LockBackend>,
     calls: Arc<AtomicU64>,
+    log: CallLog,
 }
 
 impl Counting {
@@ -106,26 +120,44 @@ impl LockBackend for Counting {
     }
     async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
         self.count();
-        self.inner.try_acquire(candidate).await
+        let call = self.log.send(CallKind::Acquire);
+        let outcome = self.inner.try_acquire(candidate).await;
+        self.log.answer(call, CallResult::of_acquire(&outcome));
+        outcome
     }
     async fn renew(&self, c: &Candidate, g: &Grant) -> Result<RenewOutcome, BackendError> {
         self.count();
-        self.inner.renew(c, g).await
+        let call = self.log.send(CallKind::Renew);
+        let outcome = self.inner.renew(c, g).await;
+        self.log.answer(call, CallResult::of_renew(&outcome));
+        outcome
     }
     async fn release(&self, c: &Candidate, g: &Grant) -> Result<ReleaseOutcome, BackendError> {
         self.count();
-        self.inner.release(c, g).await
+        let call = self.log.send(CallKind::Release);
+        let outcome = self.inner.release(c, g).await;
+        self.log.answer(call, CallResult::of_release(&outcome));
+        outcome
     }
     async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
         self.count();
-        self.inner.read(lock).await
+        let call = self.log.send(CallKind::Read);
+        let outcome = self.inner.read(lock).await;
+        self.log.answer(call, CallResult::of_other(&outcome));
+        outcome
     }
     async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
-        self.inner.watch(candidate).await
+        let call = self.log.send(CallKind::Watch);
+        let outcome = self.inner.watch(candidate).await;
+        self.log.answer(call, CallResult::of_other(&outcome));
+        outcome
     }
     async fn withdraw(&self, candidate: &Candidate) -> Result<(), BackendError> {
         self.count();
-        self.inner.withdraw(candidate).await
+        let call = self.log.send(CallKind::Withdraw);
+        let outcome = self.inner.withdraw(candidate).await;
+        self.log.answer(call, CallResult::of_other(&outcome));
+        outcome
     }
 }
 
