@@ -14,7 +14,7 @@ mod etcd_specific {
 
     use leasehold::{
         AcquireOutcome, BackendError, Callbacks, CancellationToken, Candidate, Elector,
-        ElectorError, LockBackend,
+        ElectorError, LockBackend, StopCause,
     };
     use leasehold_etcd::{EtcdBackend, EtcdConfig};
     use std::net::SocketAddr;
@@ -186,7 +186,10 @@ mod etcd_specific {
     }
 
     /// Our lease revoked from outside (`etcdctl lease revoke`): the leader steps down at its next
-    /// renew, well before its renew deadline.
+    /// renew, well before its renew deadline, and campaigns again.
+    ///
+    /// Checked on the term's own record (its end and stop cause), not by sampling
+    /// `is_leader()`, which can miss a step-down followed by a fast re-acquire.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lease_revoked_from_outside_steps_down_promptly() {
         let t = timing();
@@ -194,7 +197,8 @@ mod etcd_specific {
         let lock = lock_name("revoke");
         let checker = SafetyChecker::new();
         let mut a = node(&h, "a", &lock, &checker).await;
-        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
+        started(&mut a, 2 * t.lease_duration).await;
+        let first = a.leaderships().first().cloned().expect("a's first term");
         let mut admin = h.server_ref().client().await;
         let keys = admin
             .get(
@@ -211,7 +215,6 @@ mod etcd_specific {
             .expect("utf8")
             .to_owned();
         let lease_hex = key.rsplit('/').next().expect("lease part").to_owned();
-        let revoked = Instant::now();
         let status = etcdctl(h.server_ref())
             .args(["lease", "revoke", &lease_hex])
             .stdout(Stdio::null())
@@ -219,22 +222,36 @@ mod etcd_specific {
             .await
             .expect("etcdctl lease revoke");
         assert!(status.success());
-        wait_for("a steps down", 2 * t.lease_duration, || {
-            !a.handle.is_leader()
-        })
-        .await;
-        let took = revoked.elapsed();
+        // The revoke is done by now.
+        let revoked = Instant::now();
+        assert!(
+            timeout(2 * t.lease_duration, first.cancelled())
+                .await
+                .is_ok(),
+            "a's first term never ended after its lease was revoked: {first:?}"
+        );
+        assert_eq!(
+            first.stop_cause(),
+            Some(StopCause::Lost),
+            "the revoke must end the term as lost (seen at the next renew), not by the renew \
+             deadline: {first:?}"
+        );
+        let ended = first.ended_at().expect("an ended term has an end");
+        let took = ended.saturating_duration_since(revoked);
         // At its next renew (one retry period), not at its renew deadline; generous for a
         // loaded 2-core machine.
         assert!(
             took < t.renew_deadline,
-            "stepping down took {took:?}: the revoke was not noticed before the renew deadline"
+            "stepping down took {took:?} after the revoke: not noticed before the renew deadline"
         );
         // It keeps campaigning: a new lease, a new key, a new term with a greater token.
         wait_for("a leads again", 3 * t.lease_duration, || {
-            a.handle.is_leader()
+            a.leaderships().len() >= 2
         })
         .await;
+        let second = a.leaderships()[1].clone();
+        assert!(second.token() > first.token(), "{first:?} then {second:?}");
+        assert!(second.started_at() >= ended, "{first:?} then {second:?}");
         a.stop().await.expect("stops");
         let intervals = checker.verify().expect("safe").intervals;
         assert!(intervals.len() >= 2);

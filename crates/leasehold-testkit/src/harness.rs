@@ -1,7 +1,7 @@
 //! What a backend provides to the conformance suite.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -9,6 +9,8 @@ use leasehold_core::{
     async_trait, AcquireOutcome, BackendError, Candidate, Config, ConfigError, Grant, LockBackend,
     Observation, ReleaseOutcome, RenewOutcome, WatchStream,
 };
+
+use crate::calls::{BackendCall, CallKind, CallLog, CallResult};
 
 /// Durations the scenarios run with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,60 +64,49 @@ pub struct TestClient {
     /// Its fault switches.
     pub faults: Arc<dyn FaultSwitch>,
     calls: Arc<AtomicU64>,
-    sent: Arc<Mutex<Vec<(tokio::time::Instant, &'static str)>>>,
+    log: CallLog,
 }
 
 impl TestClient {
-    /// A client of `backend` with `faults`; calls through [`backend`](Self::backend) are counted.
+    /// A client of `backend` with `faults`; calls through [`backend`](Self::backend) are counted
+    /// and logged ([`calls`](Self::calls)).
     pub fn new(backend: Arc<dyn LockBackend>, faults: Arc<dyn FaultSwitch>) -> Self {
         let calls = Arc::new(AtomicU64::new(0));
-        let sent = Arc::new(Mutex::new(Vec::new()));
+        let log = CallLog::default();
         Self {
             backend: Arc::new(Counting {
                 inner: backend,
                 calls: calls.clone(),
-                sent: sent.clone(),
+                log: log.clone(),
             }),
             faults,
             calls,
-            sent,
+            log,
         }
+    }
+
+    /// Every call made through [`backend`](Self::backend) so far, watch included, in the order
+    /// sent, with when each was sent and answered and what it returned.
+    pub fn calls(&self) -> Vec<BackendCall> {
+        self.log.calls()
     }
 
     /// Calls made through this client: acquire, renew, release, read and withdraw (not watch).
     pub fn backend_calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }
-
-    /// The calls of kind `method` (`"try_acquire"`, `"renew"`, `"release"`, `"read"`,
-    /// `"withdraw"`) sent from `from` to `until`, both included.
-    pub fn calls_sent_between(
-        &self,
-        method: &str,
-        from: tokio::time::Instant,
-        until: tokio::time::Instant,
-    ) -> usize {
-        let sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
-        sent.iter()
-            .filter(|(at, kind)| *kind == method && (from..=until).contains(at))
-            .count()
-    }
 }
 
-/// Counts the calls an elector makes.
+/// Counts and logs the calls an elector makes.
 struct Counting {
     inner: Arc<dyn LockBackend>,
     calls: Arc<AtomicU64>,
-    sent: Arc<Mutex<Vec<(tokio::time::Instant, &'static str)>>>,
+    log: CallLog,
 }
 
 impl Counting {
-    fn count(&self, method: &'static str) {
+    fn count(&self) {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        self.sent
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((tokio::time::Instant::now(), method));
     }
 }
 
@@ -128,27 +119,45 @@ impl LockBackend for Counting {
         self.inner.validate(candidate)
     }
     async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
-        self.count("try_acquire");
-        self.inner.try_acquire(candidate).await
+        self.count();
+        let call = self.log.send(CallKind::Acquire);
+        let outcome = self.inner.try_acquire(candidate).await;
+        self.log.answer(call, CallResult::of_acquire(&outcome));
+        outcome
     }
     async fn renew(&self, c: &Candidate, g: &Grant) -> Result<RenewOutcome, BackendError> {
-        self.count("renew");
-        self.inner.renew(c, g).await
+        self.count();
+        let call = self.log.send(CallKind::Renew);
+        let outcome = self.inner.renew(c, g).await;
+        self.log.answer(call, CallResult::of_renew(&outcome));
+        outcome
     }
     async fn release(&self, c: &Candidate, g: &Grant) -> Result<ReleaseOutcome, BackendError> {
-        self.count("release");
-        self.inner.release(c, g).await
+        self.count();
+        let call = self.log.send(CallKind::Release);
+        let outcome = self.inner.release(c, g).await;
+        self.log.answer(call, CallResult::of_release(&outcome));
+        outcome
     }
     async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
-        self.count("read");
-        self.inner.read(lock).await
+        self.count();
+        let call = self.log.send(CallKind::Read);
+        let outcome = self.inner.read(lock).await;
+        self.log.answer(call, CallResult::of_other(&outcome));
+        outcome
     }
     async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
-        self.inner.watch(candidate).await
+        let call = self.log.send(CallKind::Watch);
+        let outcome = self.inner.watch(candidate).await;
+        self.log.answer(call, CallResult::of_other(&outcome));
+        outcome
     }
     async fn withdraw(&self, candidate: &Candidate) -> Result<(), BackendError> {
-        self.count("withdraw");
-        self.inner.withdraw(candidate).await
+        self.count();
+        let call = self.log.send(CallKind::Withdraw);
+        let outcome = self.inner.withdraw(candidate).await;
+        self.log.answer(call, CallResult::of_other(&outcome));
+        outcome
     }
 }
 
@@ -197,8 +206,9 @@ pub trait Harness: Send + Sync + 'static {
     async fn delete_lock(&self, lock: &str);
 
     /// `true` when deleting the lock hands it to the next candidate at once (etcd's election
-    /// protocol: a deleted key is a resignation); otherwise a deleted holder's lease is still
-    /// respected by candidates that saw it. Default `false`.
+    /// protocol: a deleted key is a resignation; Kubernetes: a missing Lease is created by the
+    /// first candidate that tries); otherwise a deleted holder's lease is still respected.
+    /// Default `false`.
     fn deletion_frees_at_once(&self) -> bool {
         false
     }

@@ -9,6 +9,7 @@
 //! Scenarios use real timing ([`Timing`]); with an in-process backend, run them under
 //! `tokio::time::pause()` and they finish at once and deterministically.
 
+mod calls;
 mod checker;
 mod client_go;
 mod etcd_server;
@@ -20,6 +21,7 @@ pub mod proxy;
 mod redis_server;
 pub mod scenarios;
 
+pub use calls::{BackendCall, CallKind, CallResult};
 pub use checker::{Interval, SafetyChecker, SafetyReport, SafetyViolation};
 pub use client_go::{client_go_elector_binary, GoElector, GoEvent};
 pub use etcd_server::{EtcdHarness, EtcdServer, APP_KEY_PREFIX, APP_USER, MALFORMED_VALUE};

@@ -11,6 +11,7 @@ use leasehold_core::{
 };
 use tokio::time::{sleep, timeout, Instant};
 
+use crate::calls::{BackendCall, CallKind, CallResult};
 use crate::checker::SafetyChecker;
 use crate::harness::{Harness, Timing};
 use crate::node::{Node, NodeEvent};
@@ -526,12 +527,20 @@ pub async fn backend_down_at_start<H: Harness + ?Sized>(h: &H) {
 
 /// A lock holding an unreadable value: a typed error, and the value is not overwritten while it
 /// may be live; once it expires, the lock is taken.
+///
+/// Checked on the client's call log: every acquire answered while the value was surely live
+/// failed with `MalformedRecord`, the value was still there after such an attempt (checked while
+/// it was surely live: the test fails, rather than skips, if it cannot check in time), and the
+/// acquire that won was answered only after the value's TTL.
 pub async fn malformed_record<H: Harness + ?Sized>(h: &H) {
     let t = h.timing();
     let lock = lock_name("malformed");
-    let ttl = 2 * t.lease_duration;
+    // Long enough that the presence check below always falls inside the value's life.
+    let ttl = 3 * t.lease_duration;
+    // The value is written after this instant, so it is live at least until `live_until`.
+    let plant_sent = Instant::now();
     h.plant_malformed(&lock, ttl).await;
-    let planted = Instant::now();
+    let live_until = plant_sent + ttl;
     let client = h.client().await;
     match client.backend.read(&lock).await {
         Err(BackendError::MalformedRecord { lock: l, .. }) => assert_eq!(l, lock),
@@ -546,53 +555,136 @@ pub async fn malformed_record<H: Harness + ?Sized>(h: &H) {
         )
     })
     .await;
-    sleep(t.lease_duration / 2).await;
-    if Instant::now() < planted + ttl - t.retry_period {
-        assert!(
-            h.malformed_present(&lock).await,
-            "the foreign value was overwritten"
-        );
-        assert!(!a.handle.is_leader());
-    }
+    // Two acquires answered with the value in place: each had the chance to overwrite it.
+    wait_for("two acquire attempts on the malformed value", ttl, || {
+        acquires(&a.client.calls())
+            .iter()
+            .filter(|c| c.result.is_some())
+            .count()
+            >= 2
+    })
+    .await;
+    let present = h.malformed_present(&lock).await;
+    let checked = Instant::now();
+    assert!(
+        checked < live_until,
+        "could not check the foreign value while it was surely live ({:?} after planting, TTL \
+         {ttl:?}): the machine is too slow for this test's TTL",
+        checked - plant_sent
+    );
+    assert!(present, "the foreign value was overwritten while live");
     assert!(!a.has_exited(), "a malformed record is not fatal");
     leads(&a, ttl + 3 * t.lease_duration).await;
+    let attempts = acquires(&a.client.calls());
+    for call in &attempts {
+        // A call never answered (its future dropped) returned nothing to check.
+        let Some(returned) = call.returned else {
+            continue;
+        };
+        if returned < live_until {
+            assert!(
+                matches!(
+                    call.result,
+                    Some(CallResult::Failed(BackendError::MalformedRecord { .. }))
+                ),
+                "an acquire answered {:?} after planting, while the value was live, gave {:?}",
+                returned - plant_sent,
+                call.result
+            );
+        }
+    }
+    let won = attempts
+        .iter()
+        .find(|c| matches!(c.result, Some(CallResult::Acquired(_))))
+        .unwrap_or_else(|| panic!("a leads, but no acquire of a succeeded: {attempts:?}"));
+    let won_at = won.returned.unwrap_or(won.sent);
     assert!(
-        Instant::now() >= planted + ttl,
-        "a took the lock before the foreign value expired"
+        won_at >= live_until,
+        "a took the lock {:?} before the foreign value expired",
+        live_until - won_at
+    );
+    let term = a.last_leadership().expect("a's term");
+    assert!(
+        term.started_at() >= live_until,
+        "a led before the foreign value expired"
     );
     a.stop().await.expect("a stops");
     verify(&checker);
 }
 
+/// The acquires in `calls`.
+fn acquires(calls: &[BackendCall]) -> Vec<BackendCall> {
+    calls
+        .iter()
+        .filter(|c| c.kind == CallKind::Acquire)
+        .cloned()
+        .collect()
+}
+
 /// A release (or renew) of an expired term changes nothing: a newer holder keeps the lock.
+///
+/// The newer holder gets the lock only once the old term expired: b tries from the moment a
+/// holds the lock, its first attempt must find a holding it, and no attempt answered before a's
+/// lease could have ended may succeed (checked on b's call log).
 pub async fn late_release_never_blanks_newer_holder<H: Harness + ?Sized>(h: &H) {
     let t = h.timing();
     let lock = lock_name("late-release");
     let (a, b) = (h.client().await, h.client().await);
     let ca = Candidate::new(&lock, "a", t.lease_duration);
     let cb = Candidate::new(&lock, "b", t.lease_duration);
-    let sent = Instant::now();
     let ga = acquired(a.backend.try_acquire(&ca).await, "a");
+    let a_sent = a
+        .calls()
+        .first()
+        .map(|c| c.sent)
+        .expect("a's acquire is logged");
+    // The store granted a's lease after `a_sent`: no one can take the lock before this (1%
+    // for the store's clock rate).
+    let a_expires = a_sent + t.lease_duration.mul_f64(0.99);
     // a never renews: its term expires. Stores expire on their own schedule (etcd checks
-    // leases every 500 ms), so b tries until it gets the lock — but never before a's lease.
-    sleep(t.lease_duration).await;
-    let deadline = Instant::now() + 2 * t.lease_duration;
+    // leases every 500 ms), so b tries until it gets the lock, starting at once. Like an
+    // elector, b follows with a watch open (etcd keeps a queued candidate's lease alive only
+    // while it watches).
+    let _watch = b.backend.watch(&cb).await.expect("b can watch the lock");
+    let deadline = Instant::now() + 3 * t.lease_duration;
     let gb = loop {
-        let attempt = Instant::now();
         match b.backend.try_acquire(&cb).await {
-            Ok(AcquireOutcome::Acquired(grant)) => {
-                assert!(
-                    attempt >= sent + t.lease_duration.mul_f64(0.99),
-                    "b acquired before a's lease could have expired"
-                );
-                break grant;
-            }
+            Ok(AcquireOutcome::Acquired(grant)) => break grant,
             Ok(AcquireOutcome::Held(_)) if Instant::now() < deadline => {
                 sleep(Duration::from_millis(50)).await;
             }
             other => panic!("b should acquire after a's expiry, got {other:?}"),
         }
     };
+    let attempts = acquires(&b.calls());
+    for call in &attempts {
+        if let (Some(CallResult::Acquired(_)), Some(returned)) = (&call.result, call.returned) {
+            assert!(
+                returned >= a_expires,
+                "b acquired {:?} after a's acquire was sent, before a's lease of {:?} could \
+                 have expired",
+                returned - a_sent,
+                t.lease_duration
+            );
+        }
+    }
+    match attempts.first() {
+        Some(BackendCall {
+            result: Some(CallResult::Held(holder)),
+            returned: Some(returned),
+            ..
+        }) if *returned < a_expires => {
+            assert_eq!(
+                holder.as_deref(),
+                Some("a"),
+                "b must find a holding the lock"
+            );
+        }
+        first => panic!(
+            "b's first attempt was not answered while a's lease was live, so the test could \
+             not check that b waits for a's expiry: {first:?}"
+        ),
+    }
     assert!(gb.token > ga.token);
     assert_eq!(
         a.backend.release(&ca, &ga).await.expect("release"),
@@ -647,14 +739,14 @@ pub async fn resign_hands_over<H: Harness + ?Sized>(h: &H) {
     verify(&checker);
 }
 
-/// `enabled = false`: leads at once, token 0, and never touches the backend.
+/// `enabled = false`: leads at once, token 0, and never touches the backend: no call at all
+/// (watch included) on the elector's client's call log, from start to shutdown.
 pub async fn standalone_mode<H: Harness + ?Sized>(h: &H) {
     let t = h.timing();
     let lock = lock_name("standalone");
     let mut config = t.config("solo", &lock);
     config.enabled = false;
     let client = h.client().await;
-    let before = client.faults.requests();
     let checker = SafetyChecker::new();
     let mut a = Node::start(config, client, &checker, Duration::ZERO);
     leads(&a, Duration::from_secs(1)).await;
@@ -663,11 +755,6 @@ pub async fn standalone_mode<H: Harness + ?Sized>(h: &H) {
     assert_eq!(term.deadline(), None, "standalone never expires");
     sleep(3 * t.lease_duration).await;
     assert!(a.handle.is_leader());
-    assert_eq!(
-        a.client.faults.requests(),
-        before,
-        "standalone touched the backend"
-    );
     a.stop().await.expect("stops");
     assert!(!a.handle.is_leader());
     wait_for("on_stopped_leading", t.lease_duration, || {
@@ -676,6 +763,8 @@ pub async fn standalone_mode<H: Harness + ?Sized>(h: &H) {
             .any(|e| matches!(e, NodeEvent::Stopped(_)))
     })
     .await;
+    let calls = a.client.calls();
+    assert!(calls.is_empty(), "standalone called the backend: {calls:?}");
     let seen = h.client().await.backend.read(&lock).await.expect("read");
     assert_eq!(seen.holder(), None, "standalone wrote to the backend");
 }
@@ -815,9 +904,15 @@ pub async fn lock_deleted_under_leader<H: Harness + ?Sized>(h: &H) {
         "a's term ended because its lock changed under it"
     );
     if h.notifies_deletion() {
+        let renews: Vec<_> = a
+            .client
+            .calls()
+            .into_iter()
+            .filter(|c| c.kind == CallKind::Renew && (deleted_at..=ended_at).contains(&c.sent))
+            .collect();
         assert_eq!(
-            a.client.calls_sent_between("renew", deleted_at, ended_at),
-            0,
+            renews,
+            [],
             "a stepped down only after calling the backend again: it did not learn of the \
              deletion from its watch"
         );
