@@ -59,6 +59,19 @@ pub enum AcquireOutcome {
 pub enum RenewOutcome {
     /// The lease was extended by `lease_duration` from the call.
     Renewed,
+    /// The write succeeded and the term still holds, but observers that compare the record at a
+    /// coarser precision than it was written with may not see it as a change — so they may
+    /// count the lease from an earlier renew, not from this one. The term keeps the validity
+    /// credited by the last renew that *was* noticed (or by the acquire): the elector schedules
+    /// its next renew as after any success, but neither its validity nor its renew-deadline
+    /// step-down moves.
+    ///
+    /// Kubernetes reports it when client-go candidates may share the Lease: client-go compares
+    /// its record with `acquireTime` and `renewTime` in whole seconds (`metav1.Time`) and
+    /// refreshes the instant it observed the record only when that form changes, so a second
+    /// renew within one wall-clock second is, to a client-go follower, no renew at all. A
+    /// backend whose observers see every write never reports it.
+    RenewedUnnoticed,
     /// The term is over: the lock expired, was taken by someone else, or was deleted. Carries what
     /// the backend saw instead, where it knows.
     Lost(Observation),
@@ -93,6 +106,10 @@ pub type WatchStream = BoxStream<'static, Result<Observation, BackendError>>;
 ///    `max_clock_drift` faster. Server-side TTLs (etcd, Redis) and client-side expiry judged
 ///    from when the candidate *observed* the record change (Kubernetes) both satisfy this;
 ///    comparing a remote timestamp with the local clock does not.
+///    A renew whose write other candidates may not notice (they judge expiry from when
+///    they observed a change) is not a successful renew in this sense: the backend reports it
+///    as [`RenewOutcome::RenewedUnnoticed`], and `S'` stays the send instant of the last
+///    renew reported [`RenewOutcome::Renewed`] (or of the acquire).
 /// 2. **Fencing.** Every [`Grant`] carries a token strictly greater than every token granted
 ///    before on that lock, to any candidate including this one, even after the lock was deleted
 ///    and re-created. Where a store cannot promise that (Redis without persistence), the backend
@@ -147,6 +164,8 @@ pub trait LockBackend: Send + Sync + 'static {
     async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError>;
 
     /// Extends the term `grant` by `lease_duration`, if the lock still holds it.
+    /// [`RenewOutcome::RenewedUnnoticed`] when the write succeeded but other candidates may not
+    /// notice it (see there).
     ///
     /// # Errors
     ///

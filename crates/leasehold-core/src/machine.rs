@@ -7,9 +7,10 @@
 //!
 //! Rules it keeps (ARCHITECTURE.md, invariants 1, 2, 3, 8):
 //! - a term granted by a call sent at `S` is valid until `S + lease_duration × (1 − drift)`
-//!   and renewals move that bound only forward;
+//!   and renewals move that bound only forward (only renews others can notice:
+//!   [`RenewOutcome::RenewedUnnoticed`] moves neither bound);
 //! - the leader steps down at `S' + renew_deadline`, `S'` the send instant of its last
-//!   successful acquire or renew — before validity ends;
+//!   successful acquire or noticed renew — before validity ends;
 //! - a term is started only with a fencing token greater than every token it saw before;
 //! - at most one backend call is in flight;
 //! - after losing a term it follows and campaigns again; it stops only on shutdown or a fatal
@@ -385,6 +386,21 @@ impl Machine {
                         lead.step_down_at = sent_at + self.params.renew_deadline;
                         lead.next_renew = (sent_at + self.params.retry_period).max(now);
                         tracing::trace!(token = %lead.term.token, "renewed");
+                    }
+                }
+            }
+            Ok(RenewOutcome::RenewedUnnoticed) => {
+                self.last_error = None;
+                if let State::Leading(lead) = &mut self.state {
+                    // The write held, but observers may not have seen it change: they may count
+                    // the lease from the last noticed renew, so validity and step-down stay
+                    // counted from that one. Only the next renew is scheduled as after a success.
+                    if sent_at >= lead.last_success_sent && now < lead.step_down_at {
+                        lead.next_renew = (sent_at + self.params.retry_period).max(now);
+                        tracing::trace!(
+                            token = %lead.term.token,
+                            "renewed, unnoticed by observers: validity stays from the last noticed renew"
+                        );
                     }
                 }
             }

@@ -186,6 +186,64 @@ fn renewals_extend_validity_from_their_send_instant() {
 }
 
 #[test]
+fn unnoticed_renews_keep_validity_and_step_down_from_the_last_noticed_one() {
+    let mut sim = Sim::leading(1);
+    let acquired = sim.now;
+    let valid = LEASE.mul_f64(0.99);
+    // Two renews that observers may not notice: the next renew is scheduled as after any
+    // success, but validity and step-down stay counted from the acquire.
+    for _ in 0..2 {
+        let actions = sim.advance(RETRY);
+        assert_eq!(Sim::calls(&actions), vec![Call::Renew(grant(1))]);
+        let sent = *sim.log_times.last().expect("the renew was sent");
+        sim.m
+            .handle_renew(sim.now, Ok(RenewOutcome::RenewedUnnoticed));
+        sim.drain();
+        let state = sim.m.leader_state();
+        assert_eq!(state.valid_until, Some(acquired + valid));
+        assert_eq!(state.renewed_at, Some(acquired));
+        assert!(state.last_error.is_none());
+        assert_eq!(sim.m.poll_timeout(), Some(sent + RETRY));
+    }
+    // A noticed renew moves both bounds to its own send instant.
+    let actions = sim.advance(RETRY);
+    assert_eq!(Sim::calls(&actions), vec![Call::Renew(grant(1))]);
+    let noticed = *sim.log_times.last().expect("the renew was sent");
+    sim.m.handle_renew(sim.now, Ok(RenewOutcome::Renewed));
+    sim.drain();
+    assert_eq!(sim.m.leader_state().valid_until, Some(noticed + valid));
+    // Only unnoticed renews from now on: the step-down comes at the noticed one's deadline.
+    let mut stop = None;
+    while stop.is_none() && sim.now < noticed + LEASE {
+        let actions = sim.advance(ms(100));
+        for a in &actions {
+            if let Action::Call {
+                call: Call::Renew(_),
+                ..
+            } = a
+            {
+                sim.m
+                    .handle_renew(sim.now, Ok(RenewOutcome::RenewedUnnoticed));
+                sim.drain();
+            }
+        }
+        stop = actions.iter().find_map(|a| match a {
+            Action::StopLeading {
+                cause,
+                at,
+                valid_until,
+                ..
+            } => Some((*cause, *at, *valid_until)),
+            _ => None,
+        });
+    }
+    let (cause, at, valid_until) = stop.expect("stepped down");
+    assert_eq!(cause, StopCause::RenewDeadline);
+    assert_eq!(at, noticed + DEADLINE);
+    assert_eq!(valid_until, Some(noticed + valid));
+}
+
+#[test]
 fn renew_deadline_steps_down_before_validity_ends() {
     let mut sim = Sim::leading(1);
     let acquired = sim.now;
@@ -690,12 +748,14 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                             sim.m.handle_acquire(now, r);
                         }
                         Call::Renew(_) => {
-                            let r = match kind % 4 {
+                            let r = match kind % 5 {
                                 0 | 1 => {
                                     model.succeeded(sent);
                                     Ok(RenewOutcome::Renewed)
                                 }
                                 2 => Ok(RenewOutcome::Lost(held_by("other", Some(ms(d))))),
+                                // Succeeded, but credits no validity: not a success to the model.
+                                3 => Ok(RenewOutcome::RenewedUnnoticed),
                                 _ => Err(unavailable()),
                             };
                             sim.m.handle_renew(now, r);

@@ -157,6 +157,63 @@ pub(crate) fn released(mine: &Lease) -> Lease {
     lease
 }
 
+/// A Lease as a client-go candidate compares it: its `LeaderElectionRecord`, whose JSON bytes
+/// it keeps and compares with each new read, refreshing the instant it observed the record only
+/// when they differ. `acquireTime` and `renewTime` are `metav1.Time` there, encoded in whole
+/// seconds (RFC 3339, fraction dropped, i.e. rounded down) or `null` for the zero time; absent
+/// fields read as zero values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ClientGoView {
+    holder: String,
+    duration_seconds: i32,
+    acquire: Option<i64>,
+    renew: Option<i64>,
+    transitions: i32,
+    preferred_holder: String,
+    strategy: String,
+}
+
+impl ClientGoView {
+    fn of(lease: &Lease) -> Self {
+        let spec = lease.spec.as_ref();
+        let text =
+            |f: fn(&LeaseSpec) -> Option<&String>| spec.and_then(f).cloned().unwrap_or_default();
+        Self {
+            holder: text(|s| s.holder_identity.as_ref()),
+            duration_seconds: spec.and_then(|s| s.lease_duration_seconds).unwrap_or(0),
+            acquire: spec
+                .and_then(|s| s.acquire_time.as_ref())
+                .and_then(|t| whole_second(t.0)),
+            renew: spec
+                .and_then(|s| s.renew_time.as_ref())
+                .and_then(|t| whole_second(t.0)),
+            transitions: spec.and_then(|s| s.lease_transitions).unwrap_or(0),
+            preferred_holder: text(|s| s.preferred_holder.as_ref()),
+            strategy: text(|s| s.strategy.as_ref()),
+        }
+    }
+}
+
+/// `t` as `metav1.Time` encodes it: the whole second, rounded down (also before 1970), or
+/// `None` for Go's zero time (0001-01-01T00:00:00Z exactly), which encodes as `null`.
+fn whole_second(t: Timestamp) -> Option<i64> {
+    /// Go's zero `time.Time`, in seconds since the Unix epoch.
+    const GO_ZERO_TIME: i64 = -62_135_596_800;
+    let (second, nanos) = (t.as_second(), t.subsec_nanosecond());
+    if second == GO_ZERO_TIME && nanos == 0 {
+        return None;
+    }
+    // jiff keeps the fraction's sign with the seconds': -1.5 s is (-1, -500 ms).
+    Some(if nanos < 0 { second - 1 } else { second })
+}
+
+/// `true` when a client-go candidate that saw `before` would see `after` as a change of the
+/// record (and so count the lease from when it saw `after`); `false` when the two are the same
+/// to it, e.g. a renew within the same wall-clock second as the write it replaced.
+pub(crate) fn client_go_notices(before: &Lease, after: &Lease) -> bool {
+    ClientGoView::of(before) != ClientGoView::of(after)
+}
+
 /// `leaseDurationSeconds` for a lease duration: a whole number of seconds, at least 1.
 pub(crate) fn duration_seconds(duration: Duration) -> Result<i32, ConfigError> {
     let unsupported = |reason: &str| ConfigError::Unsupported {
@@ -270,6 +327,127 @@ mod tests {
         );
     }
 
+    fn at(second: i64, nanos: i32) -> Timestamp {
+        Timestamp::new(second, nanos).expect("in range")
+    }
+
+    fn with_renew(lease: &Lease, renew: Timestamp) -> Lease {
+        let mut lease = lease.clone();
+        lease.spec.get_or_insert_with(LeaseSpec::default).renew_time = Some(MicroTime(renew));
+        lease
+    }
+
+    #[test]
+    fn whole_seconds_round_down_like_metav1_time() {
+        assert_eq!(whole_second(at(0, 0)), Some(0));
+        assert_eq!(whole_second(at(0, 999_999_000)), Some(0));
+        assert_eq!(whole_second(at(1, 0)), Some(1));
+        assert_eq!(whole_second(at(1_700_000_000, 1_000)), Some(1_700_000_000));
+        // Before 1970: 1969-12-31T23:59:59.5Z is "23:59:59Z" in RFC 3339, second -1.
+        assert_eq!(whole_second(at(0, -500_000_000)), Some(-1));
+        assert_eq!(whole_second(at(-1, 0)), Some(-1));
+        assert_eq!(whole_second(at(-1, -1_000)), Some(-2));
+        assert_eq!(whole_second(at(-2, 0)), Some(-2));
+        // Go's zero time is null; a microsecond after it is not.
+        assert_eq!(whole_second(at(-62_135_596_800, 0)), None);
+        assert_eq!(
+            whole_second(at(-62_135_596_800, 1_000)),
+            Some(-62_135_596_800)
+        );
+        assert_eq!(
+            whole_second(Timestamp::MIN),
+            Some(Timestamp::MIN.as_second())
+        );
+        assert_eq!(
+            whole_second(Timestamp::MAX),
+            Some(Timestamp::MAX.as_second())
+        );
+    }
+
+    #[test]
+    fn client_go_sees_a_renew_only_when_its_second_changes() {
+        let base = with_renew(&fresh("x", "a", 3), at(1_700_000_000, 100_000_000));
+        let same = |s, n| !client_go_notices(&base, &with_renew(&base, at(s, n)));
+        assert!(same(1_700_000_000, 100_000_000), "an identical write");
+        assert!(same(1_700_000_000, 600_000_000), "later in the same second");
+        assert!(
+            same(1_700_000_000, 999_999_000),
+            "the second's last microsecond"
+        );
+        assert!(same(1_700_000_000, 0), "the second's first microsecond");
+        assert!(!same(1_700_000_001, 0), "the next second begins");
+        assert!(!same(1_699_999_999, 999_999_000), "the second before");
+        // Before 1970 the boundary is at whole seconds too, not at zero.
+        let early = with_renew(&base, at(0, -400_000_000));
+        assert!(!client_go_notices(
+            &early,
+            &with_renew(&base, at(0, -900_000_000))
+        ));
+        assert!(client_go_notices(&early, &with_renew(&base, at(0, 0))));
+        assert!(client_go_notices(
+            &early,
+            &with_renew(&base, at(-1, -1_000))
+        ));
+        // A missing renewTime is null; so is Go's zero time.
+        let mut none = base.clone();
+        none.spec.as_mut().unwrap().renew_time = None;
+        assert!(client_go_notices(&base, &none));
+        assert!(!client_go_notices(
+            &none,
+            &with_renew(&none, at(-62_135_596_800, 0))
+        ));
+        assert!(client_go_notices(
+            &none,
+            &with_renew(&none, at(-62_135_596_800, 1_000))
+        ));
+    }
+
+    #[test]
+    fn client_go_sees_every_other_field_of_its_record() {
+        let base = with_renew(&fresh("x", "a", 3), at(1_700_000_000, 100_000_000));
+        let changed = |f: fn(&mut LeaseSpec)| {
+            let mut lease = base.clone();
+            f(lease.spec.as_mut().unwrap());
+            client_go_notices(&base, &lease)
+        };
+        assert!(changed(|s| s.holder_identity = Some("b".into())));
+        assert!(changed(|s| s.lease_duration_seconds = Some(4)));
+        assert!(changed(|s| s.lease_transitions = Some(1)));
+        assert!(changed(|s| s.preferred_holder = Some("b".into())));
+        assert!(changed(
+            |s| s.strategy = Some("OldestEmulationVersion".into())
+        ));
+        assert!(changed(|s| {
+            s.acquire_time = Some(MicroTime(at(1_700_000_001, 0)));
+        }));
+        assert!(!changed(|s| {
+            s.acquire_time = s
+                .acquire_time
+                .as_ref()
+                .map(|t| MicroTime(at(t.0.as_second(), 999_999_000)));
+        }));
+        // Absent fields are the zero values.
+        assert!(!changed(|s| s.preferred_holder = Some(String::new())));
+        assert!(!changed(|s| s.strategy = None));
+        let mut zero = base.clone();
+        let spec = zero.spec.as_mut().unwrap();
+        spec.lease_transitions = None;
+        assert!(!client_go_notices(&zero, &{
+            let mut l = zero.clone();
+            l.spec.as_mut().unwrap().lease_transitions = Some(0);
+            l
+        }));
+        let empty_spec = Lease {
+            spec: Some(LeaseSpec::default()),
+            ..Lease::default()
+        };
+        assert!(!client_go_notices(&Lease::default(), &empty_spec));
+        // Metadata is not part of the record.
+        let mut other = base.clone();
+        other.metadata.resource_version = Some("99".into());
+        assert!(!client_go_notices(&base, &other));
+    }
+
     use proptest::prelude::*;
 
     fn timestamp() -> impl Strategy<Value = Timestamp> {
@@ -346,6 +524,8 @@ mod tests {
         assert!(transitions.is_some());
         let _ = SpecKey::of(&renewed(lease, 1));
         let _ = SpecKey::of(&released(lease));
+        assert!(!client_go_notices(lease, lease));
+        let _ = client_go_notices(lease, &renewed(lease, 1));
     }
 
     /// JSON values of every kind, a little nested, and strings shaped like the Lease's times.

@@ -9,6 +9,10 @@
 //!   is a lost race, not an error.
 //! - Expiry is judged from the instant this candidate *observed* the record change (monotonic
 //!   clock), never from `renewTime` against the local clock, so clock offsets do not matter.
+//! - client-go candidates compare the record with its times in whole seconds, so a renew within
+//!   the same wall-clock second as the write it replaced is no change to them: such a renew is
+//!   [`RenewOutcome::RenewedUnnoticed`], and the leader's validity stays counted from the last
+//!   renew they could see (with a sub-second `retry_period`, up to ~1 s less validity).
 //! - Followers watch the single Lease (field selector on its name): a release or a renew reaches
 //!   them at once, so they send nothing in steady state and attempt right at the observed expiry.
 //! - The fencing token is the `resourceVersion` of the acquiring write: it still increases if the
@@ -407,7 +411,14 @@ impl LockBackend for KubeBackend {
             {
                 Write::Done(written) => {
                     self.remember(candidate, &written);
-                    return Ok(RenewOutcome::Renewed);
+                    // A client-go follower that saw the record we replaced sees no change if
+                    // this renew stayed within its whole second: it keeps counting the lease
+                    // from an earlier renew, and so must we.
+                    return Ok(if lease::client_go_notices(&base, &written) {
+                        RenewOutcome::Renewed
+                    } else {
+                        RenewOutcome::RenewedUnnoticed
+                    });
                 }
                 Write::Gone => {
                     self.drop_written(candidate);

@@ -1279,6 +1279,7 @@ fn describe_reply(reply: &Reply) -> String {
         Reply::Acquire(AcquireOutcome::Acquired(g)) => format!("Acquired token {}", g.token),
         Reply::Acquire(AcquireOutcome::Held(obs)) => format!("Held: {}", describe_observation(obs)),
         Reply::Renew(RenewOutcome::Renewed) => "Renewed".into(),
+        Reply::Renew(RenewOutcome::RenewedUnnoticed) => "Renewed, unnoticed".into(),
         Reply::Renew(RenewOutcome::Lost(obs)) => format!("Lost: {}", describe_observation(obs)),
         Reply::Release(outcome) => format!("{outcome:?}"),
         Reply::Withdraw => "Withdrawn".into(),

@@ -33,6 +33,8 @@ pub enum CallResult {
     Held(Option<String>),
     /// `renew` extended the term.
     Renewed,
+    /// `renew` wrote, but observers may not notice ([`RenewOutcome::RenewedUnnoticed`]).
+    RenewedUnnoticed,
     /// `renew` reported the term lost.
     Lost,
     /// `release` freed the lock.
@@ -59,6 +61,7 @@ impl CallResult {
     pub fn of_renew(outcome: &Result<RenewOutcome, BackendError>) -> Self {
         match outcome {
             Ok(RenewOutcome::Renewed) => CallResult::Renewed,
+            Ok(RenewOutcome::RenewedUnnoticed) => CallResult::RenewedUnnoticed,
             Ok(RenewOutcome::Lost(_)) => CallResult::Lost,
             Err(error) => CallResult::Failed(error.clone()),
         }

@@ -52,6 +52,23 @@ impl GoElector {
         identity: &str,
         timing: Timing,
     ) -> GoElector {
+        Self::start_with(binary, kubeconfig, lock, identity, timing, &[])
+    }
+
+    /// [`start`](Self::start) with `extra` flags appended (e.g. `--release-on-cancel=false`;
+    /// tests/client-go-elector/README.md lists them).
+    ///
+    /// # Panics
+    ///
+    /// When the program cannot start.
+    pub fn start_with(
+        binary: &Path,
+        kubeconfig: &Path,
+        lock: &str,
+        identity: &str,
+        timing: Timing,
+        extra: &[&str],
+    ) -> GoElector {
         let fmt = |d: Duration| format!("{}ms", d.as_millis());
         let mut child = Command::new(binary)
             .arg("--kubeconfig")
@@ -60,6 +77,7 @@ impl GoElector {
             .args(["--lease-duration", &fmt(timing.lease_duration)])
             .args(["--renew-deadline", &fmt(timing.renew_deadline)])
             .args(["--retry-period", &fmt(timing.retry_period)])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)

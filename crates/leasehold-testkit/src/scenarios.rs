@@ -153,9 +153,12 @@ pub async fn lock_contract<H: Harness + ?Sized>(h: &H) {
         assert_eq!(token, ga.token, "read reports the holder's token");
     }
 
-    assert_eq!(
-        a.backend.renew(&ca, &ga).await.expect("renew works"),
-        RenewOutcome::Renewed
+    assert!(
+        matches!(
+            a.backend.renew(&ca, &ga).await.expect("renew works"),
+            RenewOutcome::Renewed | RenewOutcome::RenewedUnnoticed
+        ),
+        "the holder's renew must succeed"
     );
     let forged = fake_grant("b", &ga, t);
     assert!(
@@ -697,10 +700,10 @@ pub async fn late_release_never_blanks_newer_holder<H: Harness + ?Sized>(h: &H) 
     ));
     let seen = b.backend.read(&lock).await.expect("read");
     assert_eq!(seen.holder(), Some("b"));
-    assert_eq!(
+    assert!(matches!(
         b.backend.renew(&cb, &gb).await.expect("renew"),
-        RenewOutcome::Renewed
-    );
+        RenewOutcome::Renewed | RenewOutcome::RenewedUnnoticed
+    ));
     assert_eq!(
         b.backend.release(&cb, &gb).await.expect("release"),
         ReleaseOutcome::Released
