@@ -906,6 +906,11 @@ pub async fn lock_deleted_under_leader<H: Harness + ?Sized>(h: &H) {
         Some(StopCause::Lost),
         "a's term ended because its lock changed under it"
     );
+    eprintln!(
+        "{}: a stepped down {:?} after the delete was sent",
+        h.name(),
+        ended_at.saturating_duration_since(deleted_at)
+    );
     if h.notifies_deletion() {
         let renews: Vec<_> = a
             .client
