@@ -86,20 +86,26 @@
 //!
 //! See the README for the guarantees, the configuration rules and the backend contract.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub use leasehold_core::*;
 
 #[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 #[doc(inline)]
 pub use leasehold_memory::{self as memory, MemoryBackend};
 
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 #[doc(inline)]
 pub use leasehold_redis::{self as redis, RedisBackend, RedisConfig};
 
 #[cfg(feature = "etcd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
 #[doc(inline)]
 pub use leasehold_etcd::{self as etcd, EtcdBackend, EtcdConfig};
 
 #[cfg(feature = "kube")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kube")))]
 #[doc(inline)]
 pub use leasehold_kube::{self as kube, KubeBackend};

@@ -205,9 +205,6 @@ pub enum ElectorError {
     /// The backend failed in a way retrying cannot fix.
     #[error("leader election stopped: {0}")]
     Backend(#[from] BackendError),
-    /// [`Elector::run`](crate::Elector::run) was called twice.
-    #[error("this elector has already run; create a new one with Elector::new")]
-    AlreadyRan,
     /// [`Elector::run`](crate::Elector::run) stopped (on shutdown) while the leader's work of
     /// an earlier term was still running after the bounded wait: that work ignored its
     /// cancellation and may now run beside the next leader (the lock was not released under
