@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
-use leasehold_core::{ConfigError, FencingToken, LeaderRecord};
+use leasehold_core::{ConfigError, FencingToken, LeaderRecord, Observation};
 use tokio::time::Instant;
 
 /// The parts of a Lease spec whose change counts as a change of the record (client-go compares
@@ -50,6 +50,63 @@ impl SpecKey {
 pub(crate) struct Observed {
     pub key: SpecKey,
     pub at: Instant,
+}
+
+impl Observed {
+    /// Records that the record `key` was seen at `now`: the observation instant moves only when
+    /// the record changed (client-go's rule; expiry counts from when this candidate saw the
+    /// change, never from a remote timestamp). Returns what the candidate concludes, and whether
+    /// the lock is free to take (vacant, or its lease has run out as observed). `fallback` is
+    /// the duration assumed when the record announces none; `token` the object's version.
+    pub fn see(
+        seen: &mut Option<Observed>,
+        key: SpecKey,
+        token: Option<FencingToken>,
+        now: Instant,
+        fallback: Duration,
+    ) -> (Observation, bool) {
+        let since = match seen {
+            Some(entry) if entry.key == key => entry.at,
+            _ => {
+                *seen = Some(Observed {
+                    key: key.clone(),
+                    at: now,
+                });
+                now
+            }
+        };
+        let duration = key.duration().unwrap_or(fallback);
+        let expires_at = since.checked_add(duration);
+        let expired = key.holder.is_empty() || expires_at.is_some_and(|at| now >= at);
+        let observation = if key.holder.is_empty() {
+            Observation::vacant()
+        } else {
+            let mut record = record_of(&key, duration);
+            record.token = token;
+            let left = expires_at.map(|at| at.saturating_duration_since(now));
+            Observation::held(record, Some(left.unwrap_or(duration)))
+        };
+        (observation, expired)
+    }
+
+    /// What was last seen, if that was a live holder other than `identity` at `now`: a deleted
+    /// Lease is not a release, so its last holder is respected until its observed expiry.
+    pub fn live_holder(
+        &self,
+        identity: &str,
+        now: Instant,
+        fallback: Duration,
+    ) -> Option<Observation> {
+        if self.key.holder.is_empty() || self.key.holder == identity {
+            return None;
+        }
+        let duration = self.key.duration().unwrap_or(fallback);
+        let left = self
+            .at
+            .checked_add(duration)
+            .map_or(duration, |at| at.saturating_duration_since(now));
+        (!left.is_zero()).then(|| Observation::held(record_of(&self.key, duration), Some(left)))
+    }
 }
 
 /// Why a record cannot be used, if it cannot: a holder identity that is not an identity.
@@ -310,6 +367,89 @@ mod tests {
         assert_eq!(spec.lease_duration_seconds, Some(1));
         let t = now().0;
         assert_eq!(t.subsec_nanosecond() % 1000, 0, "microsecond precision");
+    }
+
+    fn key(holder: &str, renew_second: i64, seconds: i32) -> SpecKey {
+        SpecKey {
+            holder: holder.into(),
+            duration_seconds: Some(seconds),
+            acquire: Some(Timestamp::from_second(1_700_000_000).unwrap()),
+            renew: Some(Timestamp::from_second(renew_second).unwrap()),
+            transitions: Some(0),
+        }
+    }
+
+    #[test]
+    fn expiry_counts_from_when_the_change_was_seen() {
+        let t0 = Instant::now();
+        let fallback = Duration::from_secs(15);
+        let mut seen = None;
+        let (o, free) = Observed::see(&mut seen, key("a", 10, 3), None, t0, fallback);
+        assert!(!free);
+        assert_eq!(o.expires_in, Some(Duration::from_secs(3)));
+        // The same record seen again later: the lease still counts from the first sight.
+        let later = t0 + Duration::from_millis(2500);
+        let (o, free) = Observed::see(&mut seen, key("a", 10, 3), None, later, fallback);
+        assert!(!free);
+        assert_eq!(o.expires_in, Some(Duration::from_millis(500)));
+        let (_, free) = Observed::see(
+            &mut seen,
+            key("a", 10, 3),
+            None,
+            t0 + Duration::from_secs(3),
+            fallback,
+        );
+        assert!(free, "expired at first sight + announced duration");
+        // A changed record (a renew) restarts the count from now.
+        let renewed_at = t0 + Duration::from_secs(4);
+        let (o, free) = Observed::see(
+            &mut seen,
+            key("a", 11, 3),
+            Some(FencingToken(9)),
+            renewed_at,
+            fallback,
+        );
+        assert!(!free);
+        assert_eq!(o.expires_in, Some(Duration::from_secs(3)));
+        assert_eq!(o.record.and_then(|r| r.token), Some(FencingToken(9)));
+        // An empty holder is a release: free at once, and vacant.
+        let (o, free) = Observed::see(&mut seen, key("", 12, 1), None, renewed_at, fallback);
+        assert!(free && o.record.is_none());
+    }
+
+    #[test]
+    fn a_deleted_leases_last_holder_is_respected_until_its_observed_expiry() {
+        let t0 = Instant::now();
+        let fallback = Duration::from_secs(15);
+        let seen = Observed {
+            key: key("a", 10, 3),
+            at: t0,
+        };
+        let left = seen.live_holder("b", t0 + Duration::from_secs(1), fallback);
+        assert_eq!(
+            left.and_then(|o| o.expires_in),
+            Some(Duration::from_secs(2))
+        );
+        assert!(seen
+            .live_holder("b", t0 + Duration::from_secs(3), fallback)
+            .is_none());
+        assert!(
+            seen.live_holder("a", t0, fallback).is_none(),
+            "our own term is not in our way"
+        );
+        let missing = Observed {
+            key: SpecKey {
+                duration_seconds: None,
+                ..key("a", 10, 3)
+            },
+            at: t0,
+        };
+        let left = missing.live_holder("b", t0, fallback);
+        assert_eq!(
+            left.and_then(|o| o.expires_in),
+            Some(fallback),
+            "no duration: the fallback"
+        );
     }
 
     #[test]

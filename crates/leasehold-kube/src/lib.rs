@@ -162,36 +162,25 @@ impl KubeBackend {
     /// Records what this candidate saw of `lease` and returns it as an observation, with
     /// `expires_in` judged from when the record last changed, as this process saw it.
     fn observe(&self, lock: &str, lease: &Lease, fallback: Duration) -> (Observation, bool) {
+        // The clock is read here, at the edge; the judgement is lease::Observed::see.
         let now = Instant::now();
-        let key = SpecKey::of(lease);
-        let since = {
-            let mut observed = self
-                .inner
-                .observed
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            let entry = observed.entry(lock.to_owned()).or_insert_with(|| Observed {
-                key: key.clone(),
-                at: now,
-            });
-            if entry.key != key {
-                *entry = Observed {
-                    key: key.clone(),
-                    at: now,
-                };
-            }
-            entry.at
-        };
-        let duration = key.duration().unwrap_or(fallback);
-        let expires_at = since + duration;
-        let expired = key.holder.is_empty() || now >= expires_at;
-        let record = lease::record_of(&key, duration);
-        let observation = if key.holder.is_empty() {
-            Observation::vacant()
-        } else {
-            Observation::held(record, Some(expires_at.saturating_duration_since(now)))
-        };
-        (observation, expired)
+        let mut observed = self
+            .inner
+            .observed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut seen = observed.remove(lock);
+        let verdict = Observed::see(
+            &mut seen,
+            SpecKey::of(lease),
+            lease::token_of(lease),
+            now,
+            fallback,
+        );
+        if let Some(seen) = seen {
+            observed.insert(lock.to_owned(), seen);
+        }
+        verdict
     }
 
     /// What this candidate last saw of `lock`, if that was a live holder other than
@@ -205,18 +194,7 @@ impl KubeBackend {
             .observed
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let seen = observed.get(lock)?;
-        if seen.key.holder.is_empty() || seen.key.holder == identity {
-            return None;
-        }
-        let duration = seen.key.duration().unwrap_or(fallback);
-        let expires_at = seen.at + duration;
-        (now < expires_at).then(|| {
-            Observation::held(
-                lease::record_of(&seen.key, duration),
-                Some(expires_at - now),
-            )
-        })
+        observed.get(lock)?.live_holder(identity, now, fallback)
     }
 
     fn remember(&self, candidate: &Candidate, lease: &Lease) {
