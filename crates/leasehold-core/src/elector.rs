@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::error::{BackendError, ElectorError};
 use crate::machine::{Action, Call, Machine};
 use crate::metrics::ElectorMetrics;
-use crate::state::{LeaderState, StopCause, TermInfo};
+use crate::state::{Health, LeaderState, StopCause, TermInfo};
 
 /// How long [`Elector::run`] waits, on exit, for queued `on_stopped_leading` / `on_new_leader`
 /// callbacks to finish.
@@ -165,31 +165,6 @@ pub struct ElectorHandle {
     retry_period: Duration,
 }
 
-/// The result of a health check ([`ElectorHandle::health`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Health {
-    /// `true` when healthy.
-    pub healthy: bool,
-    /// Why, in words, for a `/healthz` body.
-    pub reason: String,
-}
-
-impl Health {
-    fn ok(reason: String) -> Self {
-        Self {
-            healthy: true,
-            reason,
-        }
-    }
-
-    fn failing(reason: String) -> Self {
-        Self {
-            healthy: false,
-            reason,
-        }
-    }
-}
-
 impl ElectorHandle {
     /// `true` when this elector leads right now: it holds a term whose validity has not ended
     /// at the moment of the call (not a flag left over from the last renew).
@@ -242,34 +217,7 @@ impl ElectorHandle {
     }
 
     fn check(&self, limit: Duration) -> Health {
-        let state = self.state.borrow();
-        if state.stopped {
-            return Health::failing(match &state.last_error {
-                Some(error) => format!("leader election stopped (last error: {error})"),
-                None => "leader election stopped".into(),
-            });
-        }
-        match (state.term, state.renewed_at) {
-            (Some(term), Some(renewed)) => {
-                let since = renewed.elapsed();
-                if since > limit {
-                    Health::failing(format!(
-                        "leading (term {}, token {}) but the last successful renew was {since:?} ago (limit {limit:?})",
-                        term.number, term.token
-                    ))
-                } else {
-                    Health::ok(format!(
-                        "leading (term {}, token {}), renewed {since:?} ago",
-                        term.number, term.token
-                    ))
-                }
-            }
-            (Some(_), None) => Health::ok("leading (standalone mode)".into()),
-            (None, _) => Health::ok(match &state.leader {
-                Some(leader) => format!("following {leader}"),
-                None => "campaigning, no leader known".into(),
-            }),
-        }
+        self.state.borrow().health_at(Instant::now(), limit)
     }
 
     /// Waits until this elector leads (or has stopped).

@@ -25,10 +25,10 @@ pub use config::{
     Config, DEFAULT_LEASE_DURATION, DEFAULT_MAX_CLOCK_DRIFT, DEFAULT_RENEW_DEADLINE,
     DEFAULT_RETRY_PERIOD, MAX_DURATION, MAX_NAME_LEN,
 };
-pub use elector::{Elector, ElectorHandle, Health};
+pub use elector::{Elector, ElectorHandle};
 pub use error::{BackendError, ConfigError, ElectorError};
 pub use record::{FencingToken, LeaderRecord, Observation};
-pub use state::{LeaderState, StopCause, TermInfo};
+pub use state::{Health, LeaderState, StopCause, TermInfo};
 
 pub use async_trait::async_trait;
 pub use tokio_util::sync::CancellationToken;

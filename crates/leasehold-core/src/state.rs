@@ -1,5 +1,7 @@
 //! What an elector knows right now, as published by [`ElectorHandle::subscribe`](crate::ElectorHandle::subscribe).
 
+use std::time::Duration;
+
 use tokio::time::Instant;
 
 use crate::error::BackendError;
@@ -65,7 +67,66 @@ pub struct LeaderState {
     pub stopped: bool,
 }
 
+/// The result of a health check ([`ElectorHandle::health`](crate::ElectorHandle::health),
+/// [`LeaderState::health_at`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// `true` when healthy.
+    pub healthy: bool,
+    /// Why, in words, for a `/healthz` body.
+    pub reason: String,
+}
+
+impl Health {
+    fn ok(reason: String) -> Self {
+        Self {
+            healthy: true,
+            reason,
+        }
+    }
+
+    fn failing(reason: String) -> Self {
+        Self {
+            healthy: false,
+            reason,
+        }
+    }
+}
+
 impl LeaderState {
+    /// The health at `now`: unhealthy when the elector has stopped, or when it leads and its
+    /// last successful renew was sent more than `limit` before `now` (it is stuck). A follower
+    /// is healthy. Pure: the caller passes the instant.
+    pub fn health_at(&self, now: Instant, limit: Duration) -> Health {
+        if self.stopped {
+            return Health::failing(match &self.last_error {
+                Some(error) => format!("leader election stopped (last error: {error})"),
+                None => "leader election stopped".into(),
+            });
+        }
+        match (self.term, self.renewed_at) {
+            (Some(term), Some(renewed)) => {
+                let since = now.saturating_duration_since(renewed);
+                if since > limit {
+                    Health::failing(format!(
+                        "leading (term {}, token {}) but the last successful renew was {since:?} ago (limit {limit:?})",
+                        term.number, term.token
+                    ))
+                } else {
+                    Health::ok(format!(
+                        "leading (term {}, token {}), renewed {since:?} ago",
+                        term.number, term.token
+                    ))
+                }
+            }
+            (Some(_), None) => Health::ok("leading (standalone mode)".into()),
+            (None, _) => Health::ok(match &self.leader {
+                Some(leader) => format!("following {leader}"),
+                None => "campaigning, no leader known".into(),
+            }),
+        }
+    }
+
     /// `true` when this elector leads at `now`: it holds a term and `now` is before the term's
     /// `valid_until`.
     pub fn is_leader_at(&self, now: Instant) -> bool {
@@ -85,5 +146,66 @@ impl LeaderState {
             && self.term == other.term
             && self.last_error == other.last_error
             && self.stopped == other.stopped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leading(renewed_at: Instant) -> LeaderState {
+        LeaderState {
+            leader: Some("me".into()),
+            term: Some(TermInfo {
+                number: 2,
+                token: FencingToken(7),
+                started_at: renewed_at,
+            }),
+            valid_until: Some(renewed_at + Duration::from_secs(15)),
+            renewed_at: Some(renewed_at),
+            last_error: None,
+            stopped: false,
+        }
+    }
+
+    #[test]
+    fn health_at_judges_the_last_renew_against_the_limit() {
+        let t = Instant::now();
+        let limit = Duration::from_secs(4);
+        let state = leading(t);
+        assert!(state.health_at(t + limit, limit).healthy, "at the limit");
+        let stuck = state.health_at(t + limit + Duration::from_millis(1), limit);
+        assert!(!stuck.healthy);
+        assert!(stuck.reason.contains("term 2, token 7"), "{}", stuck.reason);
+        // An instant before the renew (a caller's clock read early) is not a panic.
+        let later = leading(t + Duration::from_secs(1));
+        assert!(later.health_at(t, limit).healthy);
+    }
+
+    #[test]
+    fn followers_are_healthy_and_a_stopped_elector_is_not() {
+        let t = Instant::now();
+        let limit = Duration::from_secs(1);
+        let follower = LeaderState {
+            leader: Some("other".into()),
+            ..LeaderState::default()
+        };
+        let health = follower.health_at(t + Duration::from_secs(3600), limit);
+        assert!(health.healthy && health.reason.contains("following other"));
+        let stopped = LeaderState {
+            stopped: true,
+            ..leading(t)
+        };
+        assert!(!stopped.health_at(t, limit).healthy);
+        let standalone = LeaderState {
+            renewed_at: None,
+            valid_until: None,
+            ..leading(t)
+        };
+        assert!(
+            standalone
+                .health_at(t + Duration::from_secs(3600), limit)
+                .healthy
+        );
     }
 }
