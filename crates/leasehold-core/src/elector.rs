@@ -19,9 +19,12 @@ use crate::backend::{
 use crate::callbacks::{Callbacks, Ended, Leadership};
 use crate::config::Config;
 use crate::error::{BackendError, ElectorError};
+use crate::handle::Command;
+pub use crate::handle::ElectorHandle;
 use crate::machine::{Action, Call, Machine};
 use crate::metrics::ElectorMetrics;
-use crate::state::{Health, LeaderState, StopCause, TermInfo};
+use crate::notifier::{notify, panic_message, Notice};
+use crate::state::{LeaderState, StopCause, TermInfo};
 
 /// How long [`Elector::run`] waits, on exit, for queued `on_stopped_leading` / `on_new_leader`
 /// callbacks to finish.
@@ -54,11 +57,6 @@ pub struct Elector {
     state: watch::Sender<LeaderState>,
     commands: mpsc::UnboundedSender<Command>,
     command_rx: mpsc::UnboundedReceiver<Command>,
-}
-
-#[derive(Debug)]
-enum Command {
-    Resign,
 }
 
 impl std::fmt::Debug for Elector {
@@ -155,96 +153,11 @@ fn candidate(config: &Config) -> Candidate {
     )
 }
 
-/// A cloneable handle on an [`Elector`].
-#[derive(Debug, Clone)]
-pub struct ElectorHandle {
-    state: watch::Receiver<LeaderState>,
-    commands: mpsc::UnboundedSender<Command>,
-    identity: Arc<str>,
-    lease_duration: Duration,
-    retry_period: Duration,
-}
-
-impl ElectorHandle {
-    /// `true` when this elector leads right now: it holds a term whose validity has not ended
-    /// at the moment of the call (not a flag left over from the last renew).
-    pub fn is_leader(&self) -> bool {
-        self.state.borrow().is_leader()
-    }
-
-    /// The identity of the leader last observed (this elector's own while it leads), or `None`.
-    pub fn leader(&self) -> Option<String> {
-        self.state.borrow().leader.clone()
-    }
-
-    /// This elector's identity.
-    pub fn identity(&self) -> &str {
-        &self.identity
-    }
-
-    /// A snapshot of the whole state.
-    pub fn state(&self) -> LeaderState {
-        self.state.borrow().clone()
-    }
-
-    /// A receiver that wakes on every change of leader, term, error or stop (not on each
-    /// renew). Check [`LeaderState::is_leader`] when reading it: validity is time-bound.
-    pub fn subscribe(&self) -> watch::Receiver<LeaderState> {
-        self.state.clone()
-    }
-
-    /// Gives up the current term, if leading: the leader's work is cancelled and awaited
-    /// (bounded), the lock is released, and another candidate takes over. This elector goes on
-    /// following and does not campaign again for `lease_duration`. Does nothing when not
-    /// leading or when the elector has stopped.
-    pub fn resign(&self) {
-        let _ = self.commands.send(Command::Resign);
-    }
-
-    /// client-go's `HealthzAdaptor` check: unhealthy when this elector holds a term whose last
-    /// successful renew is older than `lease_duration + tolerance` (the elector is stuck), or when
-    /// the elector has stopped. A follower is healthy.
-    pub fn health_with_tolerance(&self, tolerance: Duration) -> Health {
-        // Saturating: a caller's `Duration::MAX` means "never stuck", not a panic.
-        self.check(self.lease_duration.saturating_add(tolerance))
-    }
-
-    /// A stricter check for `/healthz`: unhealthy as soon as a leader's renewals stall — its last
-    /// successful renew is older than two retry periods (it will step down at the renew deadline
-    /// unless one succeeds) — or when the elector has stopped. A follower is healthy.
-    pub fn health(&self) -> Health {
-        self.check(2 * self.retry_period)
-    }
-
-    fn check(&self, limit: Duration) -> Health {
-        self.state.borrow().health_at(Instant::now(), limit)
-    }
-
-    /// Waits until this elector leads (or has stopped).
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe.
-    pub async fn wait_for_leadership(&self) -> bool {
-        let mut rx = self.state.clone();
-        let outcome = rx
-            .wait_for(|state| state.term.is_some() || state.stopped)
-            .await
-            .map(|state| state.term.is_some());
-        outcome.unwrap_or(false)
-    }
-}
-
 enum Done {
     Acquire(Result<AcquireOutcome, BackendError>),
     Renew(Result<RenewOutcome, BackendError>),
     Release(Result<ReleaseOutcome, BackendError>),
     Withdraw(Result<(), BackendError>),
-}
-
-enum Notice {
-    Stopped,
-    NewLeader(String),
 }
 
 /// The live term as the driver holds it. Dropping it (the driver dropped = a crash) ends the term.
@@ -591,33 +504,4 @@ fn report_work_end(joined: Result<(), tokio::task::JoinError>) {
             tracing::error!(%error, "the leader's work task failed");
         }
     }
-}
-
-async fn notify(callbacks: Callbacks, mut notices: mpsc::UnboundedReceiver<Notice>) {
-    while let Some(notice) = notices.recv().await {
-        let outcome = match notice {
-            Notice::Stopped => callbacks
-                .stopped
-                .as_ref()
-                .map(|f| std::panic::catch_unwind(AssertUnwindSafe(|| f()))),
-            Notice::NewLeader(identity) => callbacks
-                .new_leader
-                .as_ref()
-                .map(|f| std::panic::catch_unwind(AssertUnwindSafe(|| f(identity)))),
-        };
-        if let Some(Err(panic)) = outcome {
-            tracing::error!(
-                panic = panic_message(&panic),
-                "a leader election callback panicked; the elector goes on"
-            );
-        }
-    }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(non-string panic payload)")
 }

@@ -9,11 +9,13 @@ mod callbacks;
 mod config;
 mod elector;
 mod error;
+mod handle;
 pub mod machine;
 pub mod metrics;
 #[cfg(feature = "chaos-mutants")]
 #[doc(hidden)]
 pub mod mutant;
+mod notifier;
 mod record;
 mod state;
 
