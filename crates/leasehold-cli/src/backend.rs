@@ -7,6 +7,8 @@ use leasehold::{
     EtcdBackend, EtcdConfig, KubeBackend, LockBackend, MemoryBackend, RedisBackend, RedisConfig,
 };
 
+use leasehold::redis::redact_url;
+
 use crate::error::CliError;
 
 /// A parsed `--backend` URL.
@@ -27,13 +29,6 @@ pub enum BackendUrl {
     Kube(String),
 }
 
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_owned(),
-    }
-}
-
 impl BackendUrl {
     /// Parses a URL.
     ///
@@ -42,7 +37,7 @@ impl BackendUrl {
     /// [`CliError::BadUrl`], whose message lists the accepted forms.
     pub fn parse(url: &str) -> Result<Self, CliError> {
         let bad = |reason: &str| CliError::BadUrl {
-            url: redact(url),
+            url: redact_url(url),
             reason: reason.to_owned(),
         };
         let Some((scheme, rest)) = url.split_once("://") else {
@@ -98,7 +93,7 @@ impl BackendUrl {
     pub fn describe(&self) -> String {
         match self {
             BackendUrl::Memory => "the in-memory backend".into(),
-            BackendUrl::Redis(url) => format!("redis at {}", redact(url)),
+            BackendUrl::Redis(url) => format!("redis at {}", redact_url(url)),
             BackendUrl::Etcd { endpoints, .. } => format!("etcd at {}", endpoints.join(",")),
             BackendUrl::Kube(ns) => format!("kubernetes (namespace {ns})"),
         }
@@ -120,7 +115,7 @@ impl BackendUrl {
                 let mut config = RedisConfig::new(url.clone());
                 config.connect_timeout = timeout;
                 Arc::new(RedisBackend::new(config).map_err(|e| CliError::BadUrl {
-                    url: redact(url),
+                    url: redact_url(url),
                     reason: e.to_string(),
                 })?)
             }

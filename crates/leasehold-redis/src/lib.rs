@@ -202,7 +202,9 @@ impl std::fmt::Debug for RedisBackend {
     }
 }
 
-fn redact(url: &str) -> String {
+/// `url` with its credentials (anything between `://` and the last `@`) replaced by `***`, for
+/// logs and error messages: `redis://:secret@host:6379/0` → `redis://***@host:6379/0`.
+pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}://***@{}", &url[..scheme], &url[at + 1..])
@@ -228,12 +230,12 @@ impl RedisBackend {
     ///
     /// [`RedisConfigError`] for a URL that cannot be parsed or a prefix with braces.
     pub fn new(config: RedisConfig) -> Result<Self, RedisConfigError> {
-        let address = redact(&config.url);
+        let address = redact_url(&config.url);
         if config.key_prefix.contains(['{', '}']) {
             return Err(RedisConfigError::InvalidPrefix(config.key_prefix));
         }
         let invalid = |url: &str, e: RedisError| RedisConfigError::InvalidUrl {
-            url: redact(url),
+            url: redact_url(url),
             reason: e.to_string(),
         };
         let client =
