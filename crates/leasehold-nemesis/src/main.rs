@@ -21,6 +21,10 @@ struct Args {
     /// The first seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Start no new run after this many seconds (a soak's time budget); the table counts the
+    /// runs done.
+    #[arg(long)]
+    max_seconds: Option<u64>,
     /// Print every run's trace, not only failing ones.
     #[arg(long)]
     trace: bool,
@@ -92,6 +96,13 @@ fn main() -> ExitCode {
         let mut summary = Summary::default();
         let mut shared: Option<Server> = None;
         for seed in args.seed..args.seed.saturating_add(args.runs) {
+            if args
+                .max_seconds
+                .is_some_and(|max| started.elapsed() >= Duration::from_secs(max))
+            {
+                println!("time budget used up: stopping after {} runs", summary.runs);
+                break;
+            }
             let (_, persistence) = schedule(args.backend, seed);
             let report = if args.backend == BackendKind::Kube {
                 // One apiserver per invocation (it takes seconds to start); a lock per run.
