@@ -137,6 +137,12 @@ impl MemoryBackend {
     pub fn put_foreign(&self, lock: &str, raw: impl Into<String>, ttl: Option<Duration>) {
         let raw = raw.into();
         self.store.with_slot(lock, |slot, now| {
+            // A holder overwritten from outside has not been told: its lease is still
+            // respected after the foreign value is gone (as on delete).
+            if let Entry::Held { expires_at, .. } = slot.entry {
+                slot.guarded_until =
+                    Some(slot.guarded_until.map_or(expires_at, |g| g.max(expires_at)));
+            }
             slot.entry = Entry::Foreign {
                 raw,
                 // A TTL past the end of the clock never ends.

@@ -201,6 +201,11 @@ impl EtcdServer {
         self.spawn().await;
     }
 
+    /// The server process' id while it runs (to send it SIGSTOP/SIGCONT).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// The client address.
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.client_port))

@@ -54,6 +54,21 @@ pub trait FaultSwitch: Send + Sync {
     fn requests(&self) -> Option<u64> {
         None
     }
+    /// A one-way partition: requests reach the server, replies are held back until
+    /// [`heal`](Self::heal). `false` when this client cannot do it (nothing changed).
+    async fn partition_replies(&self) -> bool {
+        false
+    }
+    /// Silently drops the client's connections (no FIN, no RST) until [`heal`](Self::heal);
+    /// the dropped ones stay dead. `false` when this client cannot do it.
+    async fn blackhole(&self) -> bool {
+        false
+    }
+    /// Adds `one_way` of latency to each message in each direction (zero ends it). `false`
+    /// when this client cannot do it.
+    async fn set_latency(&self, _one_way: Duration) -> bool {
+        false
+    }
 }
 
 /// A client of the backend under test, as one process would have, with its fault switches.

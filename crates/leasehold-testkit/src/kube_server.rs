@@ -187,6 +187,11 @@ impl KubeApiServer {
         }
     }
 
+    /// The server process' id while it runs (to send it SIGSTOP/SIGCONT).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// The apiserver's port.
     pub fn port(&self) -> u16 {
         self.port
@@ -286,6 +291,20 @@ impl KubeHarness {
             .await
             .unwrap_or_else(|e| panic!("client: {e}"));
         (KubeBackend::new(client, NAMESPACE), proxy)
+    }
+
+    /// Rewrites the Lease `lock`'s `holderIdentity` to `holder` (a merge patch as admin), as
+    /// a foreign program would; `false` when the Lease is missing or the write failed.
+    pub async fn overwrite_holder(&self, lock: &str, holder: &str) -> bool {
+        let patch = serde_json::json!({ "spec": { "holderIdentity": holder } });
+        Api::<Lease>::namespaced(self.server.admin().await, NAMESPACE)
+            .patch(
+                lock,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+            .is_ok()
     }
 
     /// The Lease `lock`, read as admin.

@@ -35,6 +35,10 @@ impl FaultSwitch for MemoryFaults {
     fn requests(&self) -> Option<u64> {
         Some(self.0.faults().calls())
     }
+    async fn set_latency(&self, one_way: Duration) -> bool {
+        self.0.faults().set_latency(one_way);
+        true
+    }
 }
 
 fn client_of(backend: MemoryBackend) -> TestClient {

@@ -61,9 +61,37 @@ impl Node {
         checker: &SafetyChecker,
         wind_down: Duration,
     ) -> Node {
+        Self::start_with_work(
+            config,
+            client,
+            checker,
+            move |leadership: Leadership| async move {
+                leadership.cancelled().await;
+                tokio::time::sleep(wind_down).await;
+            },
+        )
+    }
+
+    /// Starts an elector with `config` on `client`, tracked by `checker`, whose leader's work is
+    /// `work` (it should end soon after the term is cancelled).
+    ///
+    /// # Panics
+    ///
+    /// If `config` is refused: scenarios only start valid configs.
+    pub fn start_with_work<F, Fut>(
+        config: Config,
+        client: TestClient,
+        checker: &SafetyChecker,
+        work: F,
+    ) -> Node
+    where
+        F: Fn(Leadership) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let identity = config.identity.clone();
         let events = Arc::new(Mutex::new(Vec::new()));
         let leaderships = Arc::new(Mutex::new(Vec::new()));
+        let work = Arc::new(work);
         let callbacks = {
             let (events_s, events_n, events_w) = (events.clone(), events.clone(), events.clone());
             let (checker, id, leaderships) =
@@ -80,13 +108,11 @@ impl Node {
                         .unwrap_or_else(PoisonError::into_inner)
                         .push(leadership.clone());
                     let events = events_w.clone();
+                    let work = work.clone();
                     async move {
-                        leadership.cancelled().await;
-                        tokio::time::sleep(wind_down).await;
-                        push(
-                            &events,
-                            NodeEvent::WorkEnded(leadership.token(), Instant::now()),
-                        );
+                        let token = leadership.token();
+                        work(leadership).await;
+                        push(&events, NodeEvent::WorkEnded(token, Instant::now()));
                     }
                 })
                 .on_stopped_leading(move || push(&events_s, NodeEvent::Stopped(Instant::now())))

@@ -6,6 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use leasehold_core::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,6 +21,10 @@ pub struct Proxy {
     partitioned: watch::Sender<bool>,
     requests: Arc<AtomicU64>,
     holes: Arc<Blackholes>,
+    /// Cuts only the server-to-client direction (requests still arrive, replies are held back).
+    replies_cut: watch::Sender<bool>,
+    /// Added one-way delay per chunk, in microseconds, in both directions.
+    latency_us: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -65,20 +70,28 @@ impl Proxy {
         let (partitioned, _) = watch::channel(false);
         let requests = Arc::new(AtomicU64::new(0));
         let holes = Arc::new(Blackholes::default());
+        let (replies_cut, _) = watch::channel(false);
+        let latency_us = Arc::new(AtomicU64::new(0));
         let task = {
             let partitioned = partitioned.clone();
+            let replies_cut = replies_cut.clone();
             let requests = requests.clone();
             let holes = holes.clone();
+            let latency_us = latency_us.clone();
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
-                    let rx = partitioned.subscribe();
+                    let cuts = Cuts {
+                        both: partitioned.subscribe(),
+                        replies: replies_cut.subscribe(),
+                        latency_us: latency_us.clone(),
+                    };
                     let requests = requests.clone();
                     let fate = Fate::new(&holes);
                     tokio::spawn(async move {
                         if let Ok(server) = TcpStream::connect(target).await {
                             let _ = client.set_nodelay(true);
                             let _ = server.set_nodelay(true);
-                            splice(client, server, rx, requests, fate).await;
+                            splice(client, server, cuts, requests, fate).await;
                         }
                     });
                 }
@@ -89,6 +102,8 @@ impl Proxy {
             partitioned,
             requests,
             holes,
+            replies_cut,
+            latency_us,
             task,
         })
     }
@@ -108,7 +123,22 @@ impl Proxy {
     /// now on (the blackholed ones stay dead).
     pub fn heal(&self) {
         self.holes.active.store(false, Ordering::SeqCst);
+        self.replies_cut.send_replace(false);
         self.partitioned.send_replace(false);
+    }
+
+    /// A one-way partition: requests still reach the server (and take effect there), but its
+    /// replies are held back until [`heal`](Self::heal), so the client times out on calls that
+    /// succeeded.
+    pub fn partition_replies(&self) {
+        self.replies_cut.send_replace(true);
+    }
+
+    /// Adds `one_way` of delay before each chunk is forwarded, in both directions (zero ends
+    /// it). Chunks of one connection stay in order.
+    pub fn set_latency(&self, one_way: Duration) {
+        let us = u64::try_from(one_way.as_micros()).unwrap_or(u64::MAX);
+        self.latency_us.store(us, Ordering::SeqCst);
     }
 
     /// Silently kills every connection open now, for good, and every connection opened until
@@ -132,10 +162,18 @@ impl Drop for Proxy {
     }
 }
 
+/// What holds a connection's bytes back: the partition (both ways), the cut of replies (one
+/// way), and the added latency.
+struct Cuts {
+    both: watch::Receiver<bool>,
+    replies: watch::Receiver<bool>,
+    latency_us: Arc<AtomicU64>,
+}
+
 async fn splice(
     client: TcpStream,
     server: TcpStream,
-    partitioned: watch::Receiver<bool>,
+    cuts: Cuts,
     requests: Arc<AtomicU64>,
     fate: Fate,
 ) {
@@ -144,11 +182,19 @@ async fn splice(
     let up = pump(
         client_read,
         server_write,
-        partitioned.clone(),
+        vec![cuts.both.clone()],
+        cuts.latency_us.clone(),
         Some(requests),
         fate.clone(),
     );
-    let down = pump(server_read, client_write, partitioned, None, fate);
+    let down = pump(
+        server_read,
+        client_write,
+        vec![cuts.both, cuts.replies],
+        cuts.latency_us,
+        None,
+        fate,
+    );
     tokio::select! {
         () = up => {}
         () = down => {}
@@ -158,7 +204,8 @@ async fn splice(
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut partitioned: watch::Receiver<bool>,
+    mut cuts: Vec<watch::Receiver<bool>>,
+    latency_us: Arc<AtomicU64>,
     requests: Option<Arc<AtomicU64>>,
     fate: Fate,
 ) {
@@ -171,8 +218,14 @@ async fn pump(
         if let Some(requests) = &requests {
             requests.fetch_add(1, Ordering::Relaxed);
         }
-        if partitioned.wait_for(|cut| !*cut).await.is_err() {
-            return;
+        let delay = latency_us.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_micros(delay)).await;
+        }
+        for cut in &mut cuts {
+            if cut.wait_for(|cut| !*cut).await.is_err() {
+                return;
+            }
         }
         if fate.dead() {
             // Blackholed: swallow the bytes, keep both sockets open.
@@ -220,5 +273,17 @@ impl crate::FaultSwitch for ProxyFaults {
     }
     fn requests(&self) -> Option<u64> {
         self.count_requests.then(|| self.proxy.requests())
+    }
+    async fn partition_replies(&self) -> bool {
+        self.proxy.partition_replies();
+        true
+    }
+    async fn blackhole(&self) -> bool {
+        self.proxy.blackhole();
+        true
+    }
+    async fn set_latency(&self, one_way: Duration) -> bool {
+        self.proxy.set_latency(one_way);
+        true
     }
 }

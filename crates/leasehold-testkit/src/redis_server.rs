@@ -299,6 +299,11 @@ impl RedisServer {
         self.spawn().await;
     }
 
+    /// The server process' id while it runs (to send it SIGSTOP/SIGCONT).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// The server's address.
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
