@@ -623,15 +623,32 @@ impl LockBackend for RedisBackend {
             })?
             .map_err(|e| self.error("watch", &e))?;
         let lock = candidate.lock.clone();
+        let backend = self.clone();
         Ok(pubsub
             .into_on_message()
             .filter_map(move |message| {
-                let observation = if keyspace.as_deref() == Some(message.get_channel_name()) {
-                    keyspace_event(message.get_payload_bytes())
-                } else {
-                    Some(event(&lock, message.get_payload_bytes()))
-                };
-                futures::future::ready(observation)
+                let is_keyspace = keyspace.as_deref() == Some(message.get_channel_name());
+                let payload = message.get_payload_bytes().to_vec();
+                let lock = lock.clone();
+                let backend = backend.clone();
+                async move {
+                    let removed = if is_keyspace {
+                        if !keyspace_removal(&payload) {
+                            return None;
+                        }
+                        true
+                    } else {
+                        payload.is_empty()
+                    };
+                    if removed {
+                        // A removal (release, DEL, expiry, eviction) may be old news by the time
+                        // it arrives: the key's expiry, for one, is announced while the next
+                        // holder's acquire runs. Report what the lock holds now, token included,
+                        // so a new holder's watch is not told "vacant" about its own lock.
+                        return Some(backend.read(&lock).await);
+                    }
+                    Some(event(&lock, &payload))
+                }
             })
             .boxed())
     }
@@ -648,11 +665,11 @@ fn event(lock: &str, payload: &[u8]) -> Result<Observation, BackendError> {
     Ok(Observation::held(record, expires_in))
 }
 
-/// A keyspace notification of the lock key: its removal (`del`, also sent for `UNLINK`;
-/// `expired`; `evicted`) leaves the lock vacant. Writes are reported on the lock's own channel
-/// with the record, so other events say nothing new.
-fn keyspace_event(payload: &[u8]) -> Option<Result<Observation, BackendError>> {
-    matches!(payload, b"del" | b"expired" | b"evicted").then(|| Ok(Observation::vacant()))
+/// Whether a keyspace notification of the lock key says it was removed: `del` (also sent for
+/// `UNLINK`), `expired` or `evicted`. Writes are reported on the lock's own channel with the
+/// record, so other events say nothing new.
+fn keyspace_removal(payload: &[u8]) -> bool {
+    matches!(payload, b"del" | b"expired" | b"evicted")
 }
 
 fn protocol(detail: &str) -> BackendError {
