@@ -16,7 +16,7 @@ pub(crate) enum Command {
     Resign,
 }
 
-/// A cloneable handle on an [`Elector`].
+/// A cloneable handle on an [`Elector`](crate::Elector).
 #[derive(Debug, Clone)]
 pub struct ElectorHandle {
     pub(crate) state: watch::Receiver<LeaderState>,
