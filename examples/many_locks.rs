@@ -6,7 +6,7 @@
 //!
 //! Starts N electors (default 10,000), each on its own lock and all leading (one renew per
 //! retry period each), lets them renew for a few seconds, and prints the process' resident
-//! memory (Linux: /proc/self/statm). DESIGN.md's target: < 100 MB for 10,000 locks.
+//! memory (Linux: /proc/self/statm). The target (ARCHITECTURE.md): < 100 MB for 10,000 locks.
 
 use std::error::Error;
 use std::time::Duration;
