@@ -330,18 +330,22 @@ fn assert_one_work_at_a_time(log: &WorkLog) {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_new_term_never_starts_while_an_earlier_terms_work_runs() {
-    let log: WorkLog = Arc::default();
-    let store = MemoryBackend::new();
+/// Elector "a" on `store` with work lingering `linger` past its cancellation: leads, is
+/// partitioned, and steps down at its renew deadline. Returns its client (for the faults), its
+/// shutdown token and its task.
+async fn partitioned_leader(
+    store: &MemoryBackend,
+    log: &WorkLog,
+    linger: Duration,
+) -> (
+    MemoryBackend,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), ElectorError>>,
+) {
     let client = store.connect();
     let faults = client.clone();
-    let elector = Elector::new(
-        config("a"),
-        client,
-        lingering_work(&log, Duration::from_secs(5)),
-    )
-    .unwrap();
+    let elector = Elector::new(config("a"), client, lingering_work(log, linger))
+        .unwrap_or_else(|e| panic!("elector: {e}"));
     let handle = elector.handle();
     let mut state = handle.subscribe();
     let shutdown = CancellationToken::new();
@@ -350,7 +354,18 @@ async fn a_new_term_never_starts_while_an_earlier_terms_work_runs() {
     faults
         .faults()
         .partition(leasehold::memory::Partition::Fail);
-    state.wait_for(|s| s.term.is_none()).await.unwrap();
+    state
+        .wait_for(|s| s.term.is_none())
+        .await
+        .unwrap_or_else(|e| panic!("state: {e}"));
+    (faults, shutdown, task)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_term_never_starts_while_an_earlier_terms_work_runs() {
+    let log: WorkLog = Arc::default();
+    let store = MemoryBackend::new();
+    let (faults, shutdown, task) = partitioned_leader(&store, &log, Duration::from_secs(5)).await;
     faults.faults().heal();
     until("a second term", || {
         log.lock()
@@ -370,24 +385,8 @@ async fn a_new_term_never_starts_while_an_earlier_terms_work_runs() {
 async fn shutdown_waits_for_an_earlier_terms_work_and_reports_it_still_running() {
     let log: WorkLog = Arc::default();
     let store = MemoryBackend::new();
-    let client = store.connect();
-    let faults = client.clone();
-    let elector = Elector::new(
-        config("a"),
-        client,
-        lingering_work(&log, Duration::from_secs(1)),
-    )
-    .unwrap();
-    let handle = elector.handle();
-    let mut state = handle.subscribe();
-    let shutdown = CancellationToken::new();
-    let task = elector.spawn(shutdown.clone());
-    assert!(handle.wait_for_leadership().await);
     // Term 1 ends at its renew deadline; its work lingers 1 s. A shutdown right then waits for it.
-    faults
-        .faults()
-        .partition(leasehold::memory::Partition::Fail);
-    state.wait_for(|s| s.term.is_none()).await.unwrap();
+    let (_faults, shutdown, task) = partitioned_leader(&store, &log, Duration::from_secs(1)).await;
     shutdown.cancel();
     task.await.unwrap().unwrap();
     let returned = Instant::now();
