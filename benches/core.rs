@@ -11,7 +11,7 @@
 //!   multi-thread runtime: from the leader's `resign()` to the follower leading.
 //!   A second pass outside criterion prints p50 / p99 / max of that latency.
 
-mod common;
+use leasehold_testkit::bench as common;
 
 use std::time::{Duration, Instant as StdInstant};
 

@@ -14,7 +14,7 @@ use crate::harness::Timing;
 /// The client-go elector binary: `$LEASEHOLD_CLIENT_GO_ELECTOR`, else what
 /// `scripts/build-client-go-elector` prints (it builds once per source change and caches).
 pub async fn client_go_elector_binary() -> PathBuf {
-    crate::kube_server::built_binary("LEASEHOLD_CLIENT_GO_ELECTOR", "build-client-go-elector").await
+    crate::process::built_binary("LEASEHOLD_CLIENT_GO_ELECTOR", "build-client-go-elector").await
 }
 
 /// One line the Go program printed.

@@ -8,12 +8,11 @@ use std::time::Duration;
 use etcd_client::{Client, ConnectOptions, Permission, PutOptions};
 use leasehold_core::{async_trait, Config};
 use leasehold_etcd::{EtcdBackend, EtcdConfig, KeepAlive};
-use tokio::process::{Child, Command};
-use tokio::time::{sleep, Instant};
+use tokio::process::Command;
 
 use crate::harness::{Harness, Outage, TestClient};
+use crate::process::{free_port, wait_ready, ServerProcess};
 use crate::proxy::{Proxy, ProxyFaults};
-use crate::redis_server::free_port;
 
 /// An `etcd` (Debian's etcd-server) on free loopback client and peer ports, with a temporary
 /// data directory. Killed when dropped (also on panic).
@@ -22,7 +21,7 @@ pub struct EtcdServer {
     client_port: u16,
     peer_port: u16,
     dir: tempfile::TempDir,
-    child: Option<Child>,
+    process: ServerProcess,
     auth: Option<(String, String)>,
     /// Extra command-line flags, kept across restarts.
     flags: Vec<String>,
@@ -55,7 +54,7 @@ impl EtcdServer {
             client_port,
             peer_port: free_port(),
             dir: tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}")),
-            child: None,
+            process: ServerProcess::default(),
             auth: None,
             flags,
         };
@@ -132,7 +131,8 @@ impl EtcdServer {
     async fn spawn(&mut self) {
         let client_url = format!("http://127.0.0.1:{}", self.client_port);
         let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        command
             .args(["--name", "default"])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
@@ -148,36 +148,33 @@ impl EtcdServer {
             .args(["--grpc-keepalive-min-time", "500ms"])
             .args(&self.flags)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start etcd ({e}); install it with scripts/test (Debian package etcd-server)")
-            });
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let healthy = async {
-                let mut client = Client::connect([self.url()], Some(self.options())).await?;
-                client.status().await
-            }
-            .await;
-            match healthy {
-                Ok(_) => return,
-                // With auth enabled, an unauthenticated status still proves the server is up.
-                Err(e) if e.to_string().contains("auth") || e.to_string().contains("user") => {
-                    return
+            .stderr(Stdio::null());
+        self.process.spawn(
+            &mut command,
+            "install it with scripts/test (Debian package etcd-server)",
+        );
+        let what = format!("etcd on port {}", self.client_port);
+        wait_ready(
+            &what,
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || async {
+                let healthy = async {
+                    let mut client = Client::connect([self.url()], Some(self.options())).await?;
+                    client.status().await
                 }
-                Err(e) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "etcd on port {} is not healthy after 30 s: {e}",
-                        self.client_port
-                    );
-                    sleep(Duration::from_millis(50)).await;
+                .await;
+                match healthy {
+                    Ok(_) => Ok(()),
+                    // With auth enabled, an unauthenticated status still proves the server is up.
+                    Err(e) if e.to_string().contains("auth") || e.to_string().contains("user") => {
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
                 }
-            }
-        }
+            },
+        )
+        .await;
     }
 
     fn options(&self) -> ConnectOptions {
@@ -190,9 +187,7 @@ impl EtcdServer {
 
     /// Kills the server and waits for it to exit. Data stays in the data dir.
     pub async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill().await;
-        }
+        self.process.kill().await;
     }
 
     /// Kills and starts the server again on the same ports and data dir.
@@ -203,7 +198,7 @@ impl EtcdServer {
 
     /// The server process' id while it runs (to send it SIGSTOP/SIGCONT).
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(Child::id)
+        self.process.pid()
     }
 
     /// The client address.

@@ -1,6 +1,6 @@
 //! A real `kube-apiserver` (with its own etcd) for tests, and the [`Harness`] over it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,13 +11,12 @@ use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use leasehold_core::{async_trait, Config};
 use leasehold_kube::KubeBackend;
-use tokio::process::{Child, Command};
-use tokio::time::{sleep, Instant};
+use tokio::process::Command;
 
 use crate::etcd_server::EtcdServer;
 use crate::harness::{Harness, Outage, TestClient};
+use crate::process::{free_port, wait_ready, ServerProcess};
 use crate::proxy::{Proxy, ProxyFaults};
-use crate::redis_server::free_port;
 
 /// Token of the admin user (group `system:masters`: bypasses RBAC).
 pub const ADMIN_TOKEN: &str = "leasehold-admin-token";
@@ -26,35 +25,10 @@ pub const RESTRICTED_TOKEN: &str = "leasehold-restricted-token";
 /// The namespace the tests use.
 pub const NAMESPACE: &str = "default";
 
-/// A binary built and cached by one of the `scripts/build-*` scripts: `$env_var` when set, else
-/// the last line the script prints (it builds once and caches).
-///
-/// # Panics
-///
-/// When the script fails.
-pub(crate) async fn built_binary(env_var: &str, script: &str) -> PathBuf {
-    if let Some(path) = std::env::var_os(env_var) {
-        return PathBuf::from(path);
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../scripts")
-        .join(script);
-    let output = Command::new(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(output.status.success(), "{} failed", script.display());
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let path = stdout.lines().last().unwrap_or_default().trim().to_owned();
-    assert!(!path.is_empty(), "{} printed no path", script.display());
-    PathBuf::from(path)
-}
-
 /// The kube-apiserver binary: `$LEASEHOLD_KUBE_APISERVER`, else what
 /// `scripts/build-kube-apiserver` prints (it builds once and caches).
 pub async fn kube_apiserver_binary() -> PathBuf {
-    built_binary("LEASEHOLD_KUBE_APISERVER", "build-kube-apiserver").await
+    crate::process::built_binary("LEASEHOLD_KUBE_APISERVER", "build-kube-apiserver").await
 }
 
 /// A kube-apiserver on a free loopback port with its own etcd, static tokens (an admin and a
@@ -66,7 +40,7 @@ pub struct KubeApiServer {
     port: u16,
     dir: tempfile::TempDir,
     binary: PathBuf,
-    child: Option<Child>,
+    process: ServerProcess,
 }
 
 impl KubeApiServer {
@@ -101,7 +75,7 @@ impl KubeApiServer {
             port: free_port(),
             dir,
             binary,
-            child: None,
+            process: ServerProcess::default(),
         };
         server.spawn().await;
         server
@@ -109,7 +83,8 @@ impl KubeApiServer {
 
     async fn spawn(&mut self) {
         let d = self.dir.path();
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        command
             .arg(format!("--etcd-servers={}", self.etcd.url()))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--secure-port={}", self.port))
@@ -138,40 +113,38 @@ impl KubeApiServer {
             .arg("--endpoint-reconciler-type=none")
             .arg("-v=0")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("kube-apiserver exited during start: {status}");
-            }
-            if self.ca().exists() {
-                if let Ok(client) = self.client_at(self.port, ADMIN_TOKEN).await {
-                    let request = http::Request::get("/readyz").body(Vec::new());
-                    if let Ok(request) = request {
-                        if client
-                            .request_text(request)
-                            .await
-                            .is_ok_and(|t| t.trim() == "ok")
-                        {
-                            return;
-                        }
-                    }
+            .stderr(Stdio::null());
+        self.process
+            .spawn(&mut command, "build it with scripts/build-kube-apiserver");
+        wait_ready(
+            "kube-apiserver",
+            Duration::from_secs(90),
+            Duration::from_millis(200),
+            || async {
+                if let Some(status) = self.process.exited() {
+                    panic!("kube-apiserver exited during start: {status}");
                 }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "kube-apiserver not ready after 90 s"
-            );
-            sleep(Duration::from_millis(200)).await;
-        }
+                if !self.ca().exists() {
+                    return Err("no serving certificate yet".to_owned());
+                }
+                let client = self
+                    .client_at(self.port, ADMIN_TOKEN)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let request = http::Request::get("/readyz")
+                    .body(Vec::new())
+                    .map_err(|e| e.to_string())?;
+                let text = client
+                    .request_text(request)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match text.trim() == "ok" {
+                    true => Ok(()),
+                    false => Err(format!("/readyz says {text}")),
+                }
+            },
+        )
+        .await;
     }
 
     /// Kills the apiserver (etcd keeps running) and starts it again on the same port.
@@ -182,14 +155,12 @@ impl KubeApiServer {
 
     /// Kills the apiserver.
     pub async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill().await;
-        }
+        self.process.kill().await;
     }
 
     /// The server process' id while it runs (to send it SIGSTOP/SIGCONT).
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(Child::id)
+        self.process.pid()
     }
 
     /// The apiserver's port.

@@ -1,39 +1,77 @@
 //! The conformance suite every leasehold backend passes, the safety checker, and test harnesses.
 //!
+//! **Not a stable API.** This crate exists to test leasehold and its backends (including
+//! backends written outside this repository); it changes with them, in any release.
+//!
 //! The object_store pattern: each scenario in [`scenarios`] is a `pub async fn` generic over a
 //! [`Harness`] — a factory of clients of the backend under test, with the few fault switches a
-//! scenario needs. `tests/<backend>.rs` implements the harness and runs the whole suite with
-//! [`conformance_tests!`]. Every scenario runs its electors under a [`SafetyChecker`], which
-//! fails on any overlap of leadership intervals or any fencing token that does not increase.
+//! scenario needs. Each backend crate's `tests/` implements (or takes from here) the harness and
+//! runs the whole suite with [`conformance_tests!`]. Every scenario runs its electors under a
+//! [`SafetyChecker`], which fails on any overlap of leadership intervals or any fencing token
+//! that does not increase.
 //!
 //! Scenarios use real timing ([`Timing`]); with an in-process backend, run them under
 //! `tokio::time::pause()` and they finish at once and deterministically.
+//!
+//! # Features
+//!
+//! Without features the crate has the harness trait, the scenarios, the checker, [`Node`], the
+//! memory harness ([`MemoryHarness`]) and the process and proxy helpers, and depends on no
+//! backend client. The real-server harnesses come with one feature each:
+//!
+//! - `redis`: [`RedisServer`], [`RedisHarness`], [`RedisCluster`] (needs `redis-server`);
+//! - `etcd`: [`EtcdServer`], [`EtcdHarness`] (needs `etcd`);
+//! - `kube`: [`KubeApiServer`], [`KubeHarness`], client-go's elector ([`GoElector`]); includes
+//!   `etcd` (the apiserver stores in an etcd the harness starts).
+//!
+//! - `bench`: [`mod@bench`], what the workspace's benches share (criterion set-up, percentiles,
+//!   elector drivers for handover, failover and steady-state measurements).
+//!
+//! Each server runs on free loopback ports in a temporary directory and is killed when dropped.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "bench")]
+#[cfg_attr(docsrs, doc(cfg(feature = "bench")))]
+pub mod bench;
 mod calls;
 mod checker;
+#[cfg(feature = "kube")]
 mod client_go;
+#[cfg(feature = "etcd")]
 mod etcd_server;
 mod harness;
+#[cfg(feature = "kube")]
 mod kube_server;
 mod memory;
 mod node;
+pub mod process;
 pub mod proxy;
+#[cfg(feature = "redis")]
 mod redis_server;
 pub mod scenarios;
 
 pub use calls::{BackendCall, CallKind, CallResult};
 pub use checker::{Interval, SafetyChecker, SafetyReport, SafetyViolation};
+#[cfg(feature = "kube")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kube")))]
 pub use client_go::{client_go_elector_binary, GoElector, GoEvent};
+#[cfg(feature = "etcd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
 pub use etcd_server::{EtcdHarness, EtcdServer, APP_KEY_PREFIX, APP_USER, MALFORMED_VALUE};
 pub use harness::{FaultSwitch, Harness, Outage, TestClient, Timing};
+#[cfg(feature = "kube")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kube")))]
 pub use kube_server::{
     kube_apiserver_binary, KubeApiServer, KubeHarness, ADMIN_TOKEN, FOREIGN_HOLDER, NAMESPACE,
     RESTRICTED_TOKEN,
 };
 pub use memory::MemoryHarness;
 pub use node::{Node, NodeEvent};
+pub use process::free_port;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis_server::{
-    free_port, Persistence, RedisCluster, RedisClusterHarness, RedisHarness, RedisServer, GARBAGE,
+    Persistence, RedisCluster, RedisClusterHarness, RedisHarness, RedisServer, GARBAGE,
 };
 
 /// Expands to one `#[tokio::test]` per conformance scenario, each calling the scenario with the

@@ -7,23 +7,11 @@ use std::time::Duration;
 
 use leasehold_core::async_trait;
 use leasehold_redis::{RedisBackend, RedisConfig};
-use tokio::process::{Child, Command};
-use tokio::time::{sleep, Instant};
+use tokio::process::Command;
 
 use crate::harness::{FaultSwitch, Harness, Outage, TestClient};
+use crate::process::{free_port, wait_ready, ServerProcess};
 use crate::proxy::{Proxy, ProxyFaults};
-
-/// A free TCP port on 127.0.0.1 (bound and released; the small race is acceptable in tests).
-///
-/// # Panics
-///
-/// When no port can be bound.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
-}
 
 /// How a [`RedisServer`] keeps its data on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +54,7 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     /// The copy of the data files taken by [`RedisServer::snapshot`].
     saved: Option<tempfile::TempDir>,
-    child: Option<Child>,
+    process: ServerProcess,
 }
 
 impl RedisServer {
@@ -125,7 +113,7 @@ impl RedisServer {
             persistence: Persistence::None,
             dir,
             saved: None,
-            child: None,
+            process: ServerProcess::default(),
         }
     }
 
@@ -194,35 +182,29 @@ impl RedisServer {
             // there).
             .args(["--notify-keyspace-events", "Kgxe"])
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
+            .stderr(Stdio::inherit());
         if let Some(password) = &self.password {
             command.arg("--requirepass").arg(password);
         }
         command.args(&self.extra_args);
-        let child = command.spawn().unwrap_or_else(|e| {
-            panic!("cannot start redis-server ({e}); install it with scripts/test (Debian package redis-server)")
-        });
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if tokio::net::TcpStream::connect(self.addr()).await.is_ok() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {} did not start within 10 s",
-                self.port
-            );
-            sleep(Duration::from_millis(10)).await;
-        }
+        self.process.spawn(
+            &mut command,
+            "install it with scripts/test (Debian package redis-server)",
+        );
+        let what = format!("redis-server on port {}", self.port);
+        let addr = self.addr();
+        wait_ready(
+            &what,
+            Duration::from_secs(10),
+            Duration::from_millis(10),
+            || tokio::net::TcpStream::connect(addr),
+        )
+        .await;
     }
 
     /// Kills the server (no shutdown, no save) and waits for it to exit.
     pub async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill().await;
-        }
+        self.process.kill().await;
     }
 
     /// Kills and starts the server again on the same port: all data is lost (also the files
@@ -301,7 +283,7 @@ impl RedisServer {
 
     /// The server process' id while it runs (to send it SIGSTOP/SIGCONT).
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(Child::id)
+        self.process.pid()
     }
 
     /// The server's address.
@@ -545,49 +527,54 @@ impl RedisCluster {
             status.success(),
             "redis-cli --cluster create failed: {status}"
         );
-        let deadline = Instant::now() + Duration::from_secs(30);
         for node in &nodes {
-            loop {
-                let info: String = async {
-                    let mut c = node.client().get_multiplexed_async_connection().await?;
-                    redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await
-                }
-                .await
-                .unwrap_or_default();
-                if info.contains("cluster_state:ok") {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "the cluster did not become ok in 30 s"
-                );
-                sleep(Duration::from_millis(100)).await;
-            }
+            let what = format!("cluster node {}", node.addr());
+            wait_ready(
+                &what,
+                Duration::from_secs(30),
+                Duration::from_millis(100),
+                || async {
+                    let info: String = async {
+                        let mut c = node.client().get_multiplexed_async_connection().await?;
+                        redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await
+                    }
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    match info.contains("cluster_state:ok") {
+                        true => Ok(()),
+                        false => Err("cluster_state is not ok".to_owned()),
+                    }
+                },
+            )
+            .await;
         }
         // A lock without metadata waits one lease after a server's start (the uptime stands
         // in for the server-wide key on a cluster): let the scenarios' leases pass first.
         for node in &nodes {
-            loop {
-                let info: String = async {
-                    let mut c = node.client().get_multiplexed_async_connection().await?;
-                    redis::cmd("INFO").arg("server").query_async(&mut c).await
-                }
-                .await
-                .unwrap_or_default();
-                let uptime = info
-                    .lines()
-                    .find_map(|l| l.strip_prefix("uptime_in_seconds:"))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .unwrap_or(0);
-                if uptime > crate::Timing::FAST.lease_duration.as_secs() {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "the cluster nodes did not come up in 30 s"
-                );
-                sleep(Duration::from_millis(100)).await;
-            }
+            let what = format!("cluster node {}", node.addr());
+            wait_ready(
+                &what,
+                Duration::from_secs(30),
+                Duration::from_millis(100),
+                || async {
+                    let info: String = async {
+                        let mut c = node.client().get_multiplexed_async_connection().await?;
+                        redis::cmd("INFO").arg("server").query_async(&mut c).await
+                    }
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    let uptime = info
+                        .lines()
+                        .find_map(|l| l.strip_prefix("uptime_in_seconds:"))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .unwrap_or(0);
+                    match uptime > crate::Timing::FAST.lease_duration.as_secs() {
+                        true => Ok(()),
+                        false => Err(format!("up for {uptime} s only")),
+                    }
+                },
+            )
+            .await;
         }
         RedisCluster { nodes }
     }

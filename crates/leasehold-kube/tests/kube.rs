@@ -13,7 +13,7 @@ mod kube_specific {
 
     use k8s_openapi::api::coordination::v1::Lease;
     use kube::api::{Api, DeleteParams, PostParams};
-    use leasehold::{
+    use leasehold_core::{
         BackendError, Callbacks, CancellationToken, Elector, ElectorError, LockBackend,
     };
     use leasehold_testkit::scenarios::{lock_name, wait_for};

@@ -5,7 +5,7 @@
 //! timing.
 //!
 //! ```text
-//! cargo bench --features kube --bench kube
+//! cargo bench -p leasehold-kube --bench kube
 //! ```
 //!
 //! The binaries come from `$LEASEHOLD_KUBE_APISERVER` / `$LEASEHOLD_CLIENT_GO_ELECTOR`, else
@@ -38,7 +38,7 @@
 //! sample starts a Go process, and each failover sample waits for a lease to expire: not
 //! criterion material.
 
-mod common;
+use leasehold_testkit::bench as common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -79,9 +79,9 @@ const FAST: Timing = Timing::FAST;
 
 /// leasehold's and client-go's defaults: 15 s lease, 10 s renew deadline, 2 s retry period.
 const DEFAULT: Timing = Timing {
-    lease_duration: leasehold::DEFAULT_LEASE_DURATION,
-    renew_deadline: leasehold::DEFAULT_RENEW_DEADLINE,
-    retry_period: leasehold::DEFAULT_RETRY_PERIOD,
+    lease_duration: leasehold_core::DEFAULT_LEASE_DURATION,
+    renew_deadline: leasehold_core::DEFAULT_RENEW_DEADLINE,
+    retry_period: leasehold_core::DEFAULT_RETRY_PERIOD,
 };
 
 /// The apiserver, the Go program and a kubeconfig for it, an admin client and the admin watch

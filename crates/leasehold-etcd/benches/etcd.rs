@@ -2,7 +2,7 @@
 //! itself (`leasehold_testkit::EtcdServer`, killed when the bench ends).
 //!
 //! ```text
-//! cargo bench --features etcd --bench etcd
+//! cargo bench -p leasehold-etcd --bench etcd
 //! ```
 //!
 //! - `handover/etcd`: graceful handover latency: from the leader's `resign()` to the follower
@@ -23,7 +23,7 @@
 //!   every unary request and every message on a stream, e.g. each lease keep-alive) and from
 //!   each client's proxy (chunks sent, approximate).
 
-mod common;
+use leasehold_testkit::bench as common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -35,7 +35,7 @@ use common::{
     failover_once, full_run, p50_min_max_ms, runtime, samples, stagger, steady_state, total,
     Failover,
 };
-use leasehold::Config;
+use leasehold_core::Config;
 use leasehold_etcd::{EtcdBackend, EtcdConfig};
 use leasehold_testkit::proxy::Proxy;
 use leasehold_testkit::scenarios::lock_name;
@@ -109,7 +109,7 @@ fn failover_pass(rt: &Runtime, server: &EtcdServer) {
          A_valid_until; its lessor then notices it within ~500ms and revokes the lease through \
          raft, and B's watch sees the key deleted)",
         t.lease_duration,
-        t.lease_duration.as_secs_f64() * 1e3 * leasehold::DEFAULT_MAX_CLOCK_DRIFT,
+        t.lease_duration.as_secs_f64() * 1e3 * leasehold_core::DEFAULT_MAX_CLOCK_DRIFT,
     );
 }
 

@@ -11,7 +11,7 @@ leasehold_testkit::conformance_tests!(
 mod redis_specific {
     use std::time::Duration;
 
-    use leasehold::{
+    use leasehold_core::{
         AcquireOutcome, BackendError, Callbacks, CancellationToken, Candidate, Config, Elector,
         ElectorError, LockBackend,
     };
@@ -340,7 +340,7 @@ mod redis_specific {
         assert!(ga2.token > ga.token);
         assert_eq!(
             backend.release(&ca, &ga2).await.expect("release"),
-            leasehold::ReleaseOutcome::Released
+            leasehold_core::ReleaseOutcome::Released
         );
         let gb = match backend.try_acquire(&cb).await {
             Ok(AcquireOutcome::Acquired(grant)) => grant,
@@ -563,7 +563,7 @@ mod redis_specific {
         };
         assert!(matches!(
             backend.renew(&c, &grant).await,
-            Ok(leasehold::RenewOutcome::Renewed)
+            Ok(leasehold_core::RenewOutcome::Renewed)
         ));
     }
 

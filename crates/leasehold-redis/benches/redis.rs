@@ -2,7 +2,7 @@
 //! bench itself (`leasehold_testkit::RedisServer`, killed when the bench ends).
 //!
 //! ```text
-//! cargo bench --features redis --bench redis
+//! cargo bench -p leasehold-redis --bench redis
 //! ```
 //!
 //! - `handover/redis`: graceful handover latency: from the leader's `resign()` to the follower
@@ -18,7 +18,7 @@
 //!   from the server's `INFO commandstats`, with the default timing (retry 2 s) and
 //!   `Timing::FAST` (retry 300 ms).
 
-mod common;
+use leasehold_testkit::bench as common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -27,7 +27,7 @@ use common::{
     failover_once, full_run, p50_min_max_ms, quantile, runtime, samples, steady_state, total,
     whole_periods, Failover,
 };
-use leasehold::Config;
+use leasehold_core::Config;
 use leasehold_redis::{RedisBackend, RedisConfig};
 use leasehold_testkit::proxy::Proxy;
 use leasehold_testkit::scenarios::lock_name;
@@ -87,7 +87,7 @@ fn failover_pass(rt: &Runtime, server: &RedisServer) {
         quantile(&crash, 0.5),
         quantile(&crash, 1.0),
         p50_min_max_ms(&late, 1, true),
-        t.lease_duration.as_secs_f64() * 1e3 * leasehold::DEFAULT_MAX_CLOCK_DRIFT,
+        t.lease_duration.as_secs_f64() * 1e3 * leasehold_core::DEFAULT_MAX_CLOCK_DRIFT,
     );
 }
 

@@ -2,13 +2,8 @@
 //! set-up, percentile summaries, and for the backends against a real server, a running elector
 //! ([`Contender`]) with the handover, crash-failover and steady-state measurements built on it.
 //!
-//! Each bench includes this module with `mod common;` (cargo builds no bench of its own from a
-//! file in a subdirectory of `benches/`).
-
-// Every bench compiles its own copy of this module and uses only part of it (`core` none of the
-// elector helpers, `kube` neither `failover_once` nor `steady_state`): what one bench leaves
-// unused is not dead code, so the lint is off for the whole module.
-#![allow(dead_code)]
+//! Every bench of the workspace (`benches/core.rs`, `crates/leasehold-<backend>/benches/`)
+//! uses it as `use leasehold_testkit::bench as common;`.
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
@@ -18,17 +13,18 @@ use std::time::{Duration, Instant as StdInstant};
 
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion};
-use leasehold::{
+use leasehold_core::{
     Callbacks, CancellationToken, Config, Elector, ElectorError, ElectorHandle, LeaderState,
     Leadership, LockBackend,
 };
-use leasehold_testkit::proxy::Proxy;
-use leasehold_testkit::scenarios::lock_name;
-use leasehold_testkit::Timing;
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
+
+use crate::proxy::Proxy;
+use crate::scenarios::lock_name;
+use crate::Timing;
 
 /// Bound on every wait, so a regression fails instead of hanging.
 pub const PATIENCE: Duration = Duration::from_secs(10);

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
-use leasehold::{
+use leasehold_core::{
     async_trait, AcquireOutcome, BackendError, Candidate, ConfigError, Grant, LockBackend,
     Observation, ReleaseOutcome, RenewOutcome, WatchStream,
 };

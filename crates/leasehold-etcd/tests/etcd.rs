@@ -12,7 +12,7 @@ mod etcd_specific {
     use std::process::Stdio;
     use std::time::Duration;
 
-    use leasehold::{
+    use leasehold_core::{
         AcquireOutcome, BackendError, Callbacks, CancellationToken, Candidate, Elector,
         ElectorError, LockBackend, StopCause,
     };
