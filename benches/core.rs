@@ -28,10 +28,10 @@ use tokio::time::{timeout, Instant};
 const PERCENTILE_SAMPLES: usize = 200;
 
 fn grant(token: u64) -> Grant {
-    Grant {
-        token: FencingToken(token),
-        record: LeaderRecord::new("me", FencingToken(token), Duration::from_secs(15)),
-    }
+    Grant::new(
+        FencingToken(token),
+        LeaderRecord::new("me", FencingToken(token), Duration::from_secs(15)),
+    )
 }
 
 /// A started machine whose acquire is in flight.

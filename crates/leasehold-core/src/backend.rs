@@ -1,6 +1,9 @@
 //! The [`LockBackend`] trait: the only thing a lock backend implements.
 
+use std::any::Any;
 use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -9,8 +12,61 @@ use futures::stream::BoxStream;
 use crate::error::{BackendError, ConfigError};
 use crate::record::{FencingToken, LeaderRecord, Observation};
 
+/// A backend's own state, opaque to the elector: what it keeps for one candidate across calls
+/// (etcd: its lease and queue key), or for one term (Kubernetes: the Lease as it last wrote it,
+/// whose resourceVersion guards the next write).
+///
+/// Set once, by the backend, with a value of its own type; read back with [`get`](Self::get).
+/// Clones share the value, so state a backend keeps in a [`Candidate`] or a [`Grant`] lives as
+/// long as the elector holds them, and no backend needs a map keyed by lock and identity.
+/// Values with interior mutability (a mutex) may change behind the shared reference.
+#[derive(Clone, Default)]
+pub struct BackendState {
+    slot: Arc<OnceLock<Arc<dyn Any + Send + Sync>>>,
+}
+
+impl BackendState {
+    /// A state holding `value`.
+    pub fn new<T: Any + Send + Sync>(value: T) -> Self {
+        let state = Self::default();
+        let _ = state.slot.set(Arc::new(value));
+        state
+    }
+
+    /// The value, if one of type `T` was set.
+    #[must_use]
+    pub fn get<T: Any>(&self) -> Option<&T> {
+        self.slot.get()?.downcast_ref()
+    }
+
+    /// The value, set to `init()` first if nothing was set. `None` when a value of another
+    /// type was set (a candidate used with two backends of different kinds).
+    pub fn get_or_init<T: Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> Option<&T> {
+        self.slot.get_or_init(|| Arc::new(init())).downcast_ref()
+    }
+
+    /// Whether `self` and `other` share one value (or both have none set and are clones).
+    #[must_use]
+    pub fn same(&self, other: &BackendState) -> bool {
+        Arc::ptr_eq(&self.slot, &other.slot)
+    }
+}
+
+impl fmt::Debug for BackendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.slot.get() {
+            Some(_) => f.write_str("BackendState(set)"),
+            None => f.write_str("BackendState(empty)"),
+        }
+    }
+}
+
 /// Who asks: the lock, the candidate's identity and the lease duration it campaigns with.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+///
+/// The elector makes one `Candidate` and passes it to every call; a backend may keep state for
+/// the candidate in it ([`state`](Self::state)). Clones share that state. Equality and hashing
+/// compare the lock, identity and lease duration only.
+#[derive(Debug, Clone)]
 pub struct Candidate {
     /// The lock name ([`Config::lease_name`](crate::Config::lease_name)).
     pub lock: String,
@@ -18,10 +74,12 @@ pub struct Candidate {
     pub identity: String,
     /// The lease duration ([`Config::lease_duration`](crate::Config::lease_duration)).
     pub lease_duration: Duration,
+    state: BackendState,
 }
 
 impl Candidate {
-    /// A candidate for `lock` with `identity`, campaigning with `lease_duration`.
+    /// A candidate for `lock` with `identity`, campaigning with `lease_duration`, with no
+    /// backend state yet.
     pub fn new(
         lock: impl Into<String>,
         identity: impl Into<String>,
@@ -31,18 +89,80 @@ impl Candidate {
             lock: lock.into(),
             identity: identity.into(),
             lease_duration,
+            state: BackendState::default(),
         }
+    }
+
+    /// The backend's state for this candidate (see [`BackendState`]).
+    #[must_use]
+    pub fn state(&self) -> &BackendState {
+        &self.state
+    }
+}
+
+impl PartialEq for Candidate {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.lock, &self.identity, self.lease_duration)
+            == (&other.lock, &other.identity, other.lease_duration)
+    }
+}
+
+impl Eq for Candidate {}
+
+impl Hash for Candidate {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (&self.lock, &self.identity, self.lease_duration).hash(state);
     }
 }
 
 /// A term a backend granted: proof of holding the lock, passed back to renew and release it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Besides the token and the record, it carries whatever the backend needs to renew and
+/// release exactly this term ([`state`](Self::state): the Kubernetes Lease as last written,
+/// the etcd lease and key, ...). A grant without the state its backend needs (one made by
+/// [`Grant::new`] outside the backend) names no term: renew reports it lost, release not held.
+/// Equality compares the token and the record only.
+#[derive(Debug, Clone)]
 pub struct Grant {
     /// The fencing token of this term.
     pub token: FencingToken,
     /// The record as written by the acquire.
     pub record: LeaderRecord,
+    state: BackendState,
 }
+
+impl Grant {
+    /// A grant of `token` with `record`, without backend state (backends that need none, and
+    /// tests).
+    pub fn new(token: FencingToken, record: LeaderRecord) -> Self {
+        Self {
+            token,
+            record,
+            state: BackendState::default(),
+        }
+    }
+
+    /// This grant with the backend's state for the term.
+    #[must_use]
+    pub fn with_state(mut self, state: BackendState) -> Self {
+        self.state = state;
+        self
+    }
+
+    /// The backend's state for this term (see [`BackendState`]).
+    #[must_use]
+    pub fn state(&self) -> &BackendState {
+        &self.state
+    }
+}
+
+impl PartialEq for Grant {
+    fn eq(&self, other: &Self) -> bool {
+        self.token == other.token && self.record == other.record
+    }
+}
+
+impl Eq for Grant {}
 
 /// The outcome of [`LockBackend::try_acquire`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,7 +247,14 @@ pub type WatchStream = BoxStream<'static, Result<Observation, BackendError>>;
 /// 6. **Notification.** [`watch`](Self::watch) yields an observation soon after the lock is
 ///    released, taken, or deleted, so followers do not poll. A watch may also yield observations
 ///    when nothing relevant changed.
-/// 7. **Errors.** Lost races are outcomes, not errors. Transient failures are
+/// 7. **The grant is the term.** [`renew`](Self::renew) and [`release`](Self::release) act on
+///    the term `grant` names, never on another term of the same candidate: what they need
+///    travels in the grant ([`Grant::state`]), what the backend keeps for a candidate across
+///    calls in the candidate ([`Candidate::state`]). A grant that lacks the state the backend
+///    puts in its grants names no term: it renews as [`RenewOutcome::Lost`] and releases as
+///    [`ReleaseOutcome::NotHeld`]. (Backends whose store checks the token, memory and Redis,
+///    put none.)
+/// 8. **Errors.** Lost races are outcomes, not errors. Transient failures are
 ///    [`BackendError::Unavailable`] or [`BackendError::Timeout`]; bad credentials are
 ///    [`BackendError::Unauthorized`]. No method panics on anything a server returns.
 ///

@@ -20,7 +20,8 @@ mod record;
 mod state;
 
 pub use backend::{
-    AcquireOutcome, Candidate, Grant, LockBackend, ReleaseOutcome, RenewOutcome, WatchStream,
+    AcquireOutcome, BackendState, Candidate, Grant, LockBackend, ReleaseOutcome, RenewOutcome,
+    WatchStream,
 };
 pub use callbacks::{Callbacks, Leadership};
 pub use config::{

@@ -65,10 +65,10 @@ fn drive_first_term(config: &Config) {
     let mut now = Instant::now();
     machine.handle_start(now);
     let token = FencingToken(1);
-    let grant = Grant {
+    let grant = Grant::new(
         token,
-        record: LeaderRecord::new(config.identity.clone(), token, config.lease_duration),
-    };
+        LeaderRecord::new(config.identity.clone(), token, config.lease_duration),
+    );
     machine.handle_acquire(now, Ok(AcquireOutcome::Acquired(grant.clone())));
     let _ = machine.is_leader(now);
     for _ in 0..8 {

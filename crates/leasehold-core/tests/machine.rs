@@ -24,10 +24,10 @@ fn config() -> Config {
 }
 
 fn grant(token: u64) -> Grant {
-    Grant {
-        token: FencingToken(token),
-        record: LeaderRecord::new("me", FencingToken(token), LEASE),
-    }
+    Grant::new(
+        FencingToken(token),
+        LeaderRecord::new("me", FencingToken(token), LEASE),
+    )
 }
 
 fn held_by(holder: &str, expires_in: Option<Duration>) -> Observation {

@@ -34,8 +34,7 @@
 mod record;
 mod seat;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
@@ -44,8 +43,8 @@ use etcd_client::{
 };
 use futures::StreamExt;
 use leasehold_core::{
-    async_trait, AcquireOutcome, BackendError, Candidate, ConfigError, FencingToken, Grant,
-    LeaderRecord, LockBackend, Observation, ReleaseOutcome, RenewOutcome, WatchStream,
+    async_trait, AcquireOutcome, BackendError, BackendState, Candidate, ConfigError, FencingToken,
+    Grant, LeaderRecord, LockBackend, Observation, ReleaseOutcome, RenewOutcome, WatchStream,
 };
 use tokio::sync::OnceCell;
 
@@ -113,7 +112,8 @@ impl EtcdConfig {
     }
 }
 
-/// An etcd lock backend. Cheap to clone; clones share the connection and the candidates' seats.
+/// An etcd lock backend. Cheap to clone; clones share the connection. Each candidate's seat
+/// (lease and queue key) lives in its [`Candidate`], each term's in its [`Grant`].
 #[derive(Clone)]
 pub struct EtcdBackend {
     inner: Arc<Inner>,
@@ -122,7 +122,15 @@ pub struct EtcdBackend {
 struct Inner {
     config: EtcdConfig,
     client: OnceCell<Client>,
-    seats: Mutex<HashMap<(String, String), Arc<SeatCell>>>,
+}
+
+/// The backend's part of a term it granted ([`Grant::state`]): the seat it was granted on, and
+/// the lease and key (with its create revision, the token) that hold it.
+struct EtcdTerm {
+    cell: Arc<SeatCell>,
+    lease: i64,
+    key: String,
+    create_revision: i64,
 }
 
 impl std::fmt::Debug for EtcdBackend {
@@ -193,7 +201,6 @@ impl EtcdBackend {
             inner: Arc::new(Inner {
                 config,
                 client: OnceCell::new(),
-                seats: Mutex::default(),
             }),
         }
     }
@@ -242,27 +249,21 @@ impl EtcdBackend {
         map_error(&self.inner.config, operation, error)
     }
 
-    fn seat_cell(&self, candidate: &Candidate) -> Arc<SeatCell> {
-        let mut seats = self
-            .inner
-            .seats
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        seats
-            .entry((candidate.lock.clone(), candidate.identity.clone()))
-            .or_default()
-            .clone()
+    /// The candidate's seat, kept in the candidate itself ([`Candidate::state`]).
+    fn seat_cell(&self, candidate: &Candidate) -> Result<Arc<SeatCell>, BackendError> {
+        candidate
+            .state()
+            .get_or_init(|| Arc::new(SeatCell::default()))
+            .cloned()
+            .ok_or_else(|| self.foreign_candidate())
     }
 
-    fn existing_seat(&self, candidate: &Candidate) -> Option<Arc<SeatCell>> {
-        let seats = self
-            .inner
-            .seats
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        seats
-            .get(&(candidate.lock.clone(), candidate.identity.clone()))
-            .cloned()
+    fn foreign_candidate(&self) -> BackendError {
+        BackendError::Protocol {
+            backend: backend_name(&self.inner.config),
+            detail: "this candidate carries another backend's state; use one Candidate per backend"
+                .into(),
+        }
     }
 
     /// The first key of the election (the leader), if any.
@@ -376,7 +377,7 @@ impl LockBackend for EtcdBackend {
 
     async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
         let mut client = self.client().await?;
-        let cell = self.seat_cell(candidate);
+        let cell = self.seat_cell(candidate)?;
         let mut guard = cell.seat.lock().await;
         // A dead lease (expired, revoked): its key is gone; take a new seat.
         if guard.as_ref().is_some_and(|seat| !seat.is_alive()) {
@@ -390,6 +391,7 @@ impl LockBackend for EtcdBackend {
                 &mut client,
                 candidate,
                 &self.election_prefix(&candidate.lock),
+                cell.clone(),
             )
             .await?;
             *guard = Some(seat);
@@ -404,7 +406,8 @@ impl LockBackend for EtcdBackend {
         // and join again, so the next term gets a new, greater token.
         if let (Some(granted), Some(revision)) = (seat.granted, seat.create_revision) {
             if granted == revision {
-                self.delete_key(&mut client, seat, revision).await?;
+                self.delete_key(&mut client, &seat.key, revision).await?;
+                seat.forget_key(revision);
             }
         }
         let Some((revision, new)) = self.ensure_key(&mut client, seat).await? else {
@@ -435,10 +438,15 @@ impl LockBackend for EtcdBackend {
                 }
                 seat.granted = Some(revision);
                 let record = record_of(&candidate.lock, &kv, candidate.lease_duration)?;
-                Ok(AcquireOutcome::Acquired(Grant {
-                    token: token_of(revision),
-                    record,
-                }))
+                let term = EtcdTerm {
+                    cell: cell.clone(),
+                    lease: seat.lease,
+                    key: seat.key.clone(),
+                    create_revision: revision,
+                };
+                Ok(AcquireOutcome::Acquired(
+                    Grant::new(token_of(revision), record).with_state(BackendState::new(term)),
+                ))
             }
             Some(kv) => Ok(AcquireOutcome::Held(Observation::held(
                 record_of(&candidate.lock, &kv, candidate.lease_duration)?,
@@ -456,13 +464,18 @@ impl LockBackend for EtcdBackend {
         candidate: &Candidate,
         grant: &Grant,
     ) -> Result<RenewOutcome, BackendError> {
-        let Some(cell) = self.existing_seat(candidate) else {
+        // A grant this backend did not make names no term of ours.
+        let Some(term) = grant.state().get::<EtcdTerm>() else {
             return Ok(RenewOutcome::Lost(Observation::vacant()));
         };
         let mut client = self.client().await?;
-        let guard = cell.seat.lock().await;
-        let Some(seat) = guard.as_ref() else {
-            return Ok(RenewOutcome::Lost(Observation::vacant()));
+        let guard = term.cell.seat.lock().await;
+        // The seat moved on to another lease (the term's lease died): the term is over.
+        let Some(seat) = guard.as_ref().filter(|seat| seat.lease == term.lease) else {
+            drop(guard);
+            return Ok(RenewOutcome::Lost(
+                self.read_or_vacant(&candidate.lock).await,
+            ));
         };
         if !seat
             .keep_alive_now()
@@ -473,27 +486,25 @@ impl LockBackend for EtcdBackend {
                 lease = format!("{:x}", seat.lease),
                 "etcd lease is gone: term lost"
             );
+            drop(guard);
             return Ok(RenewOutcome::Lost(
-                self.read(&candidate.lock)
-                    .await
-                    .unwrap_or_else(|_| Observation::vacant()),
+                self.read_or_vacant(&candidate.lock).await,
             ));
         }
+        drop(guard);
         let response = client
-            .get(seat.key.as_str(), None)
+            .get(term.key.as_str(), None)
             .await
             .map_err(|e| self.error("renew", &e))?;
         let ours = response
             .kvs()
             .first()
-            .is_some_and(|kv| token_of(kv.create_revision()) == grant.token);
+            .is_some_and(|kv| kv.create_revision() == term.create_revision);
         if ours {
             Ok(RenewOutcome::Renewed)
         } else {
             Ok(RenewOutcome::Lost(
-                self.read(&candidate.lock)
-                    .await
-                    .unwrap_or_else(|_| Observation::vacant()),
+                self.read_or_vacant(&candidate.lock).await,
             ))
         }
     }
@@ -503,20 +514,25 @@ impl LockBackend for EtcdBackend {
         candidate: &Candidate,
         grant: &Grant,
     ) -> Result<ReleaseOutcome, BackendError> {
-        let Some(cell) = self.existing_seat(candidate) else {
+        let _ = candidate;
+        let Some(term) = grant.state().get::<EtcdTerm>() else {
             return Ok(ReleaseOutcome::NotHeld);
         };
         let mut client = self.client().await?;
-        let mut guard = cell.seat.lock().await;
-        let Some(seat) = guard.as_mut() else {
-            return Ok(ReleaseOutcome::NotHeld);
-        };
-        let revision = i64::try_from(grant.token.get()).unwrap_or(i64::MAX);
-        if self.delete_key(&mut client, seat, revision).await? {
-            Ok(ReleaseOutcome::Released)
-        } else {
-            Ok(ReleaseOutcome::NotHeld)
+        let mut guard = term.cell.seat.lock().await;
+        // Conditional on the term's own key and create revision: a later term's key, or anyone
+        // else's, is never touched.
+        let deleted = self
+            .delete_key(&mut client, &term.key, term.create_revision)
+            .await?;
+        if let Some(seat) = guard.as_mut().filter(|seat| seat.lease == term.lease) {
+            seat.forget_key(term.create_revision);
         }
+        Ok(if deleted {
+            ReleaseOutcome::Released
+        } else {
+            ReleaseOutcome::NotHeld
+        })
     }
 
     async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
@@ -532,7 +548,7 @@ impl LockBackend for EtcdBackend {
 
     async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
         let client = self.client().await?;
-        let cell = self.seat_cell(candidate);
+        let cell = self.seat_cell(candidate)?;
         let prefix = self.election_prefix(&candidate.lock);
         let stream =
             seat::watch_predecessor(self.clone(), client, cell, prefix, candidate.lock.clone());
@@ -540,15 +556,9 @@ impl LockBackend for EtcdBackend {
     }
 
     async fn withdraw(&self, candidate: &Candidate) -> Result<(), BackendError> {
-        let cell = {
-            let mut seats = self
-                .inner
-                .seats
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            seats.remove(&(candidate.lock.clone(), candidate.identity.clone()))
+        let Some(cell) = candidate.state().get::<Arc<SeatCell>>() else {
+            return Ok(());
         };
-        let Some(cell) = cell else { return Ok(()) };
         let Some(seat) = cell.seat.lock().await.take() else {
             return Ok(());
         };
@@ -563,29 +573,28 @@ impl LockBackend for EtcdBackend {
 }
 
 impl EtcdBackend {
-    /// Deletes the seat's key if its create revision is still `revision`; returns whether it did.
+    /// Deletes `key` if its create revision is still `revision`; returns whether it did.
     async fn delete_key(
         &self,
         client: &mut Client,
-        seat: &mut Seat,
+        key: &str,
         revision: i64,
     ) -> Result<bool, BackendError> {
         let txn = Txn::new()
-            .when([Compare::create_revision(
-                seat.key.as_str(),
-                CompareOp::Equal,
-                revision,
-            )])
-            .and_then([TxnOp::delete(seat.key.as_str(), None)]);
+            .when([Compare::create_revision(key, CompareOp::Equal, revision)])
+            .and_then([TxnOp::delete(key, None)]);
         let response = client
             .txn(txn)
             .await
             .map_err(|e| self.error("release", &e))?;
-        if seat.create_revision == Some(revision) {
-            seat.create_revision = None;
-            seat.granted = None;
-        }
         Ok(response.succeeded())
+    }
+
+    /// What `lock` holds now, or vacant when it cannot be read (after a term was found lost).
+    async fn read_or_vacant(&self, lock: &str) -> Observation {
+        self.read(lock)
+            .await
+            .unwrap_or_else(|_| Observation::vacant())
     }
 
     pub(crate) fn config(&self) -> &EtcdConfig {

@@ -18,7 +18,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::{map_error, EtcdBackend};
 
-/// Where a candidate's seat lives; the backend keeps one per (lock, identity).
+/// Where a candidate's seat lives: in the candidate itself ([`Candidate::state`]), shared with
+/// the grants of its terms.
 #[derive(Default)]
 pub(crate) struct SeatCell {
     pub seat: tokio::sync::Mutex<Option<Seat>>,
@@ -55,6 +56,7 @@ impl Seat {
         client: &mut Client,
         candidate: &Candidate,
         prefix: &str,
+        cell: Arc<SeatCell>,
     ) -> Result<Seat, BackendError> {
         let config = backend.config();
         let ttl = i64::try_from(candidate.lease_duration.as_secs())
@@ -71,7 +73,6 @@ impl Seat {
             alive: AtomicBool::new(true),
             keeper: tokio::sync::Mutex::new(None),
         });
-        let cell = backend.seat_cell(candidate);
         let task = tokio::spawn(keep_alive_loop(
             client.clone(),
             lease,
@@ -90,6 +91,14 @@ impl Seat {
             ttl,
             task,
         })
+    }
+
+    /// The key created at `revision` is gone (deleted by us): forget it, and the term it held.
+    pub fn forget_key(&mut self, revision: i64) {
+        if self.create_revision == Some(revision) {
+            self.create_revision = None;
+            self.granted = None;
+        }
     }
 
     pub fn is_alive(&self) -> bool {
@@ -138,12 +147,16 @@ async fn keep_alive_once(
     let mut slot = shared.keeper.lock().await;
     let exchange = async {
         let Some((mut keeper, mut stream)) = slot.take() else {
-            // Opening the keep-alive stream sends a first keep-alive and reads its answer: a
-            // lease that is gone fails it with "lease not found".
+            // Opening the keep-alive stream sends a first keep-alive and reads its answer; the
+            // client reports a lease that is gone only as an error text. Ask the server
+            // instead: its time-to-live answer says -1 for a lease it does not know.
             return match client.clone().lease_keep_alive(lease).await {
                 Ok(opened) => Ok((true, Some(opened))),
-                Err(etcd_client::Error::LeaseKeepAliveError(e)) if e.contains("not found") => {
-                    Ok((false, None))
+                Err(error @ etcd_client::Error::LeaseKeepAliveError(_)) => {
+                    match client.clone().lease_time_to_live(lease, None).await {
+                        Ok(answer) if answer.ttl() <= 0 => Ok((false, None)),
+                        _ => Err(error),
+                    }
                 }
                 Err(error) => Err(error),
             };
@@ -373,8 +386,24 @@ async fn follow(
                                 return;
                             }
                             if first {
-                                // Our own key is gone: wait until the seat is taken again.
-                                changed.await;
+                                // Our own key is gone (released, or deleted by someone else):
+                                // until the seat is taken again, follow the whole election as
+                                // an observer, so the candidate hears of the next leader
+                                // without asking (a resigned candidate does not ask for a
+                                // while).
+                                if let Err(error) = observe_election(
+                                    backend,
+                                    &mut client,
+                                    prefix,
+                                    lock,
+                                    tx,
+                                    changed.as_mut(),
+                                )
+                                .await
+                                {
+                                    let _ = tx.send(Err(map_error(config, "watch", &error)));
+                                    return;
+                                }
                             }
                             break;
                         }

@@ -43,8 +43,8 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
 use leasehold_core::{
-    async_trait, AcquireOutcome, BackendError, Candidate, ConfigError, Grant, LockBackend,
-    Observation, ReleaseOutcome, RenewOutcome, WatchStream,
+    async_trait, AcquireOutcome, BackendError, BackendState, Candidate, ConfigError, Grant,
+    LockBackend, Observation, ReleaseOutcome, RenewOutcome, WatchStream,
 };
 use tokio::time::Instant;
 
@@ -66,9 +66,40 @@ struct Inner {
     namespace: String,
     /// Per lock: the record last seen and when it was first seen (client-side expiry).
     observed: Mutex<HashMap<String, Observed>>,
-    /// Per (lock, identity): the Lease as this candidate last wrote it (its resourceVersion is
-    /// the precondition of the next write).
-    written: Mutex<HashMap<(String, String), Lease>>,
+}
+
+/// The backend's part of a term it granted ([`Grant::state`]): the Lease as this term last
+/// wrote it (its resourceVersion is the precondition of the next write); `None` once the term
+/// was released or found lost.
+struct KubeTerm {
+    written: Mutex<Option<Lease>>,
+}
+
+impl KubeTerm {
+    /// The term's state in `grant`, if this backend granted it.
+    fn of(grant: &Grant) -> Option<&KubeTerm> {
+        grant.state().get::<KubeTerm>()
+    }
+
+    /// The Lease as the term last wrote it, if the term may still hold `candidate`'s lock.
+    fn last_written(&self, candidate: &Candidate) -> Option<Lease> {
+        let written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+        written
+            .as_ref()
+            .filter(|lease| lease.metadata.name.as_deref() == Some(candidate.lock.as_str()))
+            .filter(|lease| {
+                lease
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.holder_identity.as_deref())
+                    == Some(candidate.identity.as_str())
+            })
+            .cloned()
+    }
+
+    fn set(&self, lease: Option<Lease>) {
+        *self.written.lock().unwrap_or_else(PoisonError::into_inner) = lease;
+    }
 }
 
 impl std::fmt::Debug for KubeBackend {
@@ -94,7 +125,6 @@ impl KubeBackend {
                 api: Api::namespaced(client, &namespace),
                 namespace,
                 observed: Mutex::default(),
-                written: Mutex::default(),
             }),
         }
     }
@@ -197,33 +227,10 @@ impl KubeBackend {
         observed.get(lock)?.live_holder(identity, now, fallback)
     }
 
-    fn remember(&self, candidate: &Candidate, lease: &Lease) {
+    /// After a write of the term `term`: observe it, and keep it as the term's base.
+    fn remember(&self, candidate: &Candidate, term: &KubeTerm, lease: &Lease) {
         self.observe(&candidate.lock, lease, candidate.lease_duration);
-        self.inner
-            .written
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(
-                (candidate.lock.clone(), candidate.identity.clone()),
-                lease.clone(),
-            );
-    }
-
-    fn last_written(&self, candidate: &Candidate) -> Option<Lease> {
-        self.inner
-            .written
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&(candidate.lock.clone(), candidate.identity.clone()))
-            .cloned()
-    }
-
-    fn drop_written(&self, candidate: &Candidate) {
-        self.inner
-            .written
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&(candidate.lock.clone(), candidate.identity.clone()));
+        term.set(Some(lease.clone()));
     }
 
     async fn replace(
@@ -262,11 +269,16 @@ impl KubeBackend {
             backend: self.backend_name(),
             detail: "the API server returned a Lease without a numeric resourceVersion".into(),
         })?;
-        self.remember(candidate, &lease);
+        self.observe(&candidate.lock, &lease, candidate.lease_duration);
         let key = SpecKey::of(&lease);
         let mut record = lease::record_of(&key, candidate.lease_duration);
         record.token = Some(token);
-        Ok(AcquireOutcome::Acquired(Grant { token, record }))
+        let term = KubeTerm {
+            written: Mutex::new(Some(lease)),
+        };
+        Ok(AcquireOutcome::Acquired(
+            Grant::new(token, record).with_state(BackendState::new(term)),
+        ))
     }
 
     /// After a conflict on our own write: the current Lease if it still holds our term (same
@@ -376,10 +388,13 @@ impl LockBackend for KubeBackend {
         grant: &Grant,
     ) -> Result<RenewOutcome, BackendError> {
         let lock = candidate.lock.as_str();
-        let Some(mine) = self.last_written(candidate) else {
+        // A grant this backend did not make, or a term already released or lost.
+        let Some(term) = KubeTerm::of(grant) else {
             return Ok(RenewOutcome::Lost(Observation::vacant()));
         };
-        let _ = grant;
+        let Some(mine) = term.last_written(candidate) else {
+            return Ok(RenewOutcome::Lost(Observation::vacant()));
+        };
         let seconds = self.duration_seconds(candidate)?;
         let mut base = mine.clone();
         for _ in 0..2 {
@@ -388,7 +403,7 @@ impl LockBackend for KubeBackend {
                 .await?
             {
                 Write::Done(written) => {
-                    self.remember(candidate, &written);
+                    self.remember(candidate, term, &written);
                     // A client-go follower that saw the record we replaced sees no change if
                     // this renew stayed within its whole second: it keeps counting the lease
                     // from an earlier renew, and so must we.
@@ -399,13 +414,13 @@ impl LockBackend for KubeBackend {
                     });
                 }
                 Write::Gone => {
-                    self.drop_written(candidate);
+                    term.set(None);
                     return Ok(RenewOutcome::Lost(Observation::vacant()));
                 }
                 Write::Conflict => match self.still_ours(candidate, &mine, "renew").await? {
                     Ok(current) => base = current,
                     Err(observation) => {
-                        self.drop_written(candidate);
+                        term.set(None);
                         return Ok(RenewOutcome::Lost(observation));
                     }
                 },
@@ -423,7 +438,10 @@ impl LockBackend for KubeBackend {
         grant: &Grant,
     ) -> Result<ReleaseOutcome, BackendError> {
         let lock = candidate.lock.as_str();
-        let Some(mine) = self.last_written(candidate) else {
+        let Some(term) = KubeTerm::of(grant) else {
+            return Ok(ReleaseOutcome::NotHeld);
+        };
+        let Some(mine) = term.last_written(candidate) else {
             return Ok(ReleaseOutcome::NotHeld);
         };
         if lease::token_of(&mine).is_none() || grant.record.holder != candidate.identity {
@@ -436,18 +454,18 @@ impl LockBackend for KubeBackend {
                 .await?
             {
                 Write::Done(written) => {
-                    self.drop_written(candidate);
+                    term.set(None);
                     self.observe(lock, &written, candidate.lease_duration);
                     return Ok(ReleaseOutcome::Released);
                 }
                 Write::Gone => {
-                    self.drop_written(candidate);
+                    term.set(None);
                     return Ok(ReleaseOutcome::NotHeld);
                 }
                 Write::Conflict => match self.still_ours(candidate, &mine, "release").await? {
                     Ok(current) => base = current,
                     Err(_) => {
-                        self.drop_written(candidate);
+                        term.set(None);
                         return Ok(ReleaseOutcome::NotHeld);
                     }
                 },

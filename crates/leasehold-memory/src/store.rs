@@ -263,7 +263,7 @@ impl LockBackend for MemoryBackend {
                 expires_at,
             };
             slot.notify();
-            Ok(AcquireOutcome::Acquired(Grant { token, record }))
+            Ok(AcquireOutcome::Acquired(Grant::new(token, record)))
         })
         .await
     }

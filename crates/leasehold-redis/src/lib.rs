@@ -495,7 +495,7 @@ impl LockBackend for RedisBackend {
                 let token = record
                     .token
                     .ok_or_else(|| protocol("acquire returned no token"))?;
-                let grant = Grant { token, record };
+                let grant = Grant::new(token, record);
                 if let Err(error) = self.wait_for_replicas(&mut connection, "acquire").await {
                     // Not durable enough: give it back rather than lead on it.
                     let _ = self.release(candidate, &grant).await;

@@ -103,10 +103,7 @@ impl ModelLock {
         };
         let record = self.record(&held);
         self.entry = Some(held);
-        let grant = Grant {
-            token: FencingToken(self.last_token),
-            record,
-        };
+        let grant = Grant::new(FencingToken(self.last_token), record);
         (AcquireOutcome::Acquired(grant), true)
     }
 

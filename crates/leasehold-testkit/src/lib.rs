@@ -85,6 +85,7 @@ macro_rules! conformance_tests {
     (#[$attr:meta], $harness:expr) => {
         $crate::conformance_tests!(@each #[$attr], $harness,
             lock_contract,
+            old_grant_names_only_its_term,
             single_candidate_acquires,
             follower_sees_leader,
             graceful_handover,

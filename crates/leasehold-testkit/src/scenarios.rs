@@ -117,10 +117,10 @@ fn acquired(outcome: Result<AcquireOutcome, BackendError>, who: &str) -> Grant {
 }
 
 fn fake_grant(holder: &str, like: &Grant, t: Timing) -> Grant {
-    Grant {
-        token: like.token,
-        record: LeaderRecord::new(holder, like.token, t.lease_duration),
-    }
+    Grant::new(
+        like.token,
+        LeaderRecord::new(holder, like.token, t.lease_duration),
+    )
 }
 
 /// The backend contract, call by call: acquire, held, renew, conditional renew and release,
@@ -217,6 +217,62 @@ pub async fn lock_contract<H: Harness + ?Sized>(h: &H) {
     );
     assert_eq!(
         b.backend.release(&cb, &gb).await.expect("release"),
+        ReleaseOutcome::Released
+    );
+}
+
+/// A grant names exactly one term. The same candidate is granted a second term while it still
+/// holds the first (contract item 4, as after a step-down): the first grant then renews
+/// nothing and releases nothing, whatever the backend remembers about the candidate, and the
+/// second works.
+pub async fn old_grant_names_only_its_term<H: Harness + ?Sized>(h: &H) {
+    let t = h.timing();
+    let lock = lock_name("old-grant");
+    let a = h.client().await;
+    let ca = Candidate::new(&lock, "a", t.lease_duration);
+    let first = acquired(a.backend.try_acquire(&ca).await, "a");
+    let second = acquired(a.backend.try_acquire(&ca).await, "a, again");
+    assert!(
+        second.token > first.token,
+        "a new term needs a greater token: {} then {}",
+        first.token,
+        second.token
+    );
+    let renewed = a.backend.renew(&ca, &first).await;
+    assert!(
+        matches!(renewed, Ok(RenewOutcome::Lost(_))),
+        "renewing the first term's grant must report it lost, got {renewed:?}"
+    );
+    assert_eq!(
+        a.backend.release(&ca, &first).await.expect("release works"),
+        ReleaseOutcome::NotHeld,
+        "releasing the first term's grant must leave the second term alone"
+    );
+    let seen = a.backend.read(&lock).await.expect("read works");
+    assert_eq!(
+        seen.holder(),
+        Some("a"),
+        "the second term still holds the lock"
+    );
+    if let Some(token) = seen.record.as_ref().and_then(|r| r.token) {
+        assert_eq!(
+            token, second.token,
+            "the lock holds the second term's token"
+        );
+    }
+    let renewed = a.backend.renew(&ca, &second).await;
+    assert!(
+        matches!(
+            renewed,
+            Ok(RenewOutcome::Renewed | RenewOutcome::RenewedUnnoticed)
+        ),
+        "the second term's grant renews, got {renewed:?}"
+    );
+    assert_eq!(
+        a.backend
+            .release(&ca, &second)
+            .await
+            .expect("release works"),
         ReleaseOutcome::Released
     );
 }
@@ -730,10 +786,22 @@ pub async fn resign_hands_over<H: Harness + ?Sized>(h: &H) {
             .any(|e| matches!(e, NodeEvent::Stopped(_)))
     })
     .await;
-    wait_for("a to follow b", t.lease_duration, || {
+    // A resigned candidate holds back its next attempt for a lease, so it can only learn of
+    // the new leader from its watch: the notification, not an acquire, must tell it.
+    wait_for("a to follow b", 2 * t.lease_duration, || {
         a.handle.leader().as_deref() == Some("b")
     })
     .await;
+    let asked: Vec<_> = a
+        .client
+        .calls()
+        .into_iter()
+        .filter(|c| c.kind == CallKind::Acquire && c.sent > resigned)
+        .collect();
+    assert!(
+        asked.is_empty(),
+        "a learned that b leads only by asking, not from its watch: {asked:?}"
+    );
     sleep(t.lease_duration).await;
     assert!(b.handle.is_leader(), "a must not take the lock back");
     assert!(!a.has_exited());
