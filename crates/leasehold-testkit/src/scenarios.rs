@@ -1025,6 +1025,7 @@ pub async fn leader_after_blackhole<H: Harness + ?Sized>(h: &H) {
         "a leader only {:?} after the blackhole ended (bound {bound:?})",
         start - healed
     );
+    eprintln!("{}: a leader {:?} after the heal", h.name(), start - healed);
     a.stop().await.expect("a stops");
     b.stop().await.expect("b stops");
     verify(&checker);
