@@ -9,7 +9,11 @@
 //!   schedule their attempt at the expiry they saw.
 //! - Followers `SUBSCRIBE` to `<prefix>{<lock>}:events`: a release hands over at once.
 //! - Connections go through the redis crate's async `ConnectionManager` (reconnects), created on
-//!   first use, so an elector can start while Redis is down.
+//!   first use, so an elector can start while Redis is down. The manager reconnects after a
+//!   connection error, not after a timeout; so a connection on which a command goes unanswered
+//!   (its reply timed out, or the caller gave up waiting for it) is dropped, and the next call
+//!   opens a new one: a connection that died silently (a firewall or NAT that lost its state, no
+//!   FIN, no RST) never answers again, and would otherwise be used for ever.
 //!
 //! # Limits (read before relying on it)
 //!
@@ -43,6 +47,7 @@
 mod record;
 mod scripts;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -53,7 +58,7 @@ use leasehold_core::{
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError};
-use tokio::sync::OnceCell;
+use tokio::sync::Mutex;
 
 use crate::scripts::Scripts;
 
@@ -76,6 +81,8 @@ pub struct RedisConfig {
     /// Timeout to establish a connection. Default 5 s.
     pub connect_timeout: Duration,
     /// Timeout of one command. Default 5 s (the elector's own deadlines are usually shorter).
+    /// A command that times out, or that the elector stops waiting for at its deadline, retires
+    /// its connection: the next call opens a new one.
     pub response_timeout: Duration,
     /// Wait for replicas after acquire and renew. Default `None`. Not available with
     /// `cluster_nodes`.
@@ -190,7 +197,115 @@ struct Inner {
     config: RedisConfig,
     address: String,
     scripts: Scripts,
-    connection: OnceCell<Connection>,
+    /// The connection in use (none before the first call, or once it was retired), and how many
+    /// have been opened.
+    connection: Mutex<Connections>,
+    /// The newest generation of connection on which a command went unanswered: that connection
+    /// and older ones are retired.
+    unanswered: AtomicU64,
+}
+
+#[derive(Default)]
+struct Connections {
+    current: Option<(u64, Connection)>,
+    opened: u64,
+}
+
+/// A connection checked out for one call. Every command sent on it that goes unanswered — its
+/// reply timed out, or the call was dropped while waiting for it (the elector's deadline) —
+/// retires the connection: replies come in order on it, so a connection that lost one may
+/// never answer again (a blackhole), and the redis crate only replaces a connection after an
+/// I/O error, not after a timeout.
+struct Checkout {
+    inner: Arc<Inner>,
+    generation: u64,
+    connection: Connection,
+}
+
+/// Retires its connection when dropped before [`answered`](Self::answered).
+struct Unanswered {
+    inner: Arc<Inner>,
+    generation: u64,
+    armed: bool,
+}
+
+impl Unanswered {
+    fn answered(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let before = self
+            .inner
+            .unanswered
+            .fetch_max(self.generation, Ordering::SeqCst);
+        if before < self.generation {
+            tracing::warn!(
+                address = %self.inner.address,
+                connection = self.generation,
+                "a command went unanswered (timed out, or abandoned at the caller's deadline): \
+                 retiring the connection; the next call opens a new one"
+            );
+        }
+    }
+}
+
+impl Checkout {
+    fn guard(&self) -> Unanswered {
+        Unanswered {
+            inner: self.inner.clone(),
+            generation: self.generation,
+            armed: true,
+        }
+    }
+}
+
+/// A reply, or an error other than a timeout: the connection still answers.
+fn answered<T>(result: &redis::RedisResult<T>) -> bool {
+    result.as_ref().map_or_else(|e| !e.is_timeout(), |_| true)
+}
+
+impl redis::aio::ConnectionLike for Checkout {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        let guard = self.guard();
+        let reply = self.connection.req_packed_command(cmd);
+        Box::pin(async move {
+            let result = reply.await;
+            if answered(&result) {
+                guard.answered();
+            }
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        let guard = self.guard();
+        let replies = self.connection.req_packed_commands(pipeline, offset, count);
+        Box::pin(async move {
+            let result = replies.await;
+            if answered(&result) {
+                guard.answered();
+            }
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.connection.get_db()
+    }
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -262,7 +377,8 @@ impl RedisBackend {
                 cluster,
                 address,
                 scripts: Scripts::new(),
-                connection: OnceCell::new(),
+                connection: Mutex::default(),
+                unanswered: AtomicU64::new(0),
                 config,
             }),
         })
@@ -334,28 +450,50 @@ impl RedisBackend {
         &self.inner.address
     }
 
-    async fn connection(&self) -> Result<Connection, BackendError> {
+    /// The connection in use, or a new one when there is none yet or the last one was retired
+    /// (a command on it went unanswered).
+    async fn connection(&self) -> Result<Checkout, BackendError> {
         let inner = &self.inner;
-        inner
-            .connection
-            .get_or_try_init(|| async {
-                if let Some(cluster) = &inner.cluster {
-                    return cluster
-                        .get_async_connection()
-                        .await
-                        .map(Connection::Cluster);
-                }
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(inner.config.connect_timeout))
-                    .set_response_timeout(Some(inner.config.response_timeout))
-                    .set_number_of_retries(1);
-                ConnectionManager::new_with_config(inner.client.clone(), config)
+        let mut connections = inner.connection.lock().await;
+        let retired = inner.unanswered.load(Ordering::SeqCst);
+        let current = connections
+            .current
+            .take()
+            .filter(|(generation, _)| *generation > retired);
+        let (generation, connection) = match current {
+            Some(current) => current,
+            None => {
+                let connection = self
+                    .connect()
                     .await
-                    .map(Connection::Single)
-            })
+                    .map_err(|e| self.error("connect", &e))?;
+                connections.opened += 1;
+                (connections.opened, connection)
+            }
+        };
+        connections.current = Some((generation, connection.clone()));
+        Ok(Checkout {
+            inner: inner.clone(),
+            generation,
+            connection,
+        })
+    }
+
+    async fn connect(&self) -> Result<Connection, RedisError> {
+        let inner = &self.inner;
+        if let Some(cluster) = &inner.cluster {
+            return cluster
+                .get_async_connection()
+                .await
+                .map(Connection::Cluster);
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(inner.config.connect_timeout))
+            .set_response_timeout(Some(inner.config.response_timeout))
+            .set_number_of_retries(1);
+        ConnectionManager::new_with_config(inner.client.clone(), config)
             .await
-            .cloned()
-            .map_err(|e| self.error("connect", &e))
+            .map(Connection::Single)
     }
 
     fn error(&self, operation: &str, error: &RedisError) -> BackendError {
@@ -388,7 +526,7 @@ impl RedisBackend {
 
     async fn wait_for_replicas(
         &self,
-        connection: &mut Connection,
+        connection: &mut Checkout,
         operation: &str,
     ) -> Result<(), BackendError> {
         let Some(wait) = self.inner.config.wait_replicas else {

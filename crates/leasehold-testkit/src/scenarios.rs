@@ -1021,3 +1021,80 @@ pub async fn lock_deleted_under_leader<H: Harness + ?Sized>(h: &H) {
         assert!(report.intervals.len() >= 2, "a new term began: {report:?}");
     }
 }
+
+/// Every candidate's connections die silently (a blackhole: bytes dropped, no FIN, no RST; a
+/// client that cannot blackhole is partitioned instead) for long enough that their calls time
+/// out and the leader steps down. Once new connections get through again (the blackholed ones
+/// stay dead: nothing sent on them is ever answered), a leader must be elected again within a
+/// few leases: a client has to give up on a connection whose calls time out.
+///
+/// Checked on the recorded terms: a term that started after the heal, within the bound.
+pub async fn leader_after_blackhole<H: Harness + ?Sized>(h: &H) {
+    let t = h.timing();
+    let lock = lock_name("blackhole");
+    let checker = SafetyChecker::new();
+    let (mut a, mut b) = leader_and_follower(h, &lock, &checker, Duration::ZERO).await;
+    for n in [&a, &b] {
+        if !n.client.faults.blackhole().await {
+            n.client.faults.partition().await;
+        }
+    }
+    let cut = Instant::now();
+    // a's renews and b's attempts time out, a steps down, and its lease runs out.
+    wait_for("a to step down", 2 * t.lease_duration, || {
+        a.events()
+            .iter()
+            .any(|e| matches!(e, NodeEvent::Stopped(_)))
+    })
+    .await;
+    sleep((cut + t.lease_duration + t.renew_deadline).saturating_duration_since(Instant::now()))
+        .await;
+    a.client.faults.heal().await;
+    b.client.faults.heal().await;
+    let healed = Instant::now();
+    let bound = 3 * t.lease_duration + t.retry_period;
+    let elected = || {
+        checker
+            .intervals()
+            .iter()
+            .filter(|i| i.start >= healed)
+            .map(|i| i.start)
+            .min()
+    };
+    let deadline = healed + 2 * bound;
+    while elected().is_none() && Instant::now() < deadline {
+        sleep(Duration::from_millis(10)).await;
+    }
+    let summary = |n: &Node| {
+        let calls: Vec<String> = n
+            .client
+            .calls()
+            .iter()
+            .filter(|c| c.sent >= healed)
+            .map(|c| format!("{:?} {:?}", c.kind, c.result))
+            .collect();
+        let last = &calls[calls.len().saturating_sub(3)..];
+        format!(
+            "{}: {} calls since the heal, the last: {last:?}",
+            n.identity,
+            calls.len()
+        )
+    };
+    let Some(start) = elected() else {
+        panic!(
+            "no leader {:?} after the blackhole ended (bound {bound:?}); {}; {}",
+            Instant::now() - healed,
+            summary(&a),
+            summary(&b)
+        );
+    };
+    assert!(
+        start - healed <= bound,
+        "a leader only {:?} after the blackhole ended (bound {bound:?})",
+        start - healed
+    );
+    eprintln!("{}: a leader {:?} after the heal", h.name(), start - healed);
+    a.stop().await.expect("a stops");
+    b.stop().await.expect("b stops");
+    verify(&checker);
+}
