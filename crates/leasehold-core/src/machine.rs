@@ -34,18 +34,23 @@ const MIN_RETRY: Duration = Duration::from_millis(5);
 /// report [`BackendError::Timeout`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
-    /// [`LockBackend::try_acquire`](crate::LockBackend::try_acquire).
+    /// [`LockBackend::try_acquire`](crate::LockBackend::try_acquire); answered with
+    /// [`CallResult::Acquire`].
     Acquire,
-    /// [`LockBackend::renew`](crate::LockBackend::renew) of this grant.
+    /// [`LockBackend::renew`](crate::LockBackend::renew) of this grant; answered with
+    /// [`CallResult::Renew`].
     Renew(Grant),
-    /// [`LockBackend::release`](crate::LockBackend::release) of this grant.
+    /// [`LockBackend::release`](crate::LockBackend::release) of this grant; answered with
+    /// [`CallResult::Release`].
     Release(Grant),
-    /// [`LockBackend::withdraw`](crate::LockBackend::withdraw).
+    /// [`LockBackend::withdraw`](crate::LockBackend::withdraw); answered with
+    /// [`CallResult::Withdraw`].
     Withdraw,
 }
 
 impl Call {
     /// The operation's name, for logs and errors.
+    #[must_use]
     pub fn name(&self) -> &'static str {
         match self {
             Call::Acquire => "acquire",
@@ -56,13 +61,72 @@ impl Call {
     }
 }
 
+/// The result of a [`Call`], for [`Machine::handle_call_result`]: one variant per call, each
+/// with what the matching [`LockBackend`](crate::LockBackend) method returned (or
+/// [`BackendError::Timeout`] when the driver gave up at the call's deadline).
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallResult {
+    /// The result of a [`Call::Acquire`].
+    Acquire(Result<AcquireOutcome, BackendError>),
+    /// The result of a [`Call::Renew`].
+    Renew(Result<RenewOutcome, BackendError>),
+    /// The result of a [`Call::Release`].
+    Release(Result<ReleaseOutcome, BackendError>),
+    /// The result of a [`Call::Withdraw`].
+    Withdraw(Result<(), BackendError>),
+}
+
+impl CallResult {
+    /// The failure of `call` with `error`: what a driver reports for a call it gave up on (a
+    /// [`BackendError::Timeout`] at the deadline) or could not send.
+    #[must_use]
+    pub fn failed(call: &Call, error: BackendError) -> Self {
+        match call {
+            Call::Acquire => CallResult::Acquire(Err(error)),
+            Call::Renew(_) => CallResult::Renew(Err(error)),
+            Call::Release(_) => CallResult::Release(Err(error)),
+            Call::Withdraw => CallResult::Withdraw(Err(error)),
+        }
+    }
+
+    /// The name of the operation this answers, as [`Call::name`].
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            CallResult::Acquire(_) => "acquire",
+            CallResult::Renew(_) => "renew",
+            CallResult::Release(_) => "release",
+            CallResult::Withdraw(_) => "withdraw",
+        }
+    }
+
+    /// The error, if the call failed.
+    #[must_use]
+    pub fn error(&self) -> Option<&BackendError> {
+        match self {
+            CallResult::Acquire(r) => r.as_ref().err(),
+            CallResult::Renew(r) => r.as_ref().err(),
+            CallResult::Release(r) => r.as_ref().err(),
+            CallResult::Withdraw(r) => r.as_ref().err(),
+        }
+    }
+}
+
 /// What the driver must do next.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Open the watch on the lock (`true`), or close it (`false`).
-    Watch(bool),
-    /// Perform a backend call, sent now; report its result with the matching `handle_*` method
-    /// and give up at `deadline`.
+    /// Open the watch on the lock. If it is not open by `deadline` (now + `retry_period`, as the
+    /// deadline of a release), give up and report [`BackendError::Timeout`] with
+    /// [`Machine::handle_watch_closed`], as for a watch that fails to open; the machine opens it
+    /// again `retry_period` later. Never emitted while the watch is open.
+    OpenWatch {
+        /// When to give up opening it.
+        deadline: Instant,
+    },
+    /// Close the watch: drop it, and report nothing more from it.
+    CloseWatch,
+    /// Perform a backend call, sent now; report its result with
+    /// [`Machine::handle_call_result`], and give up at `deadline`.
     Call {
         /// The call.
         call: Call,
@@ -193,6 +257,7 @@ pub struct Machine {
 impl Machine {
     /// A machine for `config`, which the caller has validated. Nothing happens until
     /// [`handle_start`](Self::handle_start).
+    #[must_use]
     pub fn new(config: &Config) -> Self {
         // No overflow in `now + duration` below: `Config::validate` bounds every duration by
         // `MAX_DURATION` (365 days) and `valid_for() <= lease_duration`, so these sums stay
@@ -231,6 +296,7 @@ impl Machine {
     /// A machine with one rule weakened on purpose, which the simulation must catch.
     #[cfg(feature = "chaos-mutants")]
     #[doc(hidden)]
+    #[must_use]
     pub fn with_mutant(config: &Config, mutant: crate::mutant::Mutant) -> Self {
         let mut machine = Self::new(config);
         machine.params.mutant = Some(mutant);
@@ -243,11 +309,13 @@ impl Machine {
     // ----- outputs -----
 
     /// The next action to perform, if any.
+    #[must_use = "the machine waits for its actions to be performed"]
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }
 
     /// When to call [`handle_timeout`](Self::handle_timeout) next, if the machine waits for time.
+    #[must_use = "the machine waits for handle_timeout at this instant"]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let state_timer = match &self.state {
             State::Leading(lead) => Some(if self.pending.is_none() {
@@ -268,21 +336,25 @@ impl Machine {
     }
 
     /// `true` when this machine leads at `now` (it holds a term and `now < valid_until`).
+    #[must_use]
     pub fn is_leader(&self, now: Instant) -> bool {
         self.leader_state().is_leader_at(now)
     }
 
     /// `true` once the machine has emitted [`Action::Exit`].
+    #[must_use]
     pub fn is_done(&self) -> bool {
         self.state == State::Done
     }
 
     /// The fencing token of the latest term this machine started.
+    #[must_use]
     pub fn last_token(&self) -> Option<FencingToken> {
         self.last_token
     }
 
     /// A snapshot of what the machine knows, for subscribers.
+    #[must_use]
     pub fn leader_state(&self) -> LeaderState {
         let (term, valid_until, renewed_at) = match &self.state {
             State::Leading(lead) => (
@@ -331,7 +403,7 @@ impl Machine {
         self.state = State::Following {
             next_attempt: Some(now),
         };
-        self.open_watch();
+        self.open_watch(now);
         self.advance(now);
     }
 
@@ -340,8 +412,19 @@ impl Machine {
         self.advance(now);
     }
 
-    /// The result of a [`Call::Acquire`] sent at the time the action was taken.
-    pub fn handle_acquire(&mut self, now: Instant, result: Result<AcquireOutcome, BackendError>) {
+    /// The result of the [`Call`] in flight, answered at `now` (the call was sent when its
+    /// [`Action::Call`] was taken). A result that does not answer the call in flight — none is,
+    /// or it is another operation — is ignored.
+    pub fn handle_call_result(&mut self, now: Instant, result: CallResult) {
+        match result {
+            CallResult::Acquire(result) => self.on_acquire_result(now, result),
+            CallResult::Renew(result) => self.on_renew_result(now, result),
+            CallResult::Release(result) => self.on_release_result(now, result),
+            CallResult::Withdraw(result) => self.on_withdraw_result(now, result),
+        }
+    }
+
+    fn on_acquire_result(&mut self, now: Instant, result: Result<AcquireOutcome, BackendError>) {
         let Some(sent_at) = self.finish_call(PendingKind::Acquire) else {
             return;
         };
@@ -368,8 +451,7 @@ impl Machine {
         self.advance(now);
     }
 
-    /// The result of a [`Call::Renew`].
-    pub fn handle_renew(&mut self, now: Instant, result: Result<RenewOutcome, BackendError>) {
+    fn on_renew_result(&mut self, now: Instant, result: Result<RenewOutcome, BackendError>) {
         let Some(sent_at) = self.finish_call(PendingKind::Renew) else {
             return;
         };
@@ -408,7 +490,7 @@ impl Machine {
                 if matches!(self.state, State::Leading(_)) {
                     tracing::warn!(holder = ?observation.holder(), "term lost: the backend no longer holds it");
                     self.step_down(now, StopCause::Lost);
-                    self.follow(Some(now + self.params.retry_period));
+                    self.follow(now, Some(now + self.params.retry_period));
                     self.observe(now, &observation, true);
                 }
             }
@@ -427,8 +509,7 @@ impl Machine {
         self.advance(now);
     }
 
-    /// The result of a [`Call::Release`].
-    pub fn handle_release(&mut self, now: Instant, result: Result<ReleaseOutcome, BackendError>) {
+    fn on_release_result(&mut self, now: Instant, result: Result<ReleaseOutcome, BackendError>) {
         if self.finish_call(PendingKind::Release).is_none() {
             return;
         }
@@ -443,7 +524,7 @@ impl Machine {
             match then {
                 Then::ReleaseThenFollow if !self.shutting_down => {
                     // After a resign, `quiet_until` holds the attempt back further.
-                    self.follow(Some(now + self.params.retry_period));
+                    self.follow(now, Some(now + self.params.retry_period));
                 }
                 // Released: nothing is held any more, so leave cleanly (an etcd candidate
                 // revokes its lease).
@@ -453,8 +534,7 @@ impl Machine {
         self.advance(now);
     }
 
-    /// The result of a [`Call::Withdraw`].
-    pub fn handle_withdraw(&mut self, now: Instant, result: Result<(), BackendError>) {
+    fn on_withdraw_result(&mut self, now: Instant, result: Result<(), BackendError>) {
         if self.finish_call(PendingKind::Withdraw).is_none() {
             return;
         }
@@ -625,7 +705,7 @@ impl Machine {
                 self.watch_retry_at = None;
             } else if now >= retry && !self.watch_open {
                 self.watch_retry_at = None;
-                self.open_watch();
+                self.open_watch(now);
             }
         }
         let idle = self.pending.is_none();
@@ -637,7 +717,7 @@ impl Machine {
                         "renew deadline passed without a successful renew: stepping down"
                     );
                     self.step_down(now, StopCause::RenewDeadline);
-                    self.follow(Some(now + self.params.retry_period));
+                    self.follow(now, Some(now + self.params.retry_period));
                     self.advance(now);
                 } else if idle && now >= lead.next_renew {
                     let call = Call::Renew(lead.grant.clone());
@@ -774,7 +854,7 @@ impl Machine {
         self.quiet_until = None;
         // The watch stays open: a leader watches its own lock.
         if !self.watch_open && self.watch_retry_at.is_none() {
-            self.open_watch();
+            self.open_watch(now);
         }
         self.set_leader(Some(self.params.identity.clone()));
         self.work_running = true;
@@ -845,7 +925,7 @@ impl Machine {
     fn after_wind_down(&mut self, now: Instant, then: Then, grant: Option<Grant>) {
         match (then, grant) {
             (Then::ReleaseThenFollow, None) if !self.shutting_down => {
-                self.follow(Some(now + self.params.retry_period));
+                self.follow(now, Some(now + self.params.retry_period));
             }
             (Then::WithdrawThenExit, _) => {
                 self.state = State::Following { next_attempt: None };
@@ -862,14 +942,14 @@ impl Machine {
         }
     }
 
-    fn follow(&mut self, next_attempt: Option<Instant>) {
+    fn follow(&mut self, now: Instant, next_attempt: Option<Instant>) {
         if self.shutting_down {
             self.begin_exit();
             return;
         }
         self.state = State::Following { next_attempt };
         if !self.watch_open {
-            self.open_watch();
+            self.open_watch(now);
         }
     }
 
@@ -941,18 +1021,20 @@ impl Machine {
                      else): stepping down at once"
                 );
                 self.step_down(now, StopCause::Lost);
-                self.follow(Some(now + self.params.retry_period));
+                self.follow(now, Some(now + self.params.retry_period));
                 self.observe(now, observation, false);
             }
         }
     }
 
-    fn open_watch(&mut self) {
+    fn open_watch(&mut self, now: Instant) {
         // An open watch has no reopening pending.
         self.watch_retry_at = None;
         if !self.watch_open {
             self.watch_open = true;
-            self.actions.push_back(Action::Watch(true));
+            self.actions.push_back(Action::OpenWatch {
+                deadline: now + self.params.retry_period,
+            });
         }
     }
 
@@ -960,7 +1042,7 @@ impl Machine {
         self.watch_retry_at = None;
         if self.watch_open {
             self.watch_open = false;
-            self.actions.push_back(Action::Watch(false));
+            self.actions.push_back(Action::CloseWatch);
         }
     }
 
