@@ -1,9 +1,38 @@
 //! The elector's decisions, as a pure state machine (sans-IO).
 //!
-//! [`Machine`] performs no I/O and never reads a clock: every input carries `now`, the caller
-//! performs the [`Action`]s it returns from [`Machine::poll_action`] and calls
-//! [`Machine::handle_timeout`] at [`Machine::poll_timeout`]. The async [`Elector`](crate::Elector)
-//! is one such driver; tests and property tests are others.
+//! [`Machine`] performs no I/O and never reads a clock: every input carries `now`, and the
+//! machine answers with [`Action`]s for its driver to perform and an instant to wake it at. The
+//! async [`Elector`](crate::Elector) is one such driver; the simulation (`leasehold-sim`), tests
+//! and property tests are others.
+//!
+//! # Driving a machine
+//!
+//! Inputs are the `handle_*` methods, outputs the `poll_*` methods:
+//!
+//! 1. [`Machine::new`], then [`Machine::handle_start`] once.
+//! 2. Perform every action [`Machine::poll_action`] returns, in order, until it returns `None`:
+//!    - [`Action::Call`]: start the backend call now; report its result, or
+//!      [`BackendError::Timeout`] if it is not answered by its `deadline`, with
+//!      [`Machine::handle_call_result`]. At most one call is in flight.
+//!    - [`Action::OpenWatch`] / [`Action::CloseWatch`]: open the watch on the lock (giving up at
+//!      its `deadline`) or drop it. Report each observation with
+//!      [`Machine::handle_observation`], and a watch that fails to open, ends or fails with
+//!      [`Machine::handle_watch_closed`].
+//!    - [`Action::StartLeading`] / [`Action::StopLeading`]: start or cancel the leader's work;
+//!      once the work of a stopped term has finished, call [`Machine::handle_work_finished`].
+//!    - [`Action::NewLeader`]: tell whoever listens.
+//!    - [`Action::Exit`]: stop driving the machine.
+//! 3. Wait until [`Machine::poll_timeout`] (forever if `None`) or the next event, whichever is
+//!    first, and feed it: [`Machine::handle_timeout`] at or after the instant, or the call
+//!    result, observation, closed watch, finished work, [`Machine::handle_resign`] or
+//!    [`Machine::handle_shutdown`]. Go to 2.
+//!
+//! Every input may queue actions and move the timeout, so poll both after each one. A late
+//! wake-up is fine: [`Machine::handle_timeout`] fires every timer that has expired by `now`. A
+//! call result that does not answer the call in flight (the driver gave up on it, or never sent
+//! it) is ignored.
+//!
+//! # Rules
 //!
 //! Rules it keeps (ARCHITECTURE.md, invariants 1, 2, 3, 8):
 //! - a term granted by a call sent at `S` is valid until `S + lease_duration × (1 − drift)`
