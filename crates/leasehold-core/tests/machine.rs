@@ -932,3 +932,113 @@ fn a_watch_reopened_after_a_step_down_leaves_no_stale_timer() {
     }
     sim.advance(RETRY);
 }
+
+#[test]
+fn a_result_that_does_not_answer_the_call_in_flight_is_ignored() {
+    let fatal = || BackendError::Unauthorized {
+        backend: "test".into(),
+        detail: "no".into(),
+    };
+    let mut sim = Sim::started(config()); // an acquire in flight
+    let before = (sim.m.leader_state(), sim.m.poll_timeout());
+    for wrong in [
+        CallResult::Renew(Ok(RenewOutcome::Renewed)),
+        CallResult::Renew(Err(fatal())),
+        CallResult::Release(Ok(ReleaseOutcome::Released)),
+        CallResult::Withdraw(Ok(())),
+    ] {
+        sim.answer(wrong.clone());
+        assert!(sim.drain().is_empty(), "{wrong:?} was not ignored");
+        assert_eq!((sim.m.leader_state(), sim.m.poll_timeout()), before);
+        assert!(!sim.m.is_done());
+    }
+    // The acquire's own result still counts.
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Acquired(grant(1)))));
+    assert!(sim
+        .drain()
+        .iter()
+        .any(|a| matches!(a, Action::StartLeading(_))));
+
+    // A renew in flight: another grant, or a second answer to the renew, changes nothing.
+    assert_eq!(Sim::calls(&sim.advance(RETRY)), vec![Call::Renew(grant(1))]);
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Acquired(grant(2)))));
+    assert!(sim.drain().is_empty());
+    sim.answer(CallResult::Renew(Ok(RenewOutcome::Renewed)));
+    sim.drain();
+    let state = sim.m.leader_state();
+    sim.answer(CallResult::Renew(Ok(RenewOutcome::Lost(
+        Observation::vacant(),
+    ))));
+    assert!(sim.drain().is_empty(), "answered twice");
+    assert_eq!(sim.m.leader_state(), state);
+    assert_eq!(sim.m.last_token(), Some(FencingToken(1)));
+    assert!(sim.m.is_leader(sim.now));
+}
+
+#[test]
+fn a_failed_call_is_reported_as_the_matching_result() {
+    for (call, name) in [
+        (Call::Acquire, "acquire"),
+        (Call::Renew(grant(1)), "renew"),
+        (Call::Release(grant(1)), "release"),
+        (Call::Withdraw, "withdraw"),
+    ] {
+        let result = CallResult::failed(&call, unavailable());
+        assert_eq!((call.name(), result.name()), (name, name));
+        assert_eq!(result.error(), Some(&unavailable()));
+    }
+    assert_eq!(CallResult::Withdraw(Ok(())).error(), None);
+}
+
+#[test]
+fn a_reopened_watch_gets_a_deadline_of_its_own() {
+    let mut sim = Sim::started(config());
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Held(held_by(
+        "other", None,
+    )))));
+    sim.drain();
+    sim.now += ms(300);
+    sim.m.handle_watch_closed(sim.now, None);
+    assert!(sim.drain().is_empty());
+    let reopen = sim.now + RETRY;
+    let actions = sim.advance(RETRY);
+    assert_eq!(
+        actions.first(),
+        Some(&Action::OpenWatch {
+            deadline: reopen + RETRY
+        })
+    );
+}
+
+#[test]
+fn a_late_wake_up_fires_every_expired_timer_in_order() {
+    let mut sim = Sim::leading(1);
+    let acquired = sim.now;
+    // The watch breaks; then the driver oversleeps the renew, the watch's reopening and the
+    // renew deadline.
+    sim.m.handle_watch_closed(sim.now, None);
+    sim.drain();
+    assert_eq!(sim.m.poll_timeout(), Some(acquired + RETRY));
+    sim.now = acquired + DEADLINE + ms(500);
+    sim.m.handle_timeout(sim.now);
+    let actions = sim.drain();
+    assert!(
+        matches!(
+            actions.as_slice(),
+            [
+                Action::OpenWatch { deadline },
+                Action::StopLeading {
+                    cause: StopCause::RenewDeadline,
+                    at,
+                    ..
+                },
+            ] if *deadline == sim.now + RETRY && *at == sim.now
+        ),
+        "{actions:?}"
+    );
+    // No renew for the dropped term, and nothing more until the term's work has finished.
+    assert_eq!(sim.m.poll_timeout(), None);
+    sim.m.handle_work_finished(sim.now);
+    sim.drain();
+    assert_eq!(sim.m.poll_timeout(), Some(sim.now + RETRY));
+}
