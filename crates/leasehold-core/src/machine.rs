@@ -885,7 +885,7 @@ impl Machine {
             }
             let expired = Timer::ALL
                 .into_iter()
-                .find(|&timer| !self.waits(timer) && self.timers.is_expired(timer, now));
+                .find(|&timer| self.timers.is_expired(timer, now) && !self.waits(timer));
             if let Some(timer) = expired {
                 self.timers.stop(timer);
                 self.on_timeout(now, timer);
