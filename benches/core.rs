@@ -17,7 +17,7 @@ use std::time::{Duration, Instant as StdInstant};
 
 use common::{print_handover_percentiles, runtime, samples, time_iterations, PATIENCE};
 use criterion::{black_box, BatchSize, Criterion};
-use leasehold::machine::{Action, Call, Machine};
+use leasehold::machine::{Action, Call, CallResult, Machine};
 use leasehold::{
     AcquireOutcome, Callbacks, CancellationToken, Config, Elector, FencingToken, Grant,
     LeaderRecord, MemoryBackend, RenewOutcome,
@@ -50,7 +50,10 @@ fn machine_benches(c: &mut Criterion) {
     group.bench_function("step", |b| {
         let mut now = Instant::now();
         let mut machine = started(&config, now);
-        machine.handle_acquire(now, Ok(AcquireOutcome::Acquired(grant(1))));
+        machine.handle_call_result(
+            now,
+            CallResult::Acquire(Ok(AcquireOutcome::Acquired(grant(1)))),
+        );
         while machine.poll_action().is_some() {}
         b.iter(|| {
             now += retry;
@@ -62,7 +65,10 @@ fn machine_benches(c: &mut Criterion) {
                 }) => {}
                 other => panic!("expected a renew call, got {other:?}"),
             }
-            machine.handle_renew(now + Duration::from_millis(1), Ok(RenewOutcome::Renewed));
+            machine.handle_call_result(
+                now + Duration::from_millis(1),
+                CallResult::Renew(Ok(RenewOutcome::Renewed)),
+            );
             black_box(machine.poll_action());
         });
         assert!(machine.is_leader(now), "the machine kept leading");
@@ -73,7 +79,10 @@ fn machine_benches(c: &mut Criterion) {
         b.iter_batched(
             || (started(&config, now), grant(1)),
             |(mut machine, grant)| {
-                machine.handle_acquire(now, Ok(AcquireOutcome::Acquired(grant)));
+                machine.handle_call_result(
+                    now,
+                    CallResult::Acquire(Ok(AcquireOutcome::Acquired(grant))),
+                );
                 let mut started = false;
                 while let Some(action) = machine.poll_action() {
                     started |= matches!(action, Action::StartLeading(_));

@@ -13,15 +13,13 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::backend::{
-    AcquireOutcome, Candidate, LockBackend, ReleaseOutcome, RenewOutcome, WatchStream,
-};
+use crate::backend::{Candidate, LockBackend, WatchStream};
 use crate::callbacks::{Callbacks, Ended, Leadership};
 use crate::config::Config;
 use crate::error::{BackendError, ElectorError};
 use crate::handle::Command;
 pub use crate::handle::ElectorHandle;
-use crate::machine::{Action, Call, Machine};
+use crate::machine::{Action, Call, CallResult, Machine};
 use crate::metrics::ElectorMetrics;
 use crate::notifier::{notify, panic_message, Notice};
 use crate::state::{LeaderState, StopCause, TermInfo};
@@ -153,13 +151,6 @@ fn candidate(config: &Config) -> Candidate {
     )
 }
 
-enum Done {
-    Acquire(Result<AcquireOutcome, BackendError>),
-    Renew(Result<RenewOutcome, BackendError>),
-    Release(Result<ReleaseOutcome, BackendError>),
-    Withdraw(Result<(), BackendError>),
-}
-
 /// The live term as the driver holds it. Dropping it (the driver dropped = a crash) ends the term.
 struct LiveTerm {
     cancel: CancellationToken,
@@ -204,7 +195,6 @@ impl Drop for Publisher {
 }
 
 struct Driver {
-    config: Config,
     candidate: Candidate,
     backend: Arc<dyn LockBackend>,
     callbacks: Callbacks,
@@ -212,7 +202,7 @@ struct Driver {
     _commands: mpsc::UnboundedSender<Command>,
     command_rx: mpsc::UnboundedReceiver<Command>,
     machine: Machine,
-    call: Option<BoxFuture<'static, Done>>,
+    call: Option<BoxFuture<'static, CallResult>>,
     watch: Option<WatchStream>,
     work: Option<JoinHandle<()>>,
     awaiting_work: bool,
@@ -233,7 +223,6 @@ impl Driver {
         Self {
             candidate: candidate(&elector.config),
             machine: Machine::new(&elector.config),
-            config: elector.config,
             backend: elector.backend,
             callbacks: elector.callbacks,
             publisher: Publisher(elector.state),
@@ -286,27 +275,11 @@ impl Driver {
                     shutdown_seen = true;
                     self.machine.handle_shutdown(Instant::now());
                 }
-                done = async { self.call.as_mut().expect("guarded").await }, if self.call.is_some() => {
+                result = async { self.call.as_mut().expect("guarded").await }, if self.call.is_some() => {
                     self.call = None;
                     let now = Instant::now();
-                    match done {
-                        Done::Acquire(r) => {
-                            self.record_call(r.as_ref().err());
-                            self.machine.handle_acquire(now, r);
-                        }
-                        Done::Renew(r) => {
-                            self.record_call(r.as_ref().err());
-                            self.machine.handle_renew(now, r);
-                        }
-                        Done::Release(r) => {
-                            self.record_call(r.as_ref().err());
-                            self.machine.handle_release(now, r);
-                        }
-                        Done::Withdraw(r) => {
-                            self.record_call(r.as_ref().err());
-                            self.machine.handle_withdraw(now, r);
-                        }
-                    }
+                    self.record_call(result.error());
+                    self.machine.handle_call_result(now, result);
                 }
                 () = async { sleep_until(wake.expect("guarded")).await }, if wake.is_some() => {
                     self.machine.handle_timeout(Instant::now());
@@ -342,8 +315,8 @@ impl Driver {
     async fn perform_actions(&mut self) -> Option<Result<(), BackendError>> {
         while let Some(action) = self.machine.poll_action() {
             match action {
-                Action::Watch(true) => self.open_watch().await,
-                Action::Watch(false) => self.watch = None,
+                Action::OpenWatch { deadline } => self.open_watch(deadline).await,
+                Action::CloseWatch => self.watch = None,
                 Action::Call { call, deadline } => {
                     self.call_started = Some((call.name(), Instant::now()));
                     self.call = Some(self.perform(call, deadline));
@@ -382,8 +355,8 @@ impl Driver {
         None
     }
 
-    async fn open_watch(&mut self) {
-        let deadline = Instant::now() + self.config.retry_period;
+    async fn open_watch(&mut self, deadline: Instant) {
+        let started = Instant::now();
         let opened = timeout_at(deadline, self.backend.watch(&self.candidate)).await;
         let now = Instant::now();
         match opened {
@@ -394,13 +367,13 @@ impl Driver {
                 Some(BackendError::Timeout {
                     backend: self.backend.name().into(),
                     operation: "watch",
-                    after: self.config.retry_period,
+                    after: deadline.saturating_duration_since(started),
                 }),
             ),
         }
     }
 
-    fn perform(&self, call: Call, deadline: Instant) -> BoxFuture<'static, Done> {
+    fn perform(&self, call: Call, deadline: Instant) -> BoxFuture<'static, CallResult> {
         let backend = self.backend.clone();
         let candidate = self.candidate.clone();
         let started = Instant::now();
@@ -412,22 +385,22 @@ impl Driver {
                 after: deadline.saturating_duration_since(started),
             };
             match call {
-                Call::Acquire => Done::Acquire(
+                Call::Acquire => CallResult::Acquire(
                     timeout_at(deadline, backend.try_acquire(&candidate))
                         .await
                         .unwrap_or_else(|e| Err(timeout(e))),
                 ),
-                Call::Renew(grant) => Done::Renew(
+                Call::Renew(grant) => CallResult::Renew(
                     timeout_at(deadline, backend.renew(&candidate, &grant))
                         .await
                         .unwrap_or_else(|e| Err(timeout(e))),
                 ),
-                Call::Release(grant) => Done::Release(
+                Call::Release(grant) => CallResult::Release(
                     timeout_at(deadline, backend.release(&candidate, &grant))
                         .await
                         .unwrap_or_else(|e| Err(timeout(e))),
                 ),
-                Call::Withdraw => Done::Withdraw(
+                Call::Withdraw => CallResult::Withdraw(
                     timeout_at(deadline, backend.withdraw(&candidate))
                         .await
                         .unwrap_or_else(|e| Err(timeout(e))),

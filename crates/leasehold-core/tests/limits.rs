@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use leasehold_core::machine::{Action, Call, Machine};
+use leasehold_core::machine::{Action, Call, CallResult, Machine};
 use leasehold_core::{
     AcquireOutcome, Config, FencingToken, Grant, LeaderRecord, RenewOutcome, MAX_DURATION,
 };
@@ -69,16 +69,21 @@ fn drive_first_term(config: &Config) {
         token,
         LeaderRecord::new(config.identity.clone(), token, config.lease_duration),
     );
-    machine.handle_acquire(now, Ok(AcquireOutcome::Acquired(grant.clone())));
+    machine.handle_call_result(
+        now,
+        CallResult::Acquire(Ok(AcquireOutcome::Acquired(grant.clone()))),
+    );
     let _ = machine.is_leader(now);
     for _ in 0..8 {
         while let Some(action) = machine.poll_action() {
             if let Action::Call { call, .. } = action {
                 match call {
-                    Call::Renew(_) => machine.handle_renew(now, Ok(RenewOutcome::Renewed)),
-                    Call::Acquire => {
-                        machine.handle_acquire(now, Ok(AcquireOutcome::Acquired(grant.clone())))
-                    }
+                    Call::Renew(_) => machine
+                        .handle_call_result(now, CallResult::Renew(Ok(RenewOutcome::Renewed))),
+                    Call::Acquire => machine.handle_call_result(
+                        now,
+                        CallResult::Acquire(Ok(AcquireOutcome::Acquired(grant.clone()))),
+                    ),
                     Call::Release(_) | Call::Withdraw => {}
                 }
             }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use leasehold_core::machine::{Action, Call, Machine};
+use leasehold_core::machine::{Action, Call, CallResult, Machine};
 use leasehold_core::{
     AcquireOutcome, BackendError, Config, FencingToken, Grant, LeaderRecord, Observation,
     ReleaseOutcome, RenewOutcome, StopCause,
@@ -73,10 +73,16 @@ impl Sim {
     /// A sim that leads term 1 with `token`, acquired at its start instant.
     fn leading(token: u64) -> Self {
         let mut sim = Self::started(config());
-        sim.m
-            .handle_acquire(sim.now, Ok(AcquireOutcome::Acquired(grant(token))));
+        sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Acquired(grant(
+            token,
+        )))));
         sim.drain();
         sim
+    }
+
+    /// Reports the result of the call in flight, answered now.
+    fn answer(&mut self, result: CallResult) {
+        self.m.handle_call_result(self.now, result);
     }
 
     fn drain(&mut self) -> Vec<Action> {
@@ -129,7 +135,12 @@ fn start_opens_the_watch_then_acquires() {
     let mut sim = Sim::new(config());
     sim.m.handle_start(sim.now);
     let actions = sim.drain();
-    assert_eq!(actions[0], Action::Watch(true));
+    assert_eq!(
+        actions[0],
+        Action::OpenWatch {
+            deadline: sim.now + RETRY
+        }
+    );
     assert_eq!(
         actions[1],
         Action::Call {
@@ -145,8 +156,7 @@ fn acquiring_starts_a_term_valid_from_the_send_instant() {
     let mut sim = Sim::started(config());
     let sent = sim.now;
     sim.now += ms(300); // the answer takes 300 ms
-    sim.m
-        .handle_acquire(sim.now, Ok(AcquireOutcome::Acquired(grant(7))));
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Acquired(grant(7)))));
     let actions = sim.drain();
     let term = actions
         .iter()
@@ -158,7 +168,7 @@ fn acquiring_starts_a_term_valid_from_the_send_instant() {
     assert_eq!((term.number, term.token), (1, FencingToken(7)));
     assert!(actions.contains(&Action::NewLeader("me".into())));
     assert!(
-        !actions.contains(&Action::Watch(false)),
+        !actions.contains(&Action::CloseWatch),
         "a leader keeps watching its own lock"
     );
     let state = sim.m.leader_state();
@@ -176,7 +186,7 @@ fn renewals_extend_validity_from_their_send_instant() {
     assert_eq!(Sim::calls(&actions), vec![Call::Renew(grant(1))]);
     let renew_sent = sim.now;
     sim.now += ms(50);
-    sim.m.handle_renew(sim.now, Ok(RenewOutcome::Renewed));
+    sim.answer(CallResult::Renew(Ok(RenewOutcome::Renewed)));
     sim.drain();
     assert_eq!(
         sim.m.leader_state().valid_until,
@@ -196,8 +206,7 @@ fn unnoticed_renews_keep_validity_and_step_down_from_the_last_noticed_one() {
         let actions = sim.advance(RETRY);
         assert_eq!(Sim::calls(&actions), vec![Call::Renew(grant(1))]);
         let sent = *sim.log_times.last().expect("the renew was sent");
-        sim.m
-            .handle_renew(sim.now, Ok(RenewOutcome::RenewedUnnoticed));
+        sim.answer(CallResult::Renew(Ok(RenewOutcome::RenewedUnnoticed)));
         sim.drain();
         let state = sim.m.leader_state();
         assert_eq!(state.valid_until, Some(acquired + valid));
@@ -209,7 +218,7 @@ fn unnoticed_renews_keep_validity_and_step_down_from_the_last_noticed_one() {
     let actions = sim.advance(RETRY);
     assert_eq!(Sim::calls(&actions), vec![Call::Renew(grant(1))]);
     let noticed = *sim.log_times.last().expect("the renew was sent");
-    sim.m.handle_renew(sim.now, Ok(RenewOutcome::Renewed));
+    sim.answer(CallResult::Renew(Ok(RenewOutcome::Renewed)));
     sim.drain();
     assert_eq!(sim.m.leader_state().valid_until, Some(noticed + valid));
     // Only unnoticed renews from now on: the step-down comes at the noticed one's deadline.
@@ -222,8 +231,7 @@ fn unnoticed_renews_keep_validity_and_step_down_from_the_last_noticed_one() {
                 ..
             } = a
             {
-                sim.m
-                    .handle_renew(sim.now, Ok(RenewOutcome::RenewedUnnoticed));
+                sim.answer(CallResult::Renew(Ok(RenewOutcome::RenewedUnnoticed)));
                 sim.drain();
             }
         }
@@ -257,7 +265,7 @@ fn renew_deadline_steps_down_before_validity_ends() {
                 ..
             } = a
             {
-                sim.m.handle_renew(sim.now, Err(unavailable()));
+                sim.answer(CallResult::Renew(Err(unavailable())));
                 sim.drain();
             }
             if let Action::StopLeading { cause, at, .. } = a {
@@ -271,7 +279,7 @@ fn renew_deadline_steps_down_before_validity_ends() {
                 ..
             } = a
             {
-                sim.m.handle_renew(sim.now, Err(unavailable()));
+                sim.answer(CallResult::Renew(Err(unavailable())));
                 sim.drain();
             }
             if let Action::StopLeading { cause, at, .. } = a {
@@ -303,7 +311,7 @@ fn a_hanging_renew_cannot_keep_the_term_alive() {
     )));
     assert!(!sim.m.is_leader(acquired + DEADLINE));
     // The renew answers late: it must not revive the term.
-    sim.m.handle_renew(sim.now, Ok(RenewOutcome::Renewed));
+    sim.answer(CallResult::Renew(Ok(RenewOutcome::Renewed)));
     sim.drain();
     assert!(sim.m.leader_state().term.is_none());
 }
@@ -312,10 +320,10 @@ fn a_hanging_renew_cannot_keep_the_term_alive() {
 fn lost_renew_steps_down_and_follows_the_new_holder() {
     let mut sim = Sim::leading(1);
     sim.advance(RETRY);
-    sim.m.handle_renew(
-        sim.now,
-        Ok(RenewOutcome::Lost(held_by("other", Some(ms(500))))),
-    );
+    sim.answer(CallResult::Renew(Ok(RenewOutcome::Lost(held_by(
+        "other",
+        Some(ms(500)),
+    )))));
     let actions = sim.drain();
     assert!(actions.iter().any(|a| matches!(
         a,
@@ -325,17 +333,17 @@ fn lost_renew_steps_down_and_follows_the_new_holder() {
         }
     )));
     assert!(actions.contains(&Action::NewLeader("other".into())));
-    assert!(!actions.contains(&Action::Watch(false)), "still watching");
+    assert!(!actions.contains(&Action::CloseWatch), "still watching");
     assert_eq!(sim.m.leader_state().leader.as_deref(), Some("other"));
 }
 
 #[test]
 fn a_follower_attempts_at_the_observed_expiry_not_before() {
     let mut sim = Sim::started(config());
-    sim.m.handle_acquire(
-        sim.now,
-        Ok(AcquireOutcome::Held(held_by("other", Some(ms(4000))))),
-    );
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Held(held_by(
+        "other",
+        Some(ms(4000)),
+    )))));
     let actions = sim.drain();
     assert!(actions.contains(&Action::NewLeader("other".into())));
     assert_eq!(sim.m.poll_timeout(), Some(sim.now + ms(4000)));
@@ -346,8 +354,9 @@ fn a_follower_attempts_at_the_observed_expiry_not_before() {
 #[test]
 fn a_follower_without_known_expiry_waits_for_the_watch() {
     let mut sim = Sim::started(config());
-    sim.m
-        .handle_acquire(sim.now, Ok(AcquireOutcome::Held(held_by("other", None))));
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Held(held_by(
+        "other", None,
+    )))));
     sim.drain();
     assert_eq!(
         sim.m.poll_timeout(),
@@ -362,14 +371,17 @@ fn a_follower_without_known_expiry_waits_for_the_watch() {
 #[test]
 fn a_broken_watch_is_reopened_and_bounds_the_wait() {
     let mut sim = Sim::started(config());
-    sim.m
-        .handle_acquire(sim.now, Ok(AcquireOutcome::Held(held_by("other", None))));
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Held(held_by(
+        "other", None,
+    )))));
     sim.drain();
     sim.m.handle_watch_closed(sim.now, Some(unavailable()));
     sim.drain();
     assert_eq!(sim.m.poll_timeout(), Some(sim.now + RETRY));
     let actions = sim.advance(RETRY);
-    assert!(actions.contains(&Action::Watch(true)));
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::OpenWatch { .. })));
     assert_eq!(Sim::calls(&actions), vec![Call::Acquire]);
     assert_eq!(
         sim.m.leader_state().last_error.map(|e| e.kind()),
@@ -380,7 +392,7 @@ fn a_broken_watch_is_reopened_and_bounds_the_wait() {
 #[test]
 fn transient_acquire_errors_retry_after_retry_period() {
     let mut sim = Sim::started(config());
-    sim.m.handle_acquire(sim.now, Err(unavailable()));
+    sim.answer(CallResult::Acquire(Err(unavailable())));
     sim.drain();
     assert_eq!(sim.m.poll_timeout(), Some(sim.now + RETRY));
     assert!(sim.m.leader_state().last_error.is_some());
@@ -394,7 +406,7 @@ fn fatal_errors_stop_the_machine() {
         backend: "test".into(),
         detail: "no".into(),
     };
-    sim.m.handle_acquire(sim.now, Err(error.clone()));
+    sim.answer(CallResult::Acquire(Err(error.clone())));
     let actions = sim.drain();
     assert!(actions.contains(&Action::Exit(Err(error))));
     assert!(sim.m.is_done());
@@ -409,7 +421,7 @@ fn fatal_renew_error_steps_down_then_exits() {
         backend: "test".into(),
         detail: "revoked".into(),
     };
-    sim.m.handle_renew(sim.now, Err(error.clone()));
+    sim.answer(CallResult::Renew(Err(error.clone())));
     let actions = sim.drain();
     let stops = actions
         .iter()
@@ -436,10 +448,10 @@ fn shutdown_while_leading_waits_for_the_work_then_releases() {
     sim.now += ms(100);
     sim.m.handle_work_finished(sim.now);
     assert_eq!(Sim::calls(&sim.drain()), vec![Call::Release(grant(4))]);
-    sim.m.handle_release(sim.now, Ok(ReleaseOutcome::Released));
+    sim.answer(CallResult::Release(Ok(ReleaseOutcome::Released)));
     // Nothing held any more: leave the election cleanly, then exit.
     assert_eq!(Sim::calls(&sim.drain()), vec![Call::Withdraw]);
-    sim.m.handle_withdraw(sim.now, Ok(()));
+    sim.answer(CallResult::Withdraw(Ok(())));
     assert_eq!(sim.drain().last(), Some(&Action::Exit(Ok(()))));
 }
 
@@ -465,7 +477,7 @@ fn a_resign_whose_work_does_not_finish_follows_without_releasing() {
     let actions = sim.advance(DEADLINE);
     assert!(Sim::calls(&actions).is_empty(), "{actions:?}");
     assert!(
-        !actions.contains(&Action::Watch(false)),
+        !actions.contains(&Action::CloseWatch),
         "the watch stays open to follow again"
     );
     assert!(sim.m.leader_state().term.is_none());
@@ -477,8 +489,7 @@ fn shutdown_without_release_on_cancel_does_not_release() {
     let mut c = config();
     c.release_on_cancel = false;
     let mut sim = Sim::started(c);
-    sim.m
-        .handle_acquire(sim.now, Ok(AcquireOutcome::Acquired(grant(1))));
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Acquired(grant(1)))));
     sim.drain();
     sim.m.handle_shutdown(sim.now);
     sim.m.handle_work_finished(sim.now);
@@ -490,12 +501,13 @@ fn shutdown_without_release_on_cancel_does_not_release() {
 #[test]
 fn shutdown_while_following_withdraws() {
     let mut sim = Sim::started(config());
-    sim.m
-        .handle_acquire(sim.now, Ok(AcquireOutcome::Held(held_by("other", None))));
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Held(held_by(
+        "other", None,
+    )))));
     sim.drain();
     sim.m.handle_shutdown(sim.now);
     assert_eq!(Sim::calls(&sim.drain()), vec![Call::Withdraw]);
-    sim.m.handle_withdraw(sim.now, Ok(()));
+    sim.answer(CallResult::Withdraw(Ok(())));
     assert_eq!(sim.drain().last(), Some(&Action::Exit(Ok(()))));
 }
 
@@ -504,14 +516,13 @@ fn shutdown_during_an_acquire_releases_what_it_got_without_leading() {
     let mut sim = Sim::started(config()); // acquire in flight
     sim.m.handle_shutdown(sim.now);
     assert!(Sim::calls(&sim.drain()).is_empty(), "waits for the answer");
-    sim.m
-        .handle_acquire(sim.now, Ok(AcquireOutcome::Acquired(grant(2))));
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Acquired(grant(2)))));
     let actions = sim.drain();
     assert!(!actions.iter().any(|a| matches!(a, Action::StartLeading(_))));
     assert_eq!(Sim::calls(&actions), vec![Call::Release(grant(2))]);
-    sim.m.handle_release(sim.now, Ok(ReleaseOutcome::Released));
+    sim.answer(CallResult::Release(Ok(ReleaseOutcome::Released)));
     assert_eq!(Sim::calls(&sim.drain()), vec![Call::Withdraw]);
-    sim.m.handle_withdraw(sim.now, Ok(()));
+    sim.answer(CallResult::Withdraw(Ok(())));
     assert_eq!(sim.drain().last(), Some(&Action::Exit(Ok(()))));
 }
 
@@ -522,8 +533,7 @@ fn an_acquire_granted_during_shutdown_is_released_even_without_release_on_cancel
     let mut sim = Sim::started(c);
     sim.m.handle_shutdown(sim.now);
     sim.drain();
-    sim.m
-        .handle_acquire(sim.now, Ok(AcquireOutcome::Acquired(grant(3))));
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Acquired(grant(3)))));
     assert_eq!(Sim::calls(&sim.drain()), vec![Call::Release(grant(3))]);
 }
 
@@ -542,9 +552,9 @@ fn resign_releases_then_stays_quiet_for_a_lease() {
     sim.m.handle_work_finished(sim.now);
     assert_eq!(Sim::calls(&sim.drain()), vec![Call::Release(grant(5))]);
     let resigned = sim.now;
-    sim.m.handle_release(sim.now, Ok(ReleaseOutcome::Released));
+    sim.answer(CallResult::Release(Ok(ReleaseOutcome::Released)));
     let actions = sim.drain();
-    assert!(!actions.contains(&Action::Watch(false)), "still watching");
+    assert!(!actions.contains(&Action::CloseWatch), "still watching");
     // Our own release notification must not make us grab the lock back.
     sim.m.handle_observation(sim.now, Observation::vacant());
     assert!(Sim::calls(&sim.drain()).is_empty());
@@ -562,17 +572,18 @@ fn resign_when_following_does_nothing() {
 #[test]
 fn a_token_that_does_not_increase_is_refused() {
     let mut sim = Sim::leading(10);
-    sim.m
-        .handle_renew(sim.now, Ok(RenewOutcome::Lost(Observation::vacant()))); // no renew pending: ignored
+    sim.answer(CallResult::Renew(Ok(RenewOutcome::Lost(
+        Observation::vacant(),
+    )))); // no renew pending: ignored
     sim.drain();
     sim.advance(RETRY);
-    sim.m
-        .handle_renew(sim.now, Ok(RenewOutcome::Lost(Observation::vacant())));
+    sim.answer(CallResult::Renew(Ok(RenewOutcome::Lost(
+        Observation::vacant(),
+    ))));
     sim.drain();
     sim.m.handle_work_finished(sim.now);
     assert_eq!(Sim::calls(&sim.advance(RETRY)), vec![Call::Acquire]);
-    sim.m
-        .handle_acquire(sim.now, Ok(AcquireOutcome::Acquired(grant(10))));
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Acquired(grant(10)))));
     let actions = sim.drain();
     assert!(!actions.iter().any(|a| matches!(a, Action::StartLeading(_))));
     assert_eq!(Sim::calls(&actions), vec![Call::Release(grant(10))]);
@@ -586,8 +597,7 @@ fn a_token_that_does_not_increase_is_refused() {
 fn an_acquire_answered_after_the_renew_deadline_is_not_led() {
     let mut sim = Sim::started(config());
     sim.now += DEADLINE;
-    sim.m
-        .handle_acquire(sim.now, Ok(AcquireOutcome::Acquired(grant(1))));
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Acquired(grant(1)))));
     let actions = sim.drain();
     assert!(!actions.iter().any(|a| matches!(a, Action::StartLeading(_))));
     assert_eq!(Sim::calls(&actions), vec![Call::Release(grant(1))]);
@@ -745,7 +755,7 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                                 3 => Ok(AcquireOutcome::Held(held_by("other", None))),
                                 _ => Err(unavailable()),
                             };
-                            sim.m.handle_acquire(now, r);
+                            sim.m.handle_call_result(now, CallResult::Acquire(r));
                         }
                         Call::Renew(_) => {
                             let r = match kind % 5 {
@@ -758,10 +768,15 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                                 3 => Ok(RenewOutcome::RenewedUnnoticed),
                                 _ => Err(unavailable()),
                             };
-                            sim.m.handle_renew(now, r);
+                            sim.m.handle_call_result(now, CallResult::Renew(r));
                         }
-                        Call::Release(_) => sim.m.handle_release(now, Ok(ReleaseOutcome::Released)),
-                        Call::Withdraw => sim.m.handle_withdraw(now, Ok(())),
+                        Call::Release(_) => sim.m.handle_call_result(
+                            now,
+                            CallResult::Release(Ok(ReleaseOutcome::Released)),
+                        ),
+                        Call::Withdraw => {
+                            sim.m.handle_call_result(now, CallResult::Withdraw(Ok(())))
+                        }
                     }
                 }
             }
@@ -792,12 +807,8 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
         }
         if let Some((call, _)) = model.pending.take() {
             let now = sim.now;
-            match call {
-                Call::Acquire => sim.m.handle_acquire(now, Err(unavailable())),
-                Call::Renew(_) => sim.m.handle_renew(now, Err(unavailable())),
-                Call::Release(_) => sim.m.handle_release(now, Err(unavailable())),
-                Call::Withdraw => sim.m.handle_withdraw(now, Err(unavailable())),
-            }
+            sim.m
+                .handle_call_result(now, CallResult::failed(&call, unavailable()));
         } else {
             sim.m.handle_work_finished(sim.now);
             sim.drain();
@@ -826,8 +837,9 @@ proptest! {
 fn no_new_term_is_campaigned_for_while_the_last_terms_work_runs() {
     let mut sim = Sim::leading(10);
     sim.advance(RETRY);
-    sim.m
-        .handle_renew(sim.now, Ok(RenewOutcome::Lost(Observation::vacant())));
+    sim.answer(CallResult::Renew(Ok(RenewOutcome::Lost(
+        Observation::vacant(),
+    ))));
     sim.drain();
     // The lock is free, but the lost term's work has not finished: no acquire, and no timer
     // that would spin.
@@ -895,7 +907,7 @@ fn a_shorter_announced_lease_shortens_validity_and_renews_at_once() {
     // The renew writes our own duration back; its success counts from its send instant.
     let sent = sim.now;
     sim.now += ms(20);
-    sim.m.handle_renew(sim.now, Ok(RenewOutcome::Renewed));
+    sim.answer(CallResult::Renew(Ok(RenewOutcome::Renewed)));
     sim.drain();
     assert_eq!(
         sim.m.leader_state().valid_until,
@@ -912,12 +924,121 @@ fn a_shorter_announced_lease_shortens_validity_and_renews_at_once() {
 fn a_watch_reopened_after_a_step_down_leaves_no_stale_timer() {
     let mut sim = Sim::started(config());
     sim.m.handle_watch_closed(sim.now, None);
-    sim.m
-        .handle_acquire(sim.now, Ok(AcquireOutcome::Acquired(grant(1))));
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Acquired(grant(1)))));
     sim.m.handle_observation(sim.now, held_by_token("other", 2));
     sim.drain();
     if let Some(t) = sim.m.poll_timeout() {
         assert!(t > sim.now, "a timer due now that nothing clears");
     }
     sim.advance(RETRY);
+}
+
+#[test]
+fn a_result_that_does_not_answer_the_call_in_flight_is_ignored() {
+    let fatal = || BackendError::Unauthorized {
+        backend: "test".into(),
+        detail: "no".into(),
+    };
+    let mut sim = Sim::started(config()); // an acquire in flight
+    let before = (sim.m.leader_state(), sim.m.poll_timeout());
+    for wrong in [
+        CallResult::Renew(Ok(RenewOutcome::Renewed)),
+        CallResult::Renew(Err(fatal())),
+        CallResult::Release(Ok(ReleaseOutcome::Released)),
+        CallResult::Withdraw(Ok(())),
+    ] {
+        sim.answer(wrong.clone());
+        assert!(sim.drain().is_empty(), "{wrong:?} was not ignored");
+        assert_eq!((sim.m.leader_state(), sim.m.poll_timeout()), before);
+        assert!(!sim.m.is_done());
+    }
+    // The acquire's own result still counts.
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Acquired(grant(1)))));
+    assert!(sim
+        .drain()
+        .iter()
+        .any(|a| matches!(a, Action::StartLeading(_))));
+
+    // A renew in flight: another grant, or a second answer to the renew, changes nothing.
+    assert_eq!(Sim::calls(&sim.advance(RETRY)), vec![Call::Renew(grant(1))]);
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Acquired(grant(2)))));
+    assert!(sim.drain().is_empty());
+    sim.answer(CallResult::Renew(Ok(RenewOutcome::Renewed)));
+    sim.drain();
+    let state = sim.m.leader_state();
+    sim.answer(CallResult::Renew(Ok(RenewOutcome::Lost(
+        Observation::vacant(),
+    ))));
+    assert!(sim.drain().is_empty(), "answered twice");
+    assert_eq!(sim.m.leader_state(), state);
+    assert_eq!(sim.m.last_token(), Some(FencingToken(1)));
+    assert!(sim.m.is_leader(sim.now));
+}
+
+#[test]
+fn a_failed_call_is_reported_as_the_matching_result() {
+    for (call, name) in [
+        (Call::Acquire, "acquire"),
+        (Call::Renew(grant(1)), "renew"),
+        (Call::Release(grant(1)), "release"),
+        (Call::Withdraw, "withdraw"),
+    ] {
+        let result = CallResult::failed(&call, unavailable());
+        assert_eq!((call.name(), result.name()), (name, name));
+        assert_eq!(result.error(), Some(&unavailable()));
+    }
+    assert_eq!(CallResult::Withdraw(Ok(())).error(), None);
+}
+
+#[test]
+fn a_reopened_watch_gets_a_deadline_of_its_own() {
+    let mut sim = Sim::started(config());
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Held(held_by(
+        "other", None,
+    )))));
+    sim.drain();
+    sim.now += ms(300);
+    sim.m.handle_watch_closed(sim.now, None);
+    assert!(sim.drain().is_empty());
+    let reopen = sim.now + RETRY;
+    let actions = sim.advance(RETRY);
+    assert_eq!(
+        actions.first(),
+        Some(&Action::OpenWatch {
+            deadline: reopen + RETRY
+        })
+    );
+}
+
+#[test]
+fn a_late_wake_up_fires_every_expired_timer_in_order() {
+    let mut sim = Sim::leading(1);
+    let acquired = sim.now;
+    // The watch breaks; then the driver oversleeps the renew, the watch's reopening and the
+    // renew deadline.
+    sim.m.handle_watch_closed(sim.now, None);
+    sim.drain();
+    assert_eq!(sim.m.poll_timeout(), Some(acquired + RETRY));
+    sim.now = acquired + DEADLINE + ms(500);
+    sim.m.handle_timeout(sim.now);
+    let actions = sim.drain();
+    assert!(
+        matches!(
+            actions.as_slice(),
+            [
+                Action::OpenWatch { deadline },
+                Action::StopLeading {
+                    cause: StopCause::RenewDeadline,
+                    at,
+                    ..
+                },
+            ] if *deadline == sim.now + RETRY && *at == sim.now
+        ),
+        "{actions:?}"
+    );
+    // No renew for the dropped term, and nothing more until the term's work has finished.
+    assert_eq!(sim.m.poll_timeout(), None);
+    sim.m.handle_work_finished(sim.now);
+    sim.drain();
+    assert_eq!(sim.m.poll_timeout(), Some(sim.now + RETRY));
 }

@@ -5,7 +5,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Duration;
 
-use leasehold_core::machine::{Action, Call, Machine};
+use leasehold_core::machine::{Action, Call, CallResult, Machine};
 use leasehold_core::mutant::Mutant as MachineMutant;
 use leasehold_core::{
     AcquireOutcome, BackendError, Config, Grant, Observation, ReleaseOutcome, RenewOutcome,
@@ -651,10 +651,10 @@ impl World {
                 };
                 self.log(t, &name, || format!("reply #{call}: {text}"));
                 match reply {
-                    Reply::Acquire(r) => m.handle_acquire(now, Ok(r)),
-                    Reply::Renew(r) => m.handle_renew(now, Ok(r)),
-                    Reply::Release(r) => m.handle_release(now, Ok(r)),
-                    Reply::Withdraw => m.handle_withdraw(now, Ok(())),
+                    Reply::Acquire(r) => m.handle_call_result(now, CallResult::Acquire(Ok(r))),
+                    Reply::Renew(r) => m.handle_call_result(now, CallResult::Renew(Ok(r))),
+                    Reply::Release(r) => m.handle_call_result(now, CallResult::Release(Ok(r))),
+                    Reply::Withdraw => m.handle_call_result(now, CallResult::Withdraw(Ok(()))),
                 }
             }
             Input::Deadline { call } => {
@@ -673,12 +673,7 @@ impl World {
                     operation: kind.name(),
                     after: Duration::ZERO,
                 };
-                match kind {
-                    Call::Acquire => m.handle_acquire(now, Err(error)),
-                    Call::Renew(_) => m.handle_renew(now, Err(error)),
-                    Call::Release(_) => m.handle_release(now, Err(error)),
-                    Call::Withdraw => m.handle_withdraw(now, Err(error)),
-                }
+                m.handle_call_result(now, CallResult::failed(&kind, error));
             }
             Input::Observation(obs) => {
                 let text = if self.trace {
@@ -795,17 +790,16 @@ impl World {
         let name = self.nodes[node].identity.clone();
         let inc = self.nodes[node].inc;
         match action {
-            Action::Watch(open) => {
-                if open {
-                    self.next_call += 1;
-                    let watch = self.next_call;
-                    self.nodes[node].watch = Some(watch);
-                } else {
-                    self.nodes[node].watch = None;
-                }
-                self.log(t, &name, || {
-                    format!("watch {}", if open { "opened" } else { "closed" })
-                });
+            Action::OpenWatch { .. } => {
+                // The model watch opens at once: its deadline never passes.
+                self.next_call += 1;
+                let watch = self.next_call;
+                self.nodes[node].watch = Some(watch);
+                self.log(t, &name, || "watch opened".into());
+            }
+            Action::CloseWatch => {
+                self.nodes[node].watch = None;
+                self.log(t, &name, || "watch closed".into());
             }
             Action::Call { call, deadline } => {
                 if let Some((id, _)) = &self.nodes[node].call {
