@@ -21,11 +21,9 @@ use std::error::Error;
 use std::time::Duration;
 
 use leasehold::{
-    Callbacks, CancellationToken, Config, Elector, ElectorError, ElectorHandle, FencingToken,
-    MemoryBackend,
+    Callbacks, Config, Elector, ElectorError, FencingToken, MemoryBackend, RunningElector,
 };
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 use tracing_subscriber::EnvFilter;
 
@@ -48,9 +46,7 @@ struct Lead {
 struct Node {
     id: &'static str,
     client: MemoryBackend,
-    handle: ElectorHandle,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), ElectorError>>,
+    elector: RunningElector,
 }
 
 /// Prints one line of the timeline: milliseconds since `start`, then the event.
@@ -91,15 +87,12 @@ fn start_node(
         });
     let config = Config::new(id, "demo-lock").with_timing(LEASE, RENEW_DEADLINE, RETRY);
     let elector = Elector::new(config, client.clone(), callbacks)?;
-    let handle = elector.handle();
-    let shutdown = CancellationToken::new();
-    let task = elector.spawn(shutdown.clone());
+    // On its own task; `stop()` shuts it down gracefully, `abort()` kills it like a crash.
+    let elector = elector.start();
     Ok(Node {
         id,
         client,
-        handle,
-        shutdown,
-        task,
+        elector,
     })
 }
 
@@ -150,8 +143,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
         &format!("CRASH       {} (nothing released)", crashed.id),
     );
     crashed.client.faults().crash();
-    crashed.task.abort();
-    let _cancelled = crashed.task.await; // Err(JoinError::Cancelled): killed mid-flight
+    let mut crashed = crashed;
+    crashed.elector.abort().await; // killed mid-flight: no release
     let second = next_leader(&mut leads, Some(crashed.id)).await?;
     let failover = second.at.duration_since(crash_at);
 
@@ -163,17 +156,16 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .expect("leader is a node");
     let resign_at = Instant::now();
     log(start, &format!("RESIGN      {}", resigner.id));
-    resigner.handle.resign();
+    resigner.elector.handle().resign();
     let third = next_leader(&mut leads, Some(second.who)).await?;
     let handover = third.at.duration_since(resign_at);
 
     // 4. Graceful shutdown: the follower withdraws, then the leader steps down and releases.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    nodes.sort_by_key(|n| n.handle.is_leader()); // followers first
-    for node in nodes {
+    nodes.sort_by_key(|n| n.elector.handle().is_leader()); // followers first
+    for mut node in nodes {
         log(start, &format!("SHUTDOWN    {}", node.id));
-        node.shutdown.cancel();
-        node.task.await??;
+        node.elector.stop().await?;
     }
     log(start, "all electors stopped");
 

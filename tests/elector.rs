@@ -493,3 +493,36 @@ async fn leadership_tells_why_its_term_ended() {
     assert_eq!(term.stop_cause(), Some(StopCause::Shutdown));
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_running_elector_stops_with_a_release_and_aborts_without_one() {
+    let store = MemoryBackend::new();
+    let mut a = Elector::new(config("a"), store.connect(), Callbacks::new())
+        .unwrap()
+        .start();
+    assert!(a.handle().wait_for_leadership().await);
+    a.stop().await.unwrap();
+    assert!(a.is_finished());
+    assert_eq!(
+        store.read("lock").await.unwrap().holder(),
+        None,
+        "stop releases"
+    );
+    a.stop().await.unwrap(); // a second stop returns at once
+
+    let mut b = Elector::new(config("b"), store.connect(), Callbacks::new())
+        .unwrap()
+        .start();
+    assert!(b.handle().wait_for_leadership().await);
+    b.abort().await;
+    assert!(b.is_finished());
+    assert!(
+        !b.handle().is_leader(),
+        "an aborted elector no longer leads"
+    );
+    assert_eq!(
+        store.read("lock").await.unwrap().holder(),
+        Some("b"),
+        "abort is a crash: nothing is released, the lock expires on its own"
+    );
+}

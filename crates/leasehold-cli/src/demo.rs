@@ -2,8 +2,7 @@
 
 use std::time::Duration;
 
-use leasehold::{Callbacks, CancellationToken, Config, Elector, ElectorHandle, MemoryBackend};
-use tokio::task::JoinHandle;
+use leasehold::{Callbacks, Config, Elector, MemoryBackend, RunningElector};
 use tokio::time::Instant;
 
 use crate::error::CliError;
@@ -14,9 +13,7 @@ const PATIENCE: Duration = Duration::from_secs(10);
 struct Candidate {
     name: String,
     client: MemoryBackend,
-    handle: ElectorHandle,
-    shutdown: CancellationToken,
-    task: Option<JoinHandle<Result<(), leasehold::ElectorError>>>,
+    elector: RunningElector,
 }
 
 fn line(start: Instant, text: &str) {
@@ -27,8 +24,8 @@ fn line(start: Instant, text: &str) {
 async fn leader(candidates: &[Candidate], except: Option<usize>) -> Result<usize, CliError> {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        if let Some(i) =
-            (0..candidates.len()).find(|&i| Some(i) != except && candidates[i].handle.is_leader())
+        if let Some(i) = (0..candidates.len())
+            .find(|&i| Some(i) != except && candidates[i].elector.handle().is_leader())
         {
             return Ok(i);
         }
@@ -40,7 +37,7 @@ async fn leader(candidates: &[Candidate], except: Option<usize>) -> Result<usize
 }
 
 fn describe(c: &Candidate) -> String {
-    match c.handle.state().term {
+    match c.elector.handle().state().term {
         Some(term) => format!(
             "{} leads (term {}, fencing token {})",
             c.name, term.number, term.token
@@ -67,16 +64,11 @@ pub async fn demo(count: u32) -> Result<(), CliError> {
             Duration::from_millis(1500),
             Duration::from_millis(300),
         );
-        let elector = Elector::new(config, client.clone(), Callbacks::new())?;
-        let handle = elector.handle();
-        let shutdown = CancellationToken::new();
-        let task = Some(elector.spawn(shutdown.clone()));
+        let elector = Elector::new(config, client.clone(), Callbacks::new())?.start();
         candidates.push(Candidate {
             name,
             client,
-            handle,
-            shutdown,
-            task,
+            elector,
         });
     }
     let first = leader(&candidates, None).await?;
@@ -85,9 +77,7 @@ pub async fn demo(count: u32) -> Result<(), CliError> {
     // 1. Crash the leader: no release; the others wait for the lease to expire.
     let crashed = Instant::now();
     candidates[first].client.faults().crash();
-    if let Some(task) = candidates[first].task.take() {
-        task.abort();
-    }
+    candidates[first].elector.abort().await;
     line(
         start,
         &format!("{} CRASHES (nothing released)", candidates[first].name),
@@ -98,7 +88,7 @@ pub async fn demo(count: u32) -> Result<(), CliError> {
 
     // 2. The new leader resigns: it releases, the store notifies, a follower takes over at once.
     let resigned = Instant::now();
-    candidates[second].handle.resign();
+    candidates[second].elector.handle().resign();
     line(
         start,
         &format!("{} RESIGNS (releases the lock)", candidates[second].name),
@@ -109,12 +99,10 @@ pub async fn demo(count: u32) -> Result<(), CliError> {
 
     // 3. Everyone shuts down gracefully.
     for c in &candidates {
-        c.shutdown.cancel();
+        c.elector.shutdown_token().cancel();
     }
     for c in &mut candidates {
-        if let Some(task) = c.task.take() {
-            let _ = task.await;
-        }
+        let _ = c.elector.stop().await;
     }
     line(start, "all candidates stopped");
     println!("\nhandover times:");

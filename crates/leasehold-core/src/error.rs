@@ -217,4 +217,11 @@ pub enum ElectorError {
         /// How many terms' work is still running.
         terms: usize,
     },
+    /// The elector's task ended without returning: it panicked or was aborted
+    /// ([`RunningElector::stop`](crate::RunningElector::stop)).
+    #[error("the elector's task ended without returning: {detail}")]
+    Aborted {
+        /// What the runtime reported.
+        detail: String,
+    },
 }

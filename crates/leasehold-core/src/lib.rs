@@ -7,6 +7,7 @@
 mod backend;
 mod callbacks;
 mod config;
+mod driver;
 mod elector;
 mod error;
 mod handle;
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod mutant;
 mod notifier;
 mod record;
+mod running;
 mod state;
 
 pub use backend::{
@@ -31,6 +33,7 @@ pub use config::{
 pub use elector::{Elector, ElectorHandle};
 pub use error::{BackendError, ConfigError, ElectorError};
 pub use record::{FencingToken, LeaderRecord, Observation};
+pub use running::RunningElector;
 pub use state::{Health, LeaderState, StopCause, TermInfo};
 
 pub use async_trait::async_trait;

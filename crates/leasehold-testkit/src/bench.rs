@@ -14,12 +14,10 @@ use std::time::{Duration, Instant as StdInstant};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion};
 use leasehold_core::{
-    Callbacks, CancellationToken, Config, Elector, ElectorError, ElectorHandle, LeaderState,
-    Leadership, LockBackend,
+    Callbacks, Config, Elector, ElectorHandle, LeaderState, Leadership, LockBackend, RunningElector,
 };
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
 
 use crate::proxy::Proxy;
@@ -162,8 +160,7 @@ pub fn stagger(period: Duration, i: usize, samples: usize) -> Duration {
 pub struct Contender {
     /// The elector's handle.
     pub handle: ElectorHandle,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), ElectorError>>,
+    running: RunningElector,
     leadership: Arc<Mutex<Option<Leadership>>>,
 }
 
@@ -177,13 +174,10 @@ impl Contender {
             async move { term.cancelled().await }
         });
         let elector = Elector::new(config, backend, callbacks).expect("a valid elector config");
-        let handle = elector.handle();
-        let shutdown = CancellationToken::new();
-        let task = elector.spawn(shutdown.clone());
+        let running = elector.start();
         Contender {
-            handle,
-            shutdown,
-            task,
+            handle: running.handle().clone(),
+            running,
             leadership,
         }
     }
@@ -245,19 +239,16 @@ impl Contender {
 
     /// Shuts down (releasing the lock if leading, and whatever else the backend holds, such as
     /// an etcd lease) and waits for `run` to return.
-    pub async fn stop(self) {
-        self.shutdown.cancel();
-        timeout(PATIENCE, self.task)
+    pub async fn stop(mut self) {
+        timeout(PATIENCE, self.running.stop())
             .await
             .expect("the elector stops in time")
-            .expect("the elector task did not panic")
             .expect("the elector stopped cleanly");
     }
 
     /// Kills the elector without any release, as a crashed process.
-    pub async fn abort(self) {
-        self.task.abort();
-        let _ = self.task.await;
+    pub async fn abort(mut self) {
+        self.running.abort().await;
     }
 }
 

@@ -4,10 +4,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use leasehold_core::{
-    Callbacks, CancellationToken, Config, Elector, ElectorError, ElectorHandle, FencingToken,
-    Leadership,
+    Callbacks, Config, Elector, ElectorError, ElectorHandle, FencingToken, Leadership,
+    RunningElector,
 };
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::checker::SafetyChecker;
@@ -34,8 +33,7 @@ pub struct Node {
     pub handle: ElectorHandle,
     /// The client it talks through.
     pub client: TestClient,
-    shutdown: CancellationToken,
-    task: Option<JoinHandle<Result<(), ElectorError>>>,
+    running: RunningElector,
     events: Arc<Mutex<Vec<NodeEvent>>>,
     leaderships: Arc<Mutex<Vec<Leadership>>>,
 }
@@ -122,15 +120,12 @@ impl Node {
             Ok(elector) => elector,
             Err(error) => panic!("scenario config refused: {error}"),
         };
-        let handle = elector.handle();
-        let shutdown = CancellationToken::new();
-        let task = Some(elector.spawn(shutdown.clone()));
+        let running = elector.start();
         Node {
             identity,
-            handle,
+            handle: running.handle().clone(),
             client,
-            shutdown,
-            task,
+            running,
             events,
             leaderships,
         }
@@ -159,41 +154,23 @@ impl Node {
 
     /// Shuts the elector down and waits for `run` to return.
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If the elector task panicked or is gone.
+    /// What `run` returned, or [`ElectorError::Aborted`] if the elector task panicked.
     pub async fn stop(&mut self) -> Result<(), ElectorError> {
-        self.shutdown.cancel();
-        match self.task.take() {
-            Some(task) => match task.await {
-                Ok(result) => result,
-                Err(error) => panic!("elector task of {} failed: {error}", self.identity),
-            },
-            None => Ok(()),
-        }
+        self.running.stop().await
     }
 
     /// Kills the elector without any release, as a crashed process: its task is aborted and its
     /// client partitioned.
     pub async fn crash(&mut self) {
         self.client.faults.partition().await;
-        if let Some(task) = self.task.take() {
-            task.abort();
-            let _ = task.await;
-        }
+        self.running.abort().await;
     }
 
     /// `true` once `run` has returned (or the node was stopped or crashed).
     pub fn has_exited(&self) -> bool {
-        self.task.as_ref().is_none_or(JoinHandle::is_finished)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+        self.running.is_finished()
     }
 }
 
