@@ -250,7 +250,7 @@ async fn request_rates(server: &EtcdServer, label: &str, config: impl Fn(&str) -
 fn request_pass(rt: &Runtime) {
     rt.block_on(async {
         // A server of its own, so nothing left over from the other passes is counted.
-        let mut server = EtcdServer::start().await;
+        let server = EtcdServer::start().await;
         // Under `cargo test --benches` the fast timing alone exercises this path; the default
         // one would add about half a minute of waiting for 2 s renewals and 5 s keep-alives.
         if full_run() {
@@ -275,7 +275,6 @@ fn main() {
     request_pass(&rt);
     // Kill the server inside the runtime its child process belongs to.
     rt.block_on(async move {
-        let mut server = server;
         server.kill().await;
     });
     criterion.final_summary();

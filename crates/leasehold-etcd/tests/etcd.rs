@@ -293,43 +293,6 @@ mod etcd_specific {
         checker.verify().expect("safe");
     }
 
-    /// etcd restarts under a leader: never two leaders, and someone leads after the restart with
-    /// a greater token.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn etcd_restart_while_leading() {
-        let t = timing();
-        let mut h = EtcdHarness::start().await;
-        let lock = lock_name("restart");
-        let checker = SafetyChecker::new();
-        let mut a = node(&h, "a", &lock, &checker).await;
-        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
-        let mut b = node(&h, "b", &lock, &checker).await;
-        wait_for("b follows", 2 * t.lease_duration, || {
-            b.handle.leader().as_deref() == Some("a")
-        })
-        .await;
-        let before = a.last_leadership().expect("term").token();
-        h.server().kill().await;
-        wait_for(
-            "a steps down while etcd is down",
-            2 * t.lease_duration,
-            || !a.handle.is_leader(),
-        )
-        .await;
-        h.server().restart().await;
-        wait_for(
-            "someone leads after the restart",
-            10 * t.lease_duration,
-            || a.handle.is_leader() || b.handle.is_leader(),
-        )
-        .await;
-        let intervals = checker.verify().expect("safe").intervals;
-        assert!(intervals.last().expect("term").token > before);
-        a.stop().await.expect("a stops");
-        b.stop().await.expect("b stops");
-        checker.verify().expect("safe");
-    }
-
     /// Wrong or missing credentials on an etcd with auth: a typed, fatal error.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn wrong_credentials_are_unauthorized() {

@@ -298,39 +298,6 @@ mod kube_specific {
         );
         assert_eq!(report.intervals[1].identity, "b", "{report:?}");
     }
-
-    /// The apiserver restarts under a leader: never two leaders; someone leads afterwards.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn apiserver_restart_while_leading() {
-        let t = timing();
-        let mut h = KubeHarness::start().await;
-        let lock = lock_name("restart");
-        let checker = SafetyChecker::new();
-        let mut a = node(&h, "a", &lock, &checker).await;
-        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
-        let mut b = node(&h, "b", &lock, &checker).await;
-        wait_for("b follows", t.lease_duration, || {
-            b.handle.leader().as_deref() == Some("a")
-        })
-        .await;
-        h.server().kill().await;
-        wait_for(
-            "a steps down while the apiserver is down",
-            2 * t.lease_duration,
-            || !a.handle.is_leader(),
-        )
-        .await;
-        h.server().restart().await;
-        wait_for(
-            "someone leads after the restart",
-            10 * t.lease_duration,
-            || a.handle.is_leader() || b.handle.is_leader(),
-        )
-        .await;
-        a.stop().await.expect("a stops");
-        b.stop().await.expect("b stops");
-        checker.verify().expect("safe");
-    }
 }
 
 /// leasehold and client-go's `leaderelection` (a real Go program) compete on one Lease.

@@ -189,7 +189,6 @@ fn main() {
     command_pass(&rt);
     // Kill the server inside the runtime its child process belongs to.
     rt.block_on(async move {
-        let mut server = server;
         server.kill().await;
     });
     criterion.final_summary();

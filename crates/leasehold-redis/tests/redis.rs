@@ -37,51 +37,6 @@ mod redis_specific {
         )
     }
 
-    /// The server restarts (without persistence) under a leader: the leader steps down before
-    /// its validity ends, a candidate leads again after the restart, and fencing tokens keep
-    /// increasing because the counter restarts from the server's clock.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn server_restart_while_leading() {
-        let t = timing();
-        let mut h = RedisHarness::start().await;
-        let lock = lock_name("restart");
-        let checker = SafetyChecker::new();
-        let mut a = node(&h, "a", &lock, &checker).await;
-        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
-        let mut b = node(&h, "b", &lock, &checker).await;
-        wait_for("b follows", t.lease_duration, || {
-            b.handle.leader().as_deref() == Some("a")
-        })
-        .await;
-        let before = a.last_leadership().expect("a's term").token();
-
-        h.server().kill().await;
-        let term = a.last_leadership().expect("a's term");
-        wait_for("a steps down", 2 * t.lease_duration, || {
-            term.cancellation_token().is_cancelled()
-        })
-        .await;
-        let ended = term.ended_at().expect("ended");
-        assert!(!a.handle.is_leader() && !b.handle.is_leader());
-        h.server().restart().await;
-        wait_for(
-            "someone leads after the restart",
-            5 * t.lease_duration,
-            || a.handle.is_leader() || b.handle.is_leader(),
-        )
-        .await;
-        let intervals = checker.verify().expect("safe").intervals;
-        let after = intervals.last().expect("a new term").token;
-        assert!(intervals.last().expect("term").start > ended);
-        assert!(
-            after > before,
-            "fencing must survive a restart that lost the data: {before} then {after}"
-        );
-        a.stop().await.expect("a stops");
-        b.stop().await.expect("b stops");
-        checker.verify().expect("safe");
-    }
-
     /// Waits until a term begins that was not in `before` (the count of recorded terms).
     async fn new_term(checker: &SafetyChecker, before: usize, within: Duration) {
         wait_for("a new term", within, || checker.intervals().len() > before).await;

@@ -50,7 +50,7 @@ impl EtcdServer {
     }
 
     async fn start_with_flags(client_port: u16, flags: Vec<String>) -> EtcdServer {
-        let mut server = EtcdServer {
+        let server = EtcdServer {
             client_port,
             peer_port: free_port(),
             dir: tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}")),
@@ -128,7 +128,7 @@ impl EtcdServer {
         server.auth = Some(("root".into(), password.into()));
     }
 
-    async fn spawn(&mut self) {
+    async fn spawn(&self) {
         let client_url = format!("http://127.0.0.1:{}", self.client_port);
         let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
         let mut command = Command::new("etcd");
@@ -186,12 +186,12 @@ impl EtcdServer {
     }
 
     /// Kills the server and waits for it to exit. Data stays in the data dir.
-    pub async fn kill(&mut self) {
+    pub async fn kill(&self) {
         self.process.kill().await;
     }
 
     /// Kills and starts the server again on the same ports and data dir.
-    pub async fn restart(&mut self) {
+    pub async fn restart(&self) {
         self.kill().await;
         self.spawn().await;
     }
@@ -282,6 +282,15 @@ impl EtcdHarness {
 impl Harness for EtcdHarness {
     fn name(&self) -> &'static str {
         "etcd"
+    }
+
+    /// SIGKILL, then a start on the same ports and data dir after `down_for`: the keys and
+    /// leases survive (leases are extended by etcd on a restart).
+    async fn restart(&self, down_for: Duration) -> bool {
+        self.server.kill().await;
+        tokio::time::sleep(down_for).await;
+        self.server.restart().await;
+        true
     }
 
     async fn client(&self) -> TestClient {

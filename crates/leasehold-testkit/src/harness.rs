@@ -228,6 +228,16 @@ pub trait Harness: Send + Sync + 'static {
         false
     }
 
+    /// Kills the store's server (SIGKILL, no shutdown) and starts it again on the same address
+    /// after `down_for`, as a crash and restart would (each harness documents what survives:
+    /// Redis without persistence comes back empty, etcd and the apiserver keep their data).
+    /// Returns `false`, doing nothing, when the harness cannot (the default: in-process
+    /// stores); the restart scenario then has nothing to check.
+    async fn restart(&self, down_for: Duration) -> bool {
+        let _ = down_for;
+        false
+    }
+
     /// `true` when a leader's watch tells it of a deletion of its lock (Redis without keyspace
     /// notifications does not: its leader learns at its next renew). Default `true`.
     fn notifies_deletion(&self) -> bool {

@@ -70,7 +70,7 @@ impl KubeApiServer {
             .await
             .unwrap_or_else(|e| panic!("openssl: {e}"));
         assert!(status.success(), "openssl genrsa failed");
-        let mut server = KubeApiServer {
+        let server = KubeApiServer {
             etcd,
             port: free_port(),
             dir,
@@ -81,7 +81,7 @@ impl KubeApiServer {
         server
     }
 
-    async fn spawn(&mut self) {
+    async fn spawn(&self) {
         let d = self.dir.path();
         let mut command = Command::new(&self.binary);
         command
@@ -148,13 +148,13 @@ impl KubeApiServer {
     }
 
     /// Kills the apiserver (etcd keeps running) and starts it again on the same port.
-    pub async fn restart(&mut self) {
+    pub async fn restart(&self) {
         self.kill().await;
         self.spawn().await;
     }
 
     /// Kills the apiserver.
-    pub async fn kill(&mut self) {
+    pub async fn kill(&self) {
         self.process.kill().await;
     }
 
@@ -291,6 +291,15 @@ impl KubeHarness {
 impl Harness for KubeHarness {
     fn name(&self) -> &'static str {
         "kubernetes"
+    }
+
+    /// SIGKILL of the apiserver (its etcd keeps running), then a start on the same port after
+    /// `down_for`: the Leases survive.
+    async fn restart(&self, down_for: Duration) -> bool {
+        self.server.kill().await;
+        tokio::time::sleep(down_for).await;
+        self.server.restart().await;
+        true
     }
 
     async fn client(&self) -> TestClient {

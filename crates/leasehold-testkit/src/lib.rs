@@ -97,6 +97,7 @@ macro_rules! conformance_tests {
             malformed_record,
             late_release_never_blanks_newer_holder,
             lock_deleted_under_leader,
+            server_restart_while_leading,
             leader_after_blackhole,
             resign_hands_over,
             standalone_mode,

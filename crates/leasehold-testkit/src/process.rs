@@ -36,7 +36,7 @@ impl ServerProcess {
     /// # Panics
     ///
     /// When the program cannot be started; `install_hint` says how to get it.
-    pub fn spawn(&mut self, command: &mut Command, install_hint: &str) {
+    pub fn spawn(&self, command: &mut Command, install_hint: &str) {
         let program = command
             .as_std()
             .get_program()
@@ -46,14 +46,14 @@ impl ServerProcess {
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {program} ({e}); {install_hint}"));
-        *self.child.get_mut().unwrap_or_else(PoisonError::into_inner) = Some(child);
+        *self.lock() = Some(child);
     }
 
     /// Kills the process (SIGKILL: no shutdown) and waits for it to exit. Does nothing when
     /// it is not running.
-    pub async fn kill(&mut self) {
-        let child = self.child.get_mut().unwrap_or_else(PoisonError::into_inner);
-        if let Some(mut child) = child.take() {
+    pub async fn kill(&self) {
+        let child = self.lock().take();
+        if let Some(mut child) = child {
             let _ = child.kill().await;
         }
     }

@@ -123,7 +123,7 @@ impl RedisServer {
         extra_args: Vec<String>,
         dir: tempfile::TempDir,
     ) -> RedisServer {
-        let mut server = Self::new(port, password, extra_args, dir);
+        let server = Self::new(port, password, extra_args, dir);
         server.spawn().await;
         if server.extra_args.is_empty() {
             server.mark_long_known().await;
@@ -167,7 +167,7 @@ impl RedisServer {
             .unwrap_or_else(|e| panic!("redis HSET: {e}"));
     }
 
-    async fn spawn(&mut self) {
+    async fn spawn(&self) {
         let mut command = Command::new("redis-server");
         command
             .arg("--port")
@@ -203,13 +203,13 @@ impl RedisServer {
     }
 
     /// Kills the server (no shutdown, no save) and waits for it to exit.
-    pub async fn kill(&mut self) {
+    pub async fn kill(&self) {
         self.process.kill().await;
     }
 
     /// Kills and starts the server again on the same port: all data is lost (also the files
     /// of a persistent server).
-    pub async fn restart(&mut self) {
+    pub async fn restart(&self) {
         self.kill().await;
         for entry in std::fs::read_dir(self.dir.path())
             .into_iter()
@@ -223,7 +223,7 @@ impl RedisServer {
 
     /// Kills the server (SIGKILL: no shutdown, no save) and starts it again on the same port
     /// and directory: it reloads whatever its persistence mode had on disk.
-    pub async fn crash_restart(&mut self) {
+    pub async fn crash_restart(&self) {
         self.kill().await;
         self.spawn().await;
     }
@@ -402,6 +402,15 @@ impl RedisHarness {
 impl Harness for RedisHarness {
     fn name(&self) -> &'static str {
         "redis"
+    }
+
+    /// SIGKILL, then a start on the same port after `down_for`; this harness's server has no
+    /// persistence, so it comes back empty (tokens still increase: the server's clock).
+    async fn restart(&self, down_for: Duration) -> bool {
+        self.server.kill().await;
+        tokio::time::sleep(down_for).await;
+        self.server.restart().await;
+        true
     }
 
     async fn client(&self) -> TestClient {

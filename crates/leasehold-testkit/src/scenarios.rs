@@ -277,6 +277,63 @@ pub async fn old_grant_names_only_its_term<H: Harness + ?Sized>(h: &H) {
     );
 }
 
+/// The store's server crashes and restarts under a leader ([`Harness::restart`]; skipped where
+/// the harness cannot): the leader steps down while the server is down, nobody leads before it
+/// is back, someone leads after it, with a greater token, and never two at once.
+pub async fn server_restart_while_leading<H: Harness + ?Sized>(h: &H) {
+    let t = h.timing();
+    let lock = lock_name("restart");
+    let checker = SafetyChecker::new();
+    let (mut a, mut b) = leader_and_follower(h, &lock, &checker, Duration::ZERO).await;
+    let term = a.last_leadership().expect("a's term");
+    // Down for two leases: past the renew deadline and past any validity. The server is down
+    // at least from `killed` to `back` (a restart may take longer to answer, never less).
+    let down_for = 2 * t.lease_duration;
+    let killed = Instant::now();
+    if !h.restart(down_for).await {
+        a.stop().await.expect("a stops");
+        b.stop().await.expect("b stops");
+        return;
+    }
+    let back = killed + down_for;
+    let ended = term
+        .ended_at()
+        .expect("the leader stepped down while the server was down");
+    assert!(
+        ended < back,
+        "a's term ended only after the server was back"
+    );
+    wait_for(
+        "someone to lead after the restart",
+        10 * t.lease_duration,
+        || a.handle.is_leader() || b.handle.is_leader(),
+    )
+    .await;
+    let intervals = checker.verify().expect("never two leaders").intervals;
+    let during: Vec<_> = intervals
+        .iter()
+        .filter(|i| i.start > killed && i.start < back)
+        .collect();
+    assert!(
+        during.is_empty(),
+        "a term started while the server was down: {during:?}"
+    );
+    let last = intervals.last().expect("a term after the restart");
+    assert!(
+        last.start > ended,
+        "the new term starts after the old one ended"
+    );
+    assert!(
+        last.token > term.token(),
+        "tokens must increase across the restart: {} then {}",
+        term.token(),
+        last.token
+    );
+    a.stop().await.expect("a stops");
+    b.stop().await.expect("b stops");
+    verify(&checker);
+}
+
 /// One candidate acquires, leads with a token, and releases on shutdown.
 pub async fn single_candidate_acquires<H: Harness + ?Sized>(h: &H) {
     let t = h.timing();
