@@ -404,11 +404,12 @@ impl LockBackend for EtcdBackend {
         };
         // A term was already granted from this key and has since been given up: leave the queue
         // and join again, so the next term gets a new, greater token.
-        if let (Some(granted), Some(revision)) = (seat.granted, seat.create_revision) {
-            if granted == revision {
-                self.delete_key(&mut client, &seat.key, revision).await?;
-                seat.forget_key(revision);
-            }
+        if let Some(revision) = seat
+            .create_revision
+            .filter(|_| crate::seat::must_rejoin(seat.granted, seat.create_revision))
+        {
+            self.delete_key(&mut client, &seat.key, revision).await?;
+            seat.forget_key(revision);
         }
         let Some((revision, new)) = self.ensure_key(&mut client, seat).await? else {
             seat.mark_dead();

@@ -59,16 +59,13 @@ impl Seat {
         cell: Arc<SeatCell>,
     ) -> Result<Seat, BackendError> {
         let config = backend.config();
-        let ttl = i64::try_from(candidate.lease_duration.as_secs())
-            .unwrap_or(i64::MAX)
-            .saturating_add(i64::from(candidate.lease_duration.subsec_nanos() > 0))
-            .max(1);
+        let ttl = lease_ttl(candidate.lease_duration);
         let granted = client
             .lease_grant(ttl, None)
             .await
             .map_err(|e| map_error(config, "acquire", &e))?;
         let lease = granted.id();
-        let ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(1).max(1));
+        let ttl = granted_ttl(granted.ttl());
         let shared = Arc::new(Shared {
             alive: AtomicBool::new(true),
             keeper: tokio::sync::Mutex::new(None),
@@ -192,7 +189,7 @@ async fn keep_alive_loop(
     shared: Arc<Shared>,
     cell: Arc<SeatCell>,
 ) {
-    let period = (ttl / 3).max(Duration::from_millis(100));
+    let period = keep_alive_period(ttl);
     loop {
         tokio::time::sleep(period).await;
         if cell.watchers.load(Ordering::SeqCst) == 0 {
@@ -340,7 +337,9 @@ async fn follow(
             }
         };
         let (key, first) = match (ahead, own) {
+            // Someone is ahead in the queue: watch that key's deletion.
             (Some(key), _) => (key, false),
+            // First in line.
             (None, Some((identity, key, ttl))) => {
                 // First in line: the candidate leads (or may take the lead now). Then watch our
                 // own key: its deletion by anyone else ends the term at once.
@@ -415,6 +414,92 @@ async fn follow(
                     }
                 },
             }
+        }
+    }
+}
+
+/// The TTL asked for a candidate's lease: the lease duration rounded up to whole seconds
+/// (etcd's unit), at least 1, saturating on absurd durations.
+pub(crate) fn lease_ttl(lease_duration: Duration) -> i64 {
+    i64::try_from(lease_duration.as_secs())
+        .unwrap_or(i64::MAX)
+        .saturating_add(i64::from(lease_duration.subsec_nanos() > 0))
+        .max(1)
+}
+
+/// The TTL etcd granted (it may raise a small one to its minimum), as a duration of at least
+/// one second; a nonsensical answer (zero, negative) counts as one second.
+pub(crate) fn granted_ttl(granted: i64) -> Duration {
+    Duration::from_secs(u64::try_from(granted).unwrap_or(1).max(1))
+}
+
+/// How often a following candidate keeps its queue place alive: three times per TTL (as Go's
+/// `concurrency.Session`), never more often than every 100 ms.
+pub(crate) fn keep_alive_period(ttl: Duration) -> Duration {
+    (ttl / 3).max(Duration::from_millis(100))
+}
+
+/// Whether a term was already granted from the key the seat holds now, so that a new attempt
+/// must leave the queue and join again (a new key: a new, greater token).
+pub(crate) fn must_rejoin(granted: Option<i64>, create_revision: Option<i64>) -> bool {
+    matches!((granted, create_revision), (Some(g), Some(r)) if g == r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn the_ttl_rounds_the_lease_up_to_whole_seconds() {
+        assert_eq!(lease_ttl(Duration::from_secs(15)), 15);
+        assert_eq!(lease_ttl(Duration::from_millis(1500)), 2);
+        assert_eq!(lease_ttl(Duration::from_millis(1)), 1);
+        assert_eq!(lease_ttl(Duration::ZERO), 1);
+        assert_eq!(lease_ttl(Duration::MAX), i64::MAX);
+    }
+
+    #[test]
+    fn a_granted_ttl_is_at_least_a_second() {
+        assert_eq!(granted_ttl(5), Duration::from_secs(5));
+        assert_eq!(granted_ttl(0), Duration::from_secs(1));
+        assert_eq!(granted_ttl(-1), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn followers_keep_alive_three_times_per_ttl() {
+        assert_eq!(
+            keep_alive_period(Duration::from_secs(15)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            keep_alive_period(Duration::from_millis(150)),
+            Duration::from_millis(100)
+        );
+    }
+
+    #[test]
+    fn a_new_term_needs_a_new_key() {
+        assert!(must_rejoin(Some(7), Some(7)), "granted from this key");
+        assert!(
+            !must_rejoin(Some(7), Some(9)),
+            "the key is newer than the term"
+        );
+        assert!(!must_rejoin(None, Some(7)), "queued, never granted");
+        assert!(!must_rejoin(Some(7), None), "no key yet");
+        assert!(!must_rejoin(None, None));
+    }
+
+    proptest! {
+        /// The TTL never undercuts the lease: a key lives at least as long as the lease it
+        /// carries (a shorter TTL would free the lock while the leader may still lead).
+        #[test]
+        fn the_ttl_covers_the_lease(ms in 0u64..10_000_000) {
+            let lease = Duration::from_millis(ms);
+            let ttl = lease_ttl(lease);
+            prop_assert!(ttl >= 1);
+            prop_assert!(Duration::from_secs(u64::try_from(ttl).unwrap_or(0)) >= lease);
+            prop_assert!(Duration::from_secs(u64::try_from(ttl).unwrap_or(0)) < lease + Duration::from_secs(1));
         }
     }
 }
