@@ -23,8 +23,7 @@ mod etcd_specific {
     use leasehold_testkit::proxy::{Proxy, ProxyFaults};
     use leasehold_testkit::scenarios::{lock_name, wait_for};
     use leasehold_testkit::{
-        EtcdHarness, EtcdServer, Harness, Node, NodeEvent, SafetyChecker, TestClient, Timing,
-        APP_USER,
+        EtcdHarness, EtcdServer, Node, NodeEvent, SafetyChecker, TestClient, Timing, APP_USER,
     };
     use tokio::io::{AsyncBufReadExt, BufReader};
     use tokio::process::{Child, Command};
@@ -32,15 +31,6 @@ mod etcd_specific {
 
     fn timing() -> Timing {
         Timing::FAST
-    }
-
-    async fn node(h: &EtcdHarness, id: &str, lock: &str, checker: &SafetyChecker) -> Node {
-        Node::start(
-            timing().config(id, lock),
-            h.client().await,
-            checker,
-            Duration::ZERO,
-        )
     }
 
     /// A test client through its own proxy to `target`, logged in as `user` when given; with
@@ -135,7 +125,7 @@ mod etcd_specific {
         line(&mut elect, "go-proposal", Duration::from_secs(10)).await;
 
         let checker = SafetyChecker::new();
-        let mut ours = node(&h, "rust-candidate", &lock, &checker).await;
+        let mut ours = Node::join(&h, "rust-candidate", &lock, &checker).await;
         wait_for(
             "ours to see etcdctl's proposal as leader",
             2 * t.lease_duration,
@@ -196,7 +186,7 @@ mod etcd_specific {
         let h = EtcdHarness::start().await;
         let lock = lock_name("revoke");
         let checker = SafetyChecker::new();
-        let mut a = node(&h, "a", &lock, &checker).await;
+        let mut a = Node::join(&h, "a", &lock, &checker).await;
         started(&mut a, 2 * t.lease_duration).await;
         let first = a.leaderships().first().cloned().expect("a's first term");
         let mut admin = h.server_ref().client().await;
@@ -265,9 +255,9 @@ mod etcd_specific {
         let h = EtcdHarness::start().await;
         let lock = lock_name("queue-expiry");
         let checker = SafetyChecker::new();
-        let mut a = node(&h, "a", &lock, &checker).await;
+        let mut a = Node::join(&h, "a", &lock, &checker).await;
         wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
-        let mut b = node(&h, "b", &lock, &checker).await;
+        let mut b = Node::join(&h, "b", &lock, &checker).await;
         wait_for("b queues", 2 * t.lease_duration, || {
             b.handle.leader().as_deref() == Some("a")
         })
@@ -371,7 +361,7 @@ mod etcd_specific {
         let h = EtcdHarness::start().await;
         let lock = lock_name("blackhole");
         let checker = SafetyChecker::new();
-        let mut a = node(&h, "a", &lock, &checker).await;
+        let mut a = Node::join(&h, "a", &lock, &checker).await;
         started(&mut a, 2 * t.lease_duration).await;
         let (client, b_proxy) = client_as(h.server_ref().addr(), None).await;
         let mut b = Node::start(t.config("b", &lock), client, &checker, Duration::ZERO);

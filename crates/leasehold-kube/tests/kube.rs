@@ -26,15 +26,6 @@ mod kube_specific {
         Timing::FAST
     }
 
-    async fn node(h: &KubeHarness, id: &str, lock: &str, checker: &SafetyChecker) -> Node {
-        Node::start(
-            timing().config(id, lock),
-            h.client().await,
-            checker,
-            Duration::ZERO,
-        )
-    }
-
     async fn leases(h: &KubeHarness) -> Api<Lease> {
         Api::namespaced(h.server_ref().admin().await, NAMESPACE)
     }
@@ -46,7 +37,7 @@ mod kube_specific {
         let h = KubeHarness::start().await;
         let lock = lock_name("fields");
         let checker = SafetyChecker::new();
-        let mut a = node(&h, "a", &lock, &checker).await;
+        let mut a = Node::join(&h, "a", &lock, &checker).await;
         wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
         let spec = h.lease(&lock).await.expect("lease").spec.expect("spec");
         assert_eq!(spec.holder_identity.as_deref(), Some("a"));
@@ -56,7 +47,7 @@ mod kube_specific {
         assert!(spec.acquire_time.is_some());
         assert_eq!(renew.subsec_nanosecond() % 1_000, 0, "MicroTime precision");
         let token = a.last_leadership().expect("term").token();
-        let mut b = node(&h, "b", &lock, &checker).await;
+        let mut b = Node::join(&h, "b", &lock, &checker).await;
         wait_for("b follows", t.lease_duration, || {
             b.handle.leader().as_deref() == Some("a")
         })
@@ -172,9 +163,9 @@ mod kube_specific {
         let h = KubeHarness::start().await;
         let lock = lock_name("deleted");
         let checker = SafetyChecker::new();
-        let mut a = node(&h, "a", &lock, &checker).await;
+        let mut a = Node::join(&h, "a", &lock, &checker).await;
         wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
-        let mut b = node(&h, "b", &lock, &checker).await;
+        let mut b = Node::join(&h, "b", &lock, &checker).await;
         wait_for("b follows", t.lease_duration, || {
             b.handle.leader().as_deref() == Some("a")
         })
@@ -205,7 +196,7 @@ mod kube_specific {
         let h = KubeHarness::start().await;
         let lock = lock_name("edited");
         let checker = SafetyChecker::new();
-        let mut a = node(&h, "a", &lock, &checker).await;
+        let mut a = Node::join(&h, "a", &lock, &checker).await;
         wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
         let api = leases(&h).await;
         let mut lease = api.get(&lock).await.expect("get");

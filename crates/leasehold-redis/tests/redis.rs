@@ -19,22 +19,12 @@ mod redis_specific {
     use leasehold_testkit::proxy::Proxy;
     use leasehold_testkit::scenarios::{lock_name, wait_for};
     use leasehold_testkit::{
-        Harness, Node, NodeEvent, Persistence, RedisHarness, RedisServer, SafetyChecker, Timing,
-        GARBAGE,
+        Node, NodeEvent, Persistence, RedisHarness, RedisServer, SafetyChecker, Timing, GARBAGE,
     };
     use tokio::time::{sleep, Instant};
 
     fn timing() -> Timing {
         Timing::FAST
-    }
-
-    async fn node(h: &RedisHarness, id: &str, lock: &str, checker: &SafetyChecker) -> Node {
-        Node::start(
-            timing().config(id, lock),
-            h.client().await,
-            checker,
-            Duration::ZERO,
-        )
     }
 
     /// Waits until a term begins that was not in `before` (the count of recorded terms).
@@ -51,9 +41,9 @@ mod redis_specific {
         let mut h = RedisHarness::start_persistent(persistence).await;
         let lock = lock_name("stale-reload");
         let checker = SafetyChecker::new();
-        let mut a = node(&h, "a", &lock, &checker).await;
+        let mut a = Node::join(&h, "a", &lock, &checker).await;
         wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
-        let mut b = node(&h, "b", &lock, &checker).await;
+        let mut b = Node::join(&h, "b", &lock, &checker).await;
         wait_for("b follows", t.lease_duration, || {
             b.handle.leader().as_deref() == Some("a")
         })
@@ -68,7 +58,7 @@ mod redis_specific {
         a.stop().await.expect("a stops");
         let before = checker.intervals().len();
         h.server().crash_restart_from_snapshot().await;
-        let mut c = node(&h, "c", &lock, &checker).await;
+        let mut c = Node::join(&h, "c", &lock, &checker).await;
         new_term(&checker, before, 10 * t.lease_duration).await;
         c.stop().await.expect("c stops");
         let report = checker
@@ -113,9 +103,9 @@ mod redis_specific {
         let mut h = RedisHarness::start_persistent(persistence).await;
         let lock = lock_name("restart-two-leaders");
         let checker = SafetyChecker::new();
-        let mut a = node(&h, "a", &lock, &checker).await;
+        let mut a = Node::join(&h, "a", &lock, &checker).await;
         wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
-        let mut b = node(&h, "b", &lock, &checker).await;
+        let mut b = Node::join(&h, "b", &lock, &checker).await;
         wait_for("b follows", t.lease_duration, || {
             b.handle.leader().as_deref() == Some("a")
         })
@@ -178,7 +168,7 @@ mod redis_specific {
             .keys(&lock)
             .lock;
         let checker = SafetyChecker::new();
-        let mut a = node(&h, "a", &lock, &checker).await;
+        let mut a = Node::join(&h, "a", &lock, &checker).await;
         wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
         a.client.faults.partition().await;
         let mut conn = plain(&h).await;
@@ -232,7 +222,7 @@ mod redis_specific {
             .expect("EXISTS");
         assert_eq!(exists, 0, "the lock key must be gone");
         assert!(a.handle.is_leader(), "a is still valid");
-        let mut b = node(&h, "b", &lock, &checker).await;
+        let mut b = Node::join(&h, "b", &lock, &checker).await;
         wait_for("b leads", 5 * t.lease_duration, || b.handle.is_leader()).await;
         a.client.faults.heal().await;
         b.stop().await.expect("b stops");
@@ -383,7 +373,7 @@ mod redis_specific {
             .await
             .expect("SET");
         let checker = SafetyChecker::new();
-        let mut a = node(&h, "a", &lock, &checker).await;
+        let mut a = Node::join(&h, "a", &lock, &checker).await;
         sleep(3 * t.lease_duration).await;
         assert!(!a.handle.is_leader());
         assert!(matches!(

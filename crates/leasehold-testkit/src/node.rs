@@ -10,7 +10,7 @@ use leasehold_core::{
 use tokio::time::Instant;
 
 use crate::checker::SafetyChecker;
-use crate::harness::TestClient;
+use crate::harness::{Harness, TestClient};
 
 /// What a node's callbacks saw, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +67,34 @@ impl Node {
                 leadership.cancelled().await;
                 tokio::time::sleep(wind_down).await;
             },
+        )
+    }
+
+    /// Starts `identity` as a candidate for `lock` on a new client of `h`, with the harness's
+    /// timing, tracked by `checker`; its leader's work ends as soon as the term does.
+    pub async fn join<H: Harness + ?Sized>(
+        h: &H,
+        identity: &str,
+        lock: &str,
+        checker: &SafetyChecker,
+    ) -> Node {
+        Self::join_with_wind_down(h, identity, lock, checker, Duration::ZERO).await
+    }
+
+    /// [`join`](Self::join), with a leader's work that takes `wind_down` to finish after its
+    /// term ends.
+    pub async fn join_with_wind_down<H: Harness + ?Sized>(
+        h: &H,
+        identity: &str,
+        lock: &str,
+        checker: &SafetyChecker,
+        wind_down: Duration,
+    ) -> Node {
+        Self::start(
+            h.timing().config(identity, lock),
+            h.client().await,
+            checker,
+            wind_down,
         )
     }
 

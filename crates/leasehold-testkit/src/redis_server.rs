@@ -281,6 +281,33 @@ impl RedisServer {
         self.spawn().await;
     }
 
+    /// Runs `command` (an `INFO`-like command answering text) every 100 ms until `ready`
+    /// accepts its answer.
+    ///
+    /// # Panics
+    ///
+    /// When it does not within 30 s.
+    async fn info_until(&self, command: &[&str], ready: impl Fn(&str) -> Result<(), String>) {
+        let what = format!("redis-server {} ({})", self.addr(), command.join(" "));
+        wait_ready(
+            &what,
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || async {
+                let mut cmd = redis::cmd(command[0]);
+                cmd.arg(&command[1..]);
+                let info: String = async {
+                    let mut c = self.client().get_multiplexed_async_connection().await?;
+                    cmd.query_async(&mut c).await
+                }
+                .await
+                .map_err(|e| e.to_string())?;
+                ready(&info)
+            },
+        )
+        .await;
+    }
+
     /// The server process' id while it runs (to send it SIGSTOP/SIGCONT).
     pub fn pid(&self) -> Option<u32> {
         self.process.pid()
@@ -537,52 +564,28 @@ impl RedisCluster {
             "redis-cli --cluster create failed: {status}"
         );
         for node in &nodes {
-            let what = format!("cluster node {}", node.addr());
-            wait_ready(
-                &what,
-                Duration::from_secs(30),
-                Duration::from_millis(100),
-                || async {
-                    let info: String = async {
-                        let mut c = node.client().get_multiplexed_async_connection().await?;
-                        redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await
-                    }
-                    .await
-                    .map_err(|e| e.to_string())?;
-                    match info.contains("cluster_state:ok") {
-                        true => Ok(()),
-                        false => Err("cluster_state is not ok".to_owned()),
-                    }
-                },
-            )
+            node.info_until(&["CLUSTER", "INFO"], |info| {
+                match info.contains("cluster_state:ok") {
+                    true => Ok(()),
+                    false => Err("cluster_state is not ok".to_owned()),
+                }
+            })
             .await;
         }
         // A lock without metadata waits one lease after a server's start (the uptime stands
         // in for the server-wide key on a cluster): let the scenarios' leases pass first.
         for node in &nodes {
-            let what = format!("cluster node {}", node.addr());
-            wait_ready(
-                &what,
-                Duration::from_secs(30),
-                Duration::from_millis(100),
-                || async {
-                    let info: String = async {
-                        let mut c = node.client().get_multiplexed_async_connection().await?;
-                        redis::cmd("INFO").arg("server").query_async(&mut c).await
-                    }
-                    .await
-                    .map_err(|e| e.to_string())?;
-                    let uptime = info
-                        .lines()
-                        .find_map(|l| l.strip_prefix("uptime_in_seconds:"))
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .unwrap_or(0);
-                    match uptime > crate::Timing::FAST.lease_duration.as_secs() {
-                        true => Ok(()),
-                        false => Err(format!("up for {uptime} s only")),
-                    }
-                },
-            )
+            node.info_until(&["INFO", "server"], |info| {
+                let uptime = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("uptime_in_seconds:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0);
+                match uptime > crate::Timing::FAST.lease_duration.as_secs() {
+                    true => Ok(()),
+                    false => Err(format!("up for {uptime} s only")),
+                }
+            })
             .await;
         }
         RedisCluster { nodes }

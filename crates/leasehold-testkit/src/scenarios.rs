@@ -53,12 +53,7 @@ async fn node<H: Harness + ?Sized>(
     checker: &SafetyChecker,
     wind_down: Duration,
 ) -> Node {
-    Node::start(
-        h.timing().config(identity, lock),
-        h.client().await,
-        checker,
-        wind_down,
-    )
+    Node::join_with_wind_down(h, identity, lock, checker, wind_down).await
 }
 
 /// Starts `a` (whose work takes `wind_down` to end) and waits until it leads, then `b` and waits
