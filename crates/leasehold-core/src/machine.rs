@@ -544,6 +544,9 @@ impl Machine {
         let Some(sent_at) = self.finish_call(result.name()) else {
             return;
         };
+        if matches!(result.error(), Some(BackendError::Timeout { .. })) {
+            self.reopen_watch(now);
+        }
         match result {
             CallResult::Acquire(result) => self.on_acquire_result(now, sent_at, result),
             CallResult::Renew(result) => self.on_renew_result(now, sent_at, result),
@@ -1211,6 +1214,17 @@ impl Machine {
             self.actions.push_back(Action::OpenWatch {
                 deadline: now + self.params.retry_period,
             });
+        }
+    }
+
+    /// A call went unanswered: the path to the store may be dead without a word (a blackhole:
+    /// no FIN, no RST), and a watch on it would stay silent for ever, missing a release. Close
+    /// the open watch and open a new one at once (on a new connection where the backend makes
+    /// one per watch); a new watch that cannot open either retries as usual.
+    fn reopen_watch(&mut self, now: Instant) {
+        if self.watch_open {
+            self.close_watch();
+            self.timers.set(Timer::WatchRetry, now);
         }
     }
 

@@ -390,6 +390,41 @@ fn a_broken_watch_is_reopened_and_bounds_the_wait() {
 }
 
 #[test]
+fn a_timed_out_call_reopens_the_watch_an_error_does_not() {
+    // A call that went unanswered says the path may be dead without a word: the watch on it
+    // may be deaf too, so it is replaced at once.
+    let mut sim = Sim::started(config());
+    sim.m.handle_call_result(
+        sim.now,
+        CallResult::Acquire(Err(BackendError::Timeout {
+            backend: "test".into(),
+            operation: "acquire",
+            after: DEADLINE,
+        })),
+    );
+    let actions = sim.drain();
+    assert_eq!(
+        actions,
+        vec![
+            Action::CloseWatch,
+            Action::OpenWatch {
+                deadline: sim.now + RETRY
+            }
+        ],
+        "the watch is replaced, and nothing else happens at once"
+    );
+    // An answered error (the store said no) leaves the watch alone.
+    sim.advance(RETRY);
+    sim.answer(CallResult::Acquire(Err(unavailable())));
+    assert!(
+        !sim.drain()
+            .iter()
+            .any(|a| matches!(a, Action::CloseWatch | Action::OpenWatch { .. })),
+        "an answered error does not touch the watch"
+    );
+}
+
+#[test]
 fn transient_acquire_errors_retry_after_retry_period() {
     let mut sim = Sim::started(config());
     sim.answer(CallResult::Acquire(Err(unavailable())));

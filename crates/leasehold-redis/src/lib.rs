@@ -47,7 +47,7 @@
 mod record;
 mod scripts;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -203,6 +203,10 @@ struct Inner {
     /// The newest generation of connection on which a command went unanswered: that connection
     /// and older ones are retired.
     unanswered: AtomicU64,
+    /// Told of every retirement: a connection that went silent says the subscriptions of this
+    /// backend value (on connections of their own, over the same path) may be as dead, so open
+    /// watches end and the electors subscribe again.
+    retired: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -245,6 +249,7 @@ impl Drop for Unanswered {
             .unanswered
             .fetch_max(self.generation, Ordering::SeqCst);
         if before < self.generation {
+            self.inner.retired.send_replace(self.generation);
             tracing::warn!(
                 address = %self.inner.address,
                 connection = self.generation,
@@ -379,6 +384,7 @@ impl RedisBackend {
                 scripts: Scripts::new(),
                 connection: Mutex::default(),
                 unanswered: AtomicU64::new(0),
+                retired: tokio::sync::watch::Sender::new(0),
                 config,
             }),
         })
@@ -762,6 +768,26 @@ impl LockBackend for RedisBackend {
             .map_err(|e| self.error("watch", &e))?;
         let lock = candidate.lock.clone();
         let backend = self.clone();
+        // A subscription is silent when nothing happens, and equally when its connection died
+        // without a FIN or RST (a blackhole): then a release would never reach this follower.
+        // A command connection found unanswered after this watch opened is the sign; end the
+        // watch then, so the elector subscribes again on a new connection.
+        let mut retired = self.inner.retired.subscribe();
+        retired.borrow_and_update();
+        let ended_by_retirement = Arc::new(AtomicBool::new(false));
+        let (set, read) = (ended_by_retirement.clone(), ended_by_retirement);
+        let address = self.inner.address.clone();
+        let resubscribe = futures::stream::once(async move {
+            read.load(Ordering::SeqCst).then(|| {
+                Err(BackendError::Unavailable {
+                    backend: format!("redis at {address}"),
+                    detail: "a command went unanswered on this client: the subscription may be \
+                             dead too; subscribing again"
+                        .into(),
+                })
+            })
+        })
+        .filter_map(std::future::ready);
         Ok(pubsub
             .into_on_message()
             .filter_map(move |message| {
@@ -788,6 +814,14 @@ impl LockBackend for RedisBackend {
                     Some(event(&lock, &payload))
                 }
             })
+            .take_until(async move {
+                match retired.changed().await {
+                    Ok(()) => set.store(true, Ordering::SeqCst),
+                    // The backend is gone: nothing will retire a connection any more.
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            })
+            .chain(resubscribe)
             .boxed())
     }
 }

@@ -98,6 +98,7 @@ macro_rules! conformance_tests {
             late_release_never_blanks_newer_holder,
             lock_deleted_under_leader,
             server_restart_while_leading,
+            follower_hears_release_after_blackhole,
             leader_after_blackhole,
             resign_hands_over,
             standalone_mode,

@@ -329,6 +329,68 @@ pub async fn server_restart_while_leading<H: Harness + ?Sized>(h: &H) {
     verify(&checker);
 }
 
+/// A follower's connections are blackholed (silently dead: no FIN, no RST; partitioned where
+/// the harness cannot blackhole) long enough for a call of its to go unanswered, then healed:
+/// once it answers again, it must hear of a release by notification again, not only at its
+/// next scheduled attempt (its subscription may have died with the blackhole).
+pub async fn follower_hears_release_after_blackhole<H: Harness + ?Sized>(h: &H) {
+    let t = h.timing();
+    let lock = lock_name("deaf");
+    let checker = SafetyChecker::new();
+    let (mut a, mut b) = leader_and_follower(h, &lock, &checker, Duration::ZERO).await;
+    if !b.client.faults.blackhole().await {
+        b.client.faults.partition().await;
+    }
+    // Past the leader's lease: the follower's attempt at the expiry it observed goes unanswered.
+    sleep(t.lease_duration + t.retry_period).await;
+    b.client.faults.heal().await;
+    let healed = Instant::now();
+    // Give it the time to answer again: until a call of b sent after the heal succeeded (an
+    // attempt that found a holding the lock, or its watch opened again), for at most a lease
+    // and a retry period (a follower whose watch survived makes no call at all).
+    let reached = || {
+        b.client.calls().iter().any(|c| {
+            c.sent > healed
+                && matches!(c.result, Some(CallResult::Held(Some(_)) | CallResult::Done))
+        })
+    };
+    let _ = timeout(t.lease_duration + t.retry_period, async {
+        while !reached() {
+            sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(a.handle.is_leader(), "a kept leading through b's blackhole");
+    let resigned = Instant::now();
+    a.handle.resign();
+    let led = timeout(2 * t.lease_duration, b.handle.wait_for_leadership()).await;
+    if !matches!(led, Ok(true)) {
+        let calls: Vec<String> = b
+            .client
+            .calls()
+            .iter()
+            .filter(|c| c.sent > healed)
+            .map(|c| format!("{:?} +{:?} {:?}", c.kind, c.sent - healed, c.result))
+            .collect();
+        panic!(
+            "b did not lead within {:?} of a's resign; b's calls since the heal {:?} ago: {calls:?}",
+            2 * t.lease_duration,
+            Instant::now() - healed
+        );
+    }
+    leads(&b, t.lease_duration).await;
+    let took = started_at(&b) - resigned;
+    assert!(
+        took < t.lease_duration / 2,
+        "after its blackhole b took {took:?} to take over a released lock: it did not hear \
+         the release (bound {:?})",
+        t.lease_duration / 2
+    );
+    a.stop().await.expect("a stops");
+    b.stop().await.expect("b stops");
+    verify(&checker);
+}
+
 /// One candidate acquires, leads with a token, and releases on shutdown.
 pub async fn single_candidate_acquires<H: Harness + ?Sized>(h: &H) {
     let t = h.timing();
