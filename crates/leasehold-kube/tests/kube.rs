@@ -16,7 +16,7 @@ mod kube_specific {
     use leasehold_core::{
         BackendError, Callbacks, CancellationToken, Elector, ElectorError, LockBackend,
     };
-    use leasehold_testkit::scenarios::{lock_name, wait_for};
+    use leasehold_testkit::scenarios::{leader_and_follower, lock_name, wait_for};
     use leasehold_testkit::{
         Harness, KubeHarness, Node, SafetyChecker, Timing, NAMESPACE, RESTRICTED_TOKEN,
     };
@@ -163,13 +163,7 @@ mod kube_specific {
         let h = KubeHarness::start().await;
         let lock = lock_name("deleted");
         let checker = SafetyChecker::new();
-        let mut a = Node::join(&h, "a", &lock, &checker).await;
-        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
-        let mut b = Node::join(&h, "b", &lock, &checker).await;
-        wait_for("b follows", t.lease_duration, || {
-            b.handle.leader().as_deref() == Some("a")
-        })
-        .await;
+        let (mut a, mut b) = leader_and_follower(&h, &lock, &checker, Duration::ZERO).await;
         let before = a.last_leadership().expect("term").token();
         leases(&h)
             .await

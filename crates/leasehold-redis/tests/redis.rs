@@ -17,7 +17,7 @@ mod redis_specific {
     };
     use leasehold_redis::{RedisBackend, RedisConfig};
     use leasehold_testkit::proxy::Proxy;
-    use leasehold_testkit::scenarios::{lock_name, wait_for};
+    use leasehold_testkit::scenarios::{leader_and_follower, lock_name, wait_for};
     use leasehold_testkit::{
         Node, NodeEvent, Persistence, RedisHarness, RedisServer, SafetyChecker, Timing, GARBAGE,
     };
@@ -41,13 +41,7 @@ mod redis_specific {
         let mut h = RedisHarness::start_persistent(persistence).await;
         let lock = lock_name("stale-reload");
         let checker = SafetyChecker::new();
-        let mut a = Node::join(&h, "a", &lock, &checker).await;
-        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
-        let mut b = Node::join(&h, "b", &lock, &checker).await;
-        wait_for("b follows", t.lease_duration, || {
-            b.handle.leader().as_deref() == Some("a")
-        })
-        .await;
+        let (mut a, mut b) = leader_and_follower(&h, &lock, &checker, Duration::ZERO).await;
         h.server().snapshot().await;
         // Two more terms after the snapshot: b, then a again.
         a.handle.resign();
@@ -103,13 +97,7 @@ mod redis_specific {
         let mut h = RedisHarness::start_persistent(persistence).await;
         let lock = lock_name("restart-two-leaders");
         let checker = SafetyChecker::new();
-        let mut a = Node::join(&h, "a", &lock, &checker).await;
-        wait_for("a leads", 2 * t.lease_duration, || a.handle.is_leader()).await;
-        let mut b = Node::join(&h, "b", &lock, &checker).await;
-        wait_for("b follows", t.lease_duration, || {
-            b.handle.leader().as_deref() == Some("a")
-        })
-        .await;
+        let (mut a, mut b) = leader_and_follower(&h, &lock, &checker, Duration::ZERO).await;
         if let Comeback::StaleSnapshot = comeback {
             h.server().snapshot().await;
             // A renews several times after the snapshot: the key in it expires before reload.

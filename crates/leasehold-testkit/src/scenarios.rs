@@ -46,28 +46,22 @@ fn verify(checker: &SafetyChecker) -> Vec<crate::Interval> {
     }
 }
 
-async fn node<H: Harness + ?Sized>(
-    h: &H,
-    identity: &str,
-    lock: &str,
-    checker: &SafetyChecker,
-    wind_down: Duration,
-) -> Node {
-    Node::join_with_wind_down(h, identity, lock, checker, wind_down).await
-}
-
 /// Starts `a` (whose work takes `wind_down` to end) and waits until it leads, then `b` and waits
 /// until it follows `a`.
-async fn leader_and_follower<H: Harness + ?Sized>(
+///
+/// # Panics
+///
+/// When `a` does not lead within two leases, or `b` does not follow it within one.
+pub async fn leader_and_follower<H: Harness + ?Sized>(
     h: &H,
     lock: &str,
     checker: &SafetyChecker,
     wind_down: Duration,
 ) -> (Node, Node) {
     let t = h.timing();
-    let a = node(h, "a", lock, checker, wind_down).await;
+    let a = Node::join_with_wind_down(h, "a", lock, checker, wind_down).await;
     leads(&a, 2 * t.lease_duration).await;
-    let b = node(h, "b", lock, checker, Duration::ZERO).await;
+    let b = Node::join_with_wind_down(h, "b", lock, checker, Duration::ZERO).await;
     wait_for("b to follow a", t.lease_duration, || {
         b.handle.leader().as_deref() == Some("a")
     })
@@ -396,7 +390,7 @@ pub async fn single_candidate_acquires<H: Harness + ?Sized>(h: &H) {
     let t = h.timing();
     let lock = lock_name("single");
     let checker = SafetyChecker::new();
-    let mut a = node(h, "a", &lock, &checker, Duration::ZERO).await;
+    let mut a = Node::join_with_wind_down(h, "a", &lock, &checker, Duration::ZERO).await;
     // A free lock is taken by the first attempt: well within half a lease.
     leads(&a, t.lease_duration / 2).await;
     assert_eq!(a.handle.leader().as_deref(), Some("a"));
@@ -579,7 +573,7 @@ pub async fn fencing_increases_over_terms<H: Harness + ?Sized>(h: &H) {
     let checker = SafetyChecker::new();
     let mut nodes = Vec::new();
     for id in ["a", "b", "c"] {
-        nodes.push(node(h, id, &lock, &checker, Duration::ZERO).await);
+        nodes.push(Node::join_with_wind_down(h, id, &lock, &checker, Duration::ZERO).await);
     }
     let mut terms = 0;
     while terms < 20 {
@@ -618,7 +612,9 @@ pub async fn ten_contenders<H: Harness + ?Sized>(h: &H) {
     let checker = SafetyChecker::new();
     let mut nodes = Vec::new();
     for i in 0..10 {
-        nodes.push(node(h, &format!("n{i}"), &lock, &checker, Duration::ZERO).await);
+        nodes.push(
+            Node::join_with_wind_down(h, &format!("n{i}"), &lock, &checker, Duration::ZERO).await,
+        );
     }
     for round in 0..4 {
         wait_for("a leader", 4 * t.lease_duration, || {
