@@ -262,6 +262,7 @@ struct ProcessSummary {
     stale_ticks: u64,
     unexpected_exits: u64,
     worst_gap: (Duration, u64),
+    closest_after_kill: Option<(Duration, u64)>,
     worst_recovery: (Duration, u64),
     failing: Vec<u64>,
 }
@@ -278,6 +279,11 @@ impl ProcessSummary {
         self.unexpected_exits += r.unexpected_exits;
         if r.worst_gap > self.worst_gap.0 {
             self.worst_gap = (r.worst_gap, r.seed);
+        }
+        if let Some(gap) = r.closest_after_kill {
+            if self.closest_after_kill.is_none_or(|(c, _)| gap < c) {
+                self.closest_after_kill = Some((gap, r.seed));
+            }
         }
         if r.recovery > self.worst_recovery.0 {
             self.worst_recovery = (r.recovery, r.seed);
@@ -393,6 +399,13 @@ fn processes(backend: ProcessBackend, args: &Args) -> ExitCode {
         sec(s.worst_gap.0),
         s.worst_gap.1
     );
+    if let Some((gap, seed)) = s.closest_after_kill {
+        println!(
+            "{:<40} {:>14}  (seed {seed})",
+            "closest start after a SIGKILLed child",
+            sec(gap)
+        );
+    }
     println!(
         "{:<40} {:>14}  (seed {}, bound {})",
         "worst recovery after faults stop",

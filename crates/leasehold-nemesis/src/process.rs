@@ -658,6 +658,10 @@ pub struct ProcessReport {
     pub unexpected_exits: u64,
     /// Longest time from one child's end to the next child's start.
     pub worst_gap: Duration,
+    /// Shortest time from the death of a SIGKILLed child (no stop line: its `leasehold` died, or
+    /// its supervisor killed it at the term's deadline) to the next child's start: how close the
+    /// run came to an overlap where only the kill protects (`None`: no such handover).
+    pub closest_after_kill: Option<Duration>,
     /// Time from the end of faults until the child that ran when the run ended started (zero
     /// when it started before).
     pub recovery: Duration,
@@ -1002,9 +1006,12 @@ fn judge(
     // Handover gaps, and a child running again soon after the faults stopped.
     for pair in sorted.windows(2) {
         if let Some(end) = pair[0].end {
-            report.worst_gap = report
-                .worst_gap
-                .max(Duration::from_nanos(pair[1].start.saturating_sub(end)));
+            let gap = Duration::from_nanos(pair[1].start.saturating_sub(end));
+            report.worst_gap = report.worst_gap.max(gap);
+            if pair[0].last_alive.is_some() {
+                report.closest_after_kill =
+                    Some(report.closest_after_kill.map_or(gap, |c| c.min(gap)));
+            }
         }
     }
     // Recovery: the child running when the run ended (the leadership things settled on)
@@ -1154,5 +1161,6 @@ mod tests {
             late.violations
         );
         assert_eq!(report.worst_gap, Duration::from_nanos(1_000));
+        assert_eq!(report.closest_after_kill, Some(Duration::from_nanos(1_000)));
     }
 }
