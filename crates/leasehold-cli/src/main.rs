@@ -46,7 +46,8 @@ enum Command {
     /// leasehold, SIGTERM, then SIGKILL after --grace (never past the term's validity). When it
     /// exits, whatever it left running gets SIGKILL, then the lock is released and leasehold
     /// exits with its code (or, with --restart, campaigns again). If leasehold dies, even by
-    /// SIGKILL, the tree gets SIGKILL.
+    /// SIGKILL, the tree gets SIGKILL; if it is frozen (SIGSTOP) or hung past the term's
+    /// validity, its supervisor SIGKILLs the tree by then on its own.
     #[command(after_help = EXIT_CODES)]
     Run(RunArgs),
     /// Print the holder of LOCK, its token, times, lease duration, and whether it looks expired.
@@ -65,6 +66,10 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct SuperviseArgs {
+    /// SIGKILL the command's tree at this CLOCK_MONOTONIC instant (nanoseconds) unless told a
+    /// later one on the control pipe.
+    #[arg(long)]
+    kill_at: Option<u64>,
     /// The inherited read end of the control pipe.
     control_fd: i32,
     /// The inherited write end of the status pipe.
@@ -163,6 +168,7 @@ fn main() -> ExitCode {
         return ExitCode::from(supervisor::supervise(
             args.control_fd,
             args.status_fd,
+            args.kill_at,
             &args.command,
         ));
     }

@@ -8,7 +8,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::backend::BackendUrl;
-use crate::child::{exit_code, Child};
+use crate::child::{exit_code, Child, DEADLINE_MARGIN};
 use crate::error::CliError;
 use crate::RunArgs;
 
@@ -106,7 +106,14 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
                     Supervised::Lost if args.restart => {
                         eprintln!("leasehold: leadership lost; the command was stopped; campaigning again");
                     }
-                    Supervised::Lost => {
+                    Supervised::Expired if args.restart => {
+                        // The elector may not have noticed yet (it was frozen too): step down.
+                        if leadership.is_valid() {
+                            handle.resign();
+                        }
+                        eprintln!("leasehold: the term ran out; the command was killed; campaigning again");
+                    }
+                    Supervised::Lost | Supervised::Expired => {
                         shutdown.cancel();
                         let _ = elector_task.await;
                         return Err(CliError::LostLeadership { lock });
@@ -133,6 +140,9 @@ enum Supervised {
     Exited(u8),
     /// Leadership ended; the command was stopped.
     Lost,
+    /// The command ended after the supervisor's kill deadline (the term's validity, less a
+    /// margin): leasehold could not act in time (it was frozen), the supervisor killed it.
+    Expired,
     /// leasehold was signalled; the command was stopped with this code.
     Signalled(u8),
 }
@@ -157,43 +167,68 @@ async fn supervise(
         leadership.token(),
         args.command
     );
-    let mut child = Child::spawn(&args.command, &env).await?;
+    // The supervisor kills the tree at the term's validity (less a margin) on its own clock,
+    // unless told a later deadline: it holds even while leasehold is frozen.
+    let kill_at = |leadership: &Leadership| {
+        leadership.deadline().map(|deadline| {
+            deadline
+                .into_std()
+                .checked_sub(DEADLINE_MARGIN)
+                .unwrap_or(deadline.into_std())
+        })
+    };
+    let mut child = Child::spawn(&args.command, &env, kill_at(leadership)).await?;
     let grace = |why: &str| capped_grace(args.grace, leadership, why);
-    tokio::select! {
-        status = child.wait() => {
-            let code = status.map(exit_code).unwrap_or(1);
-            Ok(Supervised::Exited(code))
+    // Renewals move the deadline; the supervisor hears of it within this interval.
+    let mut refresh = tokio::time::interval(DEADLINE_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if let Some(at) = kill_at(leadership) {
+            child.set_kill_at(at);
         }
-        () = leadership.cancelled() => {
-            if leadership.stop_cause() == Some(StopCause::Lost) {
-                // The backend no longer holds our term: someone else may lead already.
-                eprintln!("leasehold: leadership lost; killing the command (SIGKILL)");
-                child.kill().await;
-            } else {
-                child.stop(grace("leadership ended")).await;
+        tokio::select! {
+            status = child.wait() => {
+                if child.past_kill_at() {
+                    eprintln!("leasehold: the term ran out while leasehold could not act; the supervisor killed the command");
+                    return Ok(Supervised::Expired);
+                }
+                let code = status.map(exit_code).unwrap_or(1);
+                return Ok(Supervised::Exited(code));
             }
-            Ok(Supervised::Lost)
-        }
-        _ = terminate.recv() => {
-            let status = child.stop(grace("SIGTERM")).await;
-            Ok(Supervised::Signalled(status.map(exit_code).unwrap_or(0)))
-        }
-        _ = interrupt.recv() => {
-            let status = child.stop(grace("SIGINT")).await;
-            Ok(Supervised::Signalled(status.map(exit_code).unwrap_or(0)))
+            () = leadership.cancelled() => {
+                if leadership.stop_cause() == Some(StopCause::Lost) {
+                    // The backend no longer holds our term: someone else may lead already.
+                    eprintln!("leasehold: leadership lost; killing the command (SIGKILL)");
+                    child.kill().await;
+                } else {
+                    child.stop(grace("leadership ended")).await;
+                }
+                return Ok(Supervised::Lost);
+            }
+            _ = terminate.recv() => {
+                let status = child.stop(grace("SIGTERM")).await;
+                return Ok(Supervised::Signalled(status.map(exit_code).unwrap_or(0)));
+            }
+            _ = interrupt.recv() => {
+                let status = child.stop(grace("SIGINT")).await;
+                return Ok(Supervised::Signalled(status.map(exit_code).unwrap_or(0)));
+            }
+            _ = refresh.tick() => {}
         }
     }
 }
+
+/// How often leasehold passes the term's (renewed) deadline on to the supervisor.
+const DEADLINE_REFRESH: Duration = Duration::from_millis(50);
 
 /// The grace before SIGKILL: `--grace`, cut short so the command never runs past the term's
 /// validity (after which another candidate may lead). A term already past it gets SIGKILL at
 /// once.
 fn capped_grace(grace: Duration, leadership: &Leadership, why: &str) -> Duration {
-    let margin = Duration::from_millis(100);
     let left = leadership.deadline().map_or(grace, |deadline| {
         deadline
             .saturating_duration_since(tokio::time::Instant::now())
-            .saturating_sub(margin)
+            .saturating_sub(DEADLINE_MARGIN)
     });
     let capped = grace.min(left);
     eprintln!("leasehold: {why}; stopping the command (SIGTERM, SIGKILL after {capped:?})");

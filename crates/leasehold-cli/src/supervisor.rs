@@ -12,7 +12,12 @@
 //!   descendant; the supervisor exits once all of them are gone;
 //! - `K` on the control pipe: SIGKILL to every descendant at once;
 //! - end of file on the control pipe: leasehold died (even by SIGKILL — the kernel closes its
-//!   end), so SIGKILL to every descendant at once.
+//!   end), so SIGKILL to every descendant at once;
+//! - the kill deadline passes: SIGKILL to every descendant at once. leasehold passes it at start
+//!   (`--kill-at`, CLOCK_MONOTONIC nanoseconds) and moves it with every renew (`D` and 8 bytes
+//!   on the control pipe): the term's validity less a margin. It is kept on the supervisor's
+//!   own clock, so it holds when leasehold itself is frozen (SIGSTOP, a stuck runtime): without
+//!   it, a frozen leasehold's command would run on beside the next leader's.
 //!
 //! Killing repeats until no descendant is left: a process killed while forking leaves children,
 //! which are re-parented to the supervisor and found by the next walk.
@@ -31,7 +36,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::child::{die_with_parent, STARTED};
+use crate::child::{die_with_parent, monotonic_nanos, SET_DEADLINE, STARTED};
 
 /// The signals the supervisor handles itself (blocked, read from a signalfd).
 const HANDLED: [Signal; 4] = [
@@ -49,10 +54,11 @@ const RESCAN: Duration = Duration::from_millis(20);
 const GIVE_UP_AFTER: Duration = Duration::from_secs(2);
 
 /// Runs the supervisor: `control_fd` is the read end of leasehold's control pipe, `status_fd`
-/// the write end of the pipe on which it reports whether the command started. Returns the
-/// supervisor's exit code: the command's (128 + S if signal S killed it).
-pub fn supervise(control_fd: RawFd, status_fd: RawFd, argv: &[String]) -> u8 {
-    match Supervisor::start(control_fd, status_fd, argv) {
+/// the write end of the pipe on which it reports whether the command started, `kill_at` the
+/// first kill deadline (CLOCK_MONOTONIC nanoseconds; `None`: none until leasehold sends one).
+/// Returns the supervisor's exit code: the command's (128 + S if signal S killed it).
+pub fn supervise(control_fd: RawFd, status_fd: RawFd, kill_at: Option<u64>, argv: &[String]) -> u8 {
+    match Supervisor::start(control_fd, status_fd, kill_at, argv) {
         Ok(mut supervisor) => supervisor.run(),
         Err(message) => {
             eprintln!("leasehold supervisor: {message}");
@@ -70,6 +76,8 @@ struct Supervisor {
     exited: Option<u8>,
     /// SIGTERM was passed on: wait for every descendant to exit.
     stopping: bool,
+    /// SIGKILL the tree at this CLOCK_MONOTONIC instant (nanoseconds), whatever leasehold does.
+    kill_at: Option<u64>,
 }
 
 /// Opens an inherited pipe end by number, as a new descriptor (close-on-exec), and closes the
@@ -85,7 +93,12 @@ fn adopt(fd: RawFd, write: bool) -> Result<File, String> {
 }
 
 impl Supervisor {
-    fn start(control_fd: RawFd, status_fd: RawFd, argv: &[String]) -> Result<Supervisor, String> {
+    fn start(
+        control_fd: RawFd,
+        status_fd: RawFd,
+        kill_at: Option<u64>,
+        argv: &[String],
+    ) -> Result<Supervisor, String> {
         let control = adopt(control_fd, false)?;
         let mut status = adopt(status_fd, true)?;
         let report = |status: &mut File, message: &str| {
@@ -126,6 +139,7 @@ impl Supervisor {
             command,
             exited: None,
             stopping: false,
+            kill_at,
         })
     }
 
@@ -145,9 +159,23 @@ impl Supervisor {
             .map_err(|e| format!("cannot open a signalfd: {e}"))
     }
 
+    /// How long until the kill deadline (zero once it has passed); `None` without one.
+    fn until_kill(&self) -> Option<Duration> {
+        self.kill_at
+            .map(|at| Duration::from_nanos(at.saturating_sub(monotonic_nanos())))
+    }
+
     fn run(&mut self) -> u8 {
         loop {
             self.reap();
+            if self.until_kill() == Some(Duration::ZERO) {
+                eprintln!(
+                    "leasehold supervisor: the term's validity ends and leasehold neither renewed \
+                     it nor stopped the command (frozen or hung?); killing the command (SIGKILL)"
+                );
+                self.kill_tree();
+                return self.exited.unwrap_or(1);
+            }
             if let Some(code) = self.exited {
                 if !self.stopping {
                     // The command ended on its own: nothing it started outlives it.
@@ -158,11 +186,16 @@ impl Supervisor {
                     return code;
                 }
             }
-            let timeout = if self.exited.is_some() {
-                PollTimeout::try_from(RESCAN).unwrap_or(PollTimeout::MAX)
-            } else {
-                PollTimeout::NONE
+            let rescan = self.exited.map(|_| RESCAN);
+            let wait = match (rescan, self.until_kill()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
+            // Rounded up to whole milliseconds: no busy loop just before the deadline.
+            let timeout = wait.map_or(PollTimeout::NONE, |wait| {
+                PollTimeout::try_from(wait.saturating_add(Duration::from_nanos(999_999)))
+                    .unwrap_or(PollTimeout::MAX)
+            });
             let (control_ready, signals_ready) = {
                 let mut fds = [
                     PollFd::new(self.control.as_fd(), PollFlags::POLLIN),
@@ -201,6 +234,15 @@ impl Supervisor {
                     Ok(1) if byte[0] == b'T' => {
                         self.stopping = true;
                         self.signal_tree(Signal::SIGTERM);
+                    }
+                    Ok(1) if byte[0] == SET_DEADLINE => {
+                        // Written at once by leasehold (9 bytes < PIPE_BUF): all there.
+                        let mut at = [0u8; 8];
+                        if self.control.read_exact(&mut at).is_err() {
+                            self.kill_tree();
+                            return self.exited.unwrap_or(1);
+                        }
+                        self.kill_at = Some(u64::from_be_bytes(at));
                     }
                     Ok(1) => {
                         // `K`, or anything else: kill at once.

@@ -374,3 +374,69 @@ async fn a_renew_deadline_step_down_ends_the_tree_by_the_terms_validity() {
         assert!(!alive(*pid), "{pid} of {first:?} outlived the term");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_leaders_tree_dies_by_its_deadline_before_the_next_command() {
+    let server = RedisServer::start().await;
+    let url = server.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _cleanup = Cleanup(dir.path().to_path_buf());
+    let cmd = tree_command(dir.path(), "");
+    let mut a = leasehold_run(&url, "tree-frozen", "a", &TIMING, &cmd);
+    let a_err = collect_stderr(&mut a);
+    let (_, first) = wait_tree(dir.path(), 1, Duration::from_secs(20)).await;
+    let mut b = leasehold_run(&url, "tree-frozen", "b", &TIMING, &cmd);
+    let b_err = collect_stderr(&mut b);
+    wait_for("b campaigning", Duration::from_secs(10), || {
+        text(&b_err).contains("campaigns")
+    })
+    .await;
+
+    // a freezes (SIGSTOP: a VM pause, a debugger, a stuck cgroup): it can neither renew nor
+    // stop its command. Its lease expires and b takes over; a's tree must be gone by then.
+    let a_pid = a.id().expect("a's pid").to_string();
+    let signal = |signal: &'static str| {
+        let pid = a_pid.clone();
+        async move {
+            let _ = Command::new("kill").args([signal, &pid]).status().await;
+        }
+    };
+    signal("-STOP").await;
+    let waited = tokio::time::timeout(
+        Duration::from_secs(30),
+        wait_tree(dir.path(), 2, Duration::from_secs(30)),
+    )
+    .await;
+    let all = events(dir.path());
+    let leftovers: Vec<i32> = first.iter().copied().filter(|p| alive(*p)).collect();
+    signal("-CONT").await;
+    assert!(waited.is_ok(), "b never started its command: {all:?}");
+    assert!(
+        !all.iter().any(|l| l.starts_with("alive ")),
+        "the next leader's command started beside the frozen leader's tree {first:?}: {all:?}"
+    );
+    assert!(
+        leftovers.is_empty(),
+        "{leftovers:?} of {first:?} outlived the frozen leader's term"
+    );
+
+    // Thawed, a finds its term over and its command gone: leadership was lost (exit 6).
+    let status = tokio::time::timeout(Duration::from_secs(20), a.wait())
+        .await
+        .unwrap_or_else(|_| panic!("a did not exit after SIGCONT: {}", text(&a_err)))
+        .expect("a's status");
+    assert_eq!(status.code(), Some(6), "{}", text(&a_err));
+    assert!(
+        text(&a_err).contains("leasehold supervisor: the term's validity ends"),
+        "the supervisor, not the thawed leasehold, killed the command: {}",
+        text(&a_err)
+    );
+
+    if let Some(pid) = b.id() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(20), b.wait()).await;
+}

@@ -5,6 +5,11 @@
 //! The schedule (which fault, when, for how long, on which candidate slot) is a pure function
 //! of the seed (ChaCha8); what the servers do with it is not. "The leader" as a target is
 //! resolved when the fault is applied.
+//!
+//! [`process`]: the same idea one level up — real `leasehold run` processes SIGKILLed,
+//! SIGSTOPped and SIGTERMed, their children's start and stop lines judged.
+
+pub mod process;
 
 use std::collections::BTreeMap;
 use std::fmt;
