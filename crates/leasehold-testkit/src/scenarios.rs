@@ -504,7 +504,11 @@ pub async fn crash_failover_at_expiry<H: Harness + ?Sized>(h: &H) {
         a_valid_until - b_start
     );
     let late = b_start - a_valid_until;
-    let bound = t.lease_duration / 100 + t.retry_period + Duration::from_millis(500);
+    // Generous on purpose (a loaded 2-core machine; etcd finds expired leases on its own
+    // ~500 ms schedule and revokes them through raft), yet under one lease: a follower that
+    // waited for a second lease, or for a poll instead of the expiry, fails. How soon the
+    // failover really is lives in the benchmarks.
+    let bound = t.lease_duration / 2 + t.retry_period + Duration::from_millis(500);
     assert!(
         late <= bound,
         "failover took {late:?} past the expiry (bound {bound:?})"
