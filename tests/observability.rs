@@ -1,7 +1,6 @@
-//! Metrics (through a test recorder), health checks and tracing, on the memory backend.
+//! Metrics (through metrics-util's `DebuggingRecorder`), health checks and tracing, on the memory backend.
 
-use std::sync::atomic::Ordering;
-use std::sync::OnceLock;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use leasehold::memory::Partition;
@@ -9,74 +8,98 @@ use leasehold::metrics::{
     BACKEND_ERRORS, CALL_DURATION, FENCING_TOKEN, MASTER_STATUS, TERMS_ENDED, TERMS_STARTED,
 };
 use leasehold::{Callbacks, CancellationToken, Config, Elector, MemoryBackend};
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
-use metrics_util::registry::{AtomicStorage, Registry};
+use metrics::{Key, Level, Metadata, Recorder};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use metrics_util::{CompositeKey, MetricKind};
 use tokio::time::sleep;
 
-/// A recorder that keeps every value (no draining), for assertions.
-struct TestRecorder(Registry<Key, AtomicStorage>);
+/// metrics-util's `DebuggingRecorder`, read without losing what it read.
+///
+/// Its snapshot *drains*: counters and gauges are swapped to 0 and histograms emptied. Read
+/// naively, a gauge would show 0 after the first read whatever the elector did next, and "the
+/// gauge drops to 0 on loss" would pass on code that never writes the 0. So every read adds the
+/// drained counters and histogram samples to running totals here and writes each gauge's value
+/// straight back. The tests run on tokio's current-thread runtime, so no elector task can run
+/// between a read and its write-back: the recorder's state after a read is exactly what the
+/// elector left, and a later 0 can only be the elector's own write.
+struct Metrics<'r> {
+    recorder: &'r DebuggingRecorder,
+    snapshotter: Snapshotter,
+    counters: HashMap<CompositeKey, u64>,
+    gauges: HashMap<CompositeKey, f64>,
+    samples: HashMap<CompositeKey, usize>,
+}
 
-impl Recorder for TestRecorder {
-    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-        self.0
-            .get_or_create_counter(key, |c| Counter::from_arc(c.clone()))
+static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None);
+
+impl<'r> Metrics<'r> {
+    fn new(recorder: &'r DebuggingRecorder) -> Self {
+        let snapshotter = recorder.snapshotter();
+        Self {
+            recorder,
+            snapshotter,
+            counters: HashMap::new(),
+            gauges: HashMap::new(),
+            samples: HashMap::new(),
+        }
     }
-    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
-        self.0
-            .get_or_create_gauge(key, |g| Gauge::from_arc(g.clone()))
+
+    fn read(&mut self) {
+        for (key, _, _, value) in self.snapshotter.snapshot().into_vec() {
+            match value {
+                DebugValue::Counter(n) => *self.counters.entry(key).or_default() += n,
+                DebugValue::Gauge(v) => {
+                    self.recorder
+                        .register_gauge(key.key(), &METADATA)
+                        .set(v.into_inner());
+                    self.gauges.insert(key, v.into_inner());
+                }
+                DebugValue::Histogram(v) => *self.samples.entry(key).or_default() += v.len(),
+            }
+        }
     }
-    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
-        self.0
-            .get_or_create_histogram(key, |h| Histogram::from_arc(h.clone()))
+
+    fn gauge(&mut self, name: &str, lock: &str) -> f64 {
+        self.read();
+        self.gauges
+            .iter()
+            .find(|(key, _)| matches(key, MetricKind::Gauge, name, lock, None))
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("no gauge {name}"))
+    }
+
+    fn counter(&mut self, name: &str, lock: &str, extra: Option<(&str, &str)>) -> u64 {
+        self.read();
+        self.counters
+            .iter()
+            .filter(|(key, _)| matches(key, MetricKind::Counter, name, lock, extra))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    fn histogram_samples(&mut self, name: &str, lock: &str, extra: Option<(&str, &str)>) -> usize {
+        self.read();
+        self.samples
+            .iter()
+            .filter(|(key, _)| matches(key, MetricKind::Histogram, name, lock, extra))
+            .map(|(_, n)| n)
+            .sum()
     }
 }
 
-fn registry() -> &'static Registry<Key, AtomicStorage> {
-    static RECORDER: OnceLock<&'static TestRecorder> = OnceLock::new();
-    &RECORDER
-        .get_or_init(|| {
-            let recorder: &'static TestRecorder =
-                Box::leak(Box::new(TestRecorder(Registry::atomic())));
-            metrics::set_global_recorder(recorder).expect("first recorder");
-            recorder
-        })
-        .0
-}
-
-fn matches(key: &Key, name: &str, lock: &str, extra: Option<(&str, &str)>) -> bool {
-    key.name() == name
+fn matches(
+    key: &CompositeKey,
+    kind: MetricKind,
+    name: &str,
+    lock: &str,
+    extra: Option<(&str, &str)>,
+) -> bool {
+    let kind_matches = key.kind() == kind;
+    let key: &Key = key.key();
+    kind_matches
+        && key.name() == name
         && key.labels().any(|l| l.key() == "name" && l.value() == lock)
         && extra.is_none_or(|(k, v)| key.labels().any(|l| l.key() == k && l.value() == v))
-}
-
-fn gauge(name: &str, lock: &str) -> f64 {
-    registry()
-        .get_gauge_handles()
-        .into_iter()
-        .find(|(key, _)| matches(key, name, lock, None))
-        .map(|(_, g)| f64::from_bits(g.load(Ordering::SeqCst)))
-        .unwrap_or_else(|| panic!("no gauge {name}"))
-}
-
-fn counter(name: &str, lock: &str, extra: Option<(&str, &str)>) -> u64 {
-    registry()
-        .get_counter_handles()
-        .into_iter()
-        .filter(|(key, _)| matches(key, name, lock, extra))
-        .map(|(_, c)| c.load(Ordering::SeqCst))
-        .sum()
-}
-
-fn histogram_samples(name: &str, lock: &str, extra: Option<(&str, &str)>) -> usize {
-    registry()
-        .get_histogram_handles()
-        .into_iter()
-        .filter(|(key, _)| matches(key, name, lock, extra))
-        .map(|(_, h)| h.data().len())
-        .sum()
 }
 
 fn config(identity: &str, lock: &str) -> Config {
@@ -89,7 +112,10 @@ fn config(identity: &str, lock: &str) -> Config {
 
 #[tokio::test(start_paused = true)]
 async fn metrics_follow_terms_calls_and_errors() {
-    registry();
+    let recorder = DebuggingRecorder::new();
+    // Thread-local: the current-thread runtime runs every elector task on this thread.
+    let _installed = metrics::set_default_local_recorder(&recorder);
+    let mut m = Metrics::new(&recorder);
     let lock = "metrics-lock";
     let store = MemoryBackend::new();
     let client = store.connect();
@@ -100,18 +126,23 @@ async fn metrics_follow_terms_calls_and_errors() {
     handle.wait_for_leadership().await;
     sleep(Duration::from_millis(10)).await;
     assert_eq!(
-        gauge(MASTER_STATUS, lock),
+        m.gauge(MASTER_STATUS, lock),
         1.0,
         "a term start sets the gauge to 1"
     );
-    assert_eq!(counter(TERMS_STARTED, lock, None), 1);
+    assert_eq!(
+        m.gauge(MASTER_STATUS, lock),
+        1.0,
+        "a second read still sees 1: reads do not reset the gauge"
+    );
+    assert_eq!(m.counter(TERMS_STARTED, lock, None), 1);
     let token = handle.state().term.unwrap().token.get();
     #[allow(clippy::cast_precision_loss)]
     let token = token as f64;
-    assert_eq!(gauge(FENCING_TOKEN, lock), token);
+    assert_eq!(m.gauge(FENCING_TOKEN, lock), token);
     sleep(Duration::from_secs(1)).await;
     assert!(
-        histogram_samples(CALL_DURATION, lock, Some(("operation", "renew"))) >= 2,
+        m.histogram_samples(CALL_DURATION, lock, Some(("operation", "renew"))) >= 2,
         "renew latency recorded"
     );
 
@@ -120,16 +151,16 @@ async fn metrics_follow_terms_calls_and_errors() {
     sleep(Duration::from_secs(2)).await;
     assert!(!handle.is_leader());
     assert_eq!(
-        gauge(MASTER_STATUS, lock),
+        m.gauge(MASTER_STATUS, lock),
         0.0,
         "a loss sets the gauge back to 0"
     );
     assert!(
-        counter(BACKEND_ERRORS, lock, Some(("kind", "unavailable"))) >= 3,
+        m.counter(BACKEND_ERRORS, lock, Some(("kind", "unavailable"))) >= 3,
         "backend errors by kind"
     );
     assert_eq!(
-        counter(TERMS_ENDED, lock, Some(("cause", "renew_deadline"))),
+        m.counter(TERMS_ENDED, lock, Some(("cause", "renew_deadline"))),
         1
     );
 
@@ -137,13 +168,13 @@ async fn metrics_follow_terms_calls_and_errors() {
     client.faults().heal();
     handle.wait_for_leadership().await;
     sleep(Duration::from_millis(10)).await;
-    assert_eq!(counter(TERMS_STARTED, lock, None), 2);
+    assert_eq!(m.counter(TERMS_STARTED, lock, None), 2);
     handle.resign();
     sleep(Duration::from_millis(10)).await;
-    assert_eq!(counter(TERMS_ENDED, lock, Some(("cause", "resigned"))), 1);
+    assert_eq!(m.counter(TERMS_ENDED, lock, Some(("cause", "resigned"))), 1);
     shutdown.cancel();
     task.await.unwrap().unwrap();
-    assert_eq!(gauge(MASTER_STATUS, lock), 0.0);
+    assert_eq!(m.gauge(MASTER_STATUS, lock), 0.0);
 }
 
 #[tokio::test(start_paused = true)]
