@@ -246,10 +246,19 @@ impl RedisServer {
                     .get_multiplexed_async_connection()
                     .await
                     .unwrap_or_else(|e| panic!("redis: {e}"));
-                let () = redis::cmd("SAVE")
-                    .query_async(&mut c)
-                    .await
-                    .unwrap_or_else(|e| panic!("redis SAVE: {e}"));
+                // `--save "1 1"` runs background saves of its own; SAVE is refused while one
+                // runs ("Background save already in progress"): wait for it, a bounded while.
+                let mut attempts = 0;
+                loop {
+                    match redis::cmd("SAVE").query_async::<()>(&mut c).await {
+                        Ok(()) => break,
+                        Err(e) if attempts < 200 && e.to_string().contains("in progress") => {
+                            attempts += 1;
+                            tokio::time::sleep(Duration::from_millis(25)).await;
+                        }
+                        Err(e) => panic!("redis SAVE: {e}"),
+                    }
+                }
                 "dump.rdb"
             }
             Persistence::AofEverysec => "appendonlydir",
