@@ -44,10 +44,11 @@
 //! # Ok(()) }
 //! ```
 
+mod hub;
 mod record;
 mod scripts;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -207,6 +208,8 @@ struct Inner {
     /// backend value (on connections of their own, over the same path) may be as dead, so open
     /// watches end and the electors subscribe again.
     retired: tokio::sync::watch::Sender<u64>,
+    /// The one pub/sub connection every watch of this backend value shares.
+    hub: hub::Hub,
 }
 
 #[derive(Default)]
@@ -376,6 +379,21 @@ impl RedisBackend {
                 .map_err(|e| invalid(&config.url, e))?;
             Some(cluster)
         };
+        let retired = tokio::sync::watch::Sender::new(0);
+        let (prefix, response_timeout, at) = (
+            config.key_prefix.clone(),
+            config.response_timeout,
+            address.clone(),
+        );
+        let hub = hub::Hub::new(
+            client.clone(),
+            config.connect_timeout,
+            address.clone(),
+            Box::new(move |operation, error| {
+                map_error(&at, &prefix, response_timeout, operation, error)
+            }),
+            retired.clone(),
+        );
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
@@ -384,7 +402,8 @@ impl RedisBackend {
                 scripts: Scripts::new(),
                 connection: Mutex::default(),
                 unanswered: AtomicU64::new(0),
-                retired: tokio::sync::watch::Sender::new(0),
+                retired,
+                hub,
                 config,
             }),
         })
@@ -503,31 +522,13 @@ impl RedisBackend {
     }
 
     fn error(&self, operation: &str, error: &RedisError) -> BackendError {
-        let backend = format!("redis at {}", self.inner.address);
-        let denied = error.kind() == ErrorKind::AuthenticationFailed
-            || matches!(error.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"));
-        if denied {
-            BackendError::Unauthorized {
-                backend,
-                detail: format!(
-                    "{operation}: {error}. Check the user and password in the URL; the ACL user \
-                     needs EVAL, EVALSHA, SCRIPT, GET, SET, DEL, PTTL, HMGET, HSET, TIME, INFO, \
-                     SUBSCRIBE, PUBLISH and WAIT on keys and channels {}*",
-                    self.inner.config.key_prefix
-                ),
-            }
-        } else if error.is_timeout() {
-            BackendError::Timeout {
-                backend,
-                operation: static_op(operation),
-                after: self.inner.config.response_timeout,
-            }
-        } else {
-            BackendError::Unavailable {
-                backend,
-                detail: format!("{operation}: {error}"),
-            }
-        }
+        map_error(
+            &self.inner.address,
+            &self.inner.config.key_prefix,
+            self.inner.config.response_timeout,
+            operation,
+            error,
+        )
     }
 
     async fn wait_for_replicas(
@@ -555,6 +556,40 @@ impl RedisBackend {
             });
         }
         Ok(())
+    }
+}
+
+fn map_error(
+    address: &str,
+    key_prefix: &str,
+    response_timeout: Duration,
+    operation: &str,
+    error: &RedisError,
+) -> BackendError {
+    let backend = format!("redis at {address}");
+    let denied = error.kind() == ErrorKind::AuthenticationFailed
+        || matches!(error.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"));
+    if denied {
+        BackendError::Unauthorized {
+            backend,
+            detail: format!(
+                "{operation}: {error}. Check the user and password in the URL; the ACL user \
+                 needs EVAL, EVALSHA, SCRIPT, GET, SET, DEL, PTTL, HMGET, HSET, TIME, INFO, \
+                 SUBSCRIBE, PUBLISH and WAIT on keys and channels {}*",
+                key_prefix
+            ),
+        }
+    } else if error.is_timeout() {
+        BackendError::Timeout {
+            backend,
+            operation: static_op(operation),
+            after: response_timeout,
+        }
+    } else {
+        BackendError::Unavailable {
+            backend,
+            detail: format!("{operation}: {error}"),
+        }
     }
 }
 
@@ -750,59 +785,27 @@ impl LockBackend for RedisBackend {
                 .db();
             format!("__keyspace@{db}__:{}", keys.lock)
         });
-        let connect = async {
-            let mut pubsub = self.inner.client.get_async_pubsub().await?;
-            pubsub.subscribe(&keys.channel).await?;
-            if let Some(keyspace) = &keyspace {
-                pubsub.subscribe(keyspace).await?;
-            }
-            Ok::<_, RedisError>(pubsub)
-        };
-        let pubsub = tokio::time::timeout(self.inner.config.connect_timeout, connect)
-            .await
-            .map_err(|_| BackendError::Timeout {
-                backend: format!("redis at {}", self.inner.address),
-                operation: "watch",
-                after: self.inner.config.connect_timeout,
-            })?
-            .map_err(|e| self.error("watch", &e))?;
+        let mut channels = vec![keys.channel];
+        channels.extend(keyspace);
+        let subscription = self.inner.hub.subscribe(channels).await?;
         let lock = candidate.lock.clone();
         let backend = self.clone();
-        // A subscription is silent when nothing happens, and equally when its connection died
-        // without a FIN or RST (a blackhole): then a release would never reach this follower.
-        // A command connection found unanswered after this watch opened is the sign; end the
-        // watch then, so the elector subscribes again on a new connection.
-        let mut retired = self.inner.retired.subscribe();
-        retired.borrow_and_update();
-        let ended_by_retirement = Arc::new(AtomicBool::new(false));
-        let (set, read) = (ended_by_retirement.clone(), ended_by_retirement);
-        let address = self.inner.address.clone();
-        let resubscribe = futures::stream::once(async move {
-            read.load(Ordering::SeqCst).then(|| {
-                Err(BackendError::Unavailable {
-                    backend: format!("redis at {address}"),
-                    detail: "a command went unanswered on this client: the subscription may be \
-                             dead too; subscribing again"
-                        .into(),
-                })
-            })
-        })
-        .filter_map(std::future::ready);
-        Ok(pubsub
-            .into_on_message()
-            .filter_map(move |message| {
-                let is_keyspace = keyspace.as_deref() == Some(message.get_channel_name());
-                let payload = message.get_payload_bytes().to_vec();
+        Ok(subscription
+            .filter_map(move |delivery| {
                 let lock = lock.clone();
                 let backend = backend.clone();
                 async move {
-                    let removed = if is_keyspace {
-                        if !keyspace_removal(&payload) {
+                    let delivery = match delivery {
+                        Ok(delivery) => delivery,
+                        Err(error) => return Some(Err(error)),
+                    };
+                    let removed = if delivery.keyspace {
+                        if !keyspace_removal(&delivery.payload) {
                             return None;
                         }
                         true
                     } else {
-                        payload.is_empty()
+                        delivery.payload.is_empty()
                     };
                     if removed {
                         // A removal (release, DEL, expiry, eviction) may be old news by the time
@@ -811,17 +814,9 @@ impl LockBackend for RedisBackend {
                         // so a new holder's watch is not told "vacant" about its own lock.
                         return Some(backend.read(&lock).await);
                     }
-                    Some(event(&lock, &payload))
+                    Some(event(&lock, &delivery.payload))
                 }
             })
-            .take_until(async move {
-                match retired.changed().await {
-                    Ok(()) => set.store(true, Ordering::SeqCst),
-                    // The backend is gone: nothing will retire a connection any more.
-                    Err(_) => std::future::pending::<()>().await,
-                }
-            })
-            .chain(resubscribe)
             .boxed())
     }
 }

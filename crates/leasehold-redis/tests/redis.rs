@@ -11,6 +11,7 @@ leasehold_testkit::conformance_tests!(
 mod redis_specific {
     use std::time::Duration;
 
+    use futures::StreamExt;
     use leasehold_core::{
         AcquireOutcome, BackendError, Callbacks, CancellationToken, Candidate, Config, Elector,
         ElectorError, LockBackend,
@@ -519,6 +520,136 @@ mod redis_specific {
         assert!(
             !err.to_string().contains("hunter2"),
             "password in error: {err}"
+        );
+    }
+
+    /// The server's view of its pub/sub clients: the `sub=` count of each.
+    async fn pubsub_clients(conn: &mut redis::aio::MultiplexedConnection) -> Vec<u64> {
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(conn)
+            .await
+            .expect("CLIENT LIST");
+        list.lines()
+            .filter_map(|line| {
+                line.split(' ')
+                    .find_map(|field| field.strip_prefix("sub="))
+                    .and_then(|n| n.parse().ok())
+            })
+            .collect()
+    }
+
+    /// Issue 13: 200 watches of one backend value are 200 × 2 channels (the lock's and its
+    /// keyspace notifications) on one pub/sub connection, as the server counts them; each
+    /// still hears its own lock's change, and watches that end unsubscribe their channels.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watches_of_one_backend_value_share_one_connection() {
+        const N: usize = 200;
+        let h = RedisHarness::start().await;
+        let mut conn = plain(&h).await;
+        let url = h.server_ref().url();
+        let backend = RedisBackend::from_url(&url).expect("url");
+        let writer = RedisBackend::from_url(&url).expect("url");
+        let candidates: Vec<Candidate> = (0..N)
+            .map(|_| Candidate::new(lock_name("shared-watch"), "b", Duration::from_secs(2)))
+            .collect();
+        let mut watches = Vec::new();
+        for candidate in &candidates {
+            watches.push(backend.watch(candidate).await.expect("watch"));
+        }
+        assert_eq!(
+            pubsub_clients(&mut conn).await,
+            vec![2 * N as u64],
+            "one pub/sub connection with every channel"
+        );
+        for candidate in &candidates {
+            let writer_candidate =
+                Candidate::new(candidate.lock.clone(), "x", Duration::from_secs(2));
+            assert!(matches!(
+                writer.try_acquire(&writer_candidate).await,
+                Ok(AcquireOutcome::Acquired(_))
+            ));
+        }
+        for (candidate, watch) in candidates.iter().zip(&mut watches) {
+            let seen = tokio::time::timeout(Duration::from_secs(10), watch.next())
+                .await
+                .unwrap_or_else(|_| panic!("no event on {}", candidate.lock))
+                .expect("the watch is open")
+                .expect("an observation");
+            assert_eq!(
+                seen.record.map(|r| r.holder).as_deref(),
+                Some("x"),
+                "lock {}",
+                candidate.lock
+            );
+        }
+        watches.truncate(N / 2);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let clients = pubsub_clients(&mut conn).await;
+            if clients == vec![N as u64] {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the dropped watches did not unsubscribe: {clients:?}"
+            );
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Issue 13, failure isolation: a watch nobody reads does not hold up the shared
+    /// connection. Its buffer fills, it is ended with an error saying it fell behind (so its
+    /// elector reads and watches again), and another lock's watch still hears its change.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_watch_does_not_hold_up_the_others() {
+        let h = RedisHarness::start().await;
+        let mut conn = plain(&h).await;
+        let url = h.server_ref().url();
+        let backend = RedisBackend::from_url(&url).expect("url");
+        let stalled = Candidate::new(lock_name("stalled"), "b", Duration::from_secs(2));
+        let lively = Candidate::new(lock_name("lively"), "b", Duration::from_secs(2));
+        let mut stalled_watch = backend.watch(&stalled).await.expect("watch");
+        let mut lively_watch = backend.watch(&lively).await.expect("watch");
+        let channel = backend.keys(&stalled.lock).channel;
+        for _ in 0..100 {
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg("")
+                .query_async(&mut conn)
+                .await
+                .expect("PUBLISH");
+        }
+        let writer = RedisBackend::from_url(&url).expect("url");
+        let other = Candidate::new(lively.lock.clone(), "x", Duration::from_secs(2));
+        assert!(matches!(
+            writer.try_acquire(&other).await,
+            Ok(AcquireOutcome::Acquired(_))
+        ));
+        let seen = tokio::time::timeout(Duration::from_secs(10), lively_watch.next())
+            .await
+            .expect("the lively watch hears its lock despite the stalled one")
+            .expect("open")
+            .expect("an observation");
+        assert_eq!(seen.record.map(|r| r.holder).as_deref(), Some("x"));
+        let mut delivered = 0;
+        let ended = loop {
+            match tokio::time::timeout(Duration::from_secs(10), stalled_watch.next()).await {
+                Ok(Some(Ok(_))) => delivered += 1,
+                Ok(Some(Err(error))) => break error,
+                Ok(None) => panic!("the stalled watch ended without an error"),
+                Err(_) => panic!("the stalled watch was not ended ({delivered} delivered)"),
+            }
+        };
+        assert!(
+            delivered < 100,
+            "every message buffered: nothing bounds a stalled watch"
+        );
+        assert!(
+            matches!(&ended, BackendError::Unavailable { detail, .. } if detail.contains("behind")),
+            "{ended:?}"
         );
     }
 

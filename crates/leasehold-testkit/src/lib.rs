@@ -101,6 +101,7 @@ macro_rules! conformance_tests {
             follower_hears_release_after_blackhole,
             leader_after_blackhole,
             resign_hands_over,
+            many_locks_on_shared_clients,
             standalone_mode,
             bad_config,
         );

@@ -924,6 +924,75 @@ pub async fn resign_hands_over<H: Harness + ?Sized>(h: &H) {
     verify(&checker);
 }
 
+/// How many locks [`many_locks_on_shared_clients`] runs.
+pub const SHARED_LOCKS: usize = 40;
+
+/// [`SHARED_LOCKS`] locks, all their leaders on one client (one backend value) and all their
+/// followers on another, so every watch and renew of a side shares that backend value's
+/// plumbing (one pub/sub connection, one session lease, one watch per namespace). Each leader
+/// resigns; each follower must take over through its notification (well before the lease
+/// would have run out), and every lock's terms pass the safety checker.
+pub async fn many_locks_on_shared_clients<H: Harness + ?Sized>(h: &H) {
+    let t = h.timing();
+    let leaders_client = h.client().await;
+    let followers_client = h.client().await;
+    let locks: Vec<String> = (0..SHARED_LOCKS)
+        .map(|_| lock_name("shared-clients"))
+        .collect();
+    let checkers: Vec<SafetyChecker> = locks.iter().map(|_| SafetyChecker::new()).collect();
+    let mut leaders = Vec::new();
+    for (lock, checker) in locks.iter().zip(&checkers) {
+        let config = t.config("a", lock);
+        leaders.push(Node::start(
+            config,
+            leaders_client.clone(),
+            checker,
+            Duration::ZERO,
+        ));
+    }
+    for leader in &leaders {
+        leads(leader, 4 * t.lease_duration).await;
+    }
+    let mut followers = Vec::new();
+    for (lock, checker) in locks.iter().zip(&checkers) {
+        let config = t.config("b", lock);
+        followers.push(Node::start(
+            config,
+            followers_client.clone(),
+            checker,
+            Duration::ZERO,
+        ));
+    }
+    for follower in &followers {
+        wait_for("every b to follow its a", 2 * t.lease_duration, || {
+            follower.handle.leader().as_deref() == Some("a")
+        })
+        .await;
+    }
+    let resigned = Instant::now();
+    for leader in &leaders {
+        leader.handle.resign();
+    }
+    for follower in &followers {
+        leads(follower, 2 * t.lease_duration).await;
+        let waited = started_at(follower) - resigned;
+        assert!(
+            waited < t.lease_duration / 2,
+            "a follower on the shared client took {waited:?} to take over: it was not told of \
+             the release"
+        );
+    }
+    for node in followers.iter_mut().chain(leaders.iter_mut()) {
+        node.stop().await.expect("a node stops");
+    }
+    for (lock, checker) in locks.iter().zip(&checkers) {
+        let report = checker
+            .verify()
+            .unwrap_or_else(|v| panic!("lock {lock}: {v}"));
+        assert_eq!(report.intervals.len(), 2, "lock {lock}: a's term, then b's");
+    }
+}
+
 /// `enabled = false`: leads at once, token 0, and never touches the backend: no call at all
 /// (watch included) on the elector's client's call log, from start to shutdown.
 pub async fn standalone_mode<H: Harness + ?Sized>(h: &H) {

@@ -1,0 +1,472 @@
+//! One pub/sub connection per backend value, shared by every watch it serves.
+//!
+//! A [`Hub`] holds at most one live [`Session`]: a Redis pub/sub connection, split into the
+//! sink that sends `SUBSCRIBE`/`UNSUBSCRIBE` and the stream of messages, which one dispatcher
+//! task reads and fans out to the watches routed on each channel. 10,000 followed locks are
+//! then 10,000 channels on one connection, not 10,000 connections.
+//!
+//! Rules:
+//! - **No gap.** A watch is handed out only once the server confirmed the subscription to its
+//!   channels (its own `SUBSCRIBE`, or an earlier one still in force): every message published
+//!   after the watch opened reaches it.
+//! - **Serial subscription changes.** `SUBSCRIBE` and `UNSUBSCRIBE` go out under one lock, and
+//!   an `UNSUBSCRIBE` is sent only if the channel still has no watch once that lock is held, so a
+//!   channel a watch joined meanwhile is never unsubscribed under it.
+//! - **Isolation.** The dispatcher never waits on a watch: each has a small buffer, and a watch
+//!   whose consumer falls that far behind is ended with an error (its elector re-reads the lock
+//!   and watches again) instead of stalling every other lock.
+//! - **One death for all.** When the connection closes, a subscription command goes unanswered,
+//!   or a command connection of the same backend value was retired (a blackhole), the session
+//!   dies and every watch on it ends with an error; the electors re-read and watch again on a
+//!   new session.
+//! - **Bounded reconnects.** Connects are single-flight; after a failed one, watches fail at
+//!   once with that error until a backoff (doubling to 5 s, with jitter) has passed, so 10,000
+//!   electors retrying do not become 10,000 connection attempts.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use leasehold_core::BackendError;
+use redis::aio::PubSubSink;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// How many undelivered messages a watch may have before it is ended as fallen behind.
+const WATCH_BUFFER: usize = 32;
+
+/// Longest pause between failed connects.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Maps a redis error of an operation to the backend's error.
+pub(crate) type ErrorMap = Box<dyn Fn(&str, &redis::RedisError) -> BackendError + Send + Sync>;
+
+/// A message for one watch: the payload, and whether it came on the keyspace channel.
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    pub keyspace: bool,
+    pub payload: Vec<u8>,
+}
+
+/// The shared pub/sub plumbing of one backend value.
+pub(crate) struct Hub {
+    client: redis::Client,
+    connect_timeout: Duration,
+    address: String,
+    /// The backend's mapping of redis errors (unauthorized, timeout, unavailable).
+    map_error: ErrorMap,
+    /// Retirements of the backend value's command connections (see the crate's `Unanswered`).
+    retired: tokio::sync::watch::Sender<u64>,
+    /// The current session; the lock makes connects single-flight.
+    session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    /// The last connect's error while its backoff runs.
+    cooling: Arc<Mutex<Option<BackendError>>>,
+    failures: AtomicU32,
+    opened: AtomicU64,
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        if let Ok(slot) = self.session.try_lock() {
+            if let Some(session) = slot.as_ref() {
+                session.kill("the backend value was dropped");
+            }
+        }
+    }
+}
+
+impl Hub {
+    pub fn new(
+        client: redis::Client,
+        connect_timeout: Duration,
+        address: String,
+        map_error: ErrorMap,
+        retired: tokio::sync::watch::Sender<u64>,
+    ) -> Self {
+        Self {
+            client,
+            connect_timeout,
+            address,
+            map_error,
+            retired,
+            session: tokio::sync::Mutex::new(None),
+            cooling: Arc::default(),
+            failures: AtomicU32::new(0),
+            opened: AtomicU64::new(0),
+        }
+    }
+
+    fn unavailable(&self, detail: String) -> BackendError {
+        BackendError::Unavailable {
+            backend: format!("redis at {}", self.address),
+            detail,
+        }
+    }
+
+    fn timeout(&self) -> BackendError {
+        BackendError::Timeout {
+            backend: format!("redis at {}", self.address),
+            operation: "watch",
+            after: self.connect_timeout,
+        }
+    }
+
+    /// The live session, or a new one.
+    async fn session(&self) -> Result<Arc<Session>, BackendError> {
+        let mut slot = self.session.lock().await;
+        if let Some(session) = slot.as_ref().filter(|s| !s.dead.is_cancelled()) {
+            return Ok(session.clone());
+        }
+        if let Some(error) = lock(&self.cooling).clone() {
+            return Err(error);
+        }
+        // Taken before connecting: a retirement while the connect runs kills the new session.
+        let mut retired = self.retired.subscribe();
+        retired.borrow_and_update();
+        let connected = tokio::time::timeout(self.connect_timeout, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| self.timeout())
+            .and_then(|r| r.map_err(|e| (self.map_error)("watch", &e)));
+        let pubsub = match connected {
+            Ok(pubsub) => pubsub,
+            Err(error) => {
+                self.cool_down(&error);
+                return Err(error);
+            }
+        };
+        self.failures.store(0, Ordering::SeqCst);
+        let generation = self.opened.fetch_add(1, Ordering::SeqCst) + 1;
+        let (sink, stream) = pubsub.split();
+        let session = Arc::new(Session {
+            generation,
+            sink: tokio::sync::Mutex::new(sink),
+            routes: Mutex::default(),
+            dead: CancellationToken::new(),
+            address: self.address.clone(),
+        });
+        tokio::spawn(dispatch(
+            Arc::downgrade(&session),
+            session.dead.clone(),
+            stream,
+            retired,
+        ));
+        *slot = Some(session.clone());
+        Ok(session)
+    }
+
+    /// After a failed connect: fail fast for a while, doubling with each failure, with jitter.
+    fn cool_down(&self, error: &BackendError) {
+        let failures = self.failures.fetch_add(1, Ordering::SeqCst).min(16);
+        let base = Duration::from_millis(100)
+            .saturating_mul(1 << failures.min(6))
+            .min(MAX_BACKOFF);
+        // Between half and all of the base: retries of many processes spread out.
+        let pause = base.mul_f64(0.5 + fastrand::f64() / 2.0);
+        *lock(&self.cooling) = Some(error.clone());
+        let cooling = Arc::downgrade(&self.cooling);
+        tokio::spawn(async move {
+            tokio::time::sleep(pause).await;
+            if let Some(cooling) = cooling.upgrade() {
+                *lock(&cooling) = None;
+            }
+        });
+        tracing::warn!(
+            address = %self.address,
+            %error,
+            retry_in = ?pause,
+            "cannot open the shared pub/sub connection; watches fail until the retry"
+        );
+    }
+
+    /// A stream of the messages on `channels`, once the server confirmed the subscription.
+    pub async fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BackendError> {
+        let session = self.session().await?;
+        let (sender, receiver) = mpsc::channel(WATCH_BUFFER);
+        let ended = Arc::new(Mutex::new(None));
+        let id = session.next_id();
+        let route = Route {
+            sender,
+            ended: ended.clone(),
+        };
+        let mut sink = session.sink.lock().await;
+        let new: Vec<String> = {
+            let mut routes = session.lock_routes();
+            channels
+                .iter()
+                .enumerate()
+                .filter_map(|(i, channel)| {
+                    let entry = routes.entry(channel.clone()).or_insert_with(|| Channel {
+                        subscribed: false,
+                        keyspace: i > 0,
+                        watches: HashMap::new(),
+                    });
+                    entry.watches.insert(id, route.clone());
+                    (!entry.subscribed).then(|| channel.clone())
+                })
+                .collect()
+        };
+        if !new.is_empty() {
+            match tokio::time::timeout(self.connect_timeout, sink.subscribe(&new)).await {
+                Ok(Ok(())) => {
+                    let mut routes = session.lock_routes();
+                    for channel in &new {
+                        if let Some(entry) = routes.get_mut(channel) {
+                            entry.subscribed = true;
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    drop(sink);
+                    session.kill(&format!("SUBSCRIBE failed: {e}"));
+                    return Err((self.map_error)("watch", &e));
+                }
+                Err(_) => {
+                    drop(sink);
+                    session.kill("SUBSCRIBE went unanswered");
+                    return Err(self.timeout());
+                }
+            }
+        }
+        drop(sink);
+        if session.dead.is_cancelled() {
+            return Err(self.unavailable(session.why_dead()));
+        }
+        Ok(Subscription {
+            receiver,
+            ended,
+            finished: false,
+            session: Arc::downgrade(&session),
+            id,
+            channels,
+            address: self.address.clone(),
+        })
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A watch's place on a channel.
+#[derive(Clone)]
+struct Route {
+    sender: mpsc::Sender<Delivery>,
+    /// Why the watch was ended by the hub (fell behind, session died), for its last item.
+    ended: Arc<Mutex<Option<String>>>,
+}
+
+struct Channel {
+    /// The server confirmed the subscription and no `UNSUBSCRIBE` went out since.
+    subscribed: bool,
+    keyspace: bool,
+    watches: HashMap<u64, Route>,
+}
+
+/// One pub/sub connection and its routes.
+struct Session {
+    generation: u64,
+    sink: tokio::sync::Mutex<PubSubSink>,
+    routes: Mutex<HashMap<String, Channel>>,
+    dead: CancellationToken,
+    address: String,
+}
+
+static NEXT_WATCH: AtomicU64 = AtomicU64::new(0);
+
+impl Session {
+    fn next_id(&self) -> u64 {
+        NEXT_WATCH.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn lock_routes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
+        lock(&self.routes)
+    }
+
+    fn why_dead(&self) -> String {
+        format!(
+            "the shared pub/sub connection #{} to redis at {} is gone; watching again",
+            self.generation, self.address
+        )
+    }
+
+    /// Ends every watch on this session with `reason`; the dispatcher stops and the
+    /// connection closes.
+    fn kill(&self, reason: &str) {
+        if self.dead.is_cancelled() {
+            return;
+        }
+        self.dead.cancel();
+        let routes = std::mem::take(&mut *self.lock_routes());
+        let watches = routes.values().map(|c| c.watches.len()).sum::<usize>();
+        for route in routes.into_values().flat_map(|c| c.watches.into_values()) {
+            lock(&route.ended).get_or_insert_with(|| reason.to_owned());
+        }
+        tracing::warn!(
+            address = %self.address,
+            connection = self.generation,
+            watches,
+            reason,
+            "the shared pub/sub connection died: every watch on it ends and watches again"
+        );
+    }
+
+    /// Forwards one message to every watch of its channel, never waiting. A watch that fell
+    /// [`WATCH_BUFFER`] messages behind is ended (taken off all its channels).
+    fn deliver(&self, channel: &str, payload: &[u8]) {
+        let mut routes = self.lock_routes();
+        let Some(entry) = routes.get_mut(channel) else {
+            return;
+        };
+        let keyspace = entry.keyspace;
+        let mut behind = Vec::new();
+        entry.watches.retain(|id, route| {
+            let delivery = Delivery {
+                keyspace,
+                payload: payload.to_vec(),
+            };
+            match route.sender.try_send(delivery) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    lock(&route.ended).get_or_insert_with(|| {
+                        format!(
+                            "the watch fell {WATCH_BUFFER} messages behind on channel {channel:?}; \
+                             reading the lock and watching again"
+                        )
+                    });
+                    behind.push(*id);
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        if !behind.is_empty() {
+            for entry in routes.values_mut() {
+                entry.watches.retain(|id, _| !behind.contains(id));
+            }
+            tracing::warn!(
+                address = %self.address,
+                channel,
+                watches = behind.len(),
+                "watches fell behind on the shared pub/sub connection: ended, they watch again"
+            );
+        }
+    }
+
+    /// A watch left: `UNSUBSCRIBE` the channels it was the last one on.
+    async fn leave(self: Arc<Self>, id: u64, channels: Vec<String>) {
+        let mut sink = self.sink.lock().await;
+        let idle: Vec<String> = {
+            let mut routes = self.lock_routes();
+            channels
+                .into_iter()
+                .filter(|channel| {
+                    let Some(entry) = routes.get_mut(channel) else {
+                        return false;
+                    };
+                    entry.watches.remove(&id);
+                    if entry.watches.is_empty() {
+                        routes.remove(channel);
+                        true
+                    } else {
+                        false
+                    }
+                })
+                .collect()
+        };
+        if idle.is_empty() || self.dead.is_cancelled() {
+            return;
+        }
+        match tokio::time::timeout(Duration::from_secs(5), sink.unsubscribe(&idle)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.kill(&format!("UNSUBSCRIBE failed: {e}")),
+            Err(_) => self.kill("UNSUBSCRIBE went unanswered"),
+        }
+    }
+}
+
+/// Reads the session's messages until the connection closes, the session is killed, or a
+/// command connection of the same backend value is retired.
+async fn dispatch(
+    session: Weak<Session>,
+    dead: CancellationToken,
+    mut stream: redis::aio::PubSubStream,
+    mut retired: tokio::sync::watch::Receiver<u64>,
+) {
+    let reason = loop {
+        tokio::select! {
+            () = dead.cancelled() => return,
+            changed = retired.changed() => {
+                if changed.is_ok() {
+                    break "a command went unanswered on this backend value: the subscription \
+                           connection may be dead too";
+                }
+                // The backend value is gone; the hub's drop kills the session.
+                std::future::pending::<()>().await;
+            }
+            message = stream.next() => match message {
+                Some(message) => {
+                    let Some(session) = session.upgrade() else { return };
+                    session.deliver(message.get_channel_name(), message.get_payload_bytes());
+                }
+                None => break "the connection closed",
+            },
+        }
+    };
+    if let Some(session) = session.upgrade() {
+        session.kill(reason);
+    }
+}
+
+/// The messages of one watch's channels. Ends with an error when the hub ended it; leaving
+/// (dropping it) unsubscribes channels no other watch uses.
+pub(crate) struct Subscription {
+    receiver: mpsc::Receiver<Delivery>,
+    ended: Arc<Mutex<Option<String>>>,
+    finished: bool,
+    session: Weak<Session>,
+    id: u64,
+    channels: Vec<String>,
+    address: String,
+}
+
+impl Stream for Subscription {
+    type Item = Result<Delivery, BackendError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.finished {
+            return Poll::Ready(None);
+        }
+        match self.receiver.poll_recv(cx) {
+            Poll::Ready(Some(delivery)) => Poll::Ready(Some(Ok(delivery))),
+            Poll::Ready(None) => {
+                self.finished = true;
+                let detail = lock(&self.ended)
+                    .clone()
+                    .unwrap_or_else(|| "the shared pub/sub connection is gone".into());
+                Poll::Ready(Some(Err(BackendError::Unavailable {
+                    backend: format!("redis at {}", self.address),
+                    detail,
+                })))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let Some(session) = self.session.upgrade() else {
+            return;
+        };
+        if session.dead.is_cancelled() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(session.leave(self.id, std::mem::take(&mut self.channels)));
+        }
+    }
+}
