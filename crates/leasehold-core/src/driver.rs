@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
@@ -19,7 +19,6 @@ use crate::callbacks::{Callbacks, Ended, Leadership};
 use crate::config::Config;
 use crate::elector::Elector;
 use crate::error::{BackendError, ElectorError};
-use crate::handle::Command;
 use crate::machine::{Action, Call, CallResult, Machine};
 use crate::metrics::ElectorMetrics;
 use crate::notifier::{notify, panic_message, Notice};
@@ -85,15 +84,14 @@ pub(crate) struct Driver {
     backend: Arc<dyn LockBackend>,
     callbacks: Callbacks,
     publisher: Publisher,
-    _commands: mpsc::UnboundedSender<Command>,
-    command_rx: mpsc::UnboundedReceiver<Command>,
+    resign: Arc<Notify>,
     machine: Machine,
     call: Option<BoxFuture<'static, CallResult>>,
     watch: Option<WatchStream>,
     work: Option<JoinHandle<()>>,
     awaiting_work: bool,
     term: Option<LiveTerm>,
-    notices: mpsc::UnboundedSender<Notice>,
+    notices: Option<mpsc::UnboundedSender<Notice>>,
     notifier: Option<JoinHandle<()>>,
     metrics: ElectorMetrics,
     call_started: Option<(&'static str, Instant)>,
@@ -101,10 +99,19 @@ pub(crate) struct Driver {
 
 impl Driver {
     pub(crate) fn new(elector: Elector) -> Self {
-        let (notices, notice_rx) = mpsc::unbounded_channel();
-        let notifier = tokio::spawn(
-            notify(elector.callbacks.clone(), notice_rx).instrument(tracing::Span::current()),
-        );
+        // No channel and no task for an elector without these callbacks (thousands of locks
+        // per process): its notices go nowhere.
+        let (notices, notifier) = if elector.callbacks.stopped.is_some()
+            || elector.callbacks.new_leader.is_some()
+        {
+            let (notices, notice_rx) = mpsc::unbounded_channel();
+            let notifier = tokio::spawn(
+                notify(elector.callbacks.clone(), notice_rx).instrument(tracing::Span::current()),
+            );
+            (Some(notices), Some(notifier))
+        } else {
+            (None, None)
+        };
         let metrics = ElectorMetrics::new(&elector.config.lease_name);
         Self {
             candidate: candidate(&elector.config),
@@ -112,17 +119,24 @@ impl Driver {
             backend: elector.backend,
             callbacks: elector.callbacks,
             publisher: Publisher(elector.state),
-            _commands: elector.commands,
-            command_rx: elector.command_rx,
+            resign: elector.resign,
             call: None,
             watch: None,
             work: None,
             awaiting_work: false,
             term: None,
             notices,
-            notifier: Some(notifier),
+            notifier,
             metrics,
             call_started: None,
+        }
+    }
+
+    /// Hands a notice to the notifier task, if there is one.
+    fn notice(&self, notice: Notice) {
+        if let Some(notices) = &self.notices {
+            // The notifier ends only once the sender is dropped: it cannot be closed here.
+            let _ = notices.send(notice);
         }
     }
 
@@ -136,7 +150,9 @@ impl Driver {
         self.machine.handle_start(Instant::now());
         let mut shutdown_seen = false;
         loop {
-            if let Some(result) = self.perform_actions().await {
+            // Boxed: its future (a watch being opened under a timeout, a notifier drained) is
+            // live only briefly, and inline it would grow every idle elector's task by it.
+            if let Some(result) = Box::pin(self.perform_actions()).await {
                 self.drain_notifier().await;
                 result?;
                 if self.work.as_ref().is_some_and(|work| !work.is_finished()) {
@@ -170,7 +186,7 @@ impl Driver {
                 () = async { sleep_until(wake.expect("guarded")).await }, if wake.is_some() => {
                     self.machine.handle_timeout(Instant::now());
                 }
-                Some(Command::Resign) = self.command_rx.recv() => {
+                () = self.resign.notified() => {
                     self.machine.handle_resign(Instant::now());
                 }
                 event = async { self.watch.as_mut().expect("guarded").next().await }, if self.watch.is_some() => {
@@ -224,10 +240,10 @@ impl Driver {
                     }
                     tracing::debug!(term = term.number, "term ended; leader's work cancelled");
                     self.awaiting_work = true;
-                    let _ = self.notices.send(Notice::Stopped);
+                    self.notice(Notice::Stopped);
                 }
                 Action::NewLeader(identity) => {
-                    let _ = self.notices.send(Notice::NewLeader(identity));
+                    self.notice(Notice::NewLeader(identity));
                 }
                 Action::Exit(result) => {
                     self.metrics.leading(false);
@@ -336,8 +352,7 @@ impl Driver {
     }
 
     async fn drain_notifier(&mut self) {
-        let (closed, _) = mpsc::unbounded_channel();
-        drop(std::mem::replace(&mut self.notices, closed));
+        self.notices = None;
         if let Some(notifier) = self.notifier.take() {
             if tokio::time::timeout(CALLBACK_DRAIN, notifier)
                 .await

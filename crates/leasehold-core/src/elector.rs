@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -14,7 +14,6 @@ use crate::callbacks::Callbacks;
 use crate::config::Config;
 use crate::driver::{candidate, Driver};
 use crate::error::ElectorError;
-use crate::handle::Command;
 pub use crate::handle::ElectorHandle;
 use crate::running::RunningElector;
 use crate::state::LeaderState;
@@ -44,8 +43,7 @@ pub struct Elector {
     pub(crate) backend: Arc<dyn LockBackend>,
     pub(crate) callbacks: Callbacks,
     pub(crate) state: watch::Sender<LeaderState>,
-    pub(crate) commands: mpsc::UnboundedSender<Command>,
-    pub(crate) command_rx: mpsc::UnboundedReceiver<Command>,
+    pub(crate) resign: Arc<Notify>,
 }
 
 impl std::fmt::Debug for Elector {
@@ -75,14 +73,12 @@ impl Elector {
             backend.validate(&candidate(&config))?;
         }
         let (state, _) = watch::channel(LeaderState::default());
-        let (commands, command_rx) = mpsc::unbounded_channel();
         Ok(Self {
             config,
             backend,
             callbacks,
             state,
-            commands,
-            command_rx,
+            resign: Arc::default(),
         })
     }
 
@@ -90,7 +86,7 @@ impl Elector {
     pub fn handle(&self) -> ElectorHandle {
         ElectorHandle {
             state: self.state.subscribe(),
-            commands: self.commands.clone(),
+            resign: self.resign.clone(),
             identity: Arc::from(self.config.identity.as_str()),
             lease_duration: self.config.lease_duration,
             retry_period: self.config.retry_period,

@@ -4,23 +4,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::state::{Health, LeaderState};
-
-/// A command from a handle to the running elector.
-#[derive(Debug)]
-pub(crate) enum Command {
-    /// [`ElectorHandle::resign`].
-    Resign,
-}
 
 /// A cloneable handle on an [`Elector`](crate::Elector).
 #[derive(Debug, Clone)]
 pub struct ElectorHandle {
     pub(crate) state: watch::Receiver<LeaderState>,
-    pub(crate) commands: mpsc::UnboundedSender<Command>,
+    /// [`resign`](Self::resign) requests: a `Notify` rather than a channel, which costs about
+    /// a kilobyte per elector (thousands of locks per process). Requests made while the elector
+    /// is busy collapse into one, which is all a resign needs.
+    pub(crate) resign: Arc<Notify>,
     pub(crate) identity: Arc<str>,
     pub(crate) lease_duration: Duration,
     pub(crate) retry_period: Duration,
@@ -59,7 +55,7 @@ impl ElectorHandle {
     /// following and does not campaign again for `lease_duration`. Does nothing when not
     /// leading or when the elector has stopped.
     pub fn resign(&self) {
-        let _ = self.commands.send(Command::Resign);
+        self.resign.notify_one();
     }
 
     /// client-go's `HealthzAdaptor` check: unhealthy when this elector holds a term whose last

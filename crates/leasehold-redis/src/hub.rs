@@ -9,35 +9,40 @@
 //! - **No gap.** A watch is handed out only once the server confirmed the subscription to its
 //!   channels (its own `SUBSCRIBE`, or an earlier one still in force): every message published
 //!   after the watch opened reaches it.
-//! - **Serial subscription changes.** `SUBSCRIBE` and `UNSUBSCRIBE` go out under one lock, and
-//!   an `UNSUBSCRIBE` is sent only if the channel still has no watch once that lock is held, so a
-//!   channel a watch joined meanwhile is never unsubscribed under it.
+//! - **Serial, batched subscription changes.** `SUBSCRIBE` and `UNSUBSCRIBE` go out under one
+//!   lock, each for every channel waiting at that moment (a burst of 10,000 watches is a few
+//!   commands); an `UNSUBSCRIBE` names only channels that still have no watch once that lock is
+//!   held, so a channel a watch joined meanwhile is never unsubscribed under it.
 //! - **Isolation.** The dispatcher never waits on a watch: each has a small buffer, and a watch
 //!   whose consumer falls that far behind is ended with an error (its elector re-reads the lock
 //!   and watches again) instead of stalling every other lock.
-//! - **One death for all.** When the connection closes, a subscription command goes unanswered,
-//!   or a command connection of the same backend value was retired (a blackhole), the session
-//!   dies and every watch on it ends with an error; the electors re-read and watch again on a
-//!   new session.
+//! - **One death for all.** When the connection closes or a subscription command goes
+//!   unanswered, the session dies and every watch on it ends with an error; the electors
+//!   re-read and watch again on a new session. A command connection of the same backend value
+//!   that went unanswered (a blackhole, or only a loaded server) makes the session `PING`: no
+//!   answer within the response timeout, and it dies too.
 //! - **Bounded reconnects.** Connects are single-flight; after a failed one, watches fail at
 //!   once with that error until a backoff (doubling to 5 s, with jitter) has passed, so 10,000
 //!   electors retrying do not become 10,000 connection attempts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::task::AtomicWaker;
 use futures::{Stream, StreamExt};
 use leasehold_core::BackendError;
 use redis::aio::PubSubSink;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// How many undelivered messages a watch may have before it is ended as fallen behind.
 const WATCH_BUFFER: usize = 32;
+
+/// Why a session ends when its backend value is dropped (not a failure).
+const DROPPED: &str = "the backend value was dropped";
 
 /// Longest pause between failed connects.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -56,6 +61,8 @@ pub(crate) struct Delivery {
 pub(crate) struct Hub {
     client: redis::Client,
     connect_timeout: Duration,
+    /// How long a `PING` or `UNSUBSCRIBE` on the session may take (the response timeout).
+    ping_timeout: Duration,
     address: String,
     /// The backend's mapping of redis errors (unauthorized, timeout, unavailable).
     map_error: ErrorMap,
@@ -73,7 +80,7 @@ impl Drop for Hub {
     fn drop(&mut self) {
         if let Ok(slot) = self.session.try_lock() {
             if let Some(session) = slot.as_ref() {
-                session.kill("the backend value was dropped");
+                session.kill(DROPPED);
             }
         }
     }
@@ -83,6 +90,7 @@ impl Hub {
     pub fn new(
         client: redis::Client,
         connect_timeout: Duration,
+        ping_timeout: Duration,
         address: String,
         map_error: ErrorMap,
         retired: tokio::sync::watch::Sender<u64>,
@@ -90,6 +98,7 @@ impl Hub {
         Self {
             client,
             connect_timeout,
+            ping_timeout,
             address,
             map_error,
             retired,
@@ -147,6 +156,7 @@ impl Hub {
             routes: Mutex::default(),
             dead: CancellationToken::new(),
             address: self.address.clone(),
+            ping_timeout: self.ping_timeout,
         });
         tokio::spawn(dispatch(
             Arc::downgrade(&session),
@@ -185,36 +195,58 @@ impl Hub {
     /// A stream of the messages on `channels`, once the server confirmed the subscription.
     pub async fn subscribe(&self, channels: Vec<String>) -> Result<Subscription, BackendError> {
         let session = self.session().await?;
-        let (sender, receiver) = mpsc::channel(WATCH_BUFFER);
-        let ended = Arc::new(Mutex::new(None));
+        let inbox: Route = Arc::default();
         let id = session.next_id();
-        let route = Route {
-            sender,
-            ended: ended.clone(),
-        };
-        let mut sink = session.sink.lock().await;
-        let new: Vec<String> = {
+        {
             let mut routes = session.lock_routes();
-            channels
-                .iter()
-                .enumerate()
-                .filter_map(|(i, channel)| {
-                    let entry = routes.entry(channel.clone()).or_insert_with(|| Channel {
+            for (i, channel) in channels.iter().enumerate() {
+                let entry = routes
+                    .channels
+                    .entry(channel.clone())
+                    .or_insert_with(|| Channel {
                         subscribed: false,
                         keyspace: i > 0,
                         watches: HashMap::new(),
                     });
-                    entry.watches.insert(id, route.clone());
-                    (!entry.subscribed).then(|| channel.clone())
-                })
-                .collect()
+                entry.watches.insert(id, inbox.clone());
+            }
+        }
+        let subscription = Subscription {
+            inbox,
+            finished: false,
+            session: Arc::downgrade(&session),
+            id,
+            channels,
+            address: self.address.clone(),
         };
-        if !new.is_empty() {
-            match tokio::time::timeout(self.connect_timeout, sink.subscribe(&new)).await {
+        // Whoever holds the sink subscribes every channel still waiting, in one command: a
+        // burst of 10,000 watches is a few SUBSCRIBEs, not 10,000 round trips in a row.
+        loop {
+            let mut sink = session.sink.lock().await;
+            if session.dead.is_cancelled() {
+                return Err(self.unavailable(session.why_dead()));
+            }
+            let waiting: Vec<String> = {
+                let routes = session.lock_routes();
+                if subscription
+                    .channels
+                    .iter()
+                    .all(|c| routes.channels.get(c).is_some_and(|e| e.subscribed))
+                {
+                    return Ok(subscription);
+                }
+                routes
+                    .channels
+                    .iter()
+                    .filter(|(_, entry)| !entry.subscribed && !entry.watches.is_empty())
+                    .map(|(channel, _)| channel.clone())
+                    .collect()
+            };
+            match tokio::time::timeout(self.connect_timeout, sink.subscribe(&waiting)).await {
                 Ok(Ok(())) => {
                     let mut routes = session.lock_routes();
-                    for channel in &new {
-                        if let Some(entry) = routes.get_mut(channel) {
+                    for channel in &waiting {
+                        if let Some(entry) = routes.channels.get_mut(channel) {
                             entry.subscribed = true;
                         }
                     }
@@ -231,19 +263,6 @@ impl Hub {
                 }
             }
         }
-        drop(sink);
-        if session.dead.is_cancelled() {
-            return Err(self.unavailable(session.why_dead()));
-        }
-        Ok(Subscription {
-            receiver,
-            ended,
-            finished: false,
-            session: Arc::downgrade(&session),
-            id,
-            channels,
-            address: self.address.clone(),
-        })
     }
 }
 
@@ -251,12 +270,42 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A watch's place on a channel.
-#[derive(Clone)]
-struct Route {
-    sender: mpsc::Sender<Delivery>,
-    /// Why the watch was ended by the hub (fell behind, session died), for its last item.
-    ended: Arc<Mutex<Option<String>>>,
+/// A watch's queue of messages, shared by the dispatcher (pushing) and its [`Subscription`]
+/// (taking). Lighter than a channel (an empty queue allocates nothing; a tokio channel costs
+/// about a kilobyte), which counts at 10,000 watches.
+#[derive(Default)]
+struct Inbox {
+    state: Mutex<InboxState>,
+    waker: AtomicWaker,
+}
+
+#[derive(Default)]
+struct InboxState {
+    items: VecDeque<Delivery>,
+    /// No more messages: the hub ended the watch (`ended` says why) or the watch was dropped.
+    closed: bool,
+    ended: Option<String>,
+}
+
+impl Inbox {
+    /// Ends the watch with `reason` (the first reason given wins).
+    fn end(&self, reason: &str) {
+        let mut state = lock(&self.state);
+        state.closed = true;
+        state.ended.get_or_insert_with(|| reason.to_owned());
+        drop(state);
+        self.waker.wake();
+    }
+}
+
+type Route = Arc<Inbox>;
+
+/// Every channel with a watch (or an `UNSUBSCRIBE` still to send), and the channels whose
+/// last watch left.
+#[derive(Default)]
+struct Routes {
+    channels: HashMap<String, Channel>,
+    idle: Vec<String>,
 }
 
 struct Channel {
@@ -270,8 +319,10 @@ struct Channel {
 struct Session {
     generation: u64,
     sink: tokio::sync::Mutex<PubSubSink>,
-    routes: Mutex<HashMap<String, Channel>>,
+    routes: Mutex<Routes>,
     dead: CancellationToken,
+    /// How long a `PING` may take before the connection counts as dead.
+    ping_timeout: Duration,
     address: String,
 }
 
@@ -282,7 +333,7 @@ impl Session {
         NEXT_WATCH.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn lock_routes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
+    fn lock_routes(&self) -> std::sync::MutexGuard<'_, Routes> {
         lock(&self.routes)
     }
 
@@ -300,10 +351,14 @@ impl Session {
             return;
         }
         self.dead.cancel();
-        let routes = std::mem::take(&mut *self.lock_routes());
+        let routes = std::mem::take(&mut self.lock_routes().channels);
         let watches = routes.values().map(|c| c.watches.len()).sum::<usize>();
-        for route in routes.into_values().flat_map(|c| c.watches.into_values()) {
-            lock(&route.ended).get_or_insert_with(|| reason.to_owned());
+        for inbox in routes.into_values().flat_map(|c| c.watches.into_values()) {
+            inbox.end(reason);
+        }
+        if reason == DROPPED {
+            tracing::debug!(address = %self.address, connection = self.generation, "{DROPPED}");
+            return;
         }
         tracing::warn!(
             address = %self.address,
@@ -318,33 +373,35 @@ impl Session {
     /// [`WATCH_BUFFER`] messages behind is ended (taken off all its channels).
     fn deliver(&self, channel: &str, payload: &[u8]) {
         let mut routes = self.lock_routes();
-        let Some(entry) = routes.get_mut(channel) else {
+        let Some(entry) = routes.channels.get_mut(channel) else {
             return;
         };
         let keyspace = entry.keyspace;
         let mut behind = Vec::new();
-        entry.watches.retain(|id, route| {
-            let delivery = Delivery {
+        entry.watches.retain(|id, inbox| {
+            let mut state = lock(&inbox.state);
+            if state.closed {
+                return false;
+            }
+            if state.items.len() >= WATCH_BUFFER {
+                drop(state);
+                inbox.end(&format!(
+                    "the watch fell {WATCH_BUFFER} messages behind on channel {channel:?}; \
+                     reading the lock and watching again"
+                ));
+                behind.push(*id);
+                return false;
+            }
+            state.items.push_back(Delivery {
                 keyspace,
                 payload: payload.to_vec(),
-            };
-            match route.sender.try_send(delivery) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    lock(&route.ended).get_or_insert_with(|| {
-                        format!(
-                            "the watch fell {WATCH_BUFFER} messages behind on channel {channel:?}; \
-                             reading the lock and watching again"
-                        )
-                    });
-                    behind.push(*id);
-                    false
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            }
+            });
+            drop(state);
+            inbox.waker.wake();
+            true
         });
         if !behind.is_empty() {
-            for entry in routes.values_mut() {
+            for entry in routes.channels.values_mut() {
                 entry.watches.retain(|id, _| !behind.contains(id));
             }
             tracing::warn!(
@@ -356,34 +413,67 @@ impl Session {
         }
     }
 
-    /// A watch left: `UNSUBSCRIBE` the channels it was the last one on.
+    /// A watch left: `UNSUBSCRIBE` the channels no watch uses any more, in one command with
+    /// every other channel that went idle meanwhile.
     async fn leave(self: Arc<Self>, id: u64, channels: Vec<String>) {
+        {
+            let mut routes = self.lock_routes();
+            for channel in channels {
+                let Some(entry) = routes.channels.get_mut(&channel) else {
+                    continue;
+                };
+                entry.watches.remove(&id);
+                if entry.watches.is_empty() {
+                    routes.idle.push(channel);
+                }
+            }
+        }
         let mut sink = self.sink.lock().await;
+        // Only channels still without a watch now that the sink is ours: one a watch joined
+        // since stays subscribed.
         let idle: Vec<String> = {
             let mut routes = self.lock_routes();
-            channels
+            let Routes { channels, idle } = &mut *routes;
+            std::mem::take(idle)
                 .into_iter()
                 .filter(|channel| {
-                    let Some(entry) = routes.get_mut(channel) else {
-                        return false;
-                    };
-                    entry.watches.remove(&id);
-                    if entry.watches.is_empty() {
-                        routes.remove(channel);
-                        true
-                    } else {
-                        false
+                    let unused = channels.get(channel).is_some_and(|e| e.watches.is_empty());
+                    if unused {
+                        channels.remove(channel);
                     }
+                    unused
                 })
                 .collect()
         };
         if idle.is_empty() || self.dead.is_cancelled() {
             return;
         }
-        match tokio::time::timeout(Duration::from_secs(5), sink.unsubscribe(&idle)).await {
+        match tokio::time::timeout(self.ping_timeout, sink.unsubscribe(&idle)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => self.kill(&format!("UNSUBSCRIBE failed: {e}")),
             Err(_) => self.kill("UNSUBSCRIBE went unanswered"),
+        }
+    }
+
+    /// A command connection of the backend value went unanswered: is this one as dead? A
+    /// `PING` answered in time says no (a loaded server, not a blackhole), so 10,000 watches
+    /// are not torn down and set up again for one slow reply.
+    async fn check_alive(self: Arc<Self>) {
+        let mut sink = self.sink.lock().await;
+        if self.dead.is_cancelled() {
+            return;
+        }
+        match tokio::time::timeout(self.ping_timeout, sink.ping::<redis::Value>()).await {
+            Ok(Ok(_)) => tracing::debug!(
+                address = %self.address,
+                connection = self.generation,
+                "a command connection was retired; the pub/sub connection still answers PING"
+            ),
+            Ok(Err(e)) => self.kill(&format!("PING failed after a command went unanswered: {e}")),
+            Err(_) => self.kill(
+                "a command went unanswered on this backend value, and so did a PING on the \
+                 subscription connection",
+            ),
         }
     }
 }
@@ -396,16 +486,16 @@ async fn dispatch(
     mut stream: redis::aio::PubSubStream,
     mut retired: tokio::sync::watch::Receiver<u64>,
 ) {
-    let reason = loop {
+    let reason: &str = loop {
         tokio::select! {
             () = dead.cancelled() => return,
             changed = retired.changed() => {
-                if changed.is_ok() {
-                    break "a command went unanswered on this backend value: the subscription \
-                           connection may be dead too";
+                if changed.is_err() {
+                    // The backend value is gone (its hub's drop kills the session).
+                    return;
                 }
-                // The backend value is gone; the hub's drop kills the session.
-                std::future::pending::<()>().await;
+                let Some(session) = session.upgrade() else { return };
+                tokio::spawn(session.check_alive());
             }
             message = stream.next() => match message {
                 Some(message) => {
@@ -424,13 +514,30 @@ async fn dispatch(
 /// The messages of one watch's channels. Ends with an error when the hub ended it; leaving
 /// (dropping it) unsubscribes channels no other watch uses.
 pub(crate) struct Subscription {
-    receiver: mpsc::Receiver<Delivery>,
-    ended: Arc<Mutex<Option<String>>>,
+    inbox: Route,
     finished: bool,
     session: Weak<Session>,
     id: u64,
     channels: Vec<String>,
     address: String,
+}
+
+impl Subscription {
+    fn next_item(&self) -> Option<Result<Delivery, BackendError>> {
+        let mut state = lock(&self.inbox.state);
+        if let Some(delivery) = state.items.pop_front() {
+            return Some(Ok(delivery));
+        }
+        state.closed.then(|| {
+            Err(BackendError::Unavailable {
+                backend: format!("redis at {}", self.address),
+                detail: state
+                    .ended
+                    .clone()
+                    .unwrap_or_else(|| "the shared pub/sub connection is gone".into()),
+            })
+        })
+    }
 }
 
 impl Stream for Subscription {
@@ -440,25 +547,21 @@ impl Stream for Subscription {
         if self.finished {
             return Poll::Ready(None);
         }
-        match self.receiver.poll_recv(cx) {
-            Poll::Ready(Some(delivery)) => Poll::Ready(Some(Ok(delivery))),
-            Poll::Ready(None) => {
-                self.finished = true;
-                let detail = lock(&self.ended)
-                    .clone()
-                    .unwrap_or_else(|| "the shared pub/sub connection is gone".into());
-                Poll::Ready(Some(Err(BackendError::Unavailable {
-                    backend: format!("redis at {}", self.address),
-                    detail,
-                })))
+        // Register first, then look: a message pushed in between wakes the registered task.
+        self.inbox.waker.register(cx.waker());
+        match self.next_item() {
+            Some(item) => {
+                self.finished = item.is_err();
+                Poll::Ready(Some(item))
             }
-            Poll::Pending => Poll::Pending,
+            None => Poll::Pending,
         }
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        lock(&self.inbox.state).closed = true;
         let Some(session) = self.session.upgrade() else {
             return;
         };

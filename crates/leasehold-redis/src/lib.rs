@@ -388,6 +388,7 @@ impl RedisBackend {
         let hub = hub::Hub::new(
             client.clone(),
             config.connect_timeout,
+            config.response_timeout,
             address.clone(),
             Box::new(move |operation, error| {
                 map_error(&at, &prefix, response_timeout, operation, error)
