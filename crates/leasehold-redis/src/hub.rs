@@ -206,9 +206,9 @@ impl Hub {
                     .or_insert_with(|| Channel {
                         subscribed: false,
                         keyspace: i > 0,
-                        watches: HashMap::new(),
+                        watches: Vec::new(),
                     });
-                entry.watches.insert(id, inbox.clone());
+                entry.watches.push((id, inbox.clone()));
             }
         }
         let subscription = Subscription {
@@ -312,7 +312,8 @@ struct Channel {
     /// The server confirmed the subscription and no `UNSUBSCRIBE` went out since.
     subscribed: bool,
     keyspace: bool,
-    watches: HashMap<u64, Route>,
+    /// The watches on the channel (usually one: a list is lighter than a map).
+    watches: Vec<(u64, Route)>,
 }
 
 /// One pub/sub connection and its routes.
@@ -353,7 +354,7 @@ impl Session {
         self.dead.cancel();
         let routes = std::mem::take(&mut self.lock_routes().channels);
         let watches = routes.values().map(|c| c.watches.len()).sum::<usize>();
-        for inbox in routes.into_values().flat_map(|c| c.watches.into_values()) {
+        for inbox in routes.into_values().flat_map(|c| c.watches.into_iter().map(|(_, inbox)| inbox)) {
             inbox.end(reason);
         }
         if reason == DROPPED {
@@ -378,7 +379,7 @@ impl Session {
         };
         let keyspace = entry.keyspace;
         let mut behind = Vec::new();
-        entry.watches.retain(|id, inbox| {
+        entry.watches.retain(|(id, inbox)| {
             let mut state = lock(&inbox.state);
             if state.closed {
                 return false;
@@ -402,7 +403,7 @@ impl Session {
         });
         if !behind.is_empty() {
             for entry in routes.channels.values_mut() {
-                entry.watches.retain(|id, _| !behind.contains(id));
+                entry.watches.retain(|(id, _)| !behind.contains(id));
             }
             tracing::warn!(
                 address = %self.address,
@@ -422,7 +423,7 @@ impl Session {
                 let Some(entry) = routes.channels.get_mut(&channel) else {
                     continue;
                 };
-                entry.watches.remove(&id);
+                entry.watches.retain(|(watch, _)| *watch != id);
                 if entry.watches.is_empty() {
                     routes.idle.push(channel);
                 }

@@ -210,6 +210,9 @@ struct Inner {
     retired: tokio::sync::watch::Sender<u64>,
     /// The one pub/sub connection every watch of this backend value shares.
     hub: hub::Hub,
+    /// Calls in flight at once: a burst of 10,000 electors starting queues here, not as
+    /// 10,000 commands buffered in the client and the server.
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Default)]
@@ -227,6 +230,7 @@ struct Checkout {
     inner: Arc<Inner>,
     generation: u64,
     connection: Connection,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Retires its connection when dropped before [`answered`](Self::answered).
@@ -405,6 +409,7 @@ impl RedisBackend {
                 unanswered: AtomicU64::new(0),
                 retired,
                 hub,
+                in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
                 config,
             }),
         })
@@ -480,6 +485,12 @@ impl RedisBackend {
     /// (a command on it went unanswered).
     async fn connection(&self) -> Result<Checkout, BackendError> {
         let inner = &self.inner;
+        let permit = inner
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| protocol("the call limit was closed"))?;
         let mut connections = inner.connection.lock().await;
         let retired = inner.unanswered.load(Ordering::SeqCst);
         let current = connections
@@ -502,6 +513,7 @@ impl RedisBackend {
             inner: inner.clone(),
             generation,
             connection,
+            _permit: permit,
         })
     }
 
@@ -593,6 +605,9 @@ fn map_error(
         }
     }
 }
+
+/// How many calls of one backend value may be in flight at once.
+const MAX_IN_FLIGHT: usize = 256;
 
 fn static_op(operation: &str) -> &'static str {
     match operation {
