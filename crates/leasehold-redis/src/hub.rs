@@ -354,7 +354,10 @@ impl Session {
         self.dead.cancel();
         let routes = std::mem::take(&mut self.lock_routes().channels);
         let watches = routes.values().map(|c| c.watches.len()).sum::<usize>();
-        for inbox in routes.into_values().flat_map(|c| c.watches.into_iter().map(|(_, inbox)| inbox)) {
+        for inbox in routes
+            .into_values()
+            .flat_map(|c| c.watches.into_iter().map(|(_, inbox)| inbox))
+        {
             inbox.end(reason);
         }
         if reason == DROPPED {

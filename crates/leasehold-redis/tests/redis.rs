@@ -653,6 +653,53 @@ mod redis_specific {
         );
     }
 
+    /// Issue 13, bounded reconnects: while the server refuses every connection, 200 electors'
+    /// watches and then a second of retries make a handful of connection attempts (one for the
+    /// burst, then a jittered backoff), not one per call; each call fails with the error of the
+    /// attempt.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_down_server_sees_no_reconnect_storm() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        // A "server" that accepts and hangs up at once, counting the attempts.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = accepted.clone();
+        let server = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                drop(socket);
+            }
+        });
+        let backend = RedisBackend::from_url(&format!("redis://{addr}/0")).expect("url");
+        let candidates: Vec<Candidate> = (0..200)
+            .map(|_| Candidate::new(lock_name("storm"), "b", Duration::from_secs(2)))
+            .collect();
+        let burst = futures::future::join_all(candidates.iter().map(|c| backend.watch(c))).await;
+        assert!(burst.iter().all(Result::is_err), "nothing to watch on");
+        let after_burst = accepted.load(Ordering::SeqCst);
+        assert!(
+            after_burst <= 2,
+            "200 watches at once made {after_burst} connection attempts"
+        );
+        let started = Instant::now();
+        let mut calls = 0;
+        while started.elapsed() < Duration::from_secs(1) {
+            assert!(backend.watch(&candidates[calls % 200]).await.is_err());
+            calls += 1;
+            sleep(Duration::from_millis(5)).await;
+        }
+        let attempts = accepted.load(Ordering::SeqCst);
+        assert!(
+            attempts < 15,
+            "{calls} watch calls in a second made {attempts} connection attempts"
+        );
+        server.abort();
+    }
+
     async fn plain(h: &RedisHarness) -> redis::aio::MultiplexedConnection {
         h.server_ref()
             .client()
