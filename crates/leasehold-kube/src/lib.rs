@@ -599,13 +599,10 @@ impl LockBackend for KubeBackend {
             Some(lease) => Item::Lease(Arc::new(lease)),
             None => Item::Gone(None),
         };
-        let items = futures::stream::once(async { Ok(initial) }).chain(futures::stream::unfold(
-            subscription,
-            |mut subscription| async move {
-                let item = subscription.next().await?;
-                Some((item, subscription))
-            },
-        ));
+        let items = futures::stream::unfold(subscription, |mut subscription| async move {
+            let item = subscription.next().await?;
+            Some((item, subscription))
+        });
         let backend = self.clone();
         let fallback = candidate.lease_duration;
         let identity = candidate.identity.clone();
@@ -628,7 +625,11 @@ impl LockBackend for KubeBackend {
             };
             std::future::ready(result)
         });
-        Ok(stream.boxed())
+        // The read itself comes first, whatever its version.
+        let backend = self.clone();
+        let (lock, identity) = (candidate.lock.clone(), candidate.identity.clone());
+        let first = backend.observation_of(&lock, &identity, fallback, initial);
+        Ok(futures::stream::once(async { first }).chain(stream).boxed())
     }
 }
 

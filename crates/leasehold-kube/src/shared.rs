@@ -265,6 +265,7 @@ impl Hub {
             return;
         }
         if let Some((_, task)) = state.running.take() {
+            tracing::debug!("a call went unanswered: reopening the namespace watch");
             task.abort();
             self.start(&mut state);
             state.cooling = true;
@@ -420,6 +421,11 @@ impl Hub {
             let params = WatchParams::default()
                 .labels(MANAGED_SELECTOR)
                 .timeout(WATCH_TIMEOUT_SECONDS);
+            // Counted as sent: the server may answer only once it has caught up with `from`.
+            match self.current(generation) {
+                Some(mut state) => state.watches_opened += 1,
+                None => return,
+            }
             let events = match self.api.watch(&params, &from).await {
                 Ok(events) => events,
                 Err(kube::Error::Api(status)) if status.code == 410 => continue,
@@ -431,10 +437,6 @@ impl Hub {
             // Timer-based, not a clock read: whether the watch ended within SHORT_WATCH.
             let short = sleep(SHORT_WATCH);
             let mut short = std::pin::pin!(short);
-            match self.current(generation) {
-                Some(mut state) => state.watches_opened += 1,
-                None => return,
-            }
             let mut events = std::pin::pin!(events);
             let mut reached = from;
             let mut expired = false;
