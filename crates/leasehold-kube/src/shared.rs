@@ -289,9 +289,7 @@ impl Hub {
         let Some(mut state) = self.current(generation) else {
             return false;
         };
-        let State {
-            by_lock, count, ..
-        } = &mut *state;
+        let State { by_lock, count, .. } = &mut *state;
         if let Some(subs) = by_lock.get_mut(lock_name) {
             let mut i = 0;
             while i < subs.len() {
@@ -385,7 +383,9 @@ impl Hub {
                 };
             }
         }
-        self.unavailable(format!("{what} of leases labeled {MANAGED_SELECTOR}: {error}"))
+        self.unavailable(format!(
+            "{what} of leases labeled {MANAGED_SELECTOR}: {error}"
+        ))
     }
 
     async fn run(self: Arc<Self>, generation: u64) {

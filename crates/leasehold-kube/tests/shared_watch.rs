@@ -13,8 +13,7 @@ use leasehold_kube::{KubeBackend, MANAGED_LABEL};
 use leasehold_testkit::proxy::ProxyFaults;
 use leasehold_testkit::scenarios::{lock_name, wait_for};
 use leasehold_testkit::{
-    KubeHarness, Node, NodeEvent, SafetyChecker, TestClient, Timing, ADMIN_TOKEN,
-    NAMESPACE,
+    KubeHarness, Node, NodeEvent, SafetyChecker, TestClient, Timing, ADMIN_TOKEN, NAMESPACE,
 };
 use tokio::time::{timeout, Instant};
 
@@ -76,7 +75,9 @@ fn stopped_at(node: &Node) -> Option<Instant> {
 async fn fifty_followers_share_one_watch_and_take_over() {
     let h = KubeHarness::start().await;
     let base = open_lease_watches(&h).await;
-    let locks: Vec<String> = (0..LOCKS).map(|i| lock_name(&format!("many-{i}"))).collect();
+    let locks: Vec<String> = (0..LOCKS)
+        .map(|i| lock_name(&format!("many-{i}")))
+        .collect();
     let checkers: Vec<SafetyChecker> = locks.iter().map(|_| SafetyChecker::new()).collect();
 
     let (leaders_backend, leaders_client) = shared_client(&h).await;
@@ -119,9 +120,11 @@ async fn fifty_followers_share_one_watch_and_take_over() {
         })
     })
     .await;
-    wait_for("the followers' watches are joined", TIMING.lease_duration, || {
-        followers_backend.watch_stats().subscribers == LOCKS
-    })
+    wait_for(
+        "the followers' watches are joined",
+        TIMING.lease_duration,
+        || followers_backend.watch_stats().subscribers == LOCKS,
+    )
     .await;
 
     let stats = followers_backend.watch_stats();
@@ -244,7 +247,10 @@ async fn joiners_of_a_running_watch_miss_no_change() {
         .watch(&Candidate::new(&keeper, "me", TIMING.lease_duration))
         .await
         .expect("watch");
-    assert_eq!(next_holder(&mut running).await.expect("ok").as_deref(), Some("k"));
+    assert_eq!(
+        next_holder(&mut running).await.expect("ok").as_deref(),
+        Some("k")
+    );
     let mut joined = Vec::new();
     for round in 0..20 {
         let lock = lock_name(&format!("joiner-{round}"));
@@ -296,7 +302,10 @@ async fn a_slow_consumer_is_cut_off_without_stalling_others() {
         .watch(&Candidate::new(&fast_lock, "me", TIMING.lease_duration))
         .await
         .expect("watch");
-    assert_eq!(next_holder(&mut fast).await.expect("ok").as_deref(), Some("x"));
+    assert_eq!(
+        next_holder(&mut fast).await.expect("ok").as_deref(),
+        Some("x")
+    );
     // Many more changes than a buffer holds, nobody reading the slow stream.
     for i in 0..100 {
         set_holder(&api, &slow_lock, &format!("s{i}")).await;
@@ -307,9 +316,11 @@ async fn a_slow_consumer_is_cut_off_without_stalling_others() {
         Some("y"),
         "the other elector's event arrived"
     );
-    wait_for("the slow consumer is cut off", Duration::from_secs(20), || {
-        backend.watch_stats().subscribers == 1
-    })
+    wait_for(
+        "the slow consumer is cut off",
+        Duration::from_secs(20),
+        || backend.watch_stats().subscribers == 1,
+    )
     .await;
     let mut read = 0;
     let error = loop {
@@ -329,7 +340,10 @@ async fn a_slow_consumer_is_cut_off_without_stalling_others() {
     );
     // The fast one goes on, on the same single watch.
     set_holder(&api, &fast_lock, "z").await;
-    assert_eq!(next_holder(&mut fast).await.expect("ok").as_deref(), Some("z"));
+    assert_eq!(
+        next_holder(&mut fast).await.expect("ok").as_deref(),
+        Some("z")
+    );
     assert_eq!(backend.watch_stats().namespace_watches_opened, 1);
     drop((slow, fast));
     assert_eq!(backend.watch_stats().subscribers, 0);
@@ -372,7 +386,10 @@ async fn unlabeled_leases_are_watched_alone_until_we_write_them() {
     api.replace(&lock, &PostParams::default(), &lease)
         .await
         .expect("release");
-    wait_for("ours leads", 2 * t.lease_duration, || started_at(&ours).is_some()).await;
+    wait_for("ours leads", 2 * t.lease_duration, || {
+        started_at(&ours).is_some()
+    })
+    .await;
     let took_over = started_at(&ours).expect("started");
     assert!(
         took_over.saturating_duration_since(released) < t.lease_duration,
