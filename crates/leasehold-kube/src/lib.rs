@@ -13,14 +13,30 @@
 //!   the same wall-clock second as the write it replaced is no change to them: such a renew is
 //!   [`RenewOutcome::RenewedUnnoticed`], and the leader's validity stays counted from the last
 //!   renew they could see (with a sub-second `retry_period`, up to ~1 s less validity).
-//! - Followers watch the single Lease (field selector on its name): a release or a renew reaches
-//!   them at once, so they send nothing in steady state and attempt right at the observed expiry.
+//! - Followers (and leaders, for their own Lease) are notified through **one watch per backend
+//!   value** (and its clones), whatever the number of Leases: every Lease leasehold creates or
+//!   writes carries the label [`MANAGED_LABEL`] (`leasehold.rs/managed: "true"`), and one watch
+//!   selected on it (with bookmarks) serves every elector of the namespace through a bounded
+//!   buffer each. A release or a renew reaches them at once, so they send nothing in steady
+//!   state and attempt right at the observed expiry. An elector joins the watch *before* it
+//!   reads its Lease (a list selected on its name), so no change after that read is missed;
+//!   it skips what the read already covered (by resourceVersion).
+//!   An elector that falls 64 events behind is cut off (its watch ends with an error and it
+//!   reads again) rather than holding back the others; a server-side timeout or an expired
+//!   version (`410 Gone`) is handled inside the shared watch (reopened from the last version,
+//!   or listed again); an error ends every elector's watch, as a watch of its own would have,
+//!   and the next shared watch waits out a backoff with jitter. The watch closes when its last
+//!   elector leaves. [`KubeBackend::watch_stats`] counts its subscribers and requests.
+//! - A Lease without the label (created by client-go, or by hand) is invisible to that watch:
+//!   its followers watch it alone (field selector on its name, as before) until their watch is
+//!   reopened after our first write, which adds the label (client-go's updates keep labels).
 //! - The fencing token is the `resourceVersion` of the acquiring write: it still increases if the
 //!   Lease is deleted and re-created (resource versions come from one counter, comparable since
 //!   KEP-5504), where `leaseTransitions` would restart at 0.
 //!
-//! RBAC: the identity needs `get`, `create`, `update` and `watch` on `leases` in group
-//! `coordination.k8s.io`, in the Lease's namespace.
+//! RBAC: the identity needs `get`, `list`, `watch`, `create` and `update` on `leases` in group
+//! `coordination.k8s.io`, in the Lease's namespace (`list` is new with the namespace watch:
+//! the watch lists the labeled Leases, and each elector reads its Lease with a list).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -607,23 +623,45 @@ impl LockBackend for KubeBackend {
         let fallback = candidate.lease_duration;
         let identity = candidate.identity.clone();
         let stream = items.filter_map(move |item| {
-            let result = match item {
+            let backend = backend.clone();
+            let (lock, identity) = (lock.clone(), identity.clone());
+            let item = match item {
                 Ok(item) => {
                     // What the read (or an item delivered since) already covered.
                     let version = item.version();
-                    if let (Some(v), Some(f)) = (version, floor) {
-                        if v <= f {
-                            return std::future::ready(None);
-                        }
-                    }
-                    if version.is_some() {
+                    let covered = matches!((version, floor), (Some(v), Some(f)) if v <= f);
+                    if version.is_some() && !covered {
                         floor = version;
                     }
-                    Some(backend.observation_of(&lock, &identity, fallback, item))
+                    (!covered).then_some(Ok(item))
                 }
                 Err(error) => Some(Err(error)),
             };
-            std::future::ready(result)
+            async move {
+                match item? {
+                    // Gone from a label-selected watch: deleted, or its label removed. Only a
+                    // read tells which; a Lease still there is observed as it is (and, having
+                    // no label, sends this watch's electors to a watch of that Lease alone),
+                    // never as vacant under a leader that still holds it.
+                    Ok(Item::Gone(_)) => match backend.get("watch", &lock).await {
+                        Ok(Some(lease)) => Some(backend.observation_of(
+                            &lock,
+                            &identity,
+                            fallback,
+                            Item::Lease(Arc::new(lease)),
+                        )),
+                        Ok(None) => Some(backend.observation_of(
+                            &lock,
+                            &identity,
+                            fallback,
+                            Item::Gone(None),
+                        )),
+                        Err(error) => Some(Err(error)),
+                    },
+                    Ok(item) => Some(backend.observation_of(&lock, &identity, fallback, item)),
+                    Err(error) => Some(Err(error)),
+                }
+            }
         });
         // The read itself comes first, whatever its version.
         let backend = self.clone();

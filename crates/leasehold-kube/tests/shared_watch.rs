@@ -407,3 +407,44 @@ async fn unlabeled_leases_are_watched_alone_until_we_write_them() {
     ours.stop().await.expect("stops");
     checker.verify().expect("safe");
 }
+
+/// Someone removes our label from a Lease while we lead it: the namespace watch reports it
+/// gone, but a read finds it still ours, so the leader keeps its term (it is not vacant), and
+/// its next renew puts the label back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_label_is_not_a_deletion() {
+    let t = Timing::FAST;
+    let h = KubeHarness::start().await;
+    let api = leases(&h).await;
+    let lock = lock_name("unlabel");
+    let (_backend, client) = shared_client(&h).await;
+    let checker = SafetyChecker::new();
+    let mut ours = Node::start(t.config("a", &lock), client, &checker, Duration::ZERO);
+    wait_for("a leads", 2 * t.lease_duration, || {
+        started_at(&ours).is_some()
+    })
+    .await;
+    let mut lease = api.get(&lock).await.expect("get");
+    lease.metadata.labels = Some(Default::default());
+    api.replace(&lock, &PostParams::default(), &lease)
+        .await
+        .expect("remove the label");
+    let relabeled = |lease: Option<Lease>| {
+        lease
+            .and_then(|l| l.metadata.labels)
+            .is_some_and(|l| l.contains_key(MANAGED_LABEL))
+    };
+    let mut again = false;
+    for _ in 0..100 {
+        if relabeled(h.lease(&lock).await) {
+            again = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(again, "the next renew labels it again");
+    tokio::time::sleep(2 * t.retry_period).await;
+    assert_eq!(stopped_at(&ours), None, "the leader kept its term");
+    ours.stop().await.expect("stops");
+    checker.verify().expect("safe");
+}
