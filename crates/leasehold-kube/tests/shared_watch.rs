@@ -127,6 +127,13 @@ async fn fifty_followers_share_one_watch_and_take_over() {
     )
     .await;
 
+    // The shared watch lists the labeled Leases before it sends its watch request.
+    wait_for(
+        "the followers' namespace watch is sent",
+        TIMING.lease_duration,
+        || followers_backend.watch_stats().namespace_watches_opened >= 1,
+    )
+    .await;
     let stats = followers_backend.watch_stats();
     assert_eq!(stats.namespace_watches_opened, 1, "{stats:?}");
     assert_eq!(stats.single_lease_watches_opened, 0, "{stats:?}");
