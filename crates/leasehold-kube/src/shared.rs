@@ -14,6 +14,11 @@
 //! an error ends every subscriber's stream with that error, so each elector re-reads as it did
 //! with a watch of its own, and the next watch waits out a backoff with jitter. When the last
 //! subscriber leaves, the watch is closed.
+//!
+//! A call of this backend that its elector gave up on (dropped at its deadline) means the
+//! connections may be dead without a word (a blackhole), and a dead watch would stay silent:
+//! the watch is then reopened from the last version it reached, at most once per cooldown, and
+//! a watch still listing or connecting gets one cooldown of grace first.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -51,7 +56,7 @@ const SHORT_WATCHES_TOLERATED: u32 = 3;
 
 /// After a restart on suspicion (a call went unanswered), further suspicions are ignored this
 /// long: a thousand electors timing out together restart the watch once.
-const SUSPECT_COOLDOWN: Duration = Duration::from_secs(1);
+const SUSPECT_COOLDOWN: Duration = Duration::from_secs(2);
 
 /// What a subscriber receives about its Lease.
 #[derive(Debug, Clone)]
@@ -111,6 +116,10 @@ struct State {
     watches_opened: u64,
     /// A restart on suspicion happened less than `SUSPECT_COOLDOWN` ago.
     cooling: bool,
+    /// The running task's watch request was answered (it is past its list and request).
+    watching: bool,
+    /// A suspicion arrived while the running task was still listing or connecting.
+    strike: bool,
 }
 
 /// The namespace watch of one backend value, and its subscribers.
@@ -211,6 +220,8 @@ impl Hub {
     fn start(self: &Arc<Self>, state: &mut State) {
         state.generation += 1;
         let generation = state.generation;
+        state.watching = false;
+        state.strike = false;
         let task = tokio::spawn(self.clone().run(generation));
         state.running = Some((generation, task.abort_handle()));
     }
@@ -261,20 +272,26 @@ impl Hub {
     /// watch from the last version it reached, keeping every subscriber.
     pub(crate) fn suspect(self: &Arc<Self>) {
         let mut state = lock(&self.state);
-        if state.cooling {
+        if state.cooling || state.running.is_none() {
             return;
         }
-        if let Some((_, task)) = state.running.take() {
-            tracing::debug!("a call went unanswered: reopening the namespace watch");
-            task.abort();
-            self.start(&mut state);
-            state.cooling = true;
-            let hub = self.clone();
-            tokio::spawn(async move {
-                sleep(SUSPECT_COOLDOWN).await;
-                lock(&hub.state).cooling = false;
-            });
+        // A task still listing or connecting is left one cooldown of grace: restarting it at
+        // every unanswered call of a loaded server would keep it from ever watching.
+        if state.watching || state.strike {
+            if let Some((_, task)) = state.running.take() {
+                tracing::debug!("a call went unanswered: reopening the namespace watch");
+                task.abort();
+                self.start(&mut state);
+            }
+        } else {
+            state.strike = true;
         }
+        state.cooling = true;
+        let hub = self.clone();
+        tokio::spawn(async move {
+            sleep(SUSPECT_COOLDOWN).await;
+            lock(&hub.state).cooling = false;
+        });
     }
 
     /// The state of this task's generation, or `None` when the task was replaced or stopped.
@@ -427,7 +444,13 @@ impl Hub {
                 None => return,
             }
             let events = match self.api.watch(&params, &from).await {
-                Ok(events) => events,
+                Ok(events) => {
+                    match self.current(generation) {
+                        Some(mut state) => state.watching = true,
+                        None => return,
+                    }
+                    events
+                }
                 Err(kube::Error::Api(status)) if status.code == 410 => continue,
                 Err(error) => {
                     self.fail_all(generation, &self.kube_error("watch", &error));
