@@ -124,8 +124,18 @@ async fn main() {
     let leaders_backend = backend(&server).await;
     let started = Instant::now();
     let mut leaders = start_all(&leaders_backend, "leader", n);
+    let mut report = Instant::now();
     while leaders.iter().any(|e| !e.handle().is_leader()) {
         sleep(Duration::from_millis(50)).await;
+        if report.elapsed() >= Duration::from_secs(10) {
+            report = Instant::now();
+            let leading = leaders.iter().filter(|e| e.handle().is_leader()).count();
+            println!(
+                "{:?}: {leading} leading, {} connections",
+                started.elapsed(),
+                connections_to(port)
+            );
+        }
         if started.elapsed() > Duration::from_secs(600) {
             panic!("not all leading after 600 s");
         }
