@@ -3,7 +3,7 @@
 //! backend value that follows every Lease sends in steady state.
 //!
 //! ```text
-//! LEASEHOLD_KUBE_APISERVER=... cargo run -p leasehold-kube --example shared_watch_load -- 1000
+//! LEASEHOLD_KUBE_APISERVER=... cargo run --release -p leasehold-kube --example shared_watch_load -- 1000 [BATCH]
 //! ```
 
 use std::collections::BTreeMap;
@@ -97,18 +97,29 @@ async fn backend(server: &KubeApiServer) -> KubeBackend {
     KubeBackend::new(client, NAMESPACE)
 }
 
-fn start_all(backend: &KubeBackend, prefix: &str, n: usize) -> Vec<RunningElector> {
-    (0..n)
-        .map(|i| {
+/// Starts `n` electors, `batch` of them every 100 ms (`0`: all at once).
+async fn start_all(
+    backend: &KubeBackend,
+    prefix: &str,
+    n: usize,
+    batch: usize,
+) -> Vec<RunningElector> {
+    let mut electors = Vec::with_capacity(n);
+    for i in 0..n {
+        if batch > 0 && i > 0 && i % batch == 0 {
+            sleep(Duration::from_millis(100)).await;
+        }
+        electors.push(
             Elector::new(
                 config(&format!("{prefix}-{i}"), &format!("load-{i}")),
                 backend.clone(),
                 Callbacks::new(),
             )
             .unwrap_or_else(|e| panic!("elector: {e}"))
-            .start()
-        })
-        .collect()
+            .start(),
+        );
+    }
+    electors
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -117,13 +128,17 @@ async fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(1000);
+    let batch: usize = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(0);
     let server = KubeApiServer::start().await;
     let port = server.port();
     let rss0 = rss_kib();
 
     let leaders_backend = backend(&server).await;
     let started = Instant::now();
-    let mut leaders = start_all(&leaders_backend, "leader", n);
+    let mut leaders = start_all(&leaders_backend, "leader", n, batch).await;
     let mut report = Instant::now();
     while leaders.iter().any(|e| !e.handle().is_leader()) {
         sleep(Duration::from_millis(50)).await;
@@ -151,7 +166,7 @@ async fn main() {
 
     let followers_backend = backend(&server).await;
     let started = Instant::now();
-    let mut followers = start_all(&followers_backend, "follower", n);
+    let mut followers = start_all(&followers_backend, "follower", n, batch).await;
     while followers
         .iter()
         .enumerate()
@@ -172,7 +187,7 @@ async fn main() {
     let m3 = requests_by_verb(&server).await;
     let both_rate = delta(&m3, &m2);
 
-    println!("locks: {n}");
+    println!("locks: {n}, started {batch} per 100 ms (0: all at once)");
     println!("all {n} leading after {all_leading:?}; all {n} following after {all_following:?}");
     println!(
         "RSS: start {} MiB, with {n} leaders {} MiB, plus {n} followers {} MiB",
