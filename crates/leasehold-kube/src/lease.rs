@@ -8,6 +8,33 @@ use k8s_openapi::jiff::Timestamp;
 use leasehold_core::{ConfigError, FencingToken, LeaderRecord, Observation};
 use tokio::time::Instant;
 
+/// The label leasehold puts on every Lease it creates or writes, so that one label-selected
+/// watch per namespace sees all of them.
+pub(crate) const MANAGED_LABEL: &str = "leasehold.rs/managed";
+/// The value of [`MANAGED_LABEL`].
+pub(crate) const MANAGED_VALUE: &str = "true";
+/// The label selector of the namespace watch.
+pub(crate) const MANAGED_SELECTOR: &str = "leasehold.rs/managed=true";
+
+/// Whether `lease` carries the label, so the namespace watch sees it.
+pub(crate) fn labeled(lease: &Lease) -> bool {
+    lease
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(MANAGED_LABEL))
+        .is_some_and(|value| value == MANAGED_VALUE)
+}
+
+/// Puts the label on `lease` (keeping every other label: client-go's writes keep ours too).
+fn label(lease: &mut Lease) {
+    lease
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(MANAGED_LABEL.to_owned(), MANAGED_VALUE.to_owned());
+}
+
 /// The parts of a Lease spec whose change counts as a change of the record (client-go compares
 /// the whole leader election record the same way).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,9 +183,12 @@ pub(crate) fn record_of(key: &SpecKey, duration: Duration) -> LeaderRecord {
 /// A new Lease held by `identity`.
 pub(crate) fn fresh(name: &str, identity: &str, seconds: i32) -> Lease {
     let now = now();
+    let mut labels = std::collections::BTreeMap::new();
+    labels.insert(MANAGED_LABEL.to_owned(), MANAGED_VALUE.to_owned());
     Lease {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
+            labels: Some(labels),
             ..ObjectMeta::default()
         },
         spec: Some(LeaseSpec {
@@ -176,6 +206,7 @@ pub(crate) fn fresh(name: &str, identity: &str, seconds: i32) -> Lease {
 /// holder changes.
 pub(crate) fn taken(current: &Lease, identity: &str, seconds: i32) -> Lease {
     let mut lease = current.clone();
+    label(&mut lease);
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
     let transitions = spec.lease_transitions.unwrap_or(0);
     let same = spec.holder_identity.as_deref() == Some(identity);
@@ -196,6 +227,7 @@ pub(crate) fn taken(current: &Lease, identity: &str, seconds: i32) -> Lease {
 /// a duration someone else wrote (followers judge expiry by the announced duration).
 pub(crate) fn renewed(mine: &Lease, duration_seconds: i32) -> Lease {
     let mut lease = mine.clone();
+    label(&mut lease);
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
     spec.renew_time = Some(now());
     spec.lease_duration_seconds = Some(duration_seconds);
@@ -205,6 +237,7 @@ pub(crate) fn renewed(mine: &Lease, duration_seconds: i32) -> Lease {
 /// `mine` released as client-go releases: empty holder, duration 1 s, times now.
 pub(crate) fn released(mine: &Lease) -> Lease {
     let mut lease = mine.clone();
+    label(&mut lease);
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
     let now = now();
     spec.holder_identity = Some(String::new());

@@ -13,14 +13,30 @@
 //!   the same wall-clock second as the write it replaced is no change to them: such a renew is
 //!   [`RenewOutcome::RenewedUnnoticed`], and the leader's validity stays counted from the last
 //!   renew they could see (with a sub-second `retry_period`, up to ~1 s less validity).
-//! - Followers watch the single Lease (field selector on its name): a release or a renew reaches
-//!   them at once, so they send nothing in steady state and attempt right at the observed expiry.
+//! - Followers (and leaders, for their own Lease) are notified through **one watch per backend
+//!   value** (and its clones), whatever the number of Leases: every Lease leasehold creates or
+//!   writes carries the label [`MANAGED_LABEL`] (`leasehold.rs/managed: "true"`), and one watch
+//!   selected on it (with bookmarks) serves every elector of the namespace through a bounded
+//!   buffer each. A release or a renew reaches them at once, so they send nothing in steady
+//!   state and attempt right at the observed expiry. An elector joins the watch *before* it
+//!   reads its Lease (a list selected on its name), so no change after that read is missed;
+//!   it skips what the read already covered (by resourceVersion).
+//!   An elector that falls 64 events behind is cut off (its watch ends with an error and it
+//!   reads again) rather than holding back the others; a server-side timeout or an expired
+//!   version (`410 Gone`) is handled inside the shared watch (reopened from the last version,
+//!   or listed again); an error ends every elector's watch, as a watch of its own would have,
+//!   and the next shared watch waits out a backoff with jitter. The watch closes when its last
+//!   elector leaves. [`KubeBackend::watch_stats`] counts its subscribers and requests.
+//! - A Lease without the label (created by client-go, or by hand) is invisible to that watch:
+//!   its followers watch it alone (field selector on its name, as before) until their watch is
+//!   reopened after our first write, which adds the label (client-go's updates keep labels).
 //! - The fencing token is the `resourceVersion` of the acquiring write: it still increases if the
 //!   Lease is deleted and re-created (resource versions come from one counter, comparable since
 //!   KEP-5504), where `leaseTransitions` would restart at 0.
 //!
-//! RBAC: the identity needs `get`, `create`, `update` and `watch` on `leases` in group
-//! `coordination.k8s.io`, in the Lease's namespace.
+//! RBAC: the identity needs `get`, `list`, `watch`, `create` and `update` on `leases` in group
+//! `coordination.k8s.io`, in the Lease's namespace (`list` is new with the namespace watch:
+//! the watch lists the labeled Leases, and each elector reads its Lease with a list).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -34,6 +50,7 @@
 //! ```
 
 mod lease;
+mod shared;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -49,6 +66,26 @@ use leasehold_core::{
 use tokio::time::Instant;
 
 use crate::lease::{Observed, SpecKey};
+use crate::shared::{Hub, Item};
+
+/// The label leasehold puts on every Lease it creates or writes (value `"true"`): its
+/// followers watch the Leases of a namespace with one watch selected on this label.
+pub const MANAGED_LABEL: &str = lease::MANAGED_LABEL;
+
+/// Counts of one backend value's namespace watch, for diagnostics and tests
+/// ([`KubeBackend::watch_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WatchStats {
+    /// Electors' watches now served by the namespace watch.
+    pub subscribers: usize,
+    /// Watch requests the namespace watch has opened since the backend value was made
+    /// (a new one after each server-side timeout, error, or pause without subscribers).
+    pub namespace_watches_opened: u64,
+    /// Watches of a single Lease opened for Leases without the label (e.g. created by
+    /// client-go), since the backend value was made.
+    pub single_lease_watches_opened: u64,
+}
 
 /// Why [`KubeBackend::from_env`] could not build a client.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +103,26 @@ struct Inner {
     namespace: String,
     /// Per lock: the record last seen and when it was first seen (client-side expiry).
     observed: Mutex<HashMap<String, Observed>>,
+    /// The namespace watch and its subscribers.
+    hub: Arc<Hub>,
+    /// Watches of a single unlabeled Lease opened so far.
+    single_watches: std::sync::atomic::AtomicU64,
+}
+
+/// A call in flight; if it is dropped before it finished (the elector gave up on it at its
+/// deadline), the connections may be dead without a word, and so may the namespace watch's:
+/// it is reopened from where it was.
+struct InFlight<'a> {
+    hub: &'a Arc<Hub>,
+    done: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.hub.suspect();
+        }
+    }
 }
 
 /// The backend's part of a term it granted ([`Grant::state`]): the Lease as this term last
@@ -120,11 +177,18 @@ impl KubeBackend {
     /// A backend on `client`, for Leases in `namespace`.
     pub fn new(client: kube::Client, namespace: impl Into<String>) -> Self {
         let namespace = namespace.into();
+        let api = Api::namespaced(client, &namespace);
+        let hub = Arc::new(Hub::new(
+            api.clone(),
+            format!("kubernetes (namespace {namespace})"),
+        ));
         Self {
             inner: Arc::new(Inner {
-                api: Api::namespaced(client, &namespace),
+                api,
                 namespace,
                 observed: Mutex::default(),
+                hub,
+                single_watches: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -145,6 +209,26 @@ impl KubeBackend {
         &self.inner.namespace
     }
 
+    /// How many electors the namespace watch serves now, and how many watch requests this
+    /// backend value (with its clones) has opened.
+    pub fn watch_stats(&self) -> WatchStats {
+        WatchStats {
+            subscribers: self.inner.hub.subscribers(),
+            namespace_watches_opened: self.inner.hub.watches_opened(),
+            single_lease_watches_opened: self
+                .inner
+                .single_watches
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    fn in_flight(&self) -> InFlight<'_> {
+        InFlight {
+            hub: &self.inner.hub,
+            done: false,
+        }
+    }
+
     fn backend_name(&self) -> String {
         format!("kubernetes (namespace {})", self.inner.namespace)
     }
@@ -163,9 +247,9 @@ impl KubeBackend {
                     return BackendError::Unauthorized {
                         backend,
                         detail: format!(
-                            "{operation} of Lease {lock:?} forbidden: {}. Grant the verbs get, create, update \
-                             and watch on leases (apiGroup coordination.k8s.io) in namespace {:?} with a Role \
-                             and RoleBinding",
+                            "{operation} of Lease {lock:?} forbidden: {}. Grant the verbs get, list, watch, \
+                             create and update on leases (apiGroup coordination.k8s.io) in namespace {:?} \
+                             with a Role and RoleBinding",
                             status.message, self.inner.namespace
                         ),
                     }
@@ -210,6 +294,22 @@ impl KubeBackend {
         if let Some(seen) = seen {
             observed.insert(lock.to_owned(), seen);
         }
+        drop(observed);
+        if !lease::labeled(lease) {
+            // A Lease without our label (created by client-go, or relabeled by hand) is
+            // invisible to the namespace watch: electors that follow it there must reopen
+            // their watch, which then watches this Lease alone.
+            self.inner.hub.kick(
+                lock,
+                &BackendError::Unavailable {
+                    backend: self.backend_name(),
+                    detail: format!(
+                        "Lease {lock:?} carries no {MANAGED_LABEL} label (created by another \
+                         client?): reopening its watch as a watch of that Lease alone"
+                    ),
+                },
+            );
+        }
         verdict
     }
 
@@ -239,12 +339,14 @@ impl KubeBackend {
         lock: &str,
         lease: &Lease,
     ) -> Result<Write, BackendError> {
-        match self
+        let mut flight = self.in_flight();
+        let result = self
             .inner
             .api
             .replace(lock, &PostParams::default(), lease)
-            .await
-        {
+            .await;
+        flight.done = true;
+        match result {
             Ok(written) => Ok(Write::Done(Box::new(written))),
             Err(kube::Error::Api(status)) if status.code == 409 => Ok(Write::Conflict),
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(Write::Gone),
@@ -253,11 +355,17 @@ impl KubeBackend {
     }
 
     async fn get(&self, operation: &str, lock: &str) -> Result<Option<Lease>, BackendError> {
-        self.inner
-            .api
-            .get_opt(lock)
-            .await
-            .map_err(|e| self.error(operation, lock, &e))
+        let mut flight = self.in_flight();
+        let result = self.inner.api.get_opt(lock).await;
+        flight.done = true;
+        result.map_err(|e| self.error(operation, lock, &e))
+    }
+
+    async fn create(&self, lease: &Lease) -> Result<Lease, kube::Error> {
+        let mut flight = self.in_flight();
+        let result = self.inner.api.create(&PostParams::default(), lease).await;
+        flight.done = true;
+        result
     }
 
     fn acquired(
@@ -337,7 +445,7 @@ impl LockBackend for KubeBackend {
                 return Ok(AcquireOutcome::Held(held));
             }
             let fresh = lease::fresh(lock, &candidate.identity, seconds);
-            return match self.inner.api.create(&PostParams::default(), &fresh).await {
+            return match self.create(&fresh).await {
                 Ok(created) => self.acquired(candidate, created),
                 Err(kube::Error::Api(status)) if status.code == 409 => {
                     // Someone created it first.
@@ -492,36 +600,140 @@ impl LockBackend for KubeBackend {
 
     async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
         let lock = candidate.lock.clone();
-        let selector = format!("metadata.name={lock}");
-        // Read, then watch from the resourceVersion read: the current state comes first (as a
-        // synthetic event), then every change after it, nothing missed in between. A watch from
-        // "0" or from no version needs the API server's watch cache to serve consistent reads,
-        // which older etcd versions cannot back (RequestWatchProgress); a given version works
-        // everywhere.
-        let (initial, version) = match self.get("watch", &lock).await? {
-            Some(lease) => {
-                let version = lease.metadata.resource_version.clone().unwrap_or_default();
-                (WatchEvent::Added(lease), version)
-            }
-            None => {
-                // No Lease yet: the list's version (needs `list`); without it, report a free
-                // lock and let the elector reopen the watch once the Lease exists.
-                let listed = self
-                    .inner
-                    .api
-                    .list(&ListParams::default().fields(&selector))
-                    .await;
-                match listed {
-                    Ok(list) => (
-                        WatchEvent::Deleted(Lease::default()),
-                        list.metadata.resource_version.unwrap_or_default(),
-                    ),
-                    Err(kube::Error::Api(status)) if status.code == 403 => {
-                        return Ok(futures::stream::iter([Ok(Observation::vacant())]).boxed());
+        // Join the namespace watch *before* reading: every change after the read then reaches
+        // this subscription (see the module `shared`), and the read's version tells which of
+        // the items buffered meanwhile it already covers.
+        let subscription = self.inner.hub.join(&lock);
+        let (current, version) = self.list_one(&lock).await?;
+        if current.as_ref().is_some_and(|lease| !lease::labeled(lease)) {
+            // Not labeled (created by client-go, say): the namespace watch cannot see it.
+            drop(subscription);
+            return self.watch_one(candidate, current, version).await;
+        }
+        let mut floor = version.parse::<u64>().ok();
+        let initial = match current {
+            Some(lease) => Item::Lease(Arc::new(lease)),
+            None => Item::Gone(None),
+        };
+        let items = futures::stream::unfold(subscription, |mut subscription| async move {
+            let item = subscription.next().await?;
+            Some((item, subscription))
+        });
+        let backend = self.clone();
+        let fallback = candidate.lease_duration;
+        let identity = candidate.identity.clone();
+        let stream = items.filter_map(move |item| {
+            let backend = backend.clone();
+            let (lock, identity) = (lock.clone(), identity.clone());
+            let item = match item {
+                Ok(item) => {
+                    // What the read (or an item delivered since) already covered.
+                    let version = item.version();
+                    let covered = matches!((version, floor), (Some(v), Some(f)) if v <= f);
+                    if version.is_some() && !covered {
+                        floor = version;
                     }
-                    Err(error) => return Err(self.error("watch", &lock, &error)),
+                    (!covered).then_some(Ok(item))
+                }
+                Err(error) => Some(Err(error)),
+            };
+            async move {
+                match item? {
+                    // Gone from a label-selected watch: deleted, or its label removed. Only a
+                    // read tells which; a Lease still there is observed as it is (and, having
+                    // no label, sends this watch's electors to a watch of that Lease alone),
+                    // never as vacant under a leader that still holds it.
+                    Ok(Item::Gone(_)) => match backend.get("watch", &lock).await {
+                        Ok(Some(lease)) => Some(backend.observation_of(
+                            &lock,
+                            &identity,
+                            fallback,
+                            Item::Lease(Arc::new(lease)),
+                        )),
+                        Ok(None) => Some(backend.observation_of(
+                            &lock,
+                            &identity,
+                            fallback,
+                            Item::Gone(None),
+                        )),
+                        Err(error) => Some(Err(error)),
+                    },
+                    Ok(item) => Some(backend.observation_of(&lock, &identity, fallback, item)),
+                    Err(error) => Some(Err(error)),
                 }
             }
+        });
+        // The read itself comes first, whatever its version.
+        let backend = self.clone();
+        let (lock, identity) = (candidate.lock.clone(), candidate.identity.clone());
+        let first = backend.observation_of(&lock, &identity, fallback, initial);
+        Ok(futures::stream::once(async { first }).chain(stream).boxed())
+    }
+}
+
+impl KubeBackend {
+    /// The Lease named `lock` (if any) and the version of the list that read it: a consistent
+    /// read, whose version also covers a Lease that does not exist.
+    async fn list_one(&self, lock: &str) -> Result<(Option<Lease>, String), BackendError> {
+        let selector = format!("metadata.name={lock}");
+        let mut flight = self.in_flight();
+        let listed = self
+            .inner
+            .api
+            .list(&ListParams::default().fields(&selector))
+            .await;
+        flight.done = true;
+        let list = listed.map_err(|e| self.error("watch", lock, &e))?;
+        let version = list.metadata.resource_version.unwrap_or_default();
+        let current = list
+            .items
+            .into_iter()
+            .find(|lease| lease.metadata.name.as_deref() == Some(lock));
+        Ok((current, version))
+    }
+
+    /// An observation of what a watch saw: the Lease, or its absence.
+    fn observation_of(
+        &self,
+        lock: &str,
+        identity: &str,
+        fallback: Duration,
+        item: Item,
+    ) -> Result<Observation, BackendError> {
+        match item {
+            Item::Lease(lease) => {
+                let key = SpecKey::of(&lease);
+                match lease::malformed(&key) {
+                    Some(problem) => {
+                        self.observe(lock, &lease, fallback);
+                        Err(BackendError::MalformedRecord {
+                            lock: lock.to_owned(),
+                            detail: problem,
+                        })
+                    }
+                    None => Ok(self.observe(lock, &lease, fallback).0),
+                }
+            }
+            Item::Gone(_) => Ok(self
+                .last_live(lock, identity, fallback)
+                .unwrap_or_else(Observation::vacant)),
+        }
+    }
+
+    /// The watch of one Lease without the label (today's client-go-created Leases): a field
+    /// selector on its name, from the version of the list that read it, so nothing is missed
+    /// in between.
+    async fn watch_one(
+        &self,
+        candidate: &Candidate,
+        current: Option<Lease>,
+        version: String,
+    ) -> Result<WatchStream, BackendError> {
+        let lock = candidate.lock.clone();
+        let selector = format!("metadata.name={lock}");
+        let initial = match current {
+            Some(lease) => Item::Lease(Arc::new(lease)),
+            None => Item::Gone(None),
         };
         let params = WatchParams::default().fields(&selector).timeout(290);
         let events = self
@@ -530,40 +742,37 @@ impl LockBackend for KubeBackend {
             .watch(&params, &version)
             .await
             .map_err(|e| self.error("watch", &lock, &e))?;
-        let events = futures::stream::iter([Ok(initial)]).chain(events);
+        self.inner
+            .single_watches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let backend = self.clone();
         let fallback = candidate.lease_duration;
         let identity = candidate.identity.clone();
-        let stream = events.filter_map(move |event| {
-            let result = match event {
+        let name = lock.clone();
+        let items = events.filter_map(move |event| {
+            let item = match event {
                 Ok(WatchEvent::Added(lease) | WatchEvent::Modified(lease)) => {
-                    let key = SpecKey::of(&lease);
-                    match lease::malformed(&key) {
-                        Some(problem) => {
-                            backend.observe(&lock, &lease, fallback);
-                            Some(Err(BackendError::MalformedRecord {
-                                lock: lock.clone(),
-                                detail: problem,
-                            }))
-                        }
-                        None => Some(Ok(backend.observe(&lock, &lease, fallback).0)),
-                    }
+                    Some(Ok(Item::Lease(Arc::new(lease))))
                 }
-                Ok(WatchEvent::Deleted(_)) => Some(Ok(backend
-                    .last_live(&lock, &identity, fallback)
-                    .unwrap_or_else(Observation::vacant))),
+                Ok(WatchEvent::Deleted(_)) => Some(Ok(Item::Gone(None))),
                 Ok(WatchEvent::Bookmark(_)) => None,
                 Ok(WatchEvent::Error(status)) => Some(Err(BackendError::Unavailable {
                     backend: backend.backend_name(),
                     detail: format!(
-                        "watch of Lease {lock:?}: {} ({})",
+                        "watch of Lease {name:?}: {} ({})",
                         status.message, status.code
                     ),
                 })),
-                Err(error) => Some(Err(backend.error("watch", &lock, &error))),
+                Err(error) => Some(Err(backend.error("watch", &name, &error))),
             };
-            std::future::ready(result)
+            std::future::ready(item)
         });
+        let backend = self.clone();
+        let stream = futures::stream::once(async { Ok(initial) })
+            .chain(items)
+            .map(move |item| {
+                item.and_then(|item| backend.observation_of(&lock, &identity, fallback, item))
+            });
         Ok(stream.boxed())
     }
 }

@@ -368,8 +368,10 @@ async fn our_follower_waits_for_a_partitioned_client_go_leader_to_stop() {
             !go.is_leading()
         })
         .await;
+        // On the recorded term, not `is_leader()`: the callback that records it may run a
+        // moment after the flag is set.
         wait_for("ours takes over", Duration::from_secs(20), || {
-            ours.handle.is_leader()
+            !checker.intervals().is_empty()
         })
         .await;
         let go_stop = go.intervals().last().expect("go's term").1;

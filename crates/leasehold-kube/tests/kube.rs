@@ -287,11 +287,15 @@ mod kube_specific {
 
 /// leasehold and client-go's `leaderelection` (a real Go program) compete on one Lease.
 mod client_go_interop {
+    use std::sync::Arc;
     use std::time::{Duration, SystemTime};
 
+    use k8s_openapi::api::coordination::v1::Lease;
+    use leasehold_kube::MANAGED_LABEL;
+    use leasehold_testkit::proxy::ProxyFaults;
     use leasehold_testkit::scenarios::{lock_name, wait_for};
     use leasehold_testkit::{
-        client_go_elector_binary, GoElector, Harness, KubeHarness, Node, SafetyChecker, Timing,
+        client_go_elector_binary, GoElector, KubeHarness, Node, SafetyChecker, TestClient, Timing,
         ADMIN_TOKEN,
     };
     use tokio::time::Instant;
@@ -320,14 +324,29 @@ mod client_go_interop {
         // client-go leads first; ours follows and sees it.
         let mut go1 = GoElector::start(&binary, &kubeconfig, &lock, "go-1", t);
         wait_for("go-1 leads", 10 * t.lease_duration, || go1.is_leading()).await;
-        let mut ours = Node::start(
-            t.config("rust-1", &lock),
-            h.client().await,
-            &checker,
-            Duration::ZERO,
+        // client-go created the Lease without our label: the namespace watch cannot see it,
+        // so ours watches that Lease alone.
+        let (backend, proxy) = h.backend_with(ADMIN_TOKEN).await;
+        let client = TestClient::new(
+            Arc::new(backend.clone()),
+            Arc::new(ProxyFaults::uncounted(proxy)),
         );
+        let labeled = |lease: Option<Lease>| {
+            lease
+                .and_then(|l| l.metadata.labels)
+                .is_some_and(|l| l.get(MANAGED_LABEL).map(String::as_str) == Some("true"))
+        };
+        assert!(
+            !labeled(h.lease(&lock).await),
+            "client-go's Lease has no label"
+        );
+        let mut ours = Node::start(t.config("rust-1", &lock), client, &checker, Duration::ZERO);
         wait_for("ours sees go-1 as leader", 2 * t.lease_duration, || {
             ours.handle.leader().as_deref() == Some("go-1")
+        })
+        .await;
+        wait_for("ours watches the Lease alone", 2 * t.lease_duration, || {
+            backend.watch_stats().single_lease_watches_opened >= 1
         })
         .await;
         tokio::time::sleep(t.lease_duration).await;
@@ -341,6 +360,7 @@ mod client_go_interop {
         })
         .await;
         let go_to_rust = released.elapsed();
+        assert!(labeled(h.lease(&lock).await), "our first write labeled it");
 
         // A new client-go candidate sees ours as leader, and takes over when ours releases.
         let mut go2 = GoElector::start(&binary, &kubeconfig, &lock, "go-2", t);
@@ -358,6 +378,10 @@ mod client_go_interop {
         )
         .await;
         let rust_to_go = released.elapsed();
+        assert!(
+            labeled(h.lease(&lock).await),
+            "client-go's writes keep the label"
+        );
         go2.terminate().await;
 
         // Never two leaders, from both sides' reported intervals.
