@@ -62,7 +62,9 @@ pub async fn leader_and_follower<H: Harness + ?Sized>(
     let a = Node::join_with_wind_down(h, "a", lock, checker, wind_down).await;
     leads(&a, 2 * t.lease_duration).await;
     let b = Node::join_with_wind_down(h, "b", lock, checker, Duration::ZERO).await;
-    wait_for("b to follow a", t.lease_duration, || {
+    // Set-up, not a claim: on etcd b first takes its seat (a lease, a key, a read, a watch),
+    // which a loaded 2-core machine running the suite in parallel can stretch past a lease.
+    wait_for("b to follow a", 3 * t.lease_duration, || {
         b.handle.leader().as_deref() == Some("a")
     })
     .await;
@@ -925,7 +927,7 @@ pub async fn resign_hands_over<H: Harness + ?Sized>(h: &H) {
 }
 
 /// How many locks [`many_locks_on_shared_clients`] runs.
-pub const SHARED_LOCKS: usize = 40;
+pub const SHARED_LOCKS: usize = 24;
 
 /// [`SHARED_LOCKS`] locks, all their leaders on one client (one backend value) and all their
 /// followers on another, so every watch and renew of a side shares that backend value's
