@@ -483,7 +483,12 @@ async fn crash_takeover(h: &KubeHarness, leader: Side, leader_s: u64, follower_s
             (go_started(&go).expect("go started"), earliest)
         }
         Side::Go => {
-            wait_for("ours takes over", within, || ours.handle.is_leader()).await;
+            // On the recorded term, not `is_leader()`: the callback that records it may run
+            // a moment after the flag is set.
+            wait_for("ours takes over", within, || {
+                !checker.intervals().is_empty()
+            })
+            .await;
             let intervals = checker.verify().expect("safe on our side").intervals;
             let start = clock.wall(intervals.first().expect("our term").start);
             (start, SystemTime::from(last_renew) + announced)

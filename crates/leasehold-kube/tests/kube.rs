@@ -53,7 +53,11 @@ mod kube_specific {
         })
         .await;
         a.stop().await.expect("a stops");
-        wait_for("b leads", t.lease_duration, || b.handle.is_leader()).await;
+        // Its term recorded too: the callback that records it may run after the flag is set.
+        wait_for("b leads", t.lease_duration, || {
+            b.handle.is_leader() && b.last_leadership().is_some()
+        })
+        .await;
         let spec = h.lease(&lock).await.expect("lease").spec.expect("spec");
         assert_eq!(spec.holder_identity.as_deref(), Some("b"));
         assert_eq!(spec.lease_transitions, Some(1), "the holder changed once");
