@@ -942,29 +942,22 @@ pub async fn many_locks_on_shared_clients<H: Harness + ?Sized>(h: &H) {
         .map(|_| lock_name("shared-clients"))
         .collect();
     let checkers: Vec<SafetyChecker> = locks.iter().map(|_| SafetyChecker::new()).collect();
-    let mut leaders = Vec::new();
-    for (lock, checker) in locks.iter().zip(&checkers) {
-        let config = t.config("a", lock);
-        leaders.push(Node::start(
-            config,
-            leaders_client.clone(),
-            checker,
-            Duration::ZERO,
-        ));
-    }
+    // One node per lock for `identity`, all on `client` (one backend value).
+    let start_all = |identity: &str, client: &crate::TestClient| -> Vec<Node> {
+        locks
+            .iter()
+            .zip(&checkers)
+            .map(|(lock, checker)| {
+                let config = t.config(identity, lock);
+                Node::start(config, client.clone(), checker, Duration::ZERO)
+            })
+            .collect()
+    };
+    let mut leaders = start_all("a", &leaders_client);
     for leader in &leaders {
         leads(leader, 4 * t.lease_duration).await;
     }
-    let mut followers = Vec::new();
-    for (lock, checker) in locks.iter().zip(&checkers) {
-        let config = t.config("b", lock);
-        followers.push(Node::start(
-            config,
-            followers_client.clone(),
-            checker,
-            Duration::ZERO,
-        ));
-    }
+    let mut followers = start_all("b", &followers_client);
     for follower in &followers {
         wait_for("every b to follow its a", 2 * t.lease_duration, || {
             follower.handle.leader().as_deref() == Some("a")
