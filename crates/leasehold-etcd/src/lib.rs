@@ -438,8 +438,7 @@ impl EtcdBackend {
         }
         let new = seat.create_revision != Some(revision);
         if new {
-            seat.create_revision = Some(revision);
-            seat.granted = None;
+            seat.set_key(revision);
         }
         Ok(Some((revision, new)))
     }
@@ -484,6 +483,7 @@ impl LockBackend for EtcdBackend {
     async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
         let mut client = self.client().await?;
         let cell = self.seat_cell(candidate)?;
+        cell.activity.touch();
         let mut guard = cell.seat.lock().await;
         // A dead lease (expired, revoked): its key is gone; take a new seat.
         if guard.as_ref().is_some_and(|seat| !seat.is_alive()) {
@@ -494,7 +494,13 @@ impl LockBackend for EtcdBackend {
                 .session(&client, seat::lease_ttl(candidate.lease_duration))
                 .await?;
             let prefix = self.election_prefix(&candidate.lock);
-            *guard = Some(Seat::new(candidate, &prefix, session, client.clone()));
+            *guard = Some(Seat::new(
+                candidate,
+                &cell,
+                &prefix,
+                session,
+                client.clone(),
+            ));
         }
         let Some(seat) = guard.as_mut() else {
             return Err(BackendError::Protocol {
@@ -566,6 +572,7 @@ impl LockBackend for EtcdBackend {
         let Some(term) = grant.state().get::<EtcdTerm>() else {
             return Ok(RenewOutcome::Lost(Observation::vacant()));
         };
+        term.cell.activity.touch();
         let mut client = self.client().await?;
         let guard = term.cell.seat.lock().await;
         // The seat moved on to another lease (the term's lease died): the term is over.

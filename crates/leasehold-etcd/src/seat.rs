@@ -1,6 +1,7 @@
 //! A candidate's seat in an etcd election: its key under the backend's shared session lease,
 //! and the watch of the key just ahead (on the backend's shared watch stream).
 
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,36 @@ pub(crate) struct SeatCell {
     pub seat: tokio::sync::Mutex<Option<Seat>>,
     /// Woken when the seat's key is (re)created.
     pub changed: Notify,
+    /// What the candidate does, read by its seats' reapers.
+    pub activity: Arc<Activity>,
 }
+
+/// What the candidate does: the acquires and renews it begins, the watches it holds open.
+#[derive(Default)]
+pub(crate) struct Activity {
+    /// Bumped by each acquire and renew (at its start) and each watch opened or closed.
+    count: AtomicU64,
+    /// Watches open: while one is, the candidate is campaigning (following, or leading).
+    watchers: AtomicUsize,
+}
+
+impl Activity {
+    /// Something the candidate did: its key is in use.
+    pub fn touch(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// What tells a seat's key in use from one abandoned, read by the seat's reaper (a key of a
+/// shared session lease never expires on its own).
+pub(crate) struct SeatLife {
+    activity: Arc<Activity>,
+    /// Create revision of the key put, 0 when none.
+    revision: AtomicI64,
+    /// The seat was dropped (its candidate is gone).
+    dropped: AtomicBool,
+}
+
 
 /// The election key of a candidate, under the session lease it was put with.
 pub(crate) struct Seat {
@@ -32,22 +62,41 @@ pub(crate) struct Seat {
     pub create_revision: Option<i64>,
     /// The create revision a term was granted with (the token), if one was.
     pub granted: Option<i64>,
-    client: Client,
+    pub life: Arc<SeatLife>,
 }
 
 impl Seat {
     /// A seat on `session`: its key is `<prefix><lease hex>-<seat number hex>` (the seat number
     /// keeps two candidates of one lock on one backend apart), not put yet.
-    pub fn new(candidate: &Candidate, prefix: &str, session: Arc<Session>, client: Client) -> Seat {
+    pub fn new(
+        candidate: &Candidate,
+        cell: &SeatCell,
+        prefix: &str,
+        session: Arc<Session>,
+        client: Client,
+    ) -> Seat {
         let key = format!("{prefix}{:x}-{:x}", session.id, session.next_seat());
+        let life = Arc::new(SeatLife {
+            activity: cell.activity.clone(),
+            revision: AtomicI64::new(0),
+            dropped: AtomicBool::new(false),
+        });
+        tokio::spawn(reaper(client, session.clone(), key.clone(), life.clone()));
         Seat {
             identity: candidate.identity.clone(),
             session,
             key,
             create_revision: None,
             granted: None,
-            client,
+            life,
         }
+    }
+
+    /// Our key was (re)created at `revision`.
+    pub fn set_key(&mut self, revision: i64) {
+        self.create_revision = Some(revision);
+        self.granted = None;
+        self.life.revision.store(revision, Ordering::SeqCst);
     }
 
     /// The key created at `revision` is gone (deleted by us): forget it, and the term it held.
@@ -55,6 +104,12 @@ impl Seat {
         if self.create_revision == Some(revision) {
             self.create_revision = None;
             self.granted = None;
+            let _ = self.life.revision.compare_exchange(
+                revision,
+                0,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
         }
     }
 
@@ -78,36 +133,89 @@ impl Seat {
 }
 
 impl Drop for Seat {
-    /// A seat dropped with its key still put (its candidate is gone without withdrawing: an
-    /// elector aborted): the shared lease outlives it, so the key is deleted here — one TTL from
-    /// now, as the key's own lease would have expired after the last keep-alive a term of it
-    /// could have counted on.
+    /// The candidate is gone: if it did not withdraw (an elector aborted), its reaper deletes
+    /// the key once it has been idle for a TTL.
     fn drop(&mut self) {
-        let Some(revision) = self.create_revision else {
-            return;
-        };
-        if !self.session.is_alive() {
+        self.life.dropped.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Deletes the seat's key once the candidate has let it go idle for a whole TTL: no watch open,
+/// no acquire or renew begun. The key's own lease would have expired then; the shared session
+/// lease does not, as it is kept alive for the others.
+///
+/// Safe: the key goes at least one TTL after the start of the seat's last renew or acquire,
+/// when any term counted from it has ended (the elector counts a term valid for at most
+/// `lease_duration <= TTL` from the start of its last successful call).
+async fn reaper(client: Client, session: Arc<Session>, key: String, life: Arc<SeatLife>) {
+    // Checks every TTL/2; two checks in a row seeing no activity (and the same key) are a
+    // whole TTL without any.
+    let tick = (session.ttl / 2).max(Duration::from_millis(50));
+    let mut previous: Option<(u64, i64)> = None;
+    loop {
+        tokio::select! {
+            () = session.lost() => return,
+            () = tokio::time::sleep(tick) => {}
+        }
+        let revision = life.revision.load(Ordering::SeqCst);
+        if revision == 0 {
+            if life.dropped.load(Ordering::SeqCst) {
+                return;
+            }
+            previous = None;
+            continue;
+        }
+        if life.activity.watchers.load(Ordering::SeqCst) > 0 {
+            previous = None;
+            continue;
+        }
+        let now = (life.activity.count.load(Ordering::SeqCst), revision);
+        if previous != Some(now) {
+            previous = Some(now);
+            continue;
+        }
+        previous = None;
+        tracing::debug!(key, "etcd election key idle for a TTL: deleting it");
+        let txn = etcd_client::Txn::new()
+            .when([etcd_client::Compare::create_revision(
+                key.as_str(),
+                etcd_client::CompareOp::Equal,
+                revision,
+            )])
+            .and_then([etcd_client::TxnOp::delete(key.as_str(), None)]);
+        match client.clone().txn(txn).await {
+            Ok(_) => {
+                let _ = life.revision.compare_exchange(
+                    revision,
+                    0,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+            }
+            Err(error) => {
+                tracing::debug!(%error, key, "deleting an idle etcd election key failed");
+            }
+        }
+        if life.dropped.load(Ordering::SeqCst) && life.revision.load(Ordering::SeqCst) == 0 {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let mut client = self.client.clone();
-        let key = std::mem::take(&mut self.key);
-        let ttl = self.session.ttl;
-        runtime.spawn(async move {
-            tokio::time::sleep(ttl).await;
-            let txn = etcd_client::Txn::new()
-                .when([etcd_client::Compare::create_revision(
-                    key.as_str(),
-                    etcd_client::CompareOp::Equal,
-                    revision,
-                )])
-                .and_then([etcd_client::TxnOp::delete(key.as_str(), None)]);
-            if let Err(error) = client.txn(txn).await {
-                tracing::debug!(%error, key, "deleting an abandoned etcd election key failed");
-            }
-        });
+    }
+}
+
+struct WatchGuard(Arc<Activity>);
+
+impl WatchGuard {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.watchers.fetch_add(1, Ordering::SeqCst);
+        activity.touch();
+        WatchGuard(activity)
+    }
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.watchers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -121,7 +229,9 @@ pub(crate) fn watch_predecessor(
     lock: String,
 ) -> UnboundedReceiverStream<Result<Observation, BackendError>> {
     let (tx, rx) = mpsc::unbounded_channel();
+    let guard = WatchGuard::new(cell.activity.clone());
     tokio::spawn(async move {
+        let _guard = guard;
         tokio::select! {
             () = follow(&backend, client, &cell, &prefix, &lock, &tx) => {}
             () = tx.closed() => {}
