@@ -85,8 +85,7 @@ impl HubWatch {
 
 impl Drop for HubWatch {
     fn drop(&mut self) {
-        if self.stream.routes().remove(&self.id).is_some() && !self.stream.broken.is_cancelled()
-        {
+        if self.stream.routes().remove(&self.id).is_some() && !self.stream.broken.is_cancelled() {
             let _ = self.stream.cancels.send(self.id);
         }
     }

@@ -8,7 +8,9 @@ use std::time::Duration;
 use etcd_client::{
     Client, EventType, GetOptions, SortOrder, SortTarget, WatchFilterType, WatchOptions,
 };
-use leasehold_core::{BackendError, Candidate, FencingToken, LeaderRecord, LockBackend, Observation};
+use leasehold_core::{
+    BackendError, Candidate, FencingToken, LeaderRecord, LockBackend, Observation,
+};
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -51,7 +53,6 @@ pub(crate) struct SeatLife {
     /// The seat was dropped (its candidate is gone).
     dropped: AtomicBool,
 }
-
 
 /// The election key of a candidate, under the session lease it was put with.
 pub(crate) struct Seat {
@@ -185,12 +186,9 @@ async fn reaper(client: Client, session: Arc<Session>, key: String, life: Arc<Se
             .and_then([etcd_client::TxnOp::delete(key.as_str(), None)]);
         match client.clone().txn(txn).await {
             Ok(_) => {
-                let _ = life.revision.compare_exchange(
-                    revision,
-                    0,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                );
+                let _ =
+                    life.revision
+                        .compare_exchange(revision, 0, Ordering::SeqCst, Ordering::SeqCst);
             }
             Err(error) => {
                 tracing::debug!(%error, key, "deleting an idle etcd election key failed");

@@ -115,12 +115,20 @@ async fn two_hundred_locks_share_one_lease_one_watch_stream_one_connection() {
     all_lead(&many, 1, Duration::from_secs(60)).await;
 
     let listed = leases(h.server_ref()).await;
-    assert_eq!(listed.len(), 1, "one session lease for 200 candidates: {listed:x?}");
+    assert_eq!(
+        listed.len(),
+        1,
+        "one session lease for 200 candidates: {listed:x?}"
+    );
     let stats = backend.stats();
     assert_eq!(stats.sessions_granted, 1, "{stats:?}");
     assert_eq!(stats.watch_streams_opened, 1, "{stats:?}");
     assert_eq!(
-        metric(h.server_ref().addr(), "etcd_debugging_mvcc_watch_stream_total").await,
+        metric(
+            h.server_ref().addr(),
+            "etcd_debugging_mvcc_watch_stream_total"
+        )
+        .await,
         1.0,
         "etcd counts one watch stream"
     );
@@ -153,7 +161,10 @@ async fn two_hundred_locks_share_one_lease_one_watch_stream_one_connection() {
     let elapsed = since.elapsed();
     let bound = u64::try_from(elapsed.as_millis() / 20).unwrap_or(u64::MAX) + 2;
     eprintln!("{sent} keep-alives in {elapsed:?} for 200 leaders");
-    assert!(sent <= bound, "{sent} keep-alives in {elapsed:?}: more than one per 20 ms");
+    assert!(
+        sent <= bound,
+        "{sent} keep-alives in {elapsed:?}: more than one per 20 ms"
+    );
     assert!(
         many.iter().all(|n| n.leaderships().len() == 1),
         "a term ended in steady state"
@@ -175,7 +186,10 @@ async fn two_hundred_locks_share_one_lease_one_watch_stream_one_connection() {
         }
     })
     .await;
-    assert!(gone.is_ok(), "the dropped backend never revoked its session lease");
+    assert!(
+        gone.is_ok(),
+        "the dropped backend never revoked its session lease"
+    );
 }
 
 /// The session lease revoked from outside: every term on it ends, recorded as lost, and every
@@ -200,7 +214,9 @@ async fn a_revoked_session_lease_ends_every_term_on_it() {
     admin.lease_revoke(old).await.expect("revoke");
     for (node, term) in many.iter().zip(&first) {
         assert!(
-            timeout(2 * t.lease_duration, term.cancelled()).await.is_ok(),
+            timeout(2 * t.lease_duration, term.cancelled())
+                .await
+                .is_ok(),
             "{}'s term never ended after the session lease was revoked: {term:?}",
             node.identity
         );
@@ -260,7 +276,11 @@ async fn withdraw_deletes_only_the_candidates_key() {
     };
     assert_eq!(keys(format!("{la}/")).await, 0, "a's key is deleted");
     assert_eq!(keys(format!("{lb}/")).await, 1, "b's key stays");
-    assert_eq!(leases(h.server_ref()).await.len(), 1, "the session lease stays");
+    assert_eq!(
+        leases(h.server_ref()).await.len(),
+        1,
+        "the session lease stays"
+    );
     assert!(matches!(
         backend.renew(&b, &gb).await,
         Ok(RenewOutcome::Renewed)
