@@ -283,3 +283,82 @@ async fn cancel_loop(stream: Arc<HubStream>, mut cancels: mpsc::UnboundedReceive
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leasehold_testkit::EtcdServer;
+    use std::time::Duration;
+    use tokio::time::timeout;
+
+    async fn setup() -> (EtcdServer, Client, EtcdConfig, WatchHub) {
+        let server = EtcdServer::start().await;
+        let config = EtcdConfig::new([server.url()]);
+        let client = Client::connect([server.url()], None).await.expect("connect");
+        (server, client, config, WatchHub::new())
+    }
+
+    async fn watch(hub: &WatchHub, client: &Client, config: &EtcdConfig, key: &str) -> HubWatch {
+        hub.watch(client, config, key.into(), WatchOptions::new())
+            .await
+            .expect("watch")
+    }
+
+    /// A consumer that never reads has its own watch ended; the other watch on the stream goes
+    /// on, undelayed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_consumer_never_stalls_the_others() {
+        let (_server, client, config, hub) = setup().await;
+        let mut stalled = watch(&hub, &client, &config, "stalled").await;
+        let mut live = watch(&hub, &client, &config, "live").await;
+        let mut kv = client.kv_client();
+        for i in 0..(3 * WATCH_BUFFER) {
+            kv.put("stalled", i.to_string(), None).await.expect("put");
+        }
+        kv.put("live", "after", None).await.expect("put");
+        let event = timeout(Duration::from_secs(10), live.message())
+            .await
+            .expect("the live watch is not held up by the stalled one")
+            .expect("an event");
+        assert_eq!(event.events().len(), 1);
+        let mut delivered = 0;
+        let ended = timeout(Duration::from_secs(10), async {
+            loop {
+                match stalled.message().await {
+                    Ok(_) => delivered += 1,
+                    Err(error) => return error,
+                }
+            }
+        })
+        .await
+        .expect("the stalled watch ends");
+        assert!(delivered <= WATCH_BUFFER, "{delivered} buffered");
+        assert!(ended.to_string().contains("behind"), "{ended}");
+        assert_eq!(hub.opened.load(Ordering::Relaxed), 1, "one stream for both");
+        // The live watch still works after the other was ended.
+        kv.put("live", "again", None).await.expect("put");
+        let again = timeout(Duration::from_secs(10), live.message()).await;
+        assert!(matches!(again, Ok(Ok(_))), "{again:?}");
+    }
+
+    /// A broken stream ends every watch on it with an error; the next watch opens a new stream.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broken_stream_ends_every_watch_with_an_error() {
+        let (server, client, config, hub) = setup().await;
+        let mut a = watch(&hub, &client, &config, "a").await;
+        let mut b = watch(&hub, &client, &config, "b").await;
+        server.restart().await;
+        for w in [&mut a, &mut b] {
+            let ended = timeout(Duration::from_secs(20), w.message()).await;
+            assert!(matches!(ended, Ok(Err(_))), "{ended:?}");
+        }
+        let _c = timeout(
+            Duration::from_secs(30),
+            hub.watch(&client, &config, "c".into(), WatchOptions::new()),
+        )
+        .await
+        .expect("in time")
+        .expect("a new stream");
+        assert_eq!(hub.opened.load(Ordering::Relaxed), 2);
+    }
+}
