@@ -40,6 +40,9 @@ pub(crate) const MIN_ROUND_GAP: Duration = Duration::from_millis(20);
 
 type Answer = Result<bool, BackendError>;
 
+/// An answer and the number of the round that gave it.
+type Answered = (Answer, u64);
+
 /// A shared lease and the task that keeps it alive.
 pub(crate) struct Session {
     /// The lease id.
@@ -50,7 +53,7 @@ pub(crate) struct Session {
     lost: CancellationToken,
     /// Cancelled when the backend is dropped: the task revokes the lease and ends.
     closed: CancellationToken,
-    waiters: Mutex<Vec<oneshot::Sender<Answer>>>,
+    waiters: Mutex<Vec<oneshot::Sender<Answered>>>,
     wake: Notify,
     /// Seats taken on this session (a part of each seat's key, so that two candidates of one
     /// lock on one backend never share a key).
@@ -140,8 +143,16 @@ impl Session {
     /// that the lease lives (refreshed at a time no earlier than the call), `Ok(false)` when it
     /// is gone, an error when no answer came.
     pub async fn keep_alive_after_now(&self) -> Answer {
+        self.keep_alive_round_after_now().await.0
+    }
+
+    /// [`keep_alive_after_now`](Self::keep_alive_after_now), with the number of the round that
+    /// answered (0 when none did). Rounds are numbered from 1 as they start, under the lock the
+    /// waiters register under: a round numbered above [`Session::rounds`] read at the ask
+    /// started after it.
+    async fn keep_alive_round_after_now(&self) -> Answered {
         if !self.is_alive() {
-            return Ok(false);
+            return (Ok(false), 0);
         }
         let (tx, rx) = oneshot::channel();
         self.waiters
@@ -150,14 +161,24 @@ impl Session {
             .push(tx);
         self.wake.notify_one();
         match rx.await {
-            Ok(answer) => answer,
+            Ok(answered) => answered,
             // The task ended: the lease was lost meanwhile, or the backend was dropped.
-            Err(_) => Ok(false),
+            Err(_) => (Ok(false), 0),
         }
     }
 
-    fn take_waiters(&self) -> Vec<oneshot::Sender<Answer>> {
-        std::mem::take(&mut *self.waiters.lock().unwrap_or_else(PoisonError::into_inner))
+    /// Rounds started so far.
+    #[cfg(test)]
+    fn rounds(&self) -> u64 {
+        let _waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Starts a round: takes everyone waiting, numbers the round.
+    fn take_round(&self) -> (Vec<oneshot::Sender<Answered>>, u64) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+        let round = self.sent.fetch_add(1, Ordering::SeqCst) + 1;
+        (std::mem::take(&mut *waiters), round)
     }
 }
 
@@ -200,8 +221,7 @@ async fn keeper(client: Client, config: EtcdConfig, session: Arc<Session>) {
             break;
         }
         // Everyone waiting now is answered by the keep-alive sent below, after they asked.
-        let waiters = session.take_waiters();
-        session.sent.fetch_add(1, Ordering::Relaxed);
+        let (waiters, round) = session.take_round();
         let answer = tokio::select! {
             () = session.closed.cancelled() => break,
             answer = keep_alive_once(&client, session.id, &mut stream, period) => answer,
@@ -220,7 +240,7 @@ async fn keeper(client: Client, config: EtcdConfig, session: Arc<Session>) {
             }
         }
         for waiter in waiters {
-            let _ = waiter.send(answer.clone());
+            let _ = waiter.send((answer.clone(), round));
         }
         if session.lost.is_cancelled() {
             break;
@@ -232,8 +252,14 @@ async fn keeper(client: Client, config: EtcdConfig, session: Arc<Session>) {
         }
     }
     // Whoever still waits: the lease is lost, or the backend is gone.
-    for waiter in session.take_waiters() {
-        let _ = waiter.send(Ok(false));
+    let waiters = std::mem::take(
+        &mut *session
+            .waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner),
+    );
+    for waiter in waiters {
+        let _ = waiter.send((Ok(false), 0));
     }
     if session.closed.is_cancelled() && session.is_alive() {
         let mut client = client;
@@ -293,6 +319,41 @@ async fn keep_alive_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use leasehold_testkit::proxy::Proxy;
+    use leasehold_testkit::EtcdServer;
+
+    /// However the asks fall against rounds in flight (each takes 2 × 150 ms through the
+    /// proxy), each is answered by a round that started after it: never by the answer to a
+    /// keep-alive sent before it asked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ask_is_answered_only_by_a_keep_alive_sent_after_it() {
+        let server = EtcdServer::start().await;
+        let proxy = Proxy::start(server.addr()).await.expect("proxy");
+        let url = format!("http://{}", proxy.addr());
+        let config = EtcdConfig::new([url.clone()]);
+        let client = Client::connect([url], None).await.expect("connect");
+        let retired = Mutex::new(std::collections::HashSet::new());
+        let session = Session::grant(&client, &config, 5, &retired, Arc::default())
+            .await
+            .expect("grant");
+        proxy.set_latency(Duration::from_millis(150));
+        let mut asks = Vec::new();
+        for i in 0..12u64 {
+            let session = session.clone();
+            asks.push(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(37 * i)).await;
+                let before = session.rounds();
+                let (answer, round) = session.keep_alive_round_after_now().await;
+                (before, answer, round)
+            }));
+        }
+        for ask in asks {
+            let (before, answer, round) = ask.await.expect("ask");
+            assert_eq!(answer, Ok(true));
+            assert!(round > before, "asked after round {before}, answered by round {round}");
+        }
+        session.close();
+    }
 
     #[test]
     fn backoff_grows_is_capped_and_jittered() {
