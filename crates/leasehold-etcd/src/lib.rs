@@ -85,7 +85,8 @@ pub struct EtcdConfig {
     pub user: Option<(String, String)>,
     /// TLS options (CA, client identity, domain name).
     pub tls: Option<TlsOptions>,
-    /// Prefix put before the lock name: the election keys are `<key_prefix><lock>/<lease hex>`.
+    /// Prefix put before the lock name: the election keys are
+    /// `<key_prefix><lock>/<session lease hex>-<seat hex>`.
     /// Default empty, as `etcdctl elect <lock>`.
     pub key_prefix: String,
     /// Timeout to connect. Default 5 s.
