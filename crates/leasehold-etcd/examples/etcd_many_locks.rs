@@ -44,7 +44,10 @@ fn connections_to(port: u16) -> usize {
             if f.len() < 10 {
                 continue;
             }
-            let remote = f[2].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            let remote = f[2]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
             if remote == Some(port) && f[3] == "01" && ours.contains(f[9]) {
                 count += 1;
             }
@@ -56,9 +59,19 @@ fn connections_to(port: u16) -> usize {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
     let mut args = std::env::args().skip(1);
-    let url = args.next().unwrap_or_else(|| "http://127.0.0.1:2379".into());
-    let n: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(10_000);
-    let port: u16 = url.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(2379);
+    let url = args
+        .next()
+        .unwrap_or_else(|| "http://127.0.0.1:2379".into());
+    let n: usize = args
+        .next()
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(10_000);
+    let port: u16 = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(2379);
     let before = rss_mib().unwrap_or(0.0);
     let backend = EtcdBackend::new(EtcdConfig::new([url.clone()]));
     let shutdown = CancellationToken::new();

@@ -153,11 +153,21 @@ impl WatchHub {
                     let id = stream.next_id.fetch_add(1, Ordering::SeqCst);
                     stream.routes().insert(id, route);
                     let request = options.clone().with_watch_id(id);
-                    let sent = stream.sender.lock().await.watch(key, Some(request)).await;
-                    if let Err(error) = sent {
+                    // Bounded: on a dead connection the request queue fills up and a send would
+                    // wait for ever (with the slot held).
+                    let sent = tokio::time::timeout(config.request_timeout, async {
+                        stream.sender.lock().await.watch(key, Some(request)).await
+                    })
+                    .await;
+                    let failed = match sent {
+                        Ok(Ok(())) => None,
+                        Ok(Err(error)) => Some(map_error(config, "watch", &error)),
+                        Err(_) => Some(timed_out(config)),
+                    };
+                    if let Some(error) = failed {
                         stream.routes().remove(&id);
                         stream.broken.cancel();
-                        return Err(map_error(config, "watch", &error));
+                        return Err(error);
                     }
                     (stream, id)
                 }
@@ -165,11 +175,13 @@ impl WatchHub {
                     // A new stream, opened with this watch as its first request.
                     let id = 1;
                     let request = options.clone().with_watch_id(id);
-                    let opened = client
-                        .watch_client()
-                        .watch(key.to_vec(), Some(request))
-                        .await
-                        .map_err(|e| map_error(config, "watch", &e))?;
+                    let opened = tokio::time::timeout(
+                        config.request_timeout,
+                        client.watch_client().watch(key.to_vec(), Some(request)),
+                    )
+                    .await
+                    .map_err(|_| timed_out(config))?
+                    .map_err(|e| map_error(config, "watch", &e))?;
                     self.opened.fetch_add(1, Ordering::Relaxed);
                     let (sender, responses) = opened.split();
                     let (cancels, cancel_rx) = mpsc::unbounded_channel();
@@ -206,13 +218,17 @@ impl WatchHub {
                 // No confirmation in time: treat the stream as broken, as a client of its own
                 // would, rather than leave this watch half-made on it.
                 stream.broken.cancel();
-                Err(BackendError::Timeout {
-                    backend,
-                    operation: "watch",
-                    after: config.request_timeout,
-                })
+                Err(timed_out(config))
             }
         }
+    }
+}
+
+fn timed_out(config: &EtcdConfig) -> BackendError {
+    BackendError::Timeout {
+        backend: backend_name(config),
+        operation: "watch",
+        after: config.request_timeout,
     }
 }
 
@@ -277,7 +293,11 @@ async fn cancel_loop(stream: Arc<HubStream>, mut cancels: mpsc::UnboundedReceive
             id = cancels.recv() => id,
         };
         let Some(id) = id else { return };
-        if stream.sender.lock().await.cancel(id).await.is_err() {
+        let sent = tokio::select! {
+            () = stream.broken.cancelled() => return,
+            sent = async { stream.sender.lock().await.cancel(id).await } => sent,
+        };
+        if sent.is_err() {
             stream.broken.cancel();
             return;
         }
@@ -294,7 +314,9 @@ mod tests {
     async fn setup() -> (EtcdServer, Client, EtcdConfig, WatchHub) {
         let server = EtcdServer::start().await;
         let config = EtcdConfig::new([server.url()]);
-        let client = Client::connect([server.url()], None).await.expect("connect");
+        let client = Client::connect([server.url()], None)
+            .await
+            .expect("connect");
         (server, client, config, WatchHub::new())
     }
 

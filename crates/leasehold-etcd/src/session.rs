@@ -210,11 +210,20 @@ async fn keeper(client: Client, config: EtcdConfig, session: Arc<Session>) {
             .unwrap_or_else(PoisonError::into_inner)
             .is_empty();
         if !has_waiters {
-            tokio::select! {
+            let woken = tokio::select! {
                 () = session.closed.cancelled() => break,
                 () = session.lost.cancelled() => break,
-                () = tokio::time::sleep(wait) => {}
-                () = session.wake.notified() => {}
+                () = tokio::time::sleep(wait) => false,
+                () = session.wake.notified() => true,
+            };
+            let still_none = session
+                .waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty();
+            if woken && still_none {
+                // A wake-up left over from requests a round already answered.
+                continue;
             }
         }
         if session.closed.is_cancelled() || session.lost.is_cancelled() {
@@ -350,7 +359,10 @@ mod tests {
         for ask in asks {
             let (before, answer, round) = ask.await.expect("ask");
             assert_eq!(answer, Ok(true));
-            assert!(round > before, "asked after round {before}, answered by round {round}");
+            assert!(
+                round > before,
+                "asked after round {before}, answered by round {round}"
+            );
         }
         session.close();
     }
