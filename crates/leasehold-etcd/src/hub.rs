@@ -24,14 +24,18 @@ use crate::{backend_name, map_error, EtcdConfig};
 /// Responses buffered per watch before its consumer counts as fallen behind.
 pub(crate) const WATCH_BUFFER: usize = 64;
 
-/// Attempts to open a watch stream within one watch call.
-const OPEN_ATTEMPTS: u32 = 3;
+/// Attempts within one watch call (the second one after a jittered backoff: a stream found
+/// broken under us is replaced at once).
+const OPEN_ATTEMPTS: u32 = 2;
 
 /// The backend's watch stream, opened on first use and again after it broke.
 pub(crate) struct WatchHub {
     slot: tokio::sync::Mutex<Option<Arc<HubStream>>>,
     /// Watch streams opened so far (for the tests and the docs' numbers).
     pub opened: AtomicU64,
+    /// Failed attempts to open a stream: callers that queued behind a failed attempt fail at
+    /// once instead of each trying again (thousands of watches break at once with a stream).
+    open_failures: AtomicU64,
 }
 
 struct Route {
@@ -96,6 +100,7 @@ impl WatchHub {
         Self {
             slot: tokio::sync::Mutex::new(None),
             opened: AtomicU64::new(0),
+            open_failures: AtomicU64::new(0),
         }
     }
 
@@ -145,6 +150,7 @@ impl WatchHub {
             created: Some(created_tx),
             events: tx,
         };
+        let failures_seen = self.open_failures.load(Ordering::SeqCst);
         let stream = {
             let mut slot = self.slot.lock().await;
             match slot.as_ref().filter(|s| !s.broken.is_cancelled()) {
@@ -172,6 +178,12 @@ impl WatchHub {
                     (stream, id)
                 }
                 None => {
+                    if self.open_failures.load(Ordering::SeqCst) != failures_seen {
+                        return Err(BackendError::Unavailable {
+                            backend,
+                            detail: "the etcd watch stream could not be opened just now".into(),
+                        });
+                    }
                     // A new stream, opened with this watch as its first request.
                     let id = 1;
                     let request = options.clone().with_watch_id(id);
@@ -180,8 +192,15 @@ impl WatchHub {
                         client.watch_client().watch(key.to_vec(), Some(request)),
                     )
                     .await
-                    .map_err(|_| timed_out(config))?
-                    .map_err(|e| map_error(config, "watch", &e))?;
+                    .map_err(|_| timed_out(config))
+                    .and_then(|opened| opened.map_err(|e| map_error(config, "watch", &e)));
+                    let opened = match opened {
+                        Ok(opened) => opened,
+                        Err(error) => {
+                            self.open_failures.fetch_add(1, Ordering::SeqCst);
+                            return Err(error);
+                        }
+                    };
                     self.opened.fetch_add(1, Ordering::Relaxed);
                     let (sender, responses) = opened.split();
                     let (cancels, cancel_rx) = mpsc::unbounded_channel();
