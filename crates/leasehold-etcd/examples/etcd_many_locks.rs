@@ -89,15 +89,20 @@ async fn main() -> Result<(), Box<dyn Error>> {
         handles.push(elector.handle());
         tasks.push(elector.spawn(shutdown.clone()));
     }
+    let mut tick = 0u64;
     loop {
         let leading = handles.iter().filter(|h| h.is_leader()).count();
         if leading == n {
             break;
         }
-        if started.elapsed() > Duration::from_secs(300) {
-            println!("only {leading} of {n} lead after 300 s");
+        if started.elapsed() > Duration::from_secs(120) {
+            println!("only {leading} of {n} lead after 120 s");
             break;
         }
+        if tick % 100 == 0 {
+            eprintln!("{:.0?}: {leading} leading, {:?}", started.elapsed(), backend.stats());
+        }
+        tick += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let all_lead = started.elapsed();

@@ -234,9 +234,11 @@ impl WatchHub {
                 detail: "the etcd watch stream broke before the watch was created".into(),
             }),
             Err(_) => {
-                // No confirmation in time: treat the stream as broken, as a client of its own
-                // would, rather than leave this watch half-made on it.
-                stream.broken.cancel();
+                // No confirmation in time (a busy server: thousands of watches created at once):
+                // this watch alone gives up (cancelled on the server if it was made after all);
+                // the stream and the others on it go on. A dead connection is found by its
+                // HTTP/2 keep-alive, which breaks the stream.
+                drop(watch);
                 Err(timed_out(config))
             }
         }
