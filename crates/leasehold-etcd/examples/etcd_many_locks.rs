@@ -58,6 +58,10 @@ fn connections_to(port: u16) -> usize {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let mut args = std::env::args().skip(1);
     let url = args
         .next()
@@ -100,7 +104,11 @@ async fn main() -> Result<(), Box<dyn Error>> {
             break;
         }
         if tick % 100 == 0 {
-            eprintln!("{:.0?}: {leading} leading, {:?}", started.elapsed(), backend.stats());
+            eprintln!(
+                "{:.0?}: {leading} leading, {:?}",
+                started.elapsed(),
+                backend.stats()
+            );
         }
         tick += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;

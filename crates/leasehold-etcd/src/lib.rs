@@ -153,7 +153,24 @@ struct Inner {
     hub: WatchHub,
     keep_alives: Arc<AtomicU64>,
     sessions_granted: AtomicU64,
+    /// Bounds the requests in flight on the connection (see [`MAX_IN_FLIGHT`]).
+    in_flight: tokio::sync::Semaphore,
+    /// Bounds the acquires in progress (see [`MAX_ACQUIRING`]).
+    acquiring: tokio::sync::Semaphore,
 }
+
+/// Acquires one backend value runs at once; the others wait their turn before sending
+/// anything. Each acquire takes several requests in a row: with thousands started at once and
+/// requests served in turn, every one of them would wait behind all the others at each step and
+/// reach its deadline before its last, and none would ever finish.
+pub const MAX_ACQUIRING: usize = 64;
+
+/// Requests (reads and transactions) one backend value has in flight at most; the others wait
+/// their turn in the process. Thousands of candidates starting at once would otherwise queue
+/// thousands of requests at the server, time out there and be reset by the client — and an
+/// HTTP/2 client that resets too many streams has its connection closed (`GOAWAY`), every watch
+/// and keep-alive with it.
+pub const MAX_IN_FLIGHT: usize = 128;
 
 impl Drop for Inner {
     /// The last clone is gone: stop the keep-alives and revoke the session leases (their keys
@@ -260,6 +277,8 @@ impl EtcdBackend {
                 hub: WatchHub::new(),
                 keep_alives: Arc::new(AtomicU64::new(0)),
                 sessions_granted: AtomicU64::new(0),
+                in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
+                acquiring: tokio::sync::Semaphore::new(MAX_ACQUIRING),
             }),
         }
     }
@@ -273,6 +292,11 @@ impl EtcdBackend {
             sessions_granted: self.inner.sessions_granted.load(Ordering::Relaxed),
             watch_streams_opened: self.inner.hub.opened.load(Ordering::Relaxed),
         }
+    }
+
+    /// A turn to send one request (held until its answer): at most [`MAX_IN_FLIGHT`] at once.
+    pub(crate) async fn turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.inner.in_flight.acquire().await.ok()
     }
 
     pub(crate) fn hub(&self) -> &WatchHub {
@@ -380,6 +404,7 @@ impl EtcdBackend {
         lock: &str,
     ) -> Result<Option<KeyValue>, BackendError> {
         let prefix = self.election_prefix(lock);
+        let _turn = self.turn().await;
         let response = client
             .get(
                 prefix.as_str(),
@@ -414,7 +439,10 @@ impl EtcdBackend {
                 Some(etcd_client::PutOptions::new().with_lease(seat.session.id)),
             )])
             .or_else([TxnOp::get(seat.key.as_str(), None)]);
-        let response = match client.txn(txn).await {
+        let turn = self.turn().await;
+        let response = client.txn(txn).await;
+        drop(turn);
+        let response = match response {
             Ok(response) => response,
             Err(error) if lease_not_found(&error) => return Ok(None),
             Err(error) => return Err(self.error("acquire", &error)),
@@ -482,6 +510,7 @@ impl LockBackend for EtcdBackend {
     }
 
     async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
+        let _admitted = self.inner.acquiring.acquire().await.ok();
         let mut client = self.client().await?;
         let cell = self.seat_cell(candidate)?;
         cell.activity.touch();
@@ -600,10 +629,12 @@ impl LockBackend for EtcdBackend {
             ));
         }
         drop(guard);
+        let turn = self.turn().await;
         let response = client
             .get(term.key.as_str(), None)
             .await
             .map_err(|e| self.error("renew", &e))?;
+        drop(turn);
         let ours = response
             .kvs()
             .first()
@@ -696,6 +727,7 @@ impl EtcdBackend {
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, revision)])
             .and_then([TxnOp::delete(key, None)]);
+        let _turn = self.turn().await;
         let response = client
             .txn(txn)
             .await

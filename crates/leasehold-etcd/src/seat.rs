@@ -328,6 +328,7 @@ async fn follow(
             }
             continue;
         };
+        let turn = backend.turn().await;
         let ahead = client
             .clone()
             .get(
@@ -341,6 +342,7 @@ async fn follow(
                 ),
             )
             .await;
+        drop(turn);
         let (ahead, start) = match ahead {
             Ok(response) => {
                 let start = response.header().map_or(0, |h| h.revision()) + 1;
