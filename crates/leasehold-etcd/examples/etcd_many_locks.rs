@@ -103,7 +103,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
             println!("only {leading} of {n} lead after 120 s");
             break;
         }
-        if tick % 100 == 0 {
+        if tick.is_multiple_of(100) {
             eprintln!(
                 "{:.0?}: {leading} leading, {:?}",
                 started.elapsed(),
