@@ -547,7 +547,19 @@ impl LockBackend for EtcdBackend {
             self.delete_key(&mut client, &seat.key, revision).await?;
             seat.forget_key(revision);
         }
-        let Some((revision, new)) = self.ensure_key(&mut client, seat).await? else {
+        let mut found = self.ensure_key(&mut client, seat).await?;
+        if found.is_none() {
+            // The session lease is gone (expired while we could not reach etcd): so is every
+            // seat on it. Take a seat on a new session now rather than at the next attempt.
+            seat.mark_dead();
+            let session = self
+                .session(&client, seat::lease_ttl(candidate.lease_duration))
+                .await?;
+            let prefix = self.election_prefix(&candidate.lock);
+            *seat = Seat::new(candidate, &cell, &prefix, session, client.clone());
+            found = self.ensure_key(&mut client, seat).await?;
+        }
+        let Some((revision, new)) = found else {
             seat.mark_dead();
             return Err(BackendError::Unavailable {
                 backend: backend_name(&self.inner.config),
