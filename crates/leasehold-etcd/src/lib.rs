@@ -1,17 +1,33 @@
 //! An etcd [`LockBackend`] for leasehold: the etcd election protocol, compatible with
 //! `etcdctl elect` and Go's `go.etcd.io/etcd/client/v3/concurrency.Election`.
 //!
-//! Each candidate holds an etcd lease of `ceil(lease_duration)` seconds and puts
-//! `<prefix><lock>/<lease id in hex>` under it, in a transaction guarded by
-//! `create_revision == 0`; its value is the candidate's identity. The key with the lowest create
-//! revision leads, and its create revision is the fencing token (revisions only grow, so tokens
-//! increase even across deletion of every key). A waiting candidate watches only the deletion of
-//! the key just before its own — no herd when the leader leaves.
+//! # Many locks, one session
 //!
-//! Keep-alives are driven by this crate: a background task per candidate sends one every TTL/3
-//! (so a queued candidate keeps its place), and every renew of the elector sends one more and
-//! checks the key. A lease revoked or expired ends the term at the next renew; the elector's
-//! renew deadline (shorter than the TTL) ends it anyway.
+//! One [`EtcdBackend`] value (and its clones) holds one *session lease* of
+//! `ceil(lease_duration)` seconds, shared by every candidate it serves, as Go's
+//! `concurrency.Session` (one per distinct TTL, when candidates ask for different lease
+//! durations). Each candidate puts `<prefix><lock>/<lease hex>-<seat hex>` under it, in a
+//! transaction guarded by `create_revision == 0`; its value is the candidate's identity. The key
+//! with the lowest create revision leads, and its create revision is the fencing token
+//! (revisions only grow, so tokens increase even across deletion of every key). A waiting
+//! candidate watches only the deletion of the key just before its own — no herd when the leader
+//! leaves. All watches of the backend share one watch stream, and everything one connection:
+//! thousands of locks cost one lease, one keep-alive stream and one watch stream.
+//!
+//! The session's keep-alives are sent by one task, in rounds: every TTL/3 when nobody asks, and
+//! for each renew (and each acquire, before it leads) a keep-alive *sent after the call began*,
+//! shared by every renew waiting for it (rounds at least 20 ms apart). A renew is `Renewed` only
+//! when that keep-alive was answered alive and the term's key is still there with its create
+//! revision: the server then holds the lease at least one TTL from the renew's start, the
+//! instant the elector counts validity from. A lease revoked or expired loses every seat on it at
+//! once: leaders' watches of their own keys report them gone, renews answer `Lost`, and the next
+//! attempt puts a new key under a new session (a lost lease id is never used again). Withdrawing
+//! deletes the candidate's key only.
+//!
+//! A candidate that disappears without withdrawing (its elector aborted) leaves its key, which
+//! the shared lease would keep alive: the backend deletes it one TTL later. A *hung* elector in a
+//! live process keeps its key, as with Go's sessions: its term ends for itself at its renew
+//! deadline, but others wait until the process dies (or the key is deleted).
 //!
 //! A follower only waits on its watch; the connection's HTTP/2 keep-alive
 //! ([`EtcdConfig::keep_alive`]) is what tells it that a silently dead connection took the watch
@@ -31,10 +47,14 @@
 //! `etcdctl elect my-app` candidates and leasehold electors of lock `my-app` (with the default
 //! empty `key_prefix`) share one election.
 
+mod hub;
 mod record;
 mod seat;
+mod session;
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use etcd_client::{
@@ -48,7 +68,9 @@ use leasehold_core::{
 };
 use tokio::sync::OnceCell;
 
+use crate::hub::WatchHub;
 use crate::seat::{Seat, SeatCell};
+use crate::session::Session;
 
 /// TLS options for [`EtcdConfig::tls`] (CA certificate, client identity, domain name), from
 /// `etcd-client`.
@@ -63,7 +85,8 @@ pub struct EtcdConfig {
     pub user: Option<(String, String)>,
     /// TLS options (CA, client identity, domain name).
     pub tls: Option<TlsOptions>,
-    /// Prefix put before the lock name: the election keys are `<key_prefix><lock>/<lease hex>`.
+    /// Prefix put before the lock name: the election keys are
+    /// `<key_prefix><lock>/<session lease hex>-<seat hex>`.
     /// Default empty, as `etcdctl elect <lock>`.
     pub key_prefix: String,
     /// Timeout to connect. Default 5 s.
@@ -112,8 +135,9 @@ impl EtcdConfig {
     }
 }
 
-/// An etcd lock backend. Cheap to clone; clones share the connection. Each candidate's seat
-/// (lease and queue key) lives in its [`Candidate`], each term's in its [`Grant`].
+/// An etcd lock backend. Cheap to clone; clones share the connection, the session leases and
+/// the watch stream. Each candidate's seat (its queue key) lives in its [`Candidate`], each
+/// term's in its [`Grant`].
 #[derive(Clone)]
 pub struct EtcdBackend {
     inner: Arc<Inner>,
@@ -122,13 +146,60 @@ pub struct EtcdBackend {
 struct Inner {
     config: EtcdConfig,
     client: OnceCell<Client>,
+    /// The live session lease of each TTL asked for (seconds).
+    sessions: tokio::sync::Mutex<HashMap<i64, Arc<Session>>>,
+    /// Ids of session leases seen lost: never used again.
+    retired: Mutex<HashSet<i64>>,
+    hub: WatchHub,
+    keep_alives: Arc<AtomicU64>,
+    sessions_granted: AtomicU64,
+    /// Bounds the requests in flight on the connection (see [`MAX_IN_FLIGHT`]).
+    in_flight: tokio::sync::Semaphore,
+    /// Bounds the acquires in progress (see [`MAX_ACQUIRING`]).
+    acquiring: tokio::sync::Semaphore,
+}
+
+/// Acquires one backend value runs at once; the others wait their turn before sending
+/// anything. Each acquire takes several requests in a row: with thousands started at once and
+/// requests served in turn, every one of them would wait behind all the others at each step and
+/// reach its deadline before its last, and none would ever finish.
+pub const MAX_ACQUIRING: usize = 64;
+
+/// Requests (reads and transactions) one backend value has in flight at most; the others wait
+/// their turn in the process. Thousands of candidates starting at once would otherwise queue
+/// thousands of requests at the server, time out there and be reset by the client — and an
+/// HTTP/2 client that resets too many streams has its connection closed (`GOAWAY`), every watch
+/// and keep-alive with it.
+pub const MAX_IN_FLIGHT: usize = 128;
+
+impl Drop for Inner {
+    /// The last clone is gone: stop the keep-alives and revoke the session leases (their keys
+    /// go with them), end the watch stream.
+    fn drop(&mut self) {
+        for session in self.sessions.get_mut().values() {
+            session.close();
+        }
+        self.hub.close();
+    }
+}
+
+/// What one [`EtcdBackend`] value (and its clones) has used so far: see [`EtcdBackend::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct EtcdStats {
+    /// Keep-alives sent on the session leases.
+    pub keep_alives_sent: u64,
+    /// Session leases granted (one per distinct TTL, and one more after each loss).
+    pub sessions_granted: u64,
+    /// Watch streams opened (one, and one more after each break).
+    pub watch_streams_opened: u64,
 }
 
 /// The backend's part of a term it granted ([`Grant::state`]): the seat it was granted on, and
-/// the lease and key (with its create revision, the token) that hold it.
+/// the session lease and key (with its create revision, the token) that hold it.
 struct EtcdTerm {
     cell: Arc<SeatCell>,
-    lease: i64,
+    session: Arc<Session>,
     key: String,
     create_revision: i64,
 }
@@ -201,8 +272,68 @@ impl EtcdBackend {
             inner: Arc::new(Inner {
                 config,
                 client: OnceCell::new(),
+                sessions: tokio::sync::Mutex::new(HashMap::new()),
+                retired: Mutex::new(HashSet::new()),
+                hub: WatchHub::new(),
+                keep_alives: Arc::new(AtomicU64::new(0)),
+                sessions_granted: AtomicU64::new(0),
+                in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
+                acquiring: tokio::sync::Semaphore::new(MAX_ACQUIRING),
             }),
         }
+    }
+
+    /// What this backend value (and its clones) has used so far: keep-alives sent, session
+    /// leases granted, watch streams opened. However many candidates it serves, it holds one
+    /// session lease per distinct lease TTL and one watch stream.
+    pub fn stats(&self) -> EtcdStats {
+        EtcdStats {
+            keep_alives_sent: self.inner.keep_alives.load(Ordering::Relaxed),
+            sessions_granted: self.inner.sessions_granted.load(Ordering::Relaxed),
+            watch_streams_opened: self.inner.hub.opened.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A turn to send one request (held until its answer): at most [`MAX_IN_FLIGHT`] at once.
+    pub(crate) async fn turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.inner.in_flight.acquire().await.ok()
+    }
+
+    pub(crate) fn hub(&self) -> &WatchHub {
+        &self.inner.hub
+    }
+
+    /// The live session lease for leases of `ttl` seconds: the current one, or a new one when
+    /// there is none or it was lost (its id is then retired for good).
+    async fn session(&self, client: &Client, ttl: i64) -> Result<Arc<Session>, BackendError> {
+        let mut sessions = self.inner.sessions.lock().await;
+        if let Some(session) = sessions.get(&ttl) {
+            if session.is_alive() {
+                return Ok(session.clone());
+            }
+            self.inner
+                .retired
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(session.id);
+            sessions.remove(&ttl);
+        }
+        let session = Session::grant(
+            client,
+            &self.inner.config,
+            ttl,
+            &self.inner.retired,
+            self.inner.keep_alives.clone(),
+        )
+        .await?;
+        self.inner.sessions_granted.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            lease = format!("{:x}", session.id),
+            ttl,
+            "etcd session lease granted"
+        );
+        sessions.insert(ttl, session.clone());
+        Ok(session)
     }
 
     /// The election prefix of `lock`: `<key_prefix><lock>/`.
@@ -273,6 +404,7 @@ impl EtcdBackend {
         lock: &str,
     ) -> Result<Option<KeyValue>, BackendError> {
         let prefix = self.election_prefix(lock);
+        let _turn = self.turn().await;
         let response = client
             .get(
                 prefix.as_str(),
@@ -304,10 +436,13 @@ impl EtcdBackend {
             .and_then([TxnOp::put(
                 seat.key.as_str(),
                 seat.identity.as_str(),
-                Some(etcd_client::PutOptions::new().with_lease(seat.lease)),
+                Some(etcd_client::PutOptions::new().with_lease(seat.session.id)),
             )])
             .or_else([TxnOp::get(seat.key.as_str(), None)]);
-        let response = match client.txn(txn).await {
+        let turn = self.turn().await;
+        let response = client.txn(txn).await;
+        drop(turn);
+        let response = match response {
             Ok(response) => response,
             Err(error) if lease_not_found(&error) => return Ok(None),
             Err(error) => return Err(self.error("acquire", &error)),
@@ -332,8 +467,7 @@ impl EtcdBackend {
         }
         let new = seat.create_revision != Some(revision);
         if new {
-            seat.create_revision = Some(revision);
-            seat.granted = None;
+            seat.set_key(revision);
         }
         Ok(Some((revision, new)))
     }
@@ -376,25 +510,27 @@ impl LockBackend for EtcdBackend {
     }
 
     async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
+        let _admitted = self.inner.acquiring.acquire().await.ok();
         let mut client = self.client().await?;
         let cell = self.seat_cell(candidate)?;
+        cell.activity.touch();
         let mut guard = cell.seat.lock().await;
         // A dead lease (expired, revoked): its key is gone; take a new seat.
         if guard.as_ref().is_some_and(|seat| !seat.is_alive()) {
-            if let Some(seat) = guard.take() {
-                seat.stop();
-            }
+            guard.take();
         }
         if guard.is_none() {
-            let seat = Seat::take(
-                self,
-                &mut client,
+            let session = self
+                .session(&client, seat::lease_ttl(candidate.lease_duration))
+                .await?;
+            let prefix = self.election_prefix(&candidate.lock);
+            *guard = Some(Seat::new(
                 candidate,
-                &self.election_prefix(&candidate.lock),
-                cell.clone(),
-            )
-            .await?;
-            *guard = Some(seat);
+                &cell,
+                &prefix,
+                session,
+                client.clone(),
+            ));
         }
         let Some(seat) = guard.as_mut() else {
             return Err(BackendError::Protocol {
@@ -411,11 +547,24 @@ impl LockBackend for EtcdBackend {
             self.delete_key(&mut client, &seat.key, revision).await?;
             seat.forget_key(revision);
         }
-        let Some((revision, new)) = self.ensure_key(&mut client, seat).await? else {
+        let mut found = self.ensure_key(&mut client, seat).await?;
+        if found.is_none() {
+            // The session lease is gone (expired while we could not reach etcd): so is every
+            // seat on it. Take a seat on a new session now rather than at the next attempt.
+            seat.mark_dead();
+            let session = self
+                .session(&client, seat::lease_ttl(candidate.lease_duration))
+                .await?;
+            let prefix = self.election_prefix(&candidate.lock);
+            *seat = Seat::new(candidate, &cell, &prefix, session, client.clone());
+            found = self.ensure_key(&mut client, seat).await?;
+        }
+        let Some((revision, new)) = found else {
             seat.mark_dead();
             return Err(BackendError::Unavailable {
                 backend: backend_name(&self.inner.config),
-                detail: "our etcd lease expired; a new one is taken on the next attempt".into(),
+                detail: "our etcd session lease expired; a new one is taken on the next attempt"
+                    .into(),
             });
         };
         if new {
@@ -427,11 +576,7 @@ impl LockBackend for EtcdBackend {
             Some(kv) if kv.key() == seat.key.as_bytes() => {
                 // Refresh the lease before leading on it: a lease about to expire (keep-alives
                 // lost while queued) must not carry a term (etcd#11456).
-                if !seat
-                    .keep_alive_now()
-                    .await
-                    .map_err(|e| self.error("acquire", &e))?
-                {
+                if !seat.keep_alive_now().await? {
                     return Err(BackendError::Unavailable {
                         backend: backend_name(&self.inner.config),
                         detail: "our etcd lease expired while queued; a new one is taken on the next attempt".into(),
@@ -441,7 +586,7 @@ impl LockBackend for EtcdBackend {
                 let record = record_of(&candidate.lock, &kv, candidate.lease_duration)?;
                 let term = EtcdTerm {
                     cell: cell.clone(),
-                    lease: seat.lease,
+                    session: seat.session.clone(),
                     key: seat.key.clone(),
                     create_revision: revision,
                 };
@@ -469,23 +614,26 @@ impl LockBackend for EtcdBackend {
         let Some(term) = grant.state().get::<EtcdTerm>() else {
             return Ok(RenewOutcome::Lost(Observation::vacant()));
         };
+        term.cell.activity.touch();
         let mut client = self.client().await?;
         let guard = term.cell.seat.lock().await;
         // The seat moved on to another lease (the term's lease died): the term is over.
-        let Some(seat) = guard.as_ref().filter(|seat| seat.lease == term.lease) else {
+        let Some(seat) = guard
+            .as_ref()
+            .filter(|seat| Arc::ptr_eq(&seat.session, &term.session))
+        else {
             drop(guard);
             return Ok(RenewOutcome::Lost(
                 self.read_or_vacant(&candidate.lock).await,
             ));
         };
-        if !seat
-            .keep_alive_now()
-            .await
-            .map_err(|e| self.error("renew", &e))?
-        {
+        // A keep-alive sent after this call began (never the answer to an earlier one): the
+        // lease lives at least one TTL from the call's start, the instant the elector counts
+        // the term's validity from.
+        if !seat.keep_alive_now().await? {
             tracing::warn!(
-                lease = format!("{:x}", seat.lease),
-                "etcd lease is gone: term lost"
+                lease = format!("{:x}", seat.session.id),
+                "etcd session lease is gone: term lost"
             );
             drop(guard);
             return Ok(RenewOutcome::Lost(
@@ -493,10 +641,12 @@ impl LockBackend for EtcdBackend {
             ));
         }
         drop(guard);
+        let turn = self.turn().await;
         let response = client
             .get(term.key.as_str(), None)
             .await
             .map_err(|e| self.error("renew", &e))?;
+        drop(turn);
         let ours = response
             .kvs()
             .first()
@@ -526,7 +676,10 @@ impl LockBackend for EtcdBackend {
         let deleted = self
             .delete_key(&mut client, &term.key, term.create_revision)
             .await?;
-        if let Some(seat) = guard.as_mut().filter(|seat| seat.lease == term.lease) {
+        if let Some(seat) = guard
+            .as_mut()
+            .filter(|seat| Arc::ptr_eq(&seat.session, &term.session))
+        {
             seat.forget_key(term.create_revision);
         }
         Ok(if deleted {
@@ -560,16 +713,18 @@ impl LockBackend for EtcdBackend {
         let Some(cell) = candidate.state().get::<Arc<SeatCell>>() else {
             return Ok(());
         };
-        let Some(seat) = cell.seat.lock().await.take() else {
+        let mut guard = cell.seat.lock().await;
+        let Some(seat) = guard.as_mut() else {
             return Ok(());
         };
-        seat.stop();
-        let mut client = self.client().await?;
-        client
-            .lease_revoke(seat.lease)
-            .await
-            .map(|_| ())
-            .map_err(|e| self.error("withdraw", &e))
+        // Only this candidate's key goes; the session lease stays for the others.
+        if let Some(revision) = seat.create_revision.filter(|_| seat.is_alive()) {
+            let mut client = self.client().await?;
+            self.delete_key(&mut client, &seat.key, revision).await?;
+            seat.forget_key(revision);
+        }
+        guard.take();
+        Ok(())
     }
 }
 
@@ -584,6 +739,7 @@ impl EtcdBackend {
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, revision)])
             .and_then([TxnOp::delete(key, None)]);
+        let _turn = self.turn().await;
         let response = client
             .txn(txn)
             .await

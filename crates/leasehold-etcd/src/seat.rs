@@ -1,21 +1,20 @@
-//! A candidate's seat in an etcd election: its lease, its key, the keep-alives that hold the
-//! place, and the watch of the key just ahead.
+//! A candidate's seat in an etcd election: its key under the backend's shared session lease,
+//! and the watch of the key just ahead (on the backend's shared watch stream).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, SortOrder, SortTarget,
-    WatchFilterType, WatchOptions,
+    Client, EventType, GetOptions, SortOrder, SortTarget, WatchFilterType, WatchOptions,
 };
 use leasehold_core::{
     BackendError, Candidate, FencingToken, LeaderRecord, LockBackend, Observation,
 };
 use tokio::sync::{mpsc, Notify};
-use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use crate::session::Session;
 use crate::{map_error, EtcdBackend};
 
 /// Where a candidate's seat lives: in the candidate itself ([`Candidate::state`]), shared with
@@ -23,71 +22,82 @@ use crate::{map_error, EtcdBackend};
 #[derive(Default)]
 pub(crate) struct SeatCell {
     pub seat: tokio::sync::Mutex<Option<Seat>>,
-    /// Woken when the seat's key is (re)created or its lease dies.
+    /// Woken when the seat's key is (re)created.
     pub changed: Notify,
-    /// Open watch streams of this seat: while one is open, the candidate is still campaigning.
-    pub watchers: AtomicUsize,
+    /// What the candidate does, read by its seats' reapers.
+    pub activity: Arc<Activity>,
 }
 
-struct Shared {
-    alive: AtomicBool,
-    keeper: tokio::sync::Mutex<Option<(LeaseKeeper, LeaseKeepAliveStream)>>,
+/// What the candidate does: the acquires and renews it begins, the watches it holds open.
+#[derive(Default)]
+pub(crate) struct Activity {
+    /// Bumped by each acquire and renew (at its start) and each watch opened or closed.
+    count: AtomicU64,
+    /// Watches open: while one is, the candidate is campaigning (following, or leading).
+    watchers: AtomicUsize,
 }
 
-/// A lease and the election key under it.
+impl Activity {
+    /// Something the candidate did: its key is in use.
+    pub fn touch(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// What tells a seat's key in use from one abandoned, read by the seat's reaper (a key of a
+/// shared session lease never expires on its own).
+pub(crate) struct SeatLife {
+    activity: Arc<Activity>,
+    /// Create revision of the key put, 0 when none.
+    revision: AtomicI64,
+    /// The seat was dropped (its candidate is gone).
+    dropped: AtomicBool,
+}
+
+/// The election key of a candidate, under the session lease it was put with.
 pub(crate) struct Seat {
     pub identity: String,
-    pub lease: i64,
+    pub session: Arc<Session>,
     pub key: String,
     /// Create revision of our key, once put.
     pub create_revision: Option<i64>,
     /// The create revision a term was granted with (the token), if one was.
     pub granted: Option<i64>,
-    shared: Arc<Shared>,
-    client: Client,
-    ttl: Duration,
-    task: JoinHandle<()>,
+    pub life: Arc<SeatLife>,
 }
 
 impl Seat {
-    /// Grants a lease of `ceil(lease_duration)` seconds and starts its keep-alive task.
-    pub async fn take(
-        backend: &EtcdBackend,
-        client: &mut Client,
+    /// A seat on `session`: its key is `<prefix><lease hex>-<seat number hex>` (the seat number
+    /// keeps two candidates of one lock on one backend apart), not put yet.
+    pub fn new(
         candidate: &Candidate,
+        cell: &SeatCell,
         prefix: &str,
-        cell: Arc<SeatCell>,
-    ) -> Result<Seat, BackendError> {
-        let config = backend.config();
-        let ttl = lease_ttl(candidate.lease_duration);
-        let granted = client
-            .lease_grant(ttl, None)
-            .await
-            .map_err(|e| map_error(config, "acquire", &e))?;
-        let lease = granted.id();
-        let ttl = granted_ttl(granted.ttl());
-        let shared = Arc::new(Shared {
-            alive: AtomicBool::new(true),
-            keeper: tokio::sync::Mutex::new(None),
+        session: Arc<Session>,
+        client: Client,
+    ) -> Seat {
+        let key = format!("{prefix}{:x}-{:x}", session.id, session.next_seat());
+        let life = Arc::new(SeatLife {
+            activity: cell.activity.clone(),
+            revision: AtomicI64::new(0),
+            dropped: AtomicBool::new(false),
         });
-        let task = tokio::spawn(keep_alive_loop(
-            client.clone(),
-            lease,
-            ttl,
-            shared.clone(),
-            cell,
-        ));
-        Ok(Seat {
+        tokio::spawn(reaper(client, session.clone(), key.clone(), life.clone()));
+        Seat {
             identity: candidate.identity.clone(),
-            lease,
-            key: format!("{prefix}{lease:x}"),
+            session,
+            key,
             create_revision: None,
             granted: None,
-            shared,
-            client: client.clone(),
-            ttl,
-            task,
-        })
+            life,
+        }
+    }
+
+    /// Our key was (re)created at `revision`.
+    pub fn set_key(&mut self, revision: i64) {
+        self.create_revision = Some(revision);
+        self.granted = None;
+        self.life.revision.store(revision, Ordering::SeqCst);
     }
 
     /// The key created at `revision` is gone (deleted by us): forget it, and the term it held.
@@ -95,127 +105,114 @@ impl Seat {
         if self.create_revision == Some(revision) {
             self.create_revision = None;
             self.granted = None;
+            let _ = self.life.revision.compare_exchange(
+                revision,
+                0,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
         }
     }
 
     pub fn is_alive(&self) -> bool {
-        self.shared.alive.load(Ordering::SeqCst)
+        self.session.is_alive()
     }
 
     pub fn mark_dead(&self) {
-        self.shared.alive.store(false, Ordering::SeqCst);
+        self.session.mark_lost();
     }
 
-    /// Sends one keep-alive now; `Ok(false)` when the lease is gone.
-    pub async fn keep_alive_now(&self) -> Result<bool, etcd_client::Error> {
-        // Bounded by the TTL (no answer within it and the lease is gone anyway); the elector's
-        // own call deadline usually cuts it shorter.
-        let alive = keep_alive_once(&self.client, self.lease, &self.shared, self.ttl).await?;
-        if !alive {
-            self.mark_dead();
-        }
-        Ok(alive)
+    /// Waits for a keep-alive of the session sent after this call began; `Ok(false)` when the
+    /// lease is gone.
+    pub async fn keep_alive_now(&self) -> Result<bool, BackendError> {
+        self.session.keep_alive_after_now().await
     }
 
-    /// Stops the keep-alives (the lease then expires, or is revoked by the caller).
-    pub fn stop(&self) {
-        self.task.abort();
-        self.mark_dead();
+    pub fn ttl(&self) -> Duration {
+        self.session.ttl
     }
 }
 
 impl Drop for Seat {
+    /// The candidate is gone: if it did not withdraw (an elector aborted), its reaper deletes
+    /// the key once it has been idle for a TTL.
     fn drop(&mut self) {
-        self.task.abort();
+        self.life.dropped.store(true, Ordering::SeqCst);
     }
 }
 
-/// One keep-alive round trip, bounded by `limit`; `Ok(false)` when the lease is gone.
+/// Deletes the seat's key once the candidate has let it go idle for a whole TTL: no watch open,
+/// no acquire or renew begun. The key's own lease would have expired then; the shared session
+/// lease does not, as it is kept alive for the others.
 ///
-/// The stream is taken out of its slot for the exchange and put back only after a complete
-/// round trip: an exchange cut short (timeout, or the caller dropped at its deadline) drops the
-/// stream, so a late answer can never be read as the answer to a later keep-alive.
-async fn keep_alive_once(
-    client: &Client,
-    lease: i64,
-    shared: &Shared,
-    limit: Duration,
-) -> Result<bool, etcd_client::Error> {
-    let mut slot = shared.keeper.lock().await;
-    let exchange = async {
-        let Some((mut keeper, mut stream)) = slot.take() else {
-            // Opening the keep-alive stream sends a first keep-alive and reads its answer; the
-            // client reports a lease that is gone only as an error text. Ask the server
-            // instead: its time-to-live answer says -1 for a lease it does not know.
-            return match client.clone().lease_keep_alive(lease).await {
-                Ok(opened) => Ok((true, Some(opened))),
-                Err(error @ etcd_client::Error::LeaseKeepAliveError(_)) => {
-                    match client.clone().lease_time_to_live(lease, None).await {
-                        Ok(answer) if answer.ttl() <= 0 => Ok((false, None)),
-                        _ => Err(error),
-                    }
-                }
-                Err(error) => Err(error),
-            };
-        };
-        keeper.keep_alive().await?;
-        match stream.message().await? {
-            Some(response) => Ok((response.ttl() > 0, Some((keeper, stream)))),
-            None => Err(etcd_client::Error::LeaseKeepAliveError(
-                "keep-alive stream closed".into(),
-            )),
-        }
-    };
-    match tokio::time::timeout(limit, exchange).await {
-        Ok(Ok((alive, kept))) => {
-            *slot = kept;
-            Ok(alive)
-        }
-        Ok(Err(error)) => Err(error),
-        Err(_) => Err(etcd_client::Error::LeaseKeepAliveError(format!(
-            "no keep-alive answer within {limit:?}"
-        ))),
-    }
-}
-
-/// Keeps the lease alive every TTL/3 while the candidate follows (a watch of the seat is open), so
-/// it keeps its place in the queue. A leader's lease is kept alive by its renewals only, so a
-/// leader that stops renewing (crashed, hung) loses the key one TTL after its last renew; an
-/// elector that is gone stops being kept alive, and its key expires with the lease.
-async fn keep_alive_loop(
-    client: Client,
-    lease: i64,
-    ttl: Duration,
-    shared: Arc<Shared>,
-    cell: Arc<SeatCell>,
-) {
-    let period = keep_alive_period(ttl);
+/// Safe: the key goes at least one TTL after the start of the seat's last renew or acquire,
+/// when any term counted from it has ended (the elector counts a term valid for at most
+/// `lease_duration <= TTL` from the start of its last successful call).
+async fn reaper(client: Client, session: Arc<Session>, key: String, life: Arc<SeatLife>) {
+    // Checks every TTL/2; two checks in a row seeing no activity (and the same key) are a
+    // whole TTL without any.
+    let tick = (session.ttl / 2).max(Duration::from_millis(50));
+    let mut previous: Option<(u64, i64)> = None;
     loop {
-        tokio::time::sleep(period).await;
-        if cell.watchers.load(Ordering::SeqCst) == 0 {
-            // Not following (leading: each renew is a keep-alive; or gone: let it expire).
-            continue;
+        tokio::select! {
+            () = session.lost() => return,
+            () = tokio::time::sleep(tick) => {}
         }
-        match keep_alive_once(&client, lease, &shared, period).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(
-                    lease = format!("{lease:x}"),
-                    "etcd lease expired or was revoked"
-                );
-                shared.alive.store(false, Ordering::SeqCst);
-                cell.changed.notify_waiters();
+        let revision = life.revision.load(Ordering::SeqCst);
+        if revision == 0 {
+            if life.dropped.load(Ordering::SeqCst) {
                 return;
             }
-            Err(error) => tracing::debug!(%error, "etcd keep-alive failed; retrying"),
+            previous = None;
+            continue;
+        }
+        if life.activity.watchers.load(Ordering::SeqCst) > 0 {
+            previous = None;
+            continue;
+        }
+        let now = (life.activity.count.load(Ordering::SeqCst), revision);
+        if previous != Some(now) {
+            previous = Some(now);
+            continue;
+        }
+        previous = None;
+        tracing::debug!(key, "etcd election key idle for a TTL: deleting it");
+        let txn = etcd_client::Txn::new()
+            .when([etcd_client::Compare::create_revision(
+                key.as_str(),
+                etcd_client::CompareOp::Equal,
+                revision,
+            )])
+            .and_then([etcd_client::TxnOp::delete(key.as_str(), None)]);
+        match client.clone().txn(txn).await {
+            Ok(_) => {
+                let _ =
+                    life.revision
+                        .compare_exchange(revision, 0, Ordering::SeqCst, Ordering::SeqCst);
+            }
+            Err(error) => {
+                tracing::debug!(%error, key, "deleting an idle etcd election key failed");
+            }
+        }
+        if life.dropped.load(Ordering::SeqCst) && life.revision.load(Ordering::SeqCst) == 0 {
+            return;
         }
     }
 }
 
-struct WatchGuard(Arc<SeatCell>);
+struct WatchGuard(Arc<Activity>);
+
+impl WatchGuard {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.watchers.fetch_add(1, Ordering::SeqCst);
+        activity.touch();
+        WatchGuard(activity)
+    }
+}
 
 impl Drop for WatchGuard {
     fn drop(&mut self) {
+        self.0.touch();
         self.0.watchers.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -230,8 +227,7 @@ pub(crate) fn watch_predecessor(
     lock: String,
 ) -> UnboundedReceiverStream<Result<Observation, BackendError>> {
     let (tx, rx) = mpsc::unbounded_channel();
-    cell.watchers.fetch_add(1, Ordering::SeqCst);
-    let guard = WatchGuard(cell.clone());
+    let guard = WatchGuard::new(cell.activity.clone());
     tokio::spawn(async move {
         let _guard = guard;
         tokio::select! {
@@ -242,17 +238,31 @@ pub(crate) fn watch_predecessor(
     UnboundedReceiverStream::new(rx)
 }
 
+/// Returns when `session` (if any) is lost; never without one.
+async fn lost(session: Option<Arc<Session>>) {
+    match session {
+        Some(session) => session.lost().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Reports the election's leader now and after every change under `prefix`, until `changed`.
 async fn observe_election(
     backend: &EtcdBackend,
-    client: &mut Client,
+    client: &Client,
     prefix: &str,
     lock: &str,
     tx: &mpsc::UnboundedSender<Result<Observation, BackendError>>,
     changed: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
-) -> Result<(), etcd_client::Error> {
-    let mut stream = client
-        .watch(prefix, Some(WatchOptions::new().with_prefix()))
+) -> Result<(), BackendError> {
+    let mut stream = backend
+        .hub()
+        .watch(
+            client,
+            backend.config(),
+            prefix.as_bytes().to_vec(),
+            WatchOptions::new().with_prefix(),
+        )
         .await?;
     let mut changed = changed;
     loop {
@@ -262,17 +272,18 @@ async fn observe_election(
         }
         tokio::select! {
             () = &mut changed => return Ok(()),
-            message = stream.message() => match message? {
-                Some(response) if !response.canceled() => {}
-                _ => return Ok(()),
-            },
+            message = stream.message() => {
+                if message?.canceled() {
+                    return Ok(());
+                }
+            }
         }
     }
 }
 
 async fn follow(
     backend: &EtcdBackend,
-    mut client: Client,
+    client: Client,
     cell: &SeatCell,
     prefix: &str,
     lock: &str,
@@ -283,38 +294,43 @@ async fn follow(
         let changed = cell.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let (alive, revision, own) = {
+        let (alive, revision, own, session) = {
             let seat = cell.seat.lock().await;
             match seat.as_ref() {
                 Some(s) => (
                     s.is_alive(),
                     s.create_revision,
-                    Some((s.identity.clone(), s.key.clone(), s.ttl)),
+                    Some((s.identity.clone(), s.key.clone(), s.ttl())),
+                    Some(s.session.clone()),
                 ),
-                None => (true, None, None),
+                None => (true, None, None, None),
             }
         };
         if !alive {
-            // The lease died while queued: our key is gone. Ask the elector to attempt again,
-            // which takes a new seat.
+            // The session lease died: our key is gone. Ask the elector to attempt again,
+            // which takes a seat on a new session.
             if tx.send(Ok(Observation::vacant())).is_err() {
                 return;
             }
             changed.await;
             continue;
         }
+        let lost = lost(session);
+        tokio::pin!(lost);
         let Some(revision) = revision else {
             // Not seated (yet): an observer, or an elector before its first attempt. Follow the
             // whole election and report its leader on every change, until seated.
             if let Err(error) =
-                observe_election(backend, &mut client, prefix, lock, tx, changed.as_mut()).await
+                observe_election(backend, &client, prefix, lock, tx, changed.as_mut()).await
             {
-                let _ = tx.send(Err(map_error(config, "watch", &error)));
+                let _ = tx.send(Err(error));
                 return;
             }
             continue;
         };
+        let turn = backend.turn().await;
         let ahead = client
+            .clone()
             .get(
                 prefix,
                 Some(
@@ -326,6 +342,7 @@ async fn follow(
                 ),
             )
             .await;
+        drop(turn);
         let (ahead, start) = match ahead {
             Ok(response) => {
                 let start = response.header().map_or(0, |h| h.revision()) + 1;
@@ -358,21 +375,25 @@ async fn follow(
                 continue;
             }
         };
+        // From the revision just after the read: no deletion between the read and the watch
+        // is missed, on the shared stream as on a stream of its own.
         let options = WatchOptions::new()
             .with_start_revision(start)
             .with_filters([WatchFilterType::NoPut]);
-        let mut stream = match client.watch(key, Some(options)).await {
+        let mut stream = match backend.hub().watch(&client, config, key, options).await {
             Ok(stream) => stream,
             Err(error) => {
-                let _ = tx.send(Err(map_error(config, "watch", &error)));
+                let _ = tx.send(Err(error));
                 return;
             }
         };
         loop {
             tokio::select! {
                 () = &mut changed => break,
+                // The session lease is gone: so is our key; start over (reported vacant above).
+                () = &mut lost => break,
                 message = stream.message() => match message {
-                    Ok(Some(response)) => {
+                    Ok(response) => {
                         if response.canceled() {
                             let _ = tx.send(Err(BackendError::Unavailable {
                                 backend: crate::backend_name(config),
@@ -392,7 +413,7 @@ async fn follow(
                                 // while).
                                 if let Err(error) = observe_election(
                                     backend,
-                                    &mut client,
+                                    &client,
                                     prefix,
                                     lock,
                                     tx,
@@ -400,16 +421,15 @@ async fn follow(
                                 )
                                 .await
                                 {
-                                    let _ = tx.send(Err(map_error(config, "watch", &error)));
+                                    let _ = tx.send(Err(error));
                                     return;
                                 }
                             }
                             break;
                         }
                     }
-                    Ok(None) => return,
                     Err(error) => {
-                        let _ = tx.send(Err(map_error(config, "watch", &error)));
+                        let _ = tx.send(Err(error));
                         return;
                     }
                 },

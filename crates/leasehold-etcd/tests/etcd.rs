@@ -204,7 +204,9 @@ mod etcd_specific {
             .key_str()
             .expect("utf8")
             .to_owned();
-        let lease_hex = key.rsplit('/').next().expect("lease part").to_owned();
+        // `<lock>/<session lease hex>-<seat hex>`
+        let seat = key.rsplit('/').next().expect("seat part");
+        let lease_hex = seat.split('-').next().expect("lease part").to_owned();
         let status = etcdctl(h.server_ref())
             .args(["lease", "revoke", &lease_hex])
             .stdout(Stdio::null())
