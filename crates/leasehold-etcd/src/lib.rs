@@ -150,6 +150,9 @@ struct Inner {
     sessions: tokio::sync::Mutex<HashMap<i64, Arc<Session>>>,
     /// Ids of session leases seen lost: never used again.
     retired: Mutex<HashSet<i64>>,
+    /// The TTL of every session lease this value was granted, by id: what a key under one of
+    /// them announces as its lease (a key under someone else's lease announces none).
+    session_ttls: Mutex<HashMap<i64, Duration>>,
     hub: WatchHub,
     keep_alives: Arc<AtomicU64>,
     sessions_granted: AtomicU64,
@@ -274,6 +277,7 @@ impl EtcdBackend {
                 client: OnceCell::new(),
                 sessions: tokio::sync::Mutex::new(HashMap::new()),
                 retired: Mutex::new(HashSet::new()),
+                session_ttls: Mutex::new(HashMap::new()),
                 hub: WatchHub::new(),
                 keep_alives: Arc::new(AtomicU64::new(0)),
                 sessions_granted: AtomicU64::new(0),
@@ -327,6 +331,11 @@ impl EtcdBackend {
         )
         .await?;
         self.inner.sessions_granted.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .session_ttls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(session.id, session.ttl);
         tracing::debug!(
             lease = format!("{:x}", session.id),
             ttl,
@@ -693,7 +702,7 @@ impl LockBackend for EtcdBackend {
         let mut client = self.client().await?;
         match self.leader(&mut client, lock).await? {
             Some(kv) => Ok(Observation::held(
-                record_of(lock, &kv, Duration::ZERO)?,
+                record_of(lock, &kv, self.announced_lease(&kv))?,
                 None,
             )),
             None => Ok(Observation::vacant()),
@@ -752,6 +761,22 @@ impl EtcdBackend {
         self.read(lock)
             .await
             .unwrap_or_else(|_| Observation::vacant())
+    }
+
+    /// The lease a key announces: the TTL of its lease when that is one of our session leases,
+    /// zero (unknown) for anyone else's.
+    ///
+    /// A leader reads its own key too (its watch of the election may still be open when it is
+    /// granted): announcing zero there would tell it that someone shortened its lease, and it
+    /// would step down from a term it holds.
+    fn announced_lease(&self, kv: &KeyValue) -> Duration {
+        self.inner
+            .session_ttls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&kv.lease())
+            .copied()
+            .unwrap_or(Duration::ZERO)
     }
 
     pub(crate) fn config(&self) -> &EtcdConfig {
