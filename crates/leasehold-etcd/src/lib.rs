@@ -624,7 +624,6 @@ impl LockBackend for EtcdBackend {
             return Ok(RenewOutcome::Lost(Observation::vacant()));
         };
         term.cell.activity.touch();
-        let mut client = self.client().await?;
         let guard = term.cell.seat.lock().await;
         // The seat moved on to another lease (the term's lease died): the term is over.
         let Some(seat) = guard
@@ -638,31 +637,19 @@ impl LockBackend for EtcdBackend {
         };
         // A keep-alive sent after this call began (never the answer to an earlier one): the
         // lease lives at least one TTL from the call's start, the instant the elector counts
-        // the term's validity from.
-        if !seat.keep_alive_now().await? {
-            tracing::warn!(
-                lease = format!("{:x}", seat.session.id),
-                "etcd session lease is gone: term lost"
-            );
-            drop(guard);
-            return Ok(RenewOutcome::Lost(
-                self.read_or_vacant(&candidate.lock).await,
-            ));
-        }
+        // the term's validity from; then a read of the term's key, still there with its create
+        // revision. Both are shared by every renew of the round: one keep-alive and one
+        // transaction per 64 keys, however many locks this backend value leads.
+        let held = seat.renew_now(&term.key, term.create_revision).await?;
         drop(guard);
-        let turn = self.turn().await;
-        let response = client
-            .get(term.key.as_str(), None)
-            .await
-            .map_err(|e| self.error("renew", &e))?;
-        drop(turn);
-        let ours = response
-            .kvs()
-            .first()
-            .is_some_and(|kv| kv.create_revision() == term.create_revision);
-        if ours {
+        if held {
             Ok(RenewOutcome::Renewed)
         } else {
+            tracing::warn!(
+                lease = format!("{:x}", term.session.id),
+                key = term.key,
+                "etcd session lease or election key is gone: term lost"
+            );
             Ok(RenewOutcome::Lost(
                 self.read_or_vacant(&candidate.lock).await,
             ))

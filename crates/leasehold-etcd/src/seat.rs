@@ -128,6 +128,12 @@ impl Seat {
         self.session.keep_alive_after_now().await
     }
 
+    /// A renew's check of the session lease and of `key` (created at `create_revision`), in the
+    /// session's next round: `Ok(false)` when either is gone.
+    pub async fn renew_now(&self, key: &str, create_revision: i64) -> Result<bool, BackendError> {
+        self.session.renew_after_now(key, create_revision).await
+    }
+
     pub fn ttl(&self) -> Duration {
         self.session.ttl
     }

@@ -43,6 +43,17 @@ type Answer = Result<bool, BackendError>;
 /// An answer and the number of the round that gave it.
 type Answered = (Answer, u64);
 
+/// Keys checked in one transaction of a round (etcd refuses more than `--max-txn-ops`
+/// operations in one, 128 by default).
+pub(crate) const KEYS_PER_CHECK: usize = 64;
+
+/// One request waiting for the next round: where to answer, and the key (with its create
+/// revision) a renew also needs to find still there.
+struct Waiter {
+    answer: oneshot::Sender<Answered>,
+    key: Option<(String, i64)>,
+}
+
 /// A shared lease and the task that keeps it alive.
 pub(crate) struct Session {
     /// The lease id.
@@ -53,7 +64,7 @@ pub(crate) struct Session {
     lost: CancellationToken,
     /// Cancelled when the backend is dropped: the task revokes the lease and ends.
     closed: CancellationToken,
-    waiters: Mutex<Vec<oneshot::Sender<Answered>>>,
+    waiters: Mutex<Vec<Waiter>>,
     wake: Notify,
     /// Seats taken on this session (a part of each seat's key, so that two candidates of one
     /// lock on one backend never share a key).
@@ -143,14 +154,25 @@ impl Session {
     /// that the lease lives (refreshed at a time no earlier than the call), `Ok(false)` when it
     /// is gone, an error when no answer came.
     pub async fn keep_alive_after_now(&self) -> Answer {
-        self.keep_alive_round_after_now().await.0
+        self.keep_alive_round_after_now(None).await.0
+    }
+
+    /// A renew's check: waits for a keep-alive sent after this call began and then for a read
+    /// of `key`, both in the same round as every renew waiting at once (one keep-alive and one
+    /// transaction per [`KEYS_PER_CHECK`] keys, however many locks renew). `Ok(true)` when the
+    /// lease lives and `key` is still there with `create_revision`; `Ok(false)` when the lease
+    /// or the key is gone; an error when no answer came.
+    pub async fn renew_after_now(&self, key: &str, create_revision: i64) -> Answer {
+        self.keep_alive_round_after_now(Some((key.to_owned(), create_revision)))
+            .await
+            .0
     }
 
     /// [`keep_alive_after_now`](Self::keep_alive_after_now), with the number of the round that
     /// answered (0 when none did). Rounds are numbered from 1 as they start, under the lock the
     /// waiters register under: a round numbered above [`Session::rounds`] read at the ask
     /// started after it.
-    async fn keep_alive_round_after_now(&self) -> Answered {
+    async fn keep_alive_round_after_now(&self, key: Option<(String, i64)>) -> Answered {
         if !self.is_alive() {
             return (Ok(false), 0);
         }
@@ -158,7 +180,7 @@ impl Session {
         self.waiters
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(tx);
+            .push(Waiter { answer: tx, key });
         self.wake.notify_one();
         match rx.await {
             Ok(answered) => answered,
@@ -175,7 +197,7 @@ impl Session {
     }
 
     /// Starts a round: takes everyone waiting, numbers the round.
-    fn take_round(&self) -> (Vec<oneshot::Sender<Answered>>, u64) {
+    fn take_round(&self) -> (Vec<Waiter>, u64) {
         let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
         let round = self.sent.fetch_add(1, Ordering::SeqCst) + 1;
         (std::mem::take(&mut *waiters), round)
@@ -248,8 +270,17 @@ async fn keeper(client: Client, config: EtcdConfig, session: Arc<Session>) {
                 failures = failures.saturating_add(1);
             }
         }
-        for waiter in waiters {
-            let _ = waiter.send((answer.clone(), round));
+        let answers = match &answer {
+            Ok(true) if waiters.iter().any(|w| w.key.is_some()) => {
+                tokio::select! {
+                    () = session.closed.cancelled() => break,
+                    answers = check_keys(&client, &config, &waiters) => answers,
+                }
+            }
+            _ => vec![answer.clone(); waiters.len()],
+        };
+        for (waiter, answer) in waiters.into_iter().zip(answers) {
+            let _ = waiter.answer.send((answer, round));
         }
         if session.lost.is_cancelled() {
             break;
@@ -268,12 +299,80 @@ async fn keeper(client: Client, config: EtcdConfig, session: Arc<Session>) {
             .unwrap_or_else(PoisonError::into_inner),
     );
     for waiter in waiters {
-        let _ = waiter.send((Ok(false), 0));
+        let _ = waiter.answer.send((Ok(false), 0));
     }
     if session.closed.is_cancelled() && session.is_alive() {
         let mut client = client;
         let _ = tokio::time::timeout(config.request_timeout, client.lease_revoke(session.id)).await;
     }
+}
+
+/// After a keep-alive answered alive: whether each waiter's key is still there with its create
+/// revision (`Ok(true)` for a waiter without a key), read in transactions of at most
+/// [`KEYS_PER_CHECK`] reads each, every one bounded by the request timeout.
+async fn check_keys(client: &Client, config: &EtcdConfig, waiters: &[Waiter]) -> Vec<Answer> {
+    let mut answers: Vec<Answer> = vec![Ok(true); waiters.len()];
+    let keyed: Vec<(usize, &str, i64)> = waiters
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| w.key.as_ref().map(|(k, r)| (i, k.as_str(), *r)))
+        .collect();
+    for chunk in keyed.chunks(KEYS_PER_CHECK) {
+        let txn = etcd_client::Txn::new().and_then(
+            chunk
+                .iter()
+                .map(|(_, key, _)| etcd_client::TxnOp::get(*key, None))
+                .collect::<Vec<_>>(),
+        );
+        let read = tokio::time::timeout(config.request_timeout, client.clone().txn(txn)).await;
+        let found: Result<Vec<bool>, BackendError> = match read {
+            Ok(Ok(response)) => {
+                let mut found: Vec<bool> = response
+                    .op_responses()
+                    .into_iter()
+                    .zip(chunk)
+                    .map(|(op, (_, _, revision))| match op {
+                        etcd_client::TxnOpResponse::Get(get) => get
+                            .kvs()
+                            .first()
+                            .is_some_and(|kv| kv.create_revision() == *revision),
+                        _ => false,
+                    })
+                    .collect();
+                if found.len() == chunk.len() {
+                    Ok(std::mem::take(&mut found))
+                } else {
+                    Err(BackendError::Protocol {
+                        backend: backend_name(config),
+                        detail: format!(
+                            "a transaction of {} reads answered {}",
+                            chunk.len(),
+                            found.len()
+                        ),
+                    })
+                }
+            }
+            Ok(Err(error)) => Err(map_error(config, "renew", &error)),
+            Err(_) => Err(BackendError::Timeout {
+                backend: backend_name(config),
+                operation: "renew",
+                after: config.request_timeout,
+            }),
+        };
+        match found {
+            Ok(found) => {
+                for ((i, _, _), present) in chunk.iter().zip(found) {
+                    answers[*i] = Ok(present);
+                }
+            }
+            Err(error) => {
+                for (i, _, _) in chunk {
+                    answers[*i] = Err(error.clone());
+                }
+            }
+        }
+    }
+    answers
 }
 
 /// One keep-alive round trip on `slot`'s stream (opened if need be), bounded by `limit`;
@@ -352,7 +451,7 @@ mod tests {
             asks.push(tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(37 * i)).await;
                 let before = session.rounds();
-                let (answer, round) = session.keep_alive_round_after_now().await;
+                let (answer, round) = session.keep_alive_round_after_now(None).await;
                 (before, answer, round)
             }));
         }

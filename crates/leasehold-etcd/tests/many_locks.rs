@@ -87,6 +87,12 @@ fn connections_to(port: u16) -> usize {
 
 /// A gauge or counter from etcd's `/metrics` (the sum over its label sets).
 async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    metric_with(addr, name, "").await
+}
+
+/// A gauge or counter from etcd's `/metrics`: the sum over its label sets that contain
+/// `labels` (e.g. `grpc_method="Range"`).
+async fn metric_with(addr: SocketAddr, name: &str, labels: &str) -> f64 {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     stream
         .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
@@ -99,7 +105,9 @@ async fn metric(addr: SocketAddr, name: &str) -> f64 {
         .filter_map(|l| {
             let (key, value) = l.rsplit_once(' ')?;
             let bare = key.split('{').next()?;
-            (bare == name).then(|| value.parse::<f64>().ok()).flatten()
+            (bare == name && key.contains(labels))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
         })
         .sum()
 }
@@ -154,11 +162,27 @@ async fn two_hundred_locks_share_one_lease_one_watch_stream_one_connection() {
 
     // Steady state: 200 leaders renewing every second share keep-alive rounds, at least 20 ms
     // apart, instead of 200 keep-alives a second.
+    let reads = || async {
+        metric_with(addr, "grpc_server_handled_total", "grpc_method=\"Range\"").await
+            + metric_with(addr, "grpc_server_handled_total", "grpc_method=\"Txn\"").await
+    };
+    let reads_before = reads().await;
     let before = backend.stats().keep_alives_sent;
     let since = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let sent = backend.stats().keep_alives_sent - before;
     let elapsed = since.elapsed();
+    let reads_after = reads().await;
+    // The renews' reads of their keys are batched too: each round reads every key renewing in
+    // it in one transaction (per 64 keys), instead of one read per renew (200 per second).
+    let requests = reads_after - reads_before;
+    let renews = 200.0 * elapsed.as_secs_f64() / MANY.retry_period.as_secs_f64();
+    eprintln!("{requests} reads for about {renews:.0} renews");
+    assert!(
+        requests < renews / 2.0,
+        "{requests} reads and transactions in {elapsed:?} for about {renews:.0} renews: not \
+         batched"
+    );
     let bound = u64::try_from(elapsed.as_millis() / 20).unwrap_or(u64::MAX) + 2;
     eprintln!("{sent} keep-alives in {elapsed:?} for 200 leaders");
     assert!(
