@@ -40,7 +40,9 @@ pub(crate) struct WatchHub {
 
 struct Route {
     created: Option<oneshot::Sender<()>>,
-    events: mpsc::Sender<WatchResponse>,
+    /// Boxed responses: the channel allocates a block of slots when it is made, and thousands
+    /// of idle watches should not each hold a block of whole responses.
+    events: mpsc::Sender<Box<WatchResponse>>,
 }
 
 struct HubStream {
@@ -62,7 +64,7 @@ impl HubStream {
 pub(crate) struct HubWatch {
     id: i64,
     stream: Arc<HubStream>,
-    events: mpsc::Receiver<WatchResponse>,
+    events: mpsc::Receiver<Box<WatchResponse>>,
     backend: String,
 }
 
@@ -71,7 +73,7 @@ impl HubWatch {
     /// by the server (the stream broke, or this consumer fell behind).
     pub async fn message(&mut self) -> Result<WatchResponse, BackendError> {
         match self.events.recv().await {
-            Some(response) => Ok(response),
+            Some(response) => Ok(*response),
             None => Err(BackendError::Unavailable {
                 backend: self.backend.clone(),
                 detail: if self.stream.broken.is_cancelled() {
@@ -290,11 +292,11 @@ async fn dispatch(stream: Arc<HubStream>, mut responses: WatchResponseStream) {
                 if let Some(created) = route.created {
                     let _ = created.send(());
                 }
-                let _ = route.events.try_send(response);
+                let _ = route.events.try_send(Box::new(response));
             }
             continue;
         }
-        if route.events.try_send(response).is_err() {
+        if route.events.try_send(Box::new(response)).is_err() {
             // Fallen behind (or gone): end its watch, never wait for it.
             routes.remove(&id);
             let _ = stream.cancels.send(id);

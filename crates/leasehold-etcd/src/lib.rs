@@ -186,6 +186,16 @@ impl Drop for Inner {
     }
 }
 
+/// A backend value held weakly (see [`EtcdBackend::downgrade`]).
+pub(crate) struct WeakBackend(std::sync::Weak<Inner>);
+
+impl WeakBackend {
+    /// The backend, unless its last clone is gone.
+    pub(crate) fn upgrade(&self) -> Option<EtcdBackend> {
+        self.0.upgrade().map(|inner| EtcdBackend { inner })
+    }
+}
+
 /// What one [`EtcdBackend`] value (and its clones) has used so far: see [`EtcdBackend::stats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -303,8 +313,23 @@ impl EtcdBackend {
         self.inner.in_flight.acquire().await.ok()
     }
 
-    pub(crate) fn hub(&self) -> &WatchHub {
-        &self.inner.hub
+    /// A watch of `key` on the backend's shared watch stream.
+    pub(crate) async fn watch_key(
+        &self,
+        key: Vec<u8>,
+        options: etcd_client::WatchOptions,
+    ) -> Result<hub::HubWatch, BackendError> {
+        let client = self.client().await?;
+        self.inner
+            .hub
+            .watch(&client, &self.inner.config, key, options)
+            .await
+    }
+
+    /// A weak reference to this backend value, that does not keep it (and its session leases)
+    /// alive.
+    pub(crate) fn downgrade(&self) -> WeakBackend {
+        WeakBackend(Arc::downgrade(&self.inner))
     }
 
     /// The live session lease for leases of `ttl` seconds: the current one, or a new one when
@@ -385,7 +410,7 @@ impl EtcdBackend {
             .map_err(|e| map_error(config, "connect", &e))
     }
 
-    fn error(&self, operation: &str, error: &etcd_client::Error) -> BackendError {
+    pub(crate) fn error(&self, operation: &str, error: &etcd_client::Error) -> BackendError {
         map_error(&self.inner.config, operation, error)
     }
 
@@ -533,13 +558,7 @@ impl LockBackend for EtcdBackend {
                 .session(&client, seat::lease_ttl(candidate.lease_duration))
                 .await?;
             let prefix = self.election_prefix(&candidate.lock);
-            *guard = Some(Seat::new(
-                candidate,
-                &cell,
-                &prefix,
-                session,
-                client.clone(),
-            ));
+            *guard = Some(Seat::new(candidate, &cell, &prefix, session, self));
         }
         let Some(seat) = guard.as_mut() else {
             return Err(BackendError::Protocol {
@@ -565,7 +584,7 @@ impl LockBackend for EtcdBackend {
                 .session(&client, seat::lease_ttl(candidate.lease_duration))
                 .await?;
             let prefix = self.election_prefix(&candidate.lock);
-            *seat = Seat::new(candidate, &cell, &prefix, session, client.clone());
+            *seat = Seat::new(candidate, &cell, &prefix, session, self);
             found = self.ensure_key(&mut client, seat).await?;
         }
         let Some((revision, new)) = found else {
@@ -697,11 +716,11 @@ impl LockBackend for EtcdBackend {
     }
 
     async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
-        let client = self.client().await?;
+        // Connects now, so that a backend that cannot be reached says so here.
+        self.client().await?;
         let cell = self.seat_cell(candidate)?;
         let prefix = self.election_prefix(&candidate.lock);
-        let stream =
-            seat::watch_predecessor(self.clone(), client, cell, prefix, candidate.lock.clone());
+        let stream = seat::watch_predecessor(self.clone(), cell, prefix, candidate.lock.clone());
         Ok(stream.boxed())
     }
 

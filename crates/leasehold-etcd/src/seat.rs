@@ -5,9 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering}
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{
-    Client, EventType, GetOptions, SortOrder, SortTarget, WatchFilterType, WatchOptions,
-};
+use etcd_client::{EventType, GetOptions, SortOrder, SortTarget, WatchFilterType, WatchOptions};
+use futures::{Stream, StreamExt};
 use leasehold_core::{
     BackendError, Candidate, FencingToken, LeaderRecord, LockBackend, Observation,
 };
@@ -15,7 +14,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::session::Session;
-use crate::{map_error, EtcdBackend};
+use crate::{map_error, EtcdBackend, WeakBackend};
 
 /// Where a candidate's seat lives: in the candidate itself ([`Candidate::state`]), shared with
 /// the grants of its terms.
@@ -74,7 +73,7 @@ impl Seat {
         cell: &SeatCell,
         prefix: &str,
         session: Arc<Session>,
-        client: Client,
+        backend: &EtcdBackend,
     ) -> Seat {
         let key = format!("{prefix}{:x}-{:x}", session.id, session.next_seat());
         let life = Arc::new(SeatLife {
@@ -82,7 +81,12 @@ impl Seat {
             revision: AtomicI64::new(0),
             dropped: AtomicBool::new(false),
         });
-        tokio::spawn(reaper(client, session.clone(), key.clone(), life.clone()));
+        tokio::spawn(reaper(
+            backend.downgrade(),
+            session.clone(),
+            key.clone(),
+            life.clone(),
+        ));
         Seat {
             identity: candidate.identity.clone(),
             session,
@@ -154,7 +158,11 @@ impl Drop for Seat {
 /// Safe: the key goes at least one TTL after the start of the seat's last renew or acquire,
 /// when any term counted from it has ended (the elector counts a term valid for at most
 /// `lease_duration <= TTL` from the start of its last successful call).
-async fn reaper(client: Client, session: Arc<Session>, key: String, life: Arc<SeatLife>) {
+///
+/// It holds its backend weakly (the last clone's drop revokes the session leases) and makes its
+/// request in a boxed future: a reaper per candidate must stay small (an etcd `Client` alone is
+/// several KiB).
+async fn reaper(backend: WeakBackend, session: Arc<Session>, key: String, life: Arc<SeatLife>) {
     // Checks every TTL/2; two checks in a row seeing no activity (and the same key) are a
     // whole TTL without any.
     let tick = (session.ttl / 2).max(Duration::from_millis(50));
@@ -190,7 +198,15 @@ async fn reaper(client: Client, session: Arc<Session>, key: String, life: Arc<Se
                 revision,
             )])
             .and_then([etcd_client::TxnOp::delete(key.as_str(), None)]);
-        match client.clone().txn(txn).await {
+        let Some(backend) = backend.upgrade() else {
+            return;
+        };
+        let deleted = Box::pin(async move {
+            let mut client = backend.client().await?;
+            client.txn(txn).await.map_err(|e| backend.error("reap", &e))
+        })
+        .await;
+        match deleted {
             Ok(_) => {
                 let _ =
                     life.revision
@@ -223,25 +239,43 @@ impl Drop for WatchGuard {
     }
 }
 
+/// Where a watch task reports to its elector. Each report is boxed: the channel allocates its
+/// first block of slots when it is made, and thousands of idle watches should not each hold a
+/// block of whole observations.
+pub(crate) struct Reports(mpsc::UnboundedSender<Box<Result<Observation, BackendError>>>);
+
+impl Reports {
+    /// Reports `report`; an error when the elector dropped its stream.
+    fn send(&self, report: Result<Observation, BackendError>) -> Result<(), ()> {
+        self.0.send(Box::new(report)).map_err(|_| ())
+    }
+
+    /// Returns when the elector dropped its stream.
+    async fn closed(&self) {
+        self.0.closed().await;
+    }
+}
+
 /// A stream that yields an observation whenever the candidate may have moved to the head of
 /// the queue: when the key just ahead of its own is deleted (or there is none).
 pub(crate) fn watch_predecessor(
     backend: EtcdBackend,
-    client: Client,
     cell: Arc<SeatCell>,
     prefix: String,
     lock: String,
-) -> UnboundedReceiverStream<Result<Observation, BackendError>> {
+) -> impl Stream<Item = Result<Observation, BackendError>> + Send + 'static {
     let (tx, rx) = mpsc::unbounded_channel();
+    let tx = Reports(tx);
     let guard = WatchGuard::new(cell.activity.clone());
-    tokio::spawn(async move {
+    let fut = async move {
         let _guard = guard;
         tokio::select! {
-            () = follow(&backend, client, &cell, &prefix, &lock, &tx) => {}
+            () = follow(&backend, &cell, &prefix, &lock, &tx) => {}
             () = tx.closed() => {}
         }
-    });
-    UnboundedReceiverStream::new(rx)
+    };
+    tokio::spawn(fut);
+    UnboundedReceiverStream::new(rx).map(|report| *report)
 }
 
 /// Returns when `session` (if any) is lost; never without one.
@@ -255,24 +289,19 @@ async fn lost(session: Option<Arc<Session>>) {
 /// Reports the election's leader now and after every change under `prefix`, until `changed`.
 async fn observe_election(
     backend: &EtcdBackend,
-    client: &Client,
     prefix: &str,
     lock: &str,
-    tx: &mpsc::UnboundedSender<Result<Observation, BackendError>>,
+    tx: &Reports,
     changed: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
 ) -> Result<(), BackendError> {
-    let mut stream = backend
-        .hub()
-        .watch(
-            client,
-            backend.config(),
-            prefix.as_bytes().to_vec(),
-            WatchOptions::new().with_prefix(),
-        )
-        .await?;
+    let mut stream = Box::pin(backend.watch_key(
+        prefix.as_bytes().to_vec(),
+        WatchOptions::new().with_prefix(),
+    ))
+    .await?;
     let mut changed = changed;
     loop {
-        let observation = backend.read(lock).await;
+        let observation = Box::pin(backend.read(lock)).await;
         if tx.send(observation).is_err() {
             return Ok(());
         }
@@ -287,14 +316,7 @@ async fn observe_election(
     }
 }
 
-async fn follow(
-    backend: &EtcdBackend,
-    client: Client,
-    cell: &SeatCell,
-    prefix: &str,
-    lock: &str,
-    tx: &mpsc::UnboundedSender<Result<Observation, BackendError>>,
-) {
+async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str, tx: &Reports) {
     let config = backend.config();
     loop {
         let changed = cell.changed.notified();
@@ -326,8 +348,14 @@ async fn follow(
         let Some(revision) = revision else {
             // Not seated (yet): an observer, or an elector before its first attempt. Follow the
             // whole election and report its leader on every change, until seated.
-            if let Err(error) =
-                observe_election(backend, &client, prefix, lock, tx, changed.as_mut()).await
+            if let Err(error) = Box::pin(observe_election(
+                backend,
+                prefix,
+                lock,
+                tx,
+                changed.as_mut(),
+            ))
+            .await
             {
                 let _ = tx.send(Err(error));
                 return;
@@ -335,19 +363,25 @@ async fn follow(
             continue;
         };
         let turn = backend.turn().await;
-        let ahead = client
-            .clone()
-            .get(
-                prefix,
-                Some(
-                    GetOptions::new()
-                        .with_prefix()
-                        .with_max_create_revision(revision - 1)
-                        .with_sort(SortTarget::Create, SortOrder::Descend)
-                        .with_limit(1),
-                ),
-            )
-            .await;
+        // Boxed, as every request and watch set-up in this task: the task lives as long as the
+        // candidate and is mostly idle, so its size is what thousands of locks cost.
+        let ahead = Box::pin(async {
+            let mut client = backend.client().await?;
+            client
+                .get(
+                    prefix,
+                    Some(
+                        GetOptions::new()
+                            .with_prefix()
+                            .with_max_create_revision(revision - 1)
+                            .with_sort(SortTarget::Create, SortOrder::Descend)
+                            .with_limit(1),
+                    ),
+                )
+                .await
+                .map_err(|e| map_error(config, "watch", &e))
+        })
+        .await;
         drop(turn);
         let (ahead, start) = match ahead {
             Ok(response) => {
@@ -355,7 +389,7 @@ async fn follow(
                 (response.kvs().first().map(|kv| kv.key().to_vec()), start)
             }
             Err(error) => {
-                let _ = tx.send(Err(map_error(config, "watch", &error)));
+                let _ = tx.send(Err(error));
                 return;
             }
         };
@@ -386,7 +420,7 @@ async fn follow(
         let options = WatchOptions::new()
             .with_start_revision(start)
             .with_filters([WatchFilterType::NoPut]);
-        let mut stream = match backend.hub().watch(&client, config, key, options).await {
+        let mut stream = match Box::pin(backend.watch_key(key, options)).await {
             Ok(stream) => stream,
             Err(error) => {
                 let _ = tx.send(Err(error));
@@ -417,14 +451,13 @@ async fn follow(
                                 // an observer, so the candidate hears of the next leader
                                 // without asking (a resigned candidate does not ask for a
                                 // while).
-                                if let Err(error) = observe_election(
+                                if let Err(error) = Box::pin(observe_election(
                                     backend,
-                                    &client,
                                     prefix,
                                     lock,
                                     tx,
                                     changed.as_mut(),
-                                )
+                                ))
                                 .await
                                 {
                                     let _ = tx.send(Err(error));
