@@ -319,10 +319,10 @@ impl EtcdBackend {
         key: Vec<u8>,
         options: etcd_client::WatchOptions,
     ) -> Result<hub::HubWatch, BackendError> {
-        let client = self.client().await?;
+        let client = self.client_ref().await?;
         self.inner
             .hub
-            .watch(&client, &self.inner.config, key, options)
+            .watch(client, &self.inner.config, key, options)
             .await
     }
 
@@ -375,7 +375,17 @@ impl EtcdBackend {
         format!("{}{lock}/", self.inner.config.key_prefix)
     }
 
+    /// A clone of the connected client (connecting on first use).
+    ///
+    /// An etcd `Client` is several KiB: code that waits (for a turn, a lock, a round) while
+    /// many candidates wait too should clone it only once it is its turn, or borrow it with
+    /// [`client_ref`](Self::client_ref).
     pub(crate) async fn client(&self) -> Result<Client, BackendError> {
+        self.client_ref().await.cloned()
+    }
+
+    /// The connected client (connecting on first use).
+    pub(crate) async fn client_ref(&self) -> Result<&Client, BackendError> {
         let config = &self.inner.config;
         self.inner
             .client
@@ -406,7 +416,6 @@ impl EtcdBackend {
                 Client::connect(&config.endpoints, Some(options)).await
             })
             .await
-            .cloned()
             .map_err(|e| map_error(config, "connect", &e))
     }
 
@@ -432,14 +441,12 @@ impl EtcdBackend {
     }
 
     /// The first key of the election (the leader), if any.
-    async fn leader(
-        &self,
-        client: &mut Client,
-        lock: &str,
-    ) -> Result<Option<KeyValue>, BackendError> {
+    async fn leader(&self, lock: &str) -> Result<Option<KeyValue>, BackendError> {
         let prefix = self.election_prefix(lock);
         let _turn = self.turn().await;
-        let response = client
+        let response = self
+            .client()
+            .await?
             .get(
                 prefix.as_str(),
                 Some(
@@ -455,24 +462,42 @@ impl EtcdBackend {
     }
 
     /// Ensures the seat's key exists (creating it under the seat's lease); returns its create
-    /// revision and whether it is new, or `None` when the seat's lease is gone.
+    /// revision, whether it is new and the election's first key then (the leader), or `None`
+    /// when the seat's lease is gone.
     async fn ensure_key(
         &self,
         client: &mut Client,
         seat: &mut Seat,
-    ) -> Result<Option<(i64, bool)>, BackendError> {
+        lock: &str,
+    ) -> Result<Option<(i64, bool, Option<KeyValue>)>, BackendError> {
+        // The election's first key, read in the same transaction (after the put): an attempt
+        // is one request, not two.
+        let first = || {
+            TxnOp::get(
+                self.election_prefix(lock),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Create, SortOrder::Ascend)
+                        .with_limit(1),
+                ),
+            )
+        };
         let txn = Txn::new()
             .when([Compare::create_revision(
                 seat.key.as_str(),
                 CompareOp::Equal,
                 0,
             )])
-            .and_then([TxnOp::put(
-                seat.key.as_str(),
-                seat.identity.as_str(),
-                Some(etcd_client::PutOptions::new().with_lease(seat.session.id)),
-            )])
-            .or_else([TxnOp::get(seat.key.as_str(), None)]);
+            .and_then([
+                TxnOp::put(
+                    seat.key.as_str(),
+                    seat.identity.as_str(),
+                    Some(etcd_client::PutOptions::new().with_lease(seat.session.id)),
+                ),
+                first(),
+            ])
+            .or_else([TxnOp::get(seat.key.as_str(), None), first()]);
         let turn = self.turn().await;
         let response = client.txn(txn).await;
         drop(turn);
@@ -481,17 +506,24 @@ impl EtcdBackend {
             Err(error) if lease_not_found(&error) => return Ok(None),
             Err(error) => return Err(self.error("acquire", &error)),
         };
-        let revision = if response.succeeded() {
-            response.header().map_or(0, |h| h.revision())
-        } else {
-            response
-                .op_responses()
-                .into_iter()
-                .find_map(|op| match op {
-                    TxnOpResponse::Get(get) => get.kvs().first().map(KeyValue::create_revision),
-                    _ => None,
-                })
-                .unwrap_or(0)
+        let gets: Vec<Option<KeyValue>> = response
+            .op_responses()
+            .into_iter()
+            .filter_map(|op| match op {
+                TxnOpResponse::Get(get) => Some(get.kvs().first().cloned()),
+                _ => None,
+            })
+            .collect();
+        let (revision, leader) = match (response.succeeded(), gets.as_slice()) {
+            (true, [leader]) => (
+                response.header().map_or(0, |h| h.revision()),
+                leader.clone(),
+            ),
+            (false, [own, leader]) => (
+                own.as_ref().map_or(0, KeyValue::create_revision),
+                leader.clone(),
+            ),
+            _ => (0, None),
         };
         if revision <= 0 {
             return Err(BackendError::Protocol {
@@ -503,7 +535,7 @@ impl EtcdBackend {
         if new {
             seat.set_key(revision);
         }
-        Ok(Some((revision, new)))
+        Ok(Some((revision, new, leader)))
     }
 }
 
@@ -544,7 +576,55 @@ impl LockBackend for EtcdBackend {
     }
 
     async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
+        // Thousands of acquires may wait here at once: only what waits is small, the attempt
+        // itself (several KiB of futures) is made once admitted.
         let _admitted = self.inner.acquiring.acquire().await.ok();
+        Box::pin(self.attempt(candidate)).await
+    }
+
+    async fn renew(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+    ) -> Result<RenewOutcome, BackendError> {
+        Box::pin(self.renew_term(candidate, grant)).await
+    }
+
+    async fn release(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+    ) -> Result<ReleaseOutcome, BackendError> {
+        Box::pin(self.release_term(candidate, grant)).await
+    }
+
+    async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
+        match self.leader(lock).await? {
+            Some(kv) => Ok(Observation::held(
+                record_of(lock, &kv, self.announced_lease(&kv))?,
+                None,
+            )),
+            None => Ok(Observation::vacant()),
+        }
+    }
+
+    async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
+        // Connects now, so that a backend that cannot be reached says so here.
+        self.client_ref().await?;
+        let cell = self.seat_cell(candidate)?;
+        let prefix = self.election_prefix(&candidate.lock);
+        let stream = seat::watch_predecessor(self.clone(), cell, prefix, candidate.lock.clone());
+        Ok(stream.boxed())
+    }
+
+    async fn withdraw(&self, candidate: &Candidate) -> Result<(), BackendError> {
+        Box::pin(self.withdraw_seat(candidate)).await
+    }
+}
+
+impl EtcdBackend {
+    /// [`LockBackend::try_acquire`], once admitted.
+    async fn attempt(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
         let mut client = self.client().await?;
         let cell = self.seat_cell(candidate)?;
         cell.activity.touch();
@@ -575,7 +655,7 @@ impl LockBackend for EtcdBackend {
             self.delete_key(&mut client, &seat.key, revision).await?;
             seat.forget_key(revision);
         }
-        let mut found = self.ensure_key(&mut client, seat).await?;
+        let mut found = self.ensure_key(&mut client, seat, &candidate.lock).await?;
         if found.is_none() {
             // The session lease is gone (expired while we could not reach etcd): so is every
             // seat on it. Take a seat on a new session now rather than at the next attempt.
@@ -585,9 +665,9 @@ impl LockBackend for EtcdBackend {
                 .await?;
             let prefix = self.election_prefix(&candidate.lock);
             *seat = Seat::new(candidate, &cell, &prefix, session, self);
-            found = self.ensure_key(&mut client, seat).await?;
+            found = self.ensure_key(&mut client, seat, &candidate.lock).await?;
         }
-        let Some((revision, new)) = found else {
+        let Some((revision, new, leader)) = found else {
             seat.mark_dead();
             return Err(BackendError::Unavailable {
                 backend: backend_name(&self.inner.config),
@@ -599,7 +679,6 @@ impl LockBackend for EtcdBackend {
             // A new key: the watch of this seat moves to the key now ahead of it.
             cell.changed.notify_waiters();
         }
-        let leader = self.leader(&mut client, &candidate.lock).await?;
         match leader {
             Some(kv) if kv.key() == seat.key.as_bytes() => {
                 // Refresh the lease before leading on it: a lease about to expire (keep-alives
@@ -633,7 +712,8 @@ impl LockBackend for EtcdBackend {
         }
     }
 
-    async fn renew(
+    /// [`LockBackend::renew`].
+    async fn renew_term(
         &self,
         candidate: &Candidate,
         grant: &Grant,
@@ -675,7 +755,8 @@ impl LockBackend for EtcdBackend {
         }
     }
 
-    async fn release(
+    /// [`LockBackend::release`].
+    async fn release_term(
         &self,
         candidate: &Candidate,
         grant: &Grant,
@@ -704,27 +785,8 @@ impl LockBackend for EtcdBackend {
         })
     }
 
-    async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
-        let mut client = self.client().await?;
-        match self.leader(&mut client, lock).await? {
-            Some(kv) => Ok(Observation::held(
-                record_of(lock, &kv, self.announced_lease(&kv))?,
-                None,
-            )),
-            None => Ok(Observation::vacant()),
-        }
-    }
-
-    async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
-        // Connects now, so that a backend that cannot be reached says so here.
-        self.client().await?;
-        let cell = self.seat_cell(candidate)?;
-        let prefix = self.election_prefix(&candidate.lock);
-        let stream = seat::watch_predecessor(self.clone(), cell, prefix, candidate.lock.clone());
-        Ok(stream.boxed())
-    }
-
-    async fn withdraw(&self, candidate: &Candidate) -> Result<(), BackendError> {
+    /// [`LockBackend::withdraw`].
+    async fn withdraw_seat(&self, candidate: &Candidate) -> Result<(), BackendError> {
         let Some(cell) = candidate.state().get::<Arc<SeatCell>>() else {
             return Ok(());
         };
