@@ -316,6 +316,24 @@ async fn observe_election(
     }
 }
 
+/// [`observe_election`] in a boxed future (this task must stay small while idle); `false` when
+/// it failed (the error is then reported to the elector).
+async fn observed(
+    backend: &EtcdBackend,
+    prefix: &str,
+    lock: &str,
+    tx: &Reports,
+    changed: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+) -> bool {
+    match Box::pin(observe_election(backend, prefix, lock, tx, changed)).await {
+        Ok(()) => true,
+        Err(error) => {
+            let _ = tx.send(Err(error));
+            false
+        }
+    }
+}
+
 async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str, tx: &Reports) {
     let config = backend.config();
     loop {
@@ -348,16 +366,7 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
         let Some(revision) = revision else {
             // Not seated (yet): an observer, or an elector before its first attempt. Follow the
             // whole election and report its leader on every change, until seated.
-            if let Err(error) = Box::pin(observe_election(
-                backend,
-                prefix,
-                lock,
-                tx,
-                changed.as_mut(),
-            ))
-            .await
-            {
-                let _ = tx.send(Err(error));
+            if !observed(backend, prefix, lock, tx, changed.as_mut()).await {
                 return;
             }
             continue;
@@ -451,16 +460,7 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
                                 // an observer, so the candidate hears of the next leader
                                 // without asking (a resigned candidate does not ask for a
                                 // while).
-                                if let Err(error) = Box::pin(observe_election(
-                                    backend,
-                                    prefix,
-                                    lock,
-                                    tx,
-                                    changed.as_mut(),
-                                ))
-                                .await
-                                {
-                                    let _ = tx.send(Err(error));
+                                if !observed(backend, prefix, lock, tx, changed.as_mut()).await {
                                     return;
                                 }
                             }
