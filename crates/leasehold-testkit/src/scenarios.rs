@@ -341,16 +341,18 @@ pub async fn follower_hears_release_after_blackhole<H: Harness + ?Sized>(h: &H) 
     sleep(t.lease_duration + t.retry_period).await;
     b.client.faults.heal().await;
     let healed = Instant::now();
-    // Give it the time to answer again: until a call of b sent after the heal succeeded (an
-    // attempt that found a holding the lock, or its watch opened again), for at most a lease
-    // and a retry period (a follower whose watch survived makes no call at all).
+    // Give it the time to answer again: until an attempt of b sent after the heal was answered
+    // by the server (it found a holding the lock), for at most two leases and a retry period (a
+    // follower whose watch survived makes no call at all). A watch call that returned is no
+    // proof: a backend may return the stream before it reached the server (etcd does), and b's
+    // connection may still be the dead one until its keep-alive finds out.
     let reached = || {
-        b.client.calls().iter().any(|c| {
-            c.sent > healed
-                && matches!(c.result, Some(CallResult::Held(Some(_)) | CallResult::Done))
-        })
+        b.client
+            .calls()
+            .iter()
+            .any(|c| c.sent > healed && matches!(c.result, Some(CallResult::Held(Some(_)))))
     };
-    let _ = timeout(t.lease_duration + t.retry_period, async {
+    let _ = timeout(2 * t.lease_duration + t.retry_period, async {
         while !reached() {
             sleep(Duration::from_millis(10)).await;
         }
