@@ -23,8 +23,6 @@
 //! ([`Session::lost`] fires, every seat on it is lost at once), its id is remembered so that it
 //! is never used again, and the next attempt grants a new session.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -204,13 +202,9 @@ impl Session {
     }
 }
 
-/// A random fraction in [0.5, 1.5) of `base`: jitter for retries, from the standard library's
-/// per-process random hasher keys (no clock read).
+/// A random fraction in [0.5, 1.5) of `base`: jitter for retries (saturating on absurd bases).
 pub(crate) fn jittered(base: Duration) -> Duration {
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u8(0);
-    let permille = 500 + hasher.finish() % 1000;
-    base.saturating_mul(u32::try_from(permille).unwrap_or(1000)) / 1000
+    base.saturating_mul(500 + fastrand::u32(0..1000)) / 1000
 }
 
 /// The backoff before retry `attempt` (0-based): 100 ms doubling, at most `cap`, jittered.
@@ -327,7 +321,7 @@ async fn check_keys(client: &Client, config: &EtcdConfig, waiters: &[Waiter]) ->
         let read = tokio::time::timeout(config.request_timeout, client.clone().txn(txn)).await;
         let found: Result<Vec<bool>, BackendError> = match read {
             Ok(Ok(response)) => {
-                let mut found: Vec<bool> = response
+                let found: Vec<bool> = response
                     .op_responses()
                     .into_iter()
                     .zip(chunk)
@@ -340,7 +334,7 @@ async fn check_keys(client: &Client, config: &EtcdConfig, waiters: &[Waiter]) ->
                     })
                     .collect();
                 if found.len() == chunk.len() {
-                    Ok(std::mem::take(&mut found))
+                    Ok(found)
                 } else {
                     Err(BackendError::Protocol {
                         backend: backend_name(config),

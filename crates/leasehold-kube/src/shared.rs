@@ -21,7 +21,6 @@
 //! a watch still listing or connecting gets one cooldown of grace first.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -382,7 +381,7 @@ impl Hub {
         let step = failures.min(BACKOFF_STEPS) - 1;
         let ceiling = BACKOFF_BASE.saturating_mul(1 << step).min(BACKOFF_MAX);
         let half = ceiling / 2;
-        let jitter = half.mul_f64(jitter_fraction());
+        let jitter = half.mul_f64(fastrand::f64());
         sleep(half + jitter).await;
     }
 
@@ -548,14 +547,4 @@ impl Hub {
             state.failures = 0;
         }
     }
-}
-
-/// A fraction in [0, 1) for jitter, from the standard library's per-process random keys.
-fn jitter_fraction() -> f64 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(0x9e37_79b9_7f4a_7c15);
-    // 53 random bits as a fraction.
-    #[allow(clippy::cast_precision_loss)]
-    let fraction = (hasher.finish() >> 11) as f64 / (1_u64 << 53) as f64;
-    fraction
 }
