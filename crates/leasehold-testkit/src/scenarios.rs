@@ -938,7 +938,7 @@ pub async fn resign_hands_over<H: Harness + ?Sized>(h: &H) {
 /// How many locks [`many_locks_on_shared_clients`] runs.
 pub const SHARED_LOCKS: usize = 24;
 
-/// [`SHARED_LOCKS`] locks, all their leaders on one client (one backend value) and all their
+/// [`Harness::shared_locks`] locks ([`SHARED_LOCKS`] unless the harness says otherwise), all their leaders on one client (one backend value) and all their
 /// followers on another, so every watch and renew of a side shares that backend value's
 /// plumbing (one pub/sub connection, one session lease, one watch per namespace). Each leader
 /// resigns; each follower must take over through its notification (well before the lease
@@ -947,7 +947,7 @@ pub async fn many_locks_on_shared_clients<H: Harness + ?Sized>(h: &H) {
     let t = h.timing();
     let leaders_client = h.client().await;
     let followers_client = h.client().await;
-    let locks: Vec<String> = (0..SHARED_LOCKS)
+    let locks: Vec<String> = (0..h.shared_locks())
         .map(|_| lock_name("shared-clients"))
         .collect();
     let checkers: Vec<SafetyChecker> = locks.iter().map(|_| SafetyChecker::new()).collect();
