@@ -386,6 +386,16 @@ impl EtcdBackend {
 
     /// The connected client (connecting on first use).
     pub(crate) async fn client_ref(&self) -> Result<&Client, BackendError> {
+        if let Some(client) = self.inner.client.get() {
+            return Ok(client);
+        }
+        // Boxed: the connect's futures (KiBs) would otherwise be part of every future that
+        // reaches for the client, thousands of them waiting at once when many electors start.
+        Box::pin(self.connect_once()).await
+    }
+
+    /// Connects the client, once for every caller.
+    async fn connect_once(&self) -> Result<&Client, BackendError> {
         let config = &self.inner.config;
         self.inner
             .client
@@ -442,8 +452,15 @@ impl EtcdBackend {
 
     /// The first key of the election (the leader), if any.
     async fn leader(&self, lock: &str) -> Result<Option<KeyValue>, BackendError> {
-        let prefix = self.election_prefix(lock);
+        // Thousands of reads may wait for their turn at once (every watch reads when it
+        // opens): only what waits is small, the request (KiBs of futures) is made in its turn.
         let _turn = self.turn().await;
+        Box::pin(self.leader_now(lock)).await
+    }
+
+    /// [`leader`](Self::leader), in its turn.
+    async fn leader_now(&self, lock: &str) -> Result<Option<KeyValue>, BackendError> {
+        let prefix = self.election_prefix(lock);
         let response = self
             .client()
             .await?
