@@ -29,6 +29,11 @@
 //! live process keeps its key, as with Go's sessions: its term ends for itself at its renew
 //! deadline, but others wait until the process dies (or the key is deleted).
 //!
+//! A process restarted under the same identity (a StatefulSet pod keeps its name) gets a new
+//! session and a new key, queued behind the old process's key until that one is deleted or its
+//! lease expires: the old key names the same identity, but it is another candidate's (its token
+//! is no term this elector held), and the new one waits on its watch, as for any leader.
+//!
 //! A follower only waits on its watch; the connection's HTTP/2 keep-alive
 //! ([`EtcdConfig::keep_alive`]) is what tells it that a silently dead connection took the watch
 //! with it. With authentication, an expired token is refreshed and the call retried once.
