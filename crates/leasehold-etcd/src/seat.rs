@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 
 use etcd_client::{EventType, GetOptions, SortOrder, SortTarget, WatchFilterType, WatchOptions};
 use futures::{Stream, StreamExt};
@@ -81,12 +82,14 @@ impl Seat {
             revision: AtomicI64::new(0),
             dropped: AtomicBool::new(false),
         });
-        tokio::spawn(reaper(
+        session.reap(
             backend.downgrade(),
-            session.clone(),
-            key.clone(),
-            life.clone(),
-        ));
+            Reaped {
+                key: key.clone(),
+                life: life.clone(),
+                previous: None,
+            },
+        );
         Seat {
             identity: candidate.identity.clone(),
             session,
@@ -144,80 +147,119 @@ impl Seat {
 }
 
 impl Drop for Seat {
-    /// The candidate is gone: if it did not withdraw (an elector aborted), its reaper deletes
-    /// the key once it has been idle for a TTL.
+    /// The candidate is gone: if it did not withdraw (an elector aborted), the session's reaper
+    /// deletes the key once it has been idle for a TTL.
     fn drop(&mut self) {
         self.life.dropped.store(true, Ordering::SeqCst);
     }
 }
 
-/// Deletes the seat's key once the candidate has let it go idle for a whole TTL: no watch open,
-/// no acquire or renew begun. The key's own lease would have expired then; the shared session
-/// lease does not, as it is kept alive for the others.
+/// A seat as the session's reaper follows it.
+pub(crate) struct Reaped {
+    key: String,
+    life: Arc<SeatLife>,
+    /// What the checks have seen since they first saw it: the activity count and the key's
+    /// revision, and when.
+    previous: Option<((u64, i64), Instant)>,
+}
+
+impl Reaped {
+    /// One check at `now`: the revision of the key to delete, if the key has been idle for
+    /// `ttl`: the same activity count and key seen by every check since one at least `ttl`
+    /// before `now`. The last activity came before that first check, so it is at least `ttl`
+    /// old (two checks in a row half a TTL apart would prove only half).
+    fn check(&mut self, now: Instant, ttl: Duration) -> Option<i64> {
+        let revision = self.life.revision.load(Ordering::SeqCst);
+        if revision == 0 || self.life.activity.watchers.load(Ordering::SeqCst) > 0 {
+            self.previous = None;
+            return None;
+        }
+        let state = (self.life.activity.count.load(Ordering::SeqCst), revision);
+        match self.previous {
+            Some((seen, since)) if seen == state => {
+                if now.saturating_duration_since(since) < ttl {
+                    return None;
+                }
+                self.previous = None;
+                Some(revision)
+            }
+            _ => {
+                self.previous = Some((state, now));
+                None
+            }
+        }
+    }
+
+    /// The seat is gone and so is its key: nothing left to look after.
+    fn finished(&self) -> bool {
+        self.life.dropped.load(Ordering::SeqCst) && self.life.revision.load(Ordering::SeqCst) == 0
+    }
+}
+
+/// The one reaper of a session: every TTL/2 it deletes the keys of its seats that the candidates
+/// let go idle for a whole TTL (no watch open, no acquire or renew begun). Their own lease would
+/// have expired then; the shared session lease does not, as it is kept alive for the others. A
+/// task per session, not per seat: 10,000 candidates are one timer, not 10,000.
 ///
-/// Safe: the key goes at least one TTL after the start of the seat's last renew or acquire,
-/// when any term counted from it has ended (the elector counts a term valid for at most
+/// Safe: a key goes at least one TTL after the start of its seat's last renew or acquire
+/// (checks every TTL/2, the third seeing no change deletes), when
+/// any term counted from it has ended (the elector counts a term valid for at most
 /// `lease_duration <= TTL` from the start of its last successful call).
 ///
 /// It holds its backend weakly (the last clone's drop revokes the session leases) and makes its
-/// request in a boxed future: a reaper per candidate must stay small (an etcd `Client` alone is
-/// several KiB).
-async fn reaper(backend: WeakBackend, session: Arc<Session>, key: String, life: Arc<SeatLife>) {
-    // Checks every TTL/2; two checks in a row seeing no activity (and the same key) are a
-    // whole TTL without any.
+/// requests in boxed futures: the task stays small while it waits.
+pub(crate) async fn reap(backend: WeakBackend, session: Arc<Session>) {
     let tick = (session.ttl / 2).max(Duration::from_millis(50));
-    let mut previous: Option<(u64, i64)> = None;
     loop {
         tokio::select! {
-            () = session.lost() => return,
+            () = session.ended() => return,
             () = tokio::time::sleep(tick) => {}
         }
-        let revision = life.revision.load(Ordering::SeqCst);
-        if revision == 0 {
-            if life.dropped.load(Ordering::SeqCst) {
-                return;
-            }
-            previous = None;
-            continue;
-        }
-        if life.activity.watchers.load(Ordering::SeqCst) > 0 {
-            previous = None;
-            continue;
-        }
-        let now = (life.activity.count.load(Ordering::SeqCst), revision);
-        if previous != Some(now) {
-            previous = Some(now);
-            continue;
-        }
-        previous = None;
-        tracing::debug!(key, "etcd election key idle for a TTL: deleting it");
-        let txn = etcd_client::Txn::new()
-            .when([etcd_client::Compare::create_revision(
-                key.as_str(),
-                etcd_client::CompareOp::Equal,
-                revision,
-            )])
-            .and_then([etcd_client::TxnOp::delete(key.as_str(), None)]);
-        let Some(backend) = backend.upgrade() else {
-            return;
+        let now = Instant::now();
+        let idle: Vec<(String, Arc<SeatLife>, i64)> = {
+            let mut seats = session
+                .reaped
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            seats.retain(|seat| !seat.finished());
+            seats
+                .iter_mut()
+                .filter_map(|seat| {
+                    seat.check(now, session.ttl)
+                        .map(|revision| (seat.key.clone(), seat.life.clone(), revision))
+                })
+                .collect()
         };
-        let deleted = Box::pin(async move {
-            let mut client = backend.client().await?;
-            client.txn(txn).await.map_err(|e| backend.error("reap", &e))
-        })
-        .await;
-        match deleted {
-            Ok(_) => {
-                let _ =
-                    life.revision
-                        .compare_exchange(revision, 0, Ordering::SeqCst, Ordering::SeqCst);
+        for (key, life, revision) in idle {
+            tracing::debug!(key, "etcd election key idle for a TTL: deleting it");
+            let Some(backend) = backend.upgrade() else {
+                return;
+            };
+            let txn = etcd_client::Txn::new()
+                .when([etcd_client::Compare::create_revision(
+                    key.as_str(),
+                    etcd_client::CompareOp::Equal,
+                    revision,
+                )])
+                .and_then([etcd_client::TxnOp::delete(key.as_str(), None)]);
+            let deleted = Box::pin(async move {
+                let mut client = backend.client().await?;
+                client.txn(txn).await.map_err(|e| backend.error("reap", &e))
+            })
+            .await;
+            match deleted {
+                Ok(_) => {
+                    let _ = life.revision.compare_exchange(
+                        revision,
+                        0,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    );
+                }
+                Err(error) => {
+                    tracing::debug!(%error, key, "deleting an idle etcd election key failed");
+                }
             }
-            Err(error) => {
-                tracing::debug!(%error, key, "deleting an idle etcd election key failed");
-            }
-        }
-        if life.dropped.load(Ordering::SeqCst) && life.revision.load(Ordering::SeqCst) == 0 {
-            return;
         }
     }
 }

@@ -69,6 +69,10 @@ pub(crate) struct Session {
     seats: AtomicU64,
     /// Keep-alives sent (for the numbers in the docs and the tests).
     pub sent: Arc<AtomicU64>,
+    /// The seats on this session its one reaper looks after (see [`crate::seat::reap`]).
+    pub(crate) reaped: Mutex<Vec<crate::seat::Reaped>>,
+    /// Whether the reaper task runs.
+    reaper: std::sync::atomic::AtomicBool,
 }
 
 impl Session {
@@ -106,6 +110,8 @@ impl Session {
                 wake: Notify::new(),
                 seats: AtomicU64::new(0),
                 sent,
+                reaped: Mutex::new(Vec::new()),
+                reaper: std::sync::atomic::AtomicBool::new(false),
             });
             tokio::spawn(keeper(client.clone(), config.clone(), session.clone()));
             return Ok(session);
@@ -141,6 +147,25 @@ impl Session {
     /// A new seat number on this session.
     pub fn next_seat(&self) -> u64 {
         self.seats.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Hands a seat to the session's reaper, starting it with the first seat.
+    pub(crate) fn reap(self: &Arc<Self>, backend: crate::WeakBackend, seat: crate::seat::Reaped) {
+        self.reaped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(seat);
+        if !self.reaper.swap(true, Ordering::SeqCst) {
+            tokio::spawn(crate::seat::reap(backend, self.clone()));
+        }
+    }
+
+    /// Returns when the lease is lost or the backend closed it.
+    pub async fn ended(&self) {
+        tokio::select! {
+            () = self.lost.cancelled() => {}
+            () = self.closed.cancelled() => {}
+        }
     }
 
     /// Stops the keep-alives and revokes the lease (the backend is gone).

@@ -319,3 +319,65 @@ async fn withdraw_deletes_only_the_candidates_key() {
     ));
     let _ = admin.status().await;
 }
+
+/// A candidate dropped without withdrawing (an aborted elector) leaves its key under the
+/// shared session lease, which the other candidates keep alive: the session's reaper deletes it
+/// once it has been idle for a whole TTL (never earlier: a term counted from its last acquire
+/// may last that long), and only it — a candidate still renewing keeps its key. `a` acquires
+/// just before one of the reaper's checks (every TTL/2), the worst case for "a whole TTL".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_candidates_key_is_reaped_and_no_other() {
+    let h = EtcdHarness::start().await;
+    let (backend, _proxy) = EtcdHarness::client_via(h.server_ref().addr()).await;
+    let lease = Duration::from_secs(2);
+    let (la, lb) = (lock_name("reaped-a"), lock_name("reaped-b"));
+    let a = Candidate::new(&la, "a", lease);
+    let b = Candidate::new(&lb, "b", lease);
+    // b's acquire makes the session (TTL 2 s) and starts its reaper, checking every second.
+    let AcquireOutcome::Acquired(gb) = backend.try_acquire(&b).await.expect("b") else {
+        panic!("b acquires a free lock");
+    };
+    tokio::time::sleep(Duration::from_millis(850)).await;
+    let acquiring = tokio::time::Instant::now();
+    let AcquireOutcome::Acquired(ga) = backend.try_acquire(&a).await.expect("a") else {
+        panic!("a acquires a free lock");
+    };
+    let admin = h.server_ref().client().await;
+    let keys = |prefix: String| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+                .await
+                .expect("get")
+                .kvs()
+                .len()
+        }
+    };
+    assert_eq!(keys(format!("{la}/")).await, 1, "a's key is there");
+    drop((ga, a));
+    // b renews every 500 ms meanwhile; a's key must go within a generous bound (one TTL idle,
+    // checked every TTL/2, on a loaded machine).
+    let mut reaped = None;
+    while acquiring.elapsed() < Duration::from_secs(20) {
+        assert!(
+            matches!(backend.renew(&b, &gb).await, Ok(RenewOutcome::Renewed)),
+            "b keeps its term while a's key is reaped"
+        );
+        if keys(format!("{la}/")).await == 0 {
+            reaped = Some(acquiring.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let reaped = reaped.expect("the abandoned key was deleted within 20 s");
+    assert!(
+        reaped >= lease,
+        "a's key went {reaped:?} after its acquire began: before a whole TTL of idleness"
+    );
+    assert_eq!(keys(format!("{lb}/")).await, 1, "b's key stays");
+    assert!(matches!(
+        backend.renew(&b, &gb).await,
+        Ok(RenewOutcome::Renewed)
+    ));
+}
