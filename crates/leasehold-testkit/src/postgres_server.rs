@@ -569,7 +569,7 @@ impl Harness for PostgresHarness {
                     "INSERT INTO {table} (name, holder, token, lease_ms, acquired_at, renewed_at,
                          expires_at)
                      VALUES ($1, $2, 0, 0, now(), now(),
-                             clock_timestamp() + $3 * interval '1 millisecond')
+                             clock_timestamp() + $3::bigint * interval '1 millisecond')
                      ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, token = 0,
                          lease_ms = 0, expires_at = EXCLUDED.expires_at"
                 ),
