@@ -612,6 +612,22 @@ impl PostgresBackend {
     }
 
     async fn run_setup(&self, client: &Client) -> Result<(), BackendError> {
+        // Already set up (the common case): no DDL, so no table lock to wait for behind
+        // running transactions, and no CREATE privilege needed.
+        let params: [Param<'_>; 2] = [
+            (&self.inner.names.table, Type::TEXT),
+            (&sql::VERSION, Type::TEXT),
+        ];
+        let check = client.query_typed(sql::SET_UP, &params);
+        let timeout = self.inner.config.statement_timeout;
+        match tokio::time::timeout(timeout, check).await {
+            Ok(Ok(rows)) if rows.first().is_some_and(|r| r.try_get(0).unwrap_or(false)) => {
+                return Ok(());
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(self.inner.opener.map_error("setup", &e)),
+            Err(_) => return Err(self.inner.opener.timeout("connect", timeout)),
+        }
         let script = format!(
             "BEGIN; SELECT pg_advisory_xact_lock(hashtext('leasehold setup')); {} COMMIT;",
             self.setup_sql()
@@ -754,14 +770,7 @@ impl LockBackend for PostgresBackend {
             )
             .await?;
         let Some(first) = rows.first() else {
-            // Not granted: say why.
-            return match self.read(&candidate.lock).await? {
-                seen if seen.holder().is_some() => Ok(AcquireOutcome::Held(seen)),
-                _ => Err(BackendError::Unavailable {
-                    backend: format!("postgres at {}", self.address()),
-                    detail: format!("acquire of {:?} raced with another writer", candidate.lock),
-                }),
-            };
+            return Err(protocol("the acquire function returned no row"));
         };
         let status: String = first
             .try_get(0)

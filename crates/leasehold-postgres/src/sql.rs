@@ -67,12 +67,16 @@ pub(crate) fn setup(n: &Names) -> String {
         trigger,
         truncate_trigger,
         channel,
-        lock_class,
+        lock_class: _,
     } = n;
     let channel_lit = literal(channel);
+    let schema_lit = literal(schema);
+    let version_lit = literal(VERSION);
     format!(
         r#"
-CREATE SCHEMA IF NOT EXISTS {schema};
+DO $leasehold$ BEGIN
+    IF to_regnamespace({schema_lit}) IS NULL THEN CREATE SCHEMA {schema}; END IF;
+END $leasehold$;
 CREATE SEQUENCE IF NOT EXISTS {sequence} AS bigint MINVALUE 1;
 CREATE TABLE IF NOT EXISTS {table} (
     name        text PRIMARY KEY,
@@ -98,7 +102,12 @@ CREATE OR REPLACE FUNCTION {trigger_fn}() RETURNS trigger LANGUAGE plpgsql AS $l
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         INSERT INTO {deleted} AS d
-            SELECT * FROM {table} t WHERE t.expires_at > clock_timestamp() AND t.holder <> ''
+            SELECT t.name, t.holder, t.token, t.lease_ms, t.acquired_at, t.renewed_at,
+                   LEAST(t.expires_at, clock_timestamp() + t.lease_ms * interval '1 millisecond'),
+                   t.transitions
+            FROM {table} t
+            WHERE t.expires_at > clock_timestamp() AND t.holder <> '' AND t.token >= 1
+              AND t.lease_ms >= 1
             ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, token = EXCLUDED.token,
                 lease_ms = EXCLUDED.lease_ms, acquired_at = EXCLUDED.acquired_at,
                 renewed_at = EXCLUDED.renewed_at, expires_at = EXCLUDED.expires_at,
@@ -106,8 +115,14 @@ BEGIN
         PERFORM pg_notify({channel_lit}, json_build_object('all', true)::text);
         RETURN NULL;
     ELSIF TG_OP = 'DELETE' THEN
-        IF OLD.expires_at > clock_timestamp() AND OLD.holder <> '' THEN
-            INSERT INTO {deleted} AS d VALUES (OLD.*)
+        -- A live lease that an operator deletes is kept here until it ends (at most one
+        -- lease from now): acquires respect it. Rows that are not leasehold records are not.
+        IF OLD.expires_at > clock_timestamp() AND OLD.holder <> '' AND OLD.token >= 1
+           AND OLD.lease_ms >= 1 THEN
+            INSERT INTO {deleted} AS d VALUES (OLD.name, OLD.holder, OLD.token, OLD.lease_ms,
+                OLD.acquired_at, OLD.renewed_at,
+                LEAST(OLD.expires_at, clock_timestamp() + OLD.lease_ms * interval '1 millisecond'),
+                OLD.transitions)
                 ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder,
                     token = EXCLUDED.token, lease_ms = EXCLUDED.lease_ms,
                     acquired_at = EXCLUDED.acquired_at, renewed_at = EXCLUDED.renewed_at,
@@ -131,42 +146,96 @@ CREATE OR REPLACE TRIGGER {trigger} AFTER INSERT OR UPDATE OR DELETE ON {table}
 CREATE OR REPLACE TRIGGER {truncate_trigger} BEFORE TRUNCATE ON {table}
     FOR EACH STATEMENT EXECUTE FUNCTION {trigger_fn}();
 {acquire}
+COMMENT ON TABLE {table} IS {version_lit};
 "#,
         acquire = acquire_function(n),
     )
-    .replace("{lock_class}", lock_class)
 }
 
-/// The acquire function (see [`acquire`]).
-fn acquire_function(_n: &Names) -> String {
-    String::new()
-}
+/// What the setup leaves as the table's comment; a table that has it needs no setup.
+pub(crate) const VERSION: &str = "leasehold lease table v1";
 
-/// Acquire: `$1` lock, `$2` holder, `$3` lease in ms. Returns one row: a status (`acquired`,
-/// `held`, `malformed`, `vacant`) and the record (see [`COLUMNS`]).
-pub(crate) fn acquire(n: &Names) -> String {
+/// Whether the setup has run (`$1`: the quoted table name, `$2`: [`VERSION`]).
+pub(crate) const SET_UP: &str =
+    "SELECT coalesce(obj_description(to_regclass($1), 'pg_class') = $2, false)";
+
+/// The acquire function: `(name, holder, lease_ms)`, one row of a status (`acquired`,
+/// `held`, `malformed`) and the record as in [`COLUMNS`].
+///
+/// Grants of one lock are serialized by a per-lock advisory lock taken first, in the
+/// function's own transaction (so it also works through a transaction-mode pooler): the token
+/// is drawn from the sequence, and the row written, only while that lock is held, so tokens
+/// reach the table in the order the grants happen, whatever an operator deletes meanwhile.
+/// (Drawing it when the statement starts, as an `INSERT ... VALUES (nextval(...))` does, lets
+/// a slow statement insert a lower token after a faster one was granted a higher.)
+fn acquire_function(n: &Names) -> String {
     let Names {
-        table, sequence, ..
+        table,
+        deleted,
+        sequence,
+        acquire_fn,
+        lock_class,
+        ..
     } = n;
-    // NAIVE: the token is drawn when the statement starts.
     format!(
-        "WITH g AS (
-            INSERT INTO {table} AS t (name, holder, token, lease_ms, acquired_at, renewed_at,
-                                      expires_at, transitions)
-            VALUES ($1, $2, nextval('{seq}'), $3, clock_timestamp(), clock_timestamp(),
-                    clock_timestamp() + $3 * interval '1 millisecond', 0)
-            ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, token = EXCLUDED.token,
-                lease_ms = EXCLUDED.lease_ms, acquired_at = EXCLUDED.acquired_at,
-                renewed_at = EXCLUDED.renewed_at, expires_at = EXCLUDED.expires_at,
-                transitions = t.transitions + (t.holder <> EXCLUDED.holder)::int
-            WHERE (t.token >= 1 AND t.lease_ms >= 1 AND
-                   (t.holder = '' OR t.holder = EXCLUDED.holder))
-               OR t.expires_at <= clock_timestamp()
-            RETURNING {COLUMNS}
-        )
-        SELECT 'acquired'::text, * FROM g",
-        seq = sequence,
+        r#"
+CREATE OR REPLACE FUNCTION {acquire_fn}(p_name text, p_holder text, p_lease_ms bigint)
+RETURNS TABLE (status text, holder text, token bigint, lease_ms bigint, acquired_ms bigint,
+               renewed_ms bigint, transitions bigint, remaining_ms bigint)
+LANGUAGE plpgsql VOLATILE AS $leasehold$
+#variable_conflict use_column
+DECLARE
+    r {table}%ROWTYPE;
+    now_ timestamptz;
+BEGIN
+    PERFORM pg_advisory_xact_lock({lock_class}, hashtext(p_name));
+    now_ := clock_timestamp();
+    SELECT * INTO r FROM {table} t WHERE t.name = p_name FOR UPDATE;
+    IF FOUND THEN
+        IF r.expires_at > now_ AND NOT (r.token >= 1 AND r.lease_ms >= 1) THEN
+            status := 'malformed';
+        ELSIF r.expires_at > now_ AND r.holder <> '' AND r.holder <> p_holder THEN
+            status := 'held';
+        ELSE
+            UPDATE {table} t SET holder = p_holder, token = nextval('{sequence}'),
+                lease_ms = p_lease_ms, acquired_at = now_, renewed_at = now_,
+                expires_at = now_ + p_lease_ms * interval '1 millisecond',
+                transitions = t.transitions + (t.holder <> p_holder)::int
+            WHERE t.name = p_name
+            RETURNING t.* INTO r;
+            status := 'acquired';
+        END IF;
+    ELSE
+        -- Deleted by an operator while live: respected until its lease ends.
+        SELECT * INTO r FROM {deleted} d WHERE d.name = p_name;
+        IF FOUND AND r.expires_at > now_ AND r.holder <> p_holder THEN
+            status := 'held';
+        ELSE
+            DELETE FROM {deleted} d WHERE d.name = p_name;
+            INSERT INTO {table} AS t VALUES (p_name, p_holder, nextval('{sequence}'),
+                p_lease_ms, now_, now_, now_ + p_lease_ms * interval '1 millisecond',
+                coalesce(r.transitions + (r.holder <> p_holder)::int, 0))
+            RETURNING t.* INTO r;
+            status := 'acquired';
+        END IF;
+    END IF;
+    holder := r.holder;
+    token := r.token;
+    lease_ms := r.lease_ms;
+    acquired_ms := (extract(epoch from r.acquired_at) * 1000)::bigint;
+    renewed_ms := (extract(epoch from r.renewed_at) * 1000)::bigint;
+    transitions := r.transitions;
+    remaining_ms := GREATEST(0, ceil(extract(epoch from (r.expires_at - clock_timestamp())) * 1000))::bigint;
+    RETURN NEXT;
+END
+$leasehold$;
+"#
     )
+}
+
+/// Acquire: `$1` lock, `$2` holder, `$3` lease in ms. One row: the status and the record.
+pub(crate) fn acquire(n: &Names) -> String {
+    format!("SELECT * FROM {}($1, $2, $3)", n.acquire_fn)
 }
 
 /// Renew: `$1` lock, `$2` holder, `$3` token, `$4` lease in ms. One row when renewed.
