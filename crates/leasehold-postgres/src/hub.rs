@@ -120,9 +120,11 @@ impl Hub {
             messages,
             retired,
         ));
-        let listened =
-            tokio::time::timeout(self.opener.statement_timeout, session.client.batch_execute(&self.listen))
-                .await;
+        let listened = tokio::time::timeout(
+            self.opener.statement_timeout,
+            session.client.batch_execute(&self.listen),
+        )
+        .await;
         let error = match listened {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(self.opener.map_error("watch", &e)),
@@ -293,7 +295,9 @@ impl Session {
                 connection = self.generation,
                 "a command connection was retired; the LISTEN connection still answers"
             ),
-            Ok(Err(e)) => self.kill(Some(&format!("SELECT 1 failed after a command went unanswered: {e}"))),
+            Ok(Err(e)) => self.kill(Some(&format!(
+                "SELECT 1 failed after a command went unanswered: {e}"
+            ))),
             Err(_) => self.kill(Some(
                 "a command went unanswered on this backend value, and so did a SELECT 1 on the \
                  LISTEN connection",

@@ -412,7 +412,10 @@ impl Opener {
 fn error_text(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
-        None => error.to_string(),
+        None => match std::error::Error::source(error) {
+            Some(source) => format!("{error}: {source}"),
+            None => error.to_string(),
+        },
     }
 }
 
@@ -539,7 +542,7 @@ impl PostgresBackend {
             tls,
             connect_timeout: config.connect_timeout,
             statement_timeout: config.statement_timeout,
-            table: names.table.clone(),
+            table: format!("{}.{}", config.schema, config.table),
         });
         let (retired, _) = tokio::sync::watch::channel(0);
         let hub = hub::Hub::new(opener.clone(), &names.channel, retired.clone());
@@ -632,7 +635,11 @@ impl PostgresBackend {
             "BEGIN; SELECT pg_advisory_xact_lock(hashtext('leasehold setup')); {} COMMIT;",
             self.setup_sql()
         );
-        let timeout = self.inner.config.statement_timeout.max(Duration::from_secs(10));
+        let timeout = self
+            .inner
+            .config
+            .statement_timeout
+            .max(Duration::from_secs(10));
         match tokio::time::timeout(timeout, client.batch_execute(&script)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(self.inner.opener.map_error("setup", &e)),
@@ -785,13 +792,12 @@ impl LockBackend for PostgresBackend {
                 Ok(AcquireOutcome::Acquired(Grant::new(token, record)))
             }
             "held" => Ok(AcquireOutcome::Held(row.observe(&candidate.lock)?)),
-            "malformed" => Err(row
-                .record(&candidate.lock)
-                .err()
-                .unwrap_or_else(|| BackendError::MalformedRecord {
+            "malformed" => Err(row.record(&candidate.lock).err().unwrap_or_else(|| {
+                BackendError::MalformedRecord {
                     lock: candidate.lock.clone(),
                     detail: "the row is not a leasehold record".into(),
-                })),
+                }
+            })),
             other => Err(protocol(&format!("acquire answered {other:?}"))),
         }
     }

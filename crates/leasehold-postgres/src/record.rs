@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use leasehold_core::{BackendError, FencingToken, LeaderRecord, Observation};
 use serde::Deserialize;
 
-/// A lock's row as the statements return it (see `sql::COLUMNS`).
+/// A lock's row as the statements return it (see `sql::columns`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub(crate) struct Row {
     pub holder: String,

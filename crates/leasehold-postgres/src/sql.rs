@@ -47,12 +47,35 @@ impl Names {
     }
 }
 
+/// The longest remaining time reported (a foreign row may say `infinity`): 365 days, the
+/// longest duration the elector accepts.
+const MAX_REMAINING_MS: i64 = 365 * 24 * 3600 * 1000;
+
+/// Milliseconds since the epoch of timestamp `t` (0 when infinite).
+fn epoch_ms(t: &str) -> String {
+    format!("(CASE WHEN isfinite({t}) THEN (extract(epoch from {t}) * 1000)::bigint ELSE 0 END)")
+}
+
+/// Milliseconds from now (the server's clock) until `t`, in `[0, MAX_REMAINING_MS]`.
+fn remaining_ms(t: &str) -> String {
+    format!(
+        "(CASE WHEN {t} = 'infinity' THEN {MAX_REMAINING_MS}::bigint \
+          WHEN {t} = '-infinity' THEN 0::bigint \
+          ELSE LEAST({MAX_REMAINING_MS}, GREATEST(0, \
+               ceil(extract(epoch from ({t} - clock_timestamp())) * 1000)))::bigint END)"
+    )
+}
+
 /// The columns every statement returns, in this order (see `record::Row`).
-const COLUMNS: &str = "holder, token, lease_ms, \
-     (extract(epoch from acquired_at) * 1000)::bigint, \
-     (extract(epoch from renewed_at) * 1000)::bigint, \
-     transitions, \
-     GREATEST(0, ceil(extract(epoch from (expires_at - clock_timestamp())) * 1000))::bigint";
+fn columns(prefix: &str) -> String {
+    format!(
+        "{p}holder, {p}token, {p}lease_ms, {}, {}, {p}transitions, {}",
+        epoch_ms(&format!("{prefix}acquired_at")),
+        epoch_ms(&format!("{prefix}renewed_at")),
+        remaining_ms(&format!("{prefix}expires_at")),
+        p = prefix,
+    )
+}
 
 /// The DDL, idempotent: run in one transaction under an advisory lock, so that many
 /// processes starting at once do not race on `CREATE ... IF NOT EXISTS`.
@@ -133,10 +156,10 @@ BEGIN
     END IF;
     PERFORM pg_notify({channel_lit}, json_build_object(
         'lock', NEW.name, 'holder', NEW.holder, 'token', NEW.token, 'lease_ms', NEW.lease_ms,
-        'acquired_ms', (extract(epoch from NEW.acquired_at) * 1000)::bigint,
-        'renewed_ms', (extract(epoch from NEW.renewed_at) * 1000)::bigint,
+        'acquired_ms', {new_acquired},
+        'renewed_ms', {new_renewed},
         'transitions', NEW.transitions,
-        'remaining_ms', GREATEST(0, ceil(extract(epoch from (NEW.expires_at - clock_timestamp())) * 1000))::bigint
+        'remaining_ms', {new_remaining}
     )::text);
     RETURN NEW;
 END
@@ -149,6 +172,9 @@ CREATE OR REPLACE TRIGGER {truncate_trigger} BEFORE TRUNCATE ON {table}
 COMMENT ON TABLE {table} IS {version_lit};
 "#,
         acquire = acquire_function(n),
+        new_acquired = epoch_ms("NEW.acquired_at"),
+        new_renewed = epoch_ms("NEW.renewed_at"),
+        new_remaining = remaining_ms("NEW.expires_at"),
     )
 }
 
@@ -160,7 +186,7 @@ pub(crate) const SET_UP: &str =
     "SELECT coalesce(obj_description(to_regclass($1), 'pg_class') = $2, false)";
 
 /// The acquire function: `(name, holder, lease_ms)`, one row of a status (`acquired`,
-/// `held`, `malformed`) and the record as in [`COLUMNS`].
+/// `held`, `malformed`) and the record as in `columns`.
 ///
 /// Grants of one lock are serialized by a per-lock advisory lock taken first, in the
 /// function's own transaction (so it also works through a transaction-mode pooler): the token
@@ -222,14 +248,17 @@ BEGIN
     holder := r.holder;
     token := r.token;
     lease_ms := r.lease_ms;
-    acquired_ms := (extract(epoch from r.acquired_at) * 1000)::bigint;
-    renewed_ms := (extract(epoch from r.renewed_at) * 1000)::bigint;
+    acquired_ms := {acquired};
+    renewed_ms := {renewed};
     transitions := r.transitions;
-    remaining_ms := GREATEST(0, ceil(extract(epoch from (r.expires_at - clock_timestamp())) * 1000))::bigint;
+    remaining_ms := {remaining};
     RETURN NEXT;
 END
 $leasehold$;
-"#
+"#,
+        acquired = epoch_ms("r.acquired_at"),
+        renewed = epoch_ms("r.renewed_at"),
+        remaining = remaining_ms("r.expires_at"),
     )
 }
 
@@ -244,8 +273,9 @@ pub(crate) fn renew(n: &Names) -> String {
         "UPDATE {table} SET renewed_at = clock_timestamp(), lease_ms = $4,
                 expires_at = clock_timestamp() + $4 * interval '1 millisecond'
          WHERE name = $1 AND holder = $2 AND token = $3
-         RETURNING {COLUMNS}",
-        table = n.table
+         RETURNING {columns}",
+        table = n.table,
+        columns = columns("")
     )
 }
 
@@ -263,8 +293,9 @@ pub(crate) fn release(n: &Names) -> String {
 /// Read: `$1` lock. No row when the lock was never taken (or was deleted).
 pub(crate) fn read(n: &Names) -> String {
     format!(
-        "SELECT {COLUMNS} FROM {table} WHERE name = $1",
-        table = n.table
+        "SELECT {columns} FROM {table} WHERE name = $1",
+        table = n.table,
+        columns = columns("")
     )
 }
 

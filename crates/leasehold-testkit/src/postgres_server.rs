@@ -78,7 +78,11 @@ fn locate(program: &str) -> PathBuf {
 }
 
 fn id_of(user: &str, flag: &str) -> Option<u32> {
-    let out = std::process::Command::new("id").arg(flag).arg(user).output().ok()?;
+    let out = std::process::Command::new("id")
+        .arg(flag)
+        .arg(user)
+        .output()
+        .ok()?;
     if !out.status.success() {
         return None;
     }
@@ -231,13 +235,23 @@ impl PostgresServer {
             .arg(self.data())
             .arg("-p")
             .arg(self.port.to_string())
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="])
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
+            ])
             // Test data: no fsync (a killed server still keeps what it wrote: the OS has it).
             .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
             .args(["-c", "max_connections=300", "-c", "shared_buffers=16MB"])
             .args(["-c", "shared_preload_libraries=pg_stat_statements"])
             .args(["-c", "pg_stat_statements.track=all"])
-            .args(["-c", "log_min_messages=warning", "-c", "log_min_error_statement=panic"])
+            .args([
+                "-c",
+                "log_min_messages=warning",
+                "-c",
+                "log_min_error_statement=panic",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -248,7 +262,10 @@ impl PostgresServer {
                 .arg("-c")
                 .arg("ssl=on")
                 .arg("-c")
-                .arg(format!("ssl_cert_file={}", dir.join("server.crt").display()))
+                .arg(format!(
+                    "ssl_cert_file={}",
+                    dir.join("server.crt").display()
+                ))
                 .arg("-c")
                 .arg(format!("ssl_key_file={}", dir.join("server.key").display()));
         }
@@ -263,16 +280,21 @@ impl PostgresServer {
             Duration::from_secs(30),
             Duration::from_millis(50),
             || async {
-                if let Some(status) = self.lock().as_mut().and_then(|c| c.try_wait().ok().flatten())
+                if let Some(status) = self
+                    .lock()
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
                 {
                     return Err(format!("exited with {status}: {}", self.log_tail()));
                 }
-                let (client, connection) =
-                    tokio_postgres::connect(&admin, tokio_postgres::NoTls)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let task = tokio::spawn(connection);
-                let answered = client.simple_query("SELECT 1").await.map_err(|e| e.to_string());
+                let answered = client
+                    .simple_query("SELECT 1")
+                    .await
+                    .map_err(|e| e.to_string());
                 drop(client);
                 let _ = task.await;
                 answered.map(|_| ())
@@ -385,9 +407,10 @@ impl PostgresServer {
     ///
     /// When the server does not answer.
     pub async fn admin(&self) -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(&self.admin_url(), tokio_postgres::NoTls)
-            .await
-            .unwrap_or_else(|e| panic!("postgres admin connection: {e}"));
+        let (client, connection) =
+            tokio_postgres::connect(&self.admin_url(), tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("postgres admin connection: {e}"));
         tokio::spawn(connection);
         client
     }
@@ -414,8 +437,21 @@ async fn make_certificates(dir: &Path) {
         command.args(args).current_dir(dir).stdout(Stdio::null());
         command
     };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=leasehold test CA"];
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=leasehold test CA",
+    ];
     ca.extend(ec);
     ca.extend([
         "-keyout",
@@ -428,7 +464,15 @@ async fn make_certificates(dir: &Path) {
         "keyUsage=critical,keyCertSign,cRLSign",
     ]);
     run(openssl(&ca), "openssl req (CA)").await;
-    let mut csr = vec!["req", "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr"];
+    let mut csr = vec![
+        "req",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ];
     csr.extend(ec);
     run(openssl(&csr), "openssl req (server)").await;
     std::fs::write(
@@ -439,15 +483,31 @@ async fn make_certificates(dir: &Path) {
     .unwrap_or_else(|e| panic!("server.ext: {e}"));
     run(
         openssl(&[
-            "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-extfile", "server.ext", "-out", "server.crt",
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.crt",
         ]),
         "openssl x509 (sign)",
     )
     .await;
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.join("server.key"), std::fs::Permissions::from_mode(0o600))
-        .unwrap_or_else(|e| panic!("chmod server.key: {e}"));
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap_or_else(|e| panic!("chmod server.key: {e}"));
 }
 
 /// Runs the conformance suite against a real PostgreSQL started for the test; every client
@@ -508,8 +568,7 @@ impl PostgresHarness {
                 .await
                 .unwrap_or_else(|e| panic!("proxy: {e}")),
         );
-        let mut params =
-            "connect_timeout=1&leasehold_statement_timeout_ms=1000".to_owned();
+        let mut params = "connect_timeout=1&leasehold_statement_timeout_ms=1000".to_owned();
         if !self.params.is_empty() {
             params.push('&');
             params.push_str(&self.params);
