@@ -255,6 +255,9 @@ impl PostgresServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
+            // Its own process group (the postmaster's pid), so the whole server, every
+            // connection's process included, can be stopped with one signal.
+            .process_group(0)
             .kill_on_drop(true);
         if self.security == Security::Tls {
             let dir = self.dir.path();
@@ -346,7 +349,8 @@ impl PostgresServer {
         self.spawn().await;
     }
 
-    /// The server process' id while it runs.
+    /// The postmaster's process id while it runs; it is also the id of the process group
+    /// of the whole server (`kill -STOP -- -PID` pauses every connection's process too).
     pub fn pid(&self) -> Option<u32> {
         self.lock().as_ref().and_then(Child::id)
     }
