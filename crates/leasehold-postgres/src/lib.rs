@@ -710,6 +710,46 @@ impl PostgresBackend {
         }
     }
 
+    /// One call of the acquire function.
+    async fn acquire_once(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
+        let lease = lease_ms(candidate);
+        let rows = self
+            .query(
+                "acquire",
+                &self.inner.statements.acquire,
+                &[
+                    (&candidate.lock, Type::TEXT),
+                    (&candidate.identity, Type::TEXT),
+                    (&lease, Type::INT8),
+                ],
+            )
+            .await?;
+        let Some(first) = rows.first() else {
+            return Err(protocol("the acquire function returned no row"));
+        };
+        let status: String = first
+            .try_get(0)
+            .map_err(|e| protocol(&format!("acquire answered no status: {e}")))?;
+        let row = self.row(first, 1)?;
+        match status.as_str() {
+            "acquired" => {
+                let record = row.record(&candidate.lock)?;
+                let token = record
+                    .token
+                    .ok_or_else(|| protocol("acquire returned no token"))?;
+                Ok(AcquireOutcome::Acquired(Grant::new(token, record)))
+            }
+            "held" => Ok(AcquireOutcome::Held(row.observe(&candidate.lock)?)),
+            "malformed" => Err(row.record(&candidate.lock).err().unwrap_or_else(|| {
+                BackendError::MalformedRecord {
+                    lock: candidate.lock.clone(),
+                    detail: "the row is not a leasehold record".into(),
+                }
+            })),
+            other => Err(protocol(&format!("acquire answered {other:?}"))),
+        }
+    }
+
     fn row(&self, row: &tokio_postgres::Row, first: usize) -> Result<record::Row, BackendError> {
         record::Row::from_sql(row, first)
             .map_err(|e| protocol(&format!("unexpected columns from the server: {e}")))
@@ -764,41 +804,25 @@ impl LockBackend for PostgresBackend {
     }
 
     async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
-        let lease = lease_ms(candidate);
-        let rows = self
-            .query(
-                "acquire",
-                &self.inner.statements.acquire,
-                &[
-                    (&candidate.lock, Type::TEXT),
-                    (&candidate.identity, Type::TEXT),
-                    (&lease, Type::INT8),
-                ],
-            )
-            .await?;
-        let Some(first) = rows.first() else {
-            return Err(protocol("the acquire function returned no row"));
-        };
-        let status: String = first
-            .try_get(0)
-            .map_err(|e| protocol(&format!("acquire answered no status: {e}")))?;
-        let row = self.row(first, 1)?;
-        match status.as_str() {
-            "acquired" => {
-                let record = row.record(&candidate.lock)?;
-                let token = record
-                    .token
-                    .ok_or_else(|| protocol("acquire returned no token"))?;
-                Ok(AcquireOutcome::Acquired(Grant::new(token, record)))
+        // A notification that arrives while the acquire runs (a release committed just after
+        // the statement saw the lock held) reaches the elector before this answer, which would
+        // then override it with the older "held until T": the follower would miss the
+        // handover and wait for the expiry. So when the answer is "held" and the lock's watch
+        // heard of a change since the statement was sent, ask again (three times at most).
+        let mut asked = 0;
+        loop {
+            let mark = self.inner.hub.mark();
+            let outcome = self.acquire_once(candidate).await?;
+            asked += 1;
+            let raced = matches!(outcome, AcquireOutcome::Held(_))
+                && self.inner.hub.changed_since(&candidate.lock, mark);
+            if !raced || asked > 3 {
+                return Ok(outcome);
             }
-            "held" => Ok(AcquireOutcome::Held(row.observe(&candidate.lock)?)),
-            "malformed" => Err(row.record(&candidate.lock).err().unwrap_or_else(|| {
-                BackendError::MalformedRecord {
-                    lock: candidate.lock.clone(),
-                    detail: "the row is not a leasehold record".into(),
-                }
-            })),
-            other => Err(protocol(&format!("acquire answered {other:?}"))),
+            tracing::debug!(
+                lock = %candidate.lock,
+                "the lock changed while the acquire ran: asking again"
+            );
         }
     }
 

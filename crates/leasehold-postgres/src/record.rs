@@ -69,12 +69,20 @@ impl Row {
     /// held (with the server-reported remaining time) while live; a live row that is not a
     /// leasehold record is a [`BackendError::MalformedRecord`].
     pub fn observe(&self, lock: &str) -> Result<Observation, BackendError> {
-        if !self.live() {
+        if !self.live() && !self.holder.is_empty() {
+            return Ok(Observation::vacant());
+        }
+        if !self.live() && self.record(lock).is_err() {
             return Ok(Observation::vacant());
         }
         let record = self.record(lock)?;
         if record.is_vacant() {
-            return Ok(Observation::vacant());
+            // Released: free, but with the token of the term that ended, so that a leader told
+            // late of an earlier term's release knows it is old news.
+            return Ok(Observation {
+                record: Some(record),
+                expires_in: None,
+            });
         }
         let remaining = Duration::from_millis(u64::try_from(self.remaining_ms).unwrap_or(0));
         Ok(Observation::held(record, Some(remaining)))
@@ -153,7 +161,13 @@ mod tests {
     #[test]
     fn ended_or_released_rows_are_vacant() {
         assert_eq!(row("a", 7, 2000, 0).observe("l"), Ok(Observation::vacant()));
-        assert_eq!(row("", 7, 2000, 10).observe("l"), Ok(Observation::vacant()));
+        for remaining in [0, 10] {
+            let released = row("", 7, 2000, remaining).observe("l").expect("valid");
+            assert_eq!(released.holder(), None);
+            assert_eq!(released.expires_in, None);
+            // The ended term's token, so a newer leader can tell a late release is old.
+            assert_eq!(released.record.and_then(|r| r.token), Some(FencingToken(7)));
+        }
         // Garbage whose time has passed may be taken over.
         assert_eq!(row("x", -1, 0, 0).observe("l"), Ok(Observation::vacant()));
     }

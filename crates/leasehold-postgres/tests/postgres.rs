@@ -451,4 +451,21 @@ mod postgres_specific {
             .get(0);
         assert_eq!(listening, 0);
     }
+
+    /// Hundreds of graceful handovers in a row, each on a fresh lock, each within a lease: a
+    /// follower whose acquire is in flight when the release is notified must not take the
+    /// acquire's older "held" answer over the notification (it would wait for the expiry and,
+    /// here, lose the lock to the resigned leader's next campaign).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn handovers_in_a_row_never_miss_a_release() {
+        let h = PostgresHarness::start().await;
+        let (a, b) = (h.backend(), h.backend());
+        for _ in 0..300 {
+            let took = leasehold_testkit::bench::handover_once(&a, &b).await;
+            assert!(
+                took < Timing::FAST.lease_duration,
+                "a handover took {took:?}"
+            );
+        }
+    }
 }
