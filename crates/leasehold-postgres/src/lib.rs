@@ -47,6 +47,7 @@
 //!   (one statement per lease per follower) and a leader learns of a deletion or foreign write
 //!   at its next renew.
 #![cfg_attr(docsrs, feature(doc_cfg))]
+#![deny(missing_docs)]
 
 mod hub;
 mod record;
