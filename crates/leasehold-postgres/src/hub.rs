@@ -146,7 +146,10 @@ impl Hub {
             routes: Mutex::default(),
             dead: CancellationToken::new(),
             address: self.opener.address.clone(),
-            ping_timeout: self.opener.statement_timeout,
+            // Half the statement timeout: an idle LISTEN connection answers a `SELECT 1` at
+            // once, and a dead one never does; the sooner it is known dead, the sooner its
+            // watches reopen on a live one (a needless teardown costs only a re-subscribe).
+            ping_timeout: (self.opener.statement_timeout / 2).max(Duration::from_millis(100)),
         });
         tokio::spawn(dispatch(
             Arc::downgrade(&session),
