@@ -171,6 +171,11 @@ pub enum AcquireOutcome {
     Acquired(Grant),
     /// Someone else holds the lock (or, for a queue-based backend such as etcd, leads the queue
     /// this candidate waits in).
+    ///
+    /// A record naming the candidate's own identity is taken as "free, or still ours from a
+    /// term we gave up" (asked for again after `retry_period`), unless it carries a fencing
+    /// token of a term this elector was never granted: then another candidate with the same
+    /// identity holds it (etcd: another session's key), and it is waited for like any holder.
     Held(Observation),
 }
 

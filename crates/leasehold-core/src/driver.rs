@@ -146,7 +146,12 @@ impl Driver {
         }
     }
 
-    pub(crate) async fn run(mut self, shutdown: CancellationToken) -> Result<(), ElectorError> {
+    /// Boxed: an `async fn` keeps its by-value arguments beside its locals, so an unboxed
+    /// driver would be in every elector's task twice.
+    pub(crate) async fn run(
+        mut self: Box<Self>,
+        shutdown: CancellationToken,
+    ) -> Result<(), ElectorError> {
         self.machine.handle_start(Instant::now());
         let mut shutdown_seen = false;
         loop {

@@ -132,6 +132,9 @@ impl Elector {
             identity = %self.config.identity,
             backend = self.backend.name(),
         );
-        Driver::new(self).run(shutdown).instrument(span).await
+        Box::new(Driver::new(self))
+            .run(shutdown)
+            .instrument(span)
+            .await
     }
 }

@@ -1044,9 +1044,24 @@ impl Machine {
     /// `answered` is true when the observation answers our own acquire: a lock that is free or
     /// still ours then is not retried at once (the backend just refused it), which keeps a
     /// confused backend from turning the elector into a busy loop.
+    ///
+    /// A refusal that names our identity with a fencing token of a term this machine was never
+    /// granted is not "still ours": another candidate with the same identity holds it (on etcd,
+    /// the key of a crashed process restarted under the same name, alive until its session
+    /// lease expires). It is waited for like any other holder, not retried every
+    /// `retry_period`; it is reported as the leader (our identity, not our term). Backends where
+    /// the same identity is the same candidate (client-go's convention) are unaffected: memory
+    /// and Redis take such a lock over (or answer an error) rather than report it held, and
+    /// Kubernetes reports no token. Watch observations (`answered == false`) are unchanged.
     fn observe(&mut self, now: Instant, observation: &Observation, answered: bool) {
         let holder = observation.holder().map(str::to_owned);
-        let mine = holder.as_deref() == Some(self.params.identity.as_str());
+        let other_term = observation
+            .record
+            .as_ref()
+            .and_then(|record| record.token)
+            .is_some_and(|token| Some(token) != self.last_token);
+        let mine =
+            holder.as_deref() == Some(self.params.identity.as_str()) && !(answered && other_term);
         let next = if mine || holder.is_none() {
             // Free, or still ours from a term we gave up.
             Some(if answered {

@@ -368,6 +368,51 @@ fn a_follower_without_known_expiry_waits_for_the_watch() {
     assert_eq!(Sim::calls(&sim.drain()), vec![Call::Acquire]);
 }
 
+/// A refusal naming our own identity: with no token (Kubernetes reports none in what it
+/// observes), or with the token of the term we last held, the lock is "free, or still ours from
+/// a term we gave up", and is asked for again after `retry_period`.
+#[test]
+fn a_refusal_naming_us_without_another_term_retries_after_retry_period() {
+    let mut sim = Sim::started(config());
+    let mut record = LeaderRecord::new("me", FencingToken(1), LEASE);
+    record.token = None;
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Held(
+        Observation::held(record, None),
+    ))));
+    sim.drain();
+    assert_eq!(sim.m.poll_timeout(), Some(sim.now + RETRY));
+
+    let mut sim = Sim::leading(7);
+    assert_eq!(Sim::calls(&sim.advance(RETRY)).len(), 1, "a renew");
+    sim.answer(CallResult::Renew(Ok(RenewOutcome::Lost(
+        Observation::held(LeaderRecord::new("me", FencingToken(7), LEASE), None),
+    ))));
+    sim.m.handle_work_finished(sim.now);
+    sim.drain();
+    assert_eq!(sim.m.poll_timeout(), Some(sim.now + RETRY));
+}
+
+/// A refusal naming our own identity with the token of a term this machine never held: another
+/// candidate with the same identity holds the lock (on etcd, the key of a crashed process
+/// restarted under the same name). It is waited for on the watch like any other holder, not
+/// asked for every `retry_period`.
+#[test]
+fn a_refusal_naming_us_with_a_term_we_never_held_waits_for_the_watch() {
+    let mut sim = Sim::started(config());
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Held(
+        Observation::held(LeaderRecord::new("me", FencingToken(5), LEASE), None),
+    ))));
+    sim.drain();
+    assert_eq!(
+        sim.m.poll_timeout(),
+        None,
+        "quiet follower: no timer, no poll"
+    );
+    assert!(Sim::calls(&sim.advance(Duration::from_secs(60))).is_empty());
+    sim.m.handle_observation(sim.now, Observation::vacant());
+    assert_eq!(Sim::calls(&sim.drain()), vec![Call::Acquire]);
+}
+
 #[test]
 fn a_broken_watch_is_reopened_and_bounds_the_wait() {
     let mut sim = Sim::started(config());

@@ -138,6 +138,49 @@ impl WatchHub {
         }
     }
 
+    /// A new shared stream, opened with the watch `id` (routed to `route`) as its first
+    /// request; its dispatcher and cancel tasks started.
+    async fn open_stream(
+        &self,
+        client: &Client,
+        config: &EtcdConfig,
+        key: &[u8],
+        options: &WatchOptions,
+        id: i64,
+        route: Route,
+    ) -> Result<Arc<HubStream>, BackendError> {
+        let request = options.clone().with_watch_id(id);
+        let opened = tokio::time::timeout(
+            config.request_timeout,
+            client.watch_client().watch(key.to_vec(), Some(request)),
+        )
+        .await
+        .map_err(|_| timed_out(config))
+        .and_then(|opened| opened.map_err(|e| map_error(config, "watch", &e)));
+        let opened = match opened {
+            Ok(opened) => opened,
+            Err(error) => {
+                self.open_failures.fetch_add(1, Ordering::SeqCst);
+                return Err(error);
+            }
+        };
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        let (sender, responses) = opened.split();
+        let (cancels, cancel_rx) = mpsc::unbounded_channel();
+        let mut routes = HashMap::new();
+        routes.insert(id, route);
+        let stream = Arc::new(HubStream {
+            sender: tokio::sync::Mutex::new(sender),
+            routes: Mutex::new(routes),
+            next_id: AtomicI64::new(id + 1),
+            broken: CancellationToken::new(),
+            cancels,
+        });
+        tokio::spawn(dispatch(stream.clone(), responses));
+        tokio::spawn(cancel_loop(stream.clone(), cancel_rx));
+        Ok(stream)
+    }
+
     async fn try_watch(
         &self,
         client: &Client,
@@ -186,37 +229,11 @@ impl WatchHub {
                             detail: "the etcd watch stream could not be opened just now".into(),
                         });
                     }
-                    // A new stream, opened with this watch as its first request.
+                    // Boxed: opening a stream is rare, and its futures (KiBs) inline would grow
+                    // every watch being set up, thousands at once when many electors start.
                     let id = 1;
-                    let request = options.clone().with_watch_id(id);
-                    let opened = tokio::time::timeout(
-                        config.request_timeout,
-                        client.watch_client().watch(key.to_vec(), Some(request)),
-                    )
-                    .await
-                    .map_err(|_| timed_out(config))
-                    .and_then(|opened| opened.map_err(|e| map_error(config, "watch", &e)));
-                    let opened = match opened {
-                        Ok(opened) => opened,
-                        Err(error) => {
-                            self.open_failures.fetch_add(1, Ordering::SeqCst);
-                            return Err(error);
-                        }
-                    };
-                    self.opened.fetch_add(1, Ordering::Relaxed);
-                    let (sender, responses) = opened.split();
-                    let (cancels, cancel_rx) = mpsc::unbounded_channel();
-                    let mut routes = HashMap::new();
-                    routes.insert(id, route);
-                    let stream = Arc::new(HubStream {
-                        sender: tokio::sync::Mutex::new(sender),
-                        routes: Mutex::new(routes),
-                        next_id: AtomicI64::new(id + 1),
-                        broken: CancellationToken::new(),
-                        cancels,
-                    });
-                    tokio::spawn(dispatch(stream.clone(), responses));
-                    tokio::spawn(cancel_loop(stream.clone(), cancel_rx));
+                    let stream =
+                        Box::pin(self.open_stream(client, config, key, options, id, route)).await?;
                     *slot = Some(stream.clone());
                     (stream, id)
                 }

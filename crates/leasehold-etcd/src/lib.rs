@@ -29,6 +29,11 @@
 //! live process keeps its key, as with Go's sessions: its term ends for itself at its renew
 //! deadline, but others wait until the process dies (or the key is deleted).
 //!
+//! A process restarted under the same identity (a StatefulSet pod keeps its name) gets a new
+//! session and a new key, queued behind the old process's key until that one is deleted or its
+//! lease expires: the old key names the same identity, but it is another candidate's (its token
+//! is no term this elector held), and the new one waits on its watch, as for any leader.
+//!
 //! A follower only waits on its watch; the connection's HTTP/2 keep-alive
 //! ([`EtcdConfig::keep_alive`]) is what tells it that a silently dead connection took the watch
 //! with it. With authentication, an expired token is refreshed and the call retried once.
@@ -386,6 +391,16 @@ impl EtcdBackend {
 
     /// The connected client (connecting on first use).
     pub(crate) async fn client_ref(&self) -> Result<&Client, BackendError> {
+        if let Some(client) = self.inner.client.get() {
+            return Ok(client);
+        }
+        // Boxed: the connect's futures (KiBs) would otherwise be part of every future that
+        // reaches for the client, thousands of them waiting at once when many electors start.
+        Box::pin(self.connect_once()).await
+    }
+
+    /// Connects the client, once for every caller.
+    async fn connect_once(&self) -> Result<&Client, BackendError> {
         let config = &self.inner.config;
         self.inner
             .client
@@ -442,8 +457,15 @@ impl EtcdBackend {
 
     /// The first key of the election (the leader), if any.
     async fn leader(&self, lock: &str) -> Result<Option<KeyValue>, BackendError> {
-        let prefix = self.election_prefix(lock);
+        // Thousands of reads may wait for their turn at once (every watch reads when it
+        // opens): only what waits is small, the request (KiBs of futures) is made in its turn.
         let _turn = self.turn().await;
+        Box::pin(self.leader_now(lock)).await
+    }
+
+    /// [`leader`](Self::leader), in its turn.
+    async fn leader_now(&self, lock: &str) -> Result<Option<KeyValue>, BackendError> {
+        let prefix = self.election_prefix(lock);
         let response = self
             .client()
             .await?

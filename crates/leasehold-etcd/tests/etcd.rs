@@ -380,4 +380,179 @@ mod etcd_specific {
         b.stop().await.expect("b stops");
         checker.verify().expect("safe");
     }
+
+    /// A process restarted with the same identity (a StatefulSet pod keeps its name) while the
+    /// old process's key still leads: the old process crashed, its session lease lives until
+    /// its TTL. The new candidate's key is another queue place, not the old one: it must not
+    /// lead before the old key is gone, must wait on its watch meanwhile (not ask again every
+    /// retry period, as if the lock were "still ours"), and must lead soon after the old key
+    /// expires. Another identity queued behind it never leads meanwhile.
+    ///
+    /// Checked on recorded events only: the old key's deletion as an admin watch saw it, the
+    /// terms the checker recorded, and the calls each test client made.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn restart_with_the_same_identity_waits_for_the_old_key() {
+        use etcd_client::{EventType, GetOptions, WatchFilterType, WatchOptions};
+        use leasehold_testkit::{BackendCall, CallKind, Harness};
+
+        // A lease long enough that a retry every retry_period shows plainly.
+        let t = Timing {
+            lease_duration: Duration::from_secs(4),
+            renew_deadline: Duration::from_secs(3),
+            retry_period: Duration::from_millis(300),
+        };
+        let h = EtcdHarness::start().await;
+        let lock = lock_name("same-identity");
+        let checker = SafetyChecker::new();
+        let mut old = Node::start(
+            t.config("a", &lock),
+            h.client().await,
+            &checker,
+            Duration::ZERO,
+        );
+        started(&mut old, 2 * t.lease_duration).await;
+
+        // The old process's key, and a watch of its deletion on a connection of our own.
+        let mut admin = h.server_ref().client().await;
+        let keys = admin
+            .get(format!("{lock}/"), Some(GetOptions::new().with_prefix()))
+            .await
+            .expect("get");
+        assert_eq!(keys.kvs().len(), 1, "only the old key: {:?}", keys.kvs());
+        let old_key = keys.kvs()[0].key().to_vec();
+        let mut deletions = admin
+            .watch(
+                old_key.clone(),
+                Some(WatchOptions::new().with_filters([WatchFilterType::NoPut])),
+            )
+            .await
+            .expect("watch");
+        let deleted = tokio::spawn(async move {
+            while let Ok(Some(response)) = deletions.message().await {
+                if response
+                    .events()
+                    .iter()
+                    .any(|e| e.event_type() == EventType::Delete)
+                {
+                    return Some(Instant::now());
+                }
+            }
+            None
+        });
+
+        // Crashed: no release, no withdraw, no more keep-alives; its lease runs out on its own.
+        old.crash().await;
+        let crashed = Instant::now();
+        let mut new = Node::start(
+            t.config("a", &lock),
+            h.client().await,
+            &checker,
+            Duration::ZERO,
+        );
+        wait_for("the new a to be queued", 2 * t.lease_duration, || {
+            new.client
+                .calls()
+                .iter()
+                .any(|c| c.kind == CallKind::Acquire && c.result.is_some())
+        })
+        .await;
+        let mut b = Node::start(
+            t.config("b", &lock),
+            h.client().await,
+            &checker,
+            Duration::ZERO,
+        );
+
+        let deleted_at = timeout(3 * t.lease_duration, deleted)
+            .await
+            .expect("the old key outlived its lease")
+            .expect("the deletion watch")
+            .expect("the deletion watch ended before the old key went");
+        eprintln!("old key gone {:?} after the crash", deleted_at - crashed);
+        let new_start = started(&mut new, 3 * t.lease_duration).await;
+        // Let b show what it does once the new a leads.
+        sleep(t.lease_duration).await;
+
+        let show = |calls: &[BackendCall]| {
+            calls
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{:?} +{:?} {:?}",
+                        c.kind,
+                        c.sent.saturating_duration_since(crashed),
+                        c.result
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        };
+        let new_calls = new.client.calls();
+        let b_calls = b.client.calls();
+        let intervals = checker.intervals();
+        let new_terms: Vec<_> = intervals
+            .iter()
+            .filter(|i| i.start >= crashed && i.identity == "a")
+            .collect();
+
+        // (a) No term of the new candidate before the old key is gone.
+        for term in &new_terms {
+            assert!(
+                term.start >= deleted_at,
+                "the new a led {:?} before the old a's key was gone: {term:?}",
+                deleted_at - term.start
+            );
+        }
+        // (b) While the old key leads, the new candidate waits on its watch: its first attempt,
+        // and at most one more for each election change its watch reported before it was
+        // seated (the first read, its own key's put), not one every retry period.
+        let waiting: Vec<_> = new_calls
+            .iter()
+            .filter(|c| c.sent < deleted_at)
+            .cloned()
+            .collect();
+        let acquires = waiting
+            .iter()
+            .filter(|c| c.kind == CallKind::Acquire)
+            .count();
+        assert!(
+            acquires <= 3 && waiting.len() <= 5,
+            "the new a made {acquires} acquires ({} calls) in the {:?} the old key led after \
+             the crash, instead of waiting on its watch:\n  {}",
+            waiting.len(),
+            deleted_at - crashed,
+            show(&waiting)
+        );
+        // (c) It leads soon after the old key expired: on its watch, not at a poll.
+        assert!(
+            new_start - deleted_at < t.lease_duration / 2,
+            "the new a led {:?} after the old key was gone",
+            new_start - deleted_at
+        );
+        assert_eq!(new_terms.len(), 1, "one term of the new a: {new_terms:?}");
+        // b, queued behind the new a, never led and only waited.
+        assert!(
+            !intervals.iter().any(|i| i.identity == "b"),
+            "b led: {intervals:?}"
+        );
+        let b_acquires = b_calls
+            .iter()
+            .filter(|c| c.kind == CallKind::Acquire)
+            .count();
+        assert!(
+            b_acquires <= 2 && b_calls.len() <= 4,
+            "b made {b_acquires} acquires ({} calls) while queued:\n  {}",
+            b_calls.len(),
+            show(&b_calls)
+        );
+        eprintln!(
+            "new a: {} calls before the old key went, led {:?} after; b: {} calls",
+            waiting.len(),
+            new_start - deleted_at,
+            b_calls.len()
+        );
+        b.stop().await.expect("b stops");
+        new.stop().await.expect("the new a stops");
+        checker.verify().expect("safe");
+    }
 }

@@ -21,6 +21,11 @@
 //!   re-read and watch again on a new session. A command connection of the same backend value
 //!   that went unanswered (a blackhole, or only a loaded server) makes the session `PING`: no
 //!   answer within the response timeout, and it dies too.
+//! - **No watch on a suspect connection.** A watch joining channels already subscribed sends
+//!   nothing the server must answer, so it is handed out only on a session proven alive since
+//!   the latest retirement of a command connection (connected, or answered a `SUBSCRIBE` or a
+//!   `PING` after it); otherwise it `PING`s first. A blackholed connection is thus never handed
+//!   out as a fresh watch while its `PING` is pending.
 //! - **Bounded reconnects.** Connects are single-flight; after a failed one, watches fail at
 //!   once with that error until a backoff (doubling to 5 s, with jitter) has passed, so 10,000
 //!   electors retrying do not become 10,000 connection attempts.
@@ -135,7 +140,7 @@ impl Hub {
         }
         // Taken before connecting: a retirement while the connect runs kills the new session.
         let mut retired = self.retired.subscribe();
-        retired.borrow_and_update();
+        let proven = *retired.borrow_and_update();
         let connected = tokio::time::timeout(self.connect_timeout, self.client.get_async_pubsub())
             .await
             .map_err(|_| self.timeout())
@@ -157,6 +162,7 @@ impl Hub {
             dead: CancellationToken::new(),
             address: self.address.clone(),
             ping_timeout: self.ping_timeout,
+            proven: AtomicU64::new(proven),
         });
         tokio::spawn(dispatch(
             Arc::downgrade(&session),
@@ -226,6 +232,13 @@ impl Hub {
             if session.dead.is_cancelled() {
                 return Err(self.unavailable(session.why_dead()));
             }
+            // Read before the command whose answer proves the connection alive.
+            let retired = *self.retired.borrow();
+            if session.proven.load(Ordering::SeqCst) < retired
+                && !session.ping(&mut sink, retired).await
+            {
+                return Err(self.unavailable(session.why_dead()));
+            }
             let waiting: Vec<String> = {
                 let routes = session.lock_routes();
                 if subscription
@@ -244,6 +257,7 @@ impl Hub {
             };
             match tokio::time::timeout(self.connect_timeout, sink.subscribe(&waiting)).await {
                 Ok(Ok(())) => {
+                    session.proven.fetch_max(retired, Ordering::SeqCst);
                     let mut routes = session.lock_routes();
                     for channel in &waiting {
                         if let Some(entry) = routes.channels.get_mut(channel) {
@@ -325,6 +339,9 @@ struct Session {
     /// How long a `PING` may take before the connection counts as dead.
     ping_timeout: Duration,
     address: String,
+    /// The latest retirement of a command connection (its generation) after which this
+    /// connection answered: a later one makes it suspect until it answers again.
+    proven: AtomicU64,
 }
 
 static NEXT_WATCH: AtomicU64 = AtomicU64::new(0);
@@ -459,25 +476,42 @@ impl Session {
         }
     }
 
-    /// A command connection of the backend value went unanswered: is this one as dead? A
-    /// `PING` answered in time says no (a loaded server, not a blackhole), so 10,000 watches
-    /// are not torn down and set up again for one slow reply.
-    async fn check_alive(self: Arc<Self>) {
+    /// A command connection of the backend value went unanswered (retirement `retired`): is
+    /// this one as dead? A `PING` answered in time says no (a loaded server, not a blackhole),
+    /// so 10,000 watches are not torn down and set up again for one slow reply.
+    async fn check_alive(self: Arc<Self>, retired: u64) {
         let mut sink = self.sink.lock().await;
-        if self.dead.is_cancelled() {
+        if self.dead.is_cancelled() || self.proven.load(Ordering::SeqCst) >= retired {
             return;
         }
-        match tokio::time::timeout(self.ping_timeout, sink.ping::<redis::Value>()).await {
-            Ok(Ok(_)) => tracing::debug!(
+        if self.ping(&mut sink, retired).await {
+            tracing::debug!(
                 address = %self.address,
                 connection = self.generation,
                 "a command connection was retired; the pub/sub connection still answers PING"
-            ),
-            Ok(Err(e)) => self.kill(&format!("PING failed after a command went unanswered: {e}")),
-            Err(_) => self.kill(
-                "a command went unanswered on this backend value, and so did a PING on the \
-                 subscription connection",
-            ),
+            );
+        }
+    }
+
+    /// `PING`s on the connection (the caller holds its sink): answered in time, it is proven
+    /// alive after retirement `retired`; otherwise the session is killed. Whether it answered.
+    async fn ping(&self, sink: &mut PubSubSink, retired: u64) -> bool {
+        match tokio::time::timeout(self.ping_timeout, sink.ping::<redis::Value>()).await {
+            Ok(Ok(_)) => {
+                self.proven.fetch_max(retired, Ordering::SeqCst);
+                true
+            }
+            Ok(Err(e)) => {
+                self.kill(&format!("PING failed after a command went unanswered: {e}"));
+                false
+            }
+            Err(_) => {
+                self.kill(
+                    "a command went unanswered on this backend value, and so did a PING on the \
+                     subscription connection",
+                );
+                false
+            }
         }
     }
 }
@@ -498,8 +532,9 @@ async fn dispatch(
                     // The backend value is gone (its hub's drop kills the session).
                     return;
                 }
+                let retired = *retired.borrow_and_update();
                 let Some(session) = session.upgrade() else { return };
-                tokio::spawn(session.check_alive());
+                tokio::spawn(session.check_alive(retired));
             }
             message = stream.next() => match message {
                 Some(message) => {

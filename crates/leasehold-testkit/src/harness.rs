@@ -203,6 +203,14 @@ pub trait Harness: Send + Sync + 'static {
         Timing::FAST
     }
 
+    /// How many locks [`many_locks_on_shared_clients`](crate::scenarios::many_locks_on_shared_clients)
+    /// runs: [`SHARED_LOCKS`](crate::scenarios::SHARED_LOCKS) by default. A server that cannot
+    /// take that many writes at once on a loaded test machine (a loopback kube-apiserver on two
+    /// shared cores) asks for fewer; the sharing is the same.
+    fn shared_locks(&self) -> usize {
+        crate::scenarios::SHARED_LOCKS
+    }
+
     /// A new client, with fault switches of its own.
     async fn client(&self) -> TestClient;
 

@@ -80,6 +80,20 @@ pub use redis_server::{
     Persistence, RedisCluster, RedisClusterHarness, RedisHarness, RedisServer, GARBAGE,
 };
 
+/// Sends `tracing` output to the test's captured output when `RUST_LOG` is set (e.g.
+/// `RUST_LOG=leasehold_redis=debug cargo test -p leasehold-redis -- --nocapture`): what the
+/// backends and the elector logged around a failure. Does nothing without `RUST_LOG`, or when
+/// a subscriber is already installed. Every [`conformance_tests!`] test calls it.
+pub fn log_to_test_output() {
+    if std::env::var_os("RUST_LOG").is_none() {
+        return;
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 /// Expands to one `#[tokio::test]` per conformance scenario, each calling the scenario with the
 /// harness that `$harness` evaluates to (an expression, awaited inside the test).
 ///
@@ -116,6 +130,7 @@ macro_rules! conformance_tests {
         $(
             #[$attr]
             async fn $scenario() {
+                $crate::log_to_test_output();
                 let harness = $harness;
                 $crate::scenarios::$scenario(&harness).await;
             }

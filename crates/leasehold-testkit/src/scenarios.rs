@@ -341,16 +341,23 @@ pub async fn follower_hears_release_after_blackhole<H: Harness + ?Sized>(h: &H) 
     sleep(t.lease_duration + t.retry_period).await;
     b.client.faults.heal().await;
     let healed = Instant::now();
-    // Give it the time to answer again: until an attempt of b sent after the heal was answered
-    // by the server (it found a holding the lock), for at most two leases and a retry period (a
-    // follower whose watch survived makes no call at all). A watch call that returned is no
-    // proof: a backend may return the stream before it reached the server (etcd does), and b's
-    // connection may still be the dead one until its keep-alive finds out.
+    // Give it the time to be back, for at most two leases and a retry period (a follower whose
+    // watch survived makes no call at all): an attempt of b sent after the heal was answered by
+    // the server (it found a holding the lock), and a watch sent after the heal was opened. Each
+    // alone is no proof. A backend may return a watch stream before it reached the server (etcd
+    // does), while b's connection is still the dead one until its keep-alive finds out; and a
+    // backend's watches may come back later than its commands (Redis reconnects its pub/sub
+    // connection after a backoff, while b polls at the expiry it observed).
     let reached = || {
-        b.client
-            .calls()
-            .iter()
-            .any(|c| c.sent > healed && matches!(c.result, Some(CallResult::Held(Some(_)))))
+        let calls = b.client.calls();
+        let since = |kind: CallKind, answered: fn(&CallResult) -> bool| {
+            calls.iter().any(|c| {
+                c.kind == kind && c.sent > healed && c.result.as_ref().is_some_and(answered)
+            })
+        };
+        since(CallKind::Acquire, |r| {
+            matches!(r, CallResult::Held(Some(_)))
+        }) && since(CallKind::Watch, |r| matches!(r, CallResult::Done))
     };
     let _ = timeout(2 * t.lease_duration + t.retry_period, async {
         while !reached() {
@@ -931,7 +938,7 @@ pub async fn resign_hands_over<H: Harness + ?Sized>(h: &H) {
 /// How many locks [`many_locks_on_shared_clients`] runs.
 pub const SHARED_LOCKS: usize = 24;
 
-/// [`SHARED_LOCKS`] locks, all their leaders on one client (one backend value) and all their
+/// [`Harness::shared_locks`] locks ([`SHARED_LOCKS`] unless the harness says otherwise), all their leaders on one client (one backend value) and all their
 /// followers on another, so every watch and renew of a side shares that backend value's
 /// plumbing (one pub/sub connection, one session lease, one watch per namespace). Each leader
 /// resigns; each follower must take over through its notification (well before the lease
@@ -940,7 +947,7 @@ pub async fn many_locks_on_shared_clients<H: Harness + ?Sized>(h: &H) {
     let t = h.timing();
     let leaders_client = h.client().await;
     let followers_client = h.client().await;
-    let locks: Vec<String> = (0..SHARED_LOCKS)
+    let locks: Vec<String> = (0..h.shared_locks())
         .map(|_| lock_name("shared-clients"))
         .collect();
     let checkers: Vec<SafetyChecker> = locks.iter().map(|_| SafetyChecker::new()).collect();
