@@ -5,6 +5,7 @@
 //! cargo run --release --example many_locks --features redis -- --backend redis://127.0.0.1:6379 --locks 10000
 //! cargo run --release --example many_locks --features etcd -- --backend etcd://127.0.0.1:2379 --locks 10000
 //! cargo run --release --example many_locks --features kube -- --backend kube://default --locks 1000
+//! cargo run --release --example many_locks --features postgres -- --backend postgres://user@127.0.0.1:5432/db --locks 10000
 //! ```
 //!
 //! It starts no server. One backend value (identity `pod-1`) campaigns on N locks and should
@@ -48,9 +49,9 @@ async fn connect(url: &str) -> Result<Target, Box<dyn Error>> {
         not(any(feature = "redis", feature = "etcd", feature = "kube")),
         allow(unused_variables)
     )]
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| format!("{url:?}: expected memory://, redis://, etcd:// or kube://"))?;
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+        format!("{url:?}: expected memory://, redis://, etcd://, kube:// or postgres://")
+    })?;
     match scheme {
         "memory" => Ok((Arc::new(MemoryBackend::new()), None)),
         #[cfg(feature = "redis")]
@@ -77,21 +78,36 @@ async fn connect(url: &str) -> Result<Target, Box<dyn Error>> {
             let backend = leasehold::KubeBackend::from_env(rest.trim_end_matches('/')).await?;
             Ok((Arc::new(backend), kube_port()))
         }
-        missing if ["redis", "rediss", "etcd", "kube"].contains(&missing) => Err(format!(
-            "this example was built without the `{0}` feature: \
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => {
+            let backend = leasehold::PostgresBackend::from_url(url)?;
+            let port = port_of(backend.address(), 5432);
+            Ok((Arc::new(backend), Some(port)))
+        }
+        missing
+            if ["redis", "rediss", "etcd", "kube", "postgres", "postgresql"].contains(&missing) =>
+        {
+            Err(format!(
+                "this example was built without the `{0}` feature: \
              cargo run --release --example many_locks --features {0} -- --backend {url}",
-            if missing == "rediss" {
-                "redis"
-            } else {
-                missing
-            }
-        )
-        .into()),
+                match missing {
+                    "rediss" => "redis",
+                    "postgresql" => "postgres",
+                    other => other,
+                }
+            )
+            .into())
+        }
         other => Err(format!("unknown backend scheme {other:?}").into()),
     }
 }
 
-#[cfg(any(feature = "redis", feature = "etcd", feature = "kube"))]
+#[cfg(any(
+    feature = "redis",
+    feature = "etcd",
+    feature = "kube",
+    feature = "postgres"
+))]
 fn port_of(host_port: &str, default: u16) -> u16 {
     host_port
         .split('/')

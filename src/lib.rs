@@ -10,6 +10,7 @@
 //! | `redis`  | Redis (`SET NX PX` + fencing counter in one script, pub/sub) | `leasehold-redis` |
 //! | `etcd`   | etcd election protocol (`etcdctl elect` compatible) | `leasehold-etcd` |
 //! | `kube`   | Kubernetes `Lease`, client-go `LeaseLock` compatible | `leasehold-kube` |
+//! | `postgres` | PostgreSQL lease table (server clock, token sequence, `LISTEN`/`NOTIFY`) | `leasehold-postgres` |
 //!
 //!
 //! ```
@@ -70,6 +71,20 @@
 //! # fn main() {}
 //! ```
 //!
+//! PostgreSQL (feature `postgres`), a lease table created if missing:
+//!
+//! ```no_run
+//! # #[cfg(feature = "postgres")]
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use leasehold::{Callbacks, CancellationToken, Config, Elector, PostgresBackend};
+//!
+//! let backend = PostgresBackend::from_url("postgres://app:secret@127.0.0.1:5432/app")?;
+//! let elector = Elector::new(Config::new("pod-1", "my-app"), backend, Callbacks::new())?;
+//! elector.run(CancellationToken::new()).await?;
+//! # Ok(()) }
+//! # fn main() {}
+//! ```
+//!
 //! Kubernetes (feature `kube`), sharing Leases with client-go:
 //!
 //! ```no_run
@@ -109,3 +124,8 @@ pub use leasehold_etcd::{self as etcd, EtcdBackend, EtcdConfig};
 #[cfg_attr(docsrs, doc(cfg(feature = "kube")))]
 #[doc(inline)]
 pub use leasehold_kube::{self as kube, KubeBackend};
+
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+#[doc(inline)]
+pub use leasehold_postgres::{self as postgres, PostgresBackend, PostgresConfig};

@@ -4,10 +4,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use leasehold::{
-    EtcdBackend, EtcdConfig, KubeBackend, LockBackend, MemoryBackend, RedisBackend, RedisConfig,
+    EtcdBackend, EtcdConfig, KubeBackend, LockBackend, MemoryBackend, PostgresBackend,
+    PostgresConfig, RedisBackend, RedisConfig,
 };
 
 use leasehold::redis::redact_url;
+
+/// `url` with credentials hidden, whatever its scheme.
+fn redact(url: &str) -> String {
+    if url.starts_with("postgres") {
+        leasehold::postgres::redact_url(url)
+    } else {
+        redact_url(url)
+    }
+}
 
 use crate::error::CliError;
 
@@ -27,6 +37,8 @@ pub enum BackendUrl {
     },
     /// `kube://NAMESPACE`
     Kube(String),
+    /// `postgres://…` or `postgresql://…` (libpq's URL form, plus leasehold's parameters).
+    Postgres(String),
 }
 
 impl BackendUrl {
@@ -37,7 +49,7 @@ impl BackendUrl {
     /// [`CliError::BadUrl`], whose message lists the accepted forms.
     pub fn parse(url: &str) -> Result<Self, CliError> {
         let bad = |reason: &str| CliError::BadUrl {
-            url: redact_url(url),
+            url: redact(url),
             reason: reason.to_owned(),
         };
         let Some((scheme, rest)) = url.split_once("://") else {
@@ -85,6 +97,10 @@ impl BackendUrl {
                 }
                 Ok(BackendUrl::Kube(namespace.to_owned()))
             }
+            "postgres" | "postgresql" => {
+                PostgresConfig::from_url(url).map_err(|e| bad(&e.to_string()))?;
+                Ok(BackendUrl::Postgres(url.to_owned()))
+            }
             other => Err(bad(&format!("unknown scheme {other:?}"))),
         }
     }
@@ -96,6 +112,7 @@ impl BackendUrl {
             BackendUrl::Redis(url) => format!("redis at {}", redact_url(url)),
             BackendUrl::Etcd { endpoints, .. } => format!("etcd at {}", endpoints.join(",")),
             BackendUrl::Kube(ns) => format!("kubernetes (namespace {ns})"),
+            BackendUrl::Postgres(url) => format!("postgres at {}", redact(url)),
         }
     }
 
@@ -124,6 +141,17 @@ impl BackendUrl {
                 config.user = user.clone();
                 config.connect_timeout = timeout;
                 Arc::new(EtcdBackend::new(config))
+            }
+            BackendUrl::Postgres(url) => {
+                let mut config = PostgresConfig::from_url(url).map_err(|e| CliError::BadUrl {
+                    url: redact(url),
+                    reason: e.to_string(),
+                })?;
+                config.connect_timeout = timeout;
+                Arc::new(PostgresBackend::new(config).map_err(|e| CliError::BadUrl {
+                    url: redact(url),
+                    reason: e.to_string(),
+                })?)
             }
             BackendUrl::Kube(namespace) => {
                 let backend =
@@ -180,6 +208,15 @@ mod tests {
             BackendUrl::parse("kube://prod").unwrap(),
             BackendUrl::Kube("prod".into())
         );
+        for url in [
+            "postgres://app:pw@db:5432/app?sslmode=verify-full",
+            "postgresql://db/app?leasehold_table=locks&leasehold_listen=false",
+        ] {
+            assert_eq!(
+                BackendUrl::parse(url).unwrap(),
+                BackendUrl::Postgres(url.into())
+            );
+        }
     }
 
     #[test]
@@ -193,6 +230,9 @@ mod tests {
             "kube://a/b",
             "memory://x",
             "redis://",
+            "postgres://",
+            "postgres://db/app?sslmode=sometimes",
+            "postgres://db/app?leasehold_table=Bad-Name",
         ] {
             let err = BackendUrl::parse(bad).unwrap_err();
             assert_eq!(err.exit_code(), 3, "{bad}");
@@ -204,5 +244,7 @@ mod tests {
         }
         let err = BackendUrl::parse("etcd://user:secret@").unwrap_err();
         assert!(!err.to_string().contains("secret"));
+        let err = BackendUrl::parse("postgres://user:secret@db/app?sslmode=no").unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
     }
 }

@@ -92,6 +92,7 @@ struct BackendArgs {
         long,
         env = "LEASEHOLD_BACKEND",
         help = "memory://, redis://host:port[/db], rediss://..., etcd://host:port[,host:port], \
+                postgres://user:password@host:port/db[?sslmode=...], \
                 kube://NAMESPACE (kubeconfig or in-cluster)"
     )]
     backend: String,

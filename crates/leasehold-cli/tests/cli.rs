@@ -1,10 +1,11 @@
-//! The `leasehold` binary as users run it: real processes against real Redis and etcd servers.
+//! The `leasehold` binary as users run it: real processes against real Redis, etcd and
+//! PostgreSQL servers.
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use leasehold_testkit::{free_port, EtcdServer, RedisServer};
+use leasehold_testkit::{free_port, EtcdServer, PostgresServer, RedisServer};
 use tokio::process::{Child, Command};
 use tokio::time::{sleep, Instant};
 
@@ -232,6 +233,34 @@ async fn runs_on_redis_never_overlap() {
     let server = RedisServer::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     scenario(&server.url(), dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_on_postgres_never_overlap() {
+    let server = PostgresServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    scenario(&server.url(), dir.path()).await;
+}
+
+/// `postgresql://` is accepted too; a wrong password is a clear, fatal error (exit code of
+/// an unauthorized backend), without the password in the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_urls_and_bad_passwords_are_clear() {
+    let server = PostgresServer::start_with_password("s3cret").await;
+    let addr = server.addr();
+    let good = format!("postgresql://leasehold:s3cret@{addr}/postgres?sslmode=disable");
+    let out = leasehold(&["status", "--backend", &good, "--lock", "pg-status"]).await;
+    assert!(
+        out.status.success(),
+        "status on postgresql://: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = format!("postgres://leasehold:wrong@{addr}/postgres?sslmode=disable");
+    let out = leasehold(&["status", "--backend", &bad, "--lock", "pg-status"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "unauthorized: {stderr}");
+    assert!(!stderr.contains("wrong"), "the password leaked: {stderr}");
+    assert!(stderr.contains("password"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use leasehold_core::Leadership;
 use leasehold_testkit::{
-    EtcdHarness, Harness, KubeHarness, MemoryHarness, Node, NodeEvent, Persistence, RedisHarness,
-    SafetyChecker, Timing,
+    EtcdHarness, Harness, KubeHarness, MemoryHarness, Node, NodeEvent, Persistence,
+    PostgresHarness, RedisHarness, SafetyChecker, Timing,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -38,6 +38,8 @@ pub enum BackendKind {
     Etcd,
     /// A real kube-apiserver (with its etcd), one per invocation.
     Kube,
+    /// A real PostgreSQL cluster (`initdb` + `postgres`).
+    Postgres,
 }
 
 impl BackendKind {
@@ -48,6 +50,7 @@ impl BackendKind {
             BackendKind::Redis => "redis",
             BackendKind::Etcd => "etcd",
             BackendKind::Kube => "kube",
+            BackendKind::Postgres => "postgres",
         }
     }
 
@@ -89,7 +92,7 @@ impl fmt::Display for UnknownBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "unknown backend {:?}; known: memory, redis, etcd, kube",
+            "unknown backend {:?}; known: memory, redis, etcd, kube, postgres",
             self.0
         )
     }
@@ -105,6 +108,7 @@ impl FromStr for BackendKind {
             "redis" => Ok(BackendKind::Redis),
             "etcd" => Ok(BackendKind::Etcd),
             "kube" | "kubernetes" => Ok(BackendKind::Kube),
+            "postgres" | "postgresql" => Ok(BackendKind::Postgres),
             other => Err(UnknownBackend(other.to_owned())),
         }
     }
@@ -258,6 +262,8 @@ pub enum Server {
     Etcd(EtcdHarness),
     /// A kube-apiserver.
     Kube(Box<KubeHarness>),
+    /// A PostgreSQL cluster.
+    Postgres(PostgresHarness),
 }
 
 impl Server {
@@ -271,6 +277,7 @@ impl Server {
             ),
             BackendKind::Etcd => Server::Etcd(EtcdHarness::start().await),
             BackendKind::Kube => Server::Kube(Box::new(KubeHarness::start().await)),
+            BackendKind::Postgres => Server::Postgres(PostgresHarness::start().await),
         }
     }
 
@@ -280,6 +287,7 @@ impl Server {
             Server::Redis(h, _) => h,
             Server::Etcd(h) => h,
             Server::Kube(h) => h.as_ref(),
+            Server::Postgres(h) => h,
         }
     }
 
@@ -289,14 +297,22 @@ impl Server {
             Server::Redis(h, _) => h.server_ref().pid(),
             Server::Etcd(h) => h.server_ref().pid(),
             Server::Kube(h) => h.server_ref().pid(),
+            Server::Postgres(h) => h.server().pid(),
         }
     }
 
     async fn signal(&self, signal: &str) -> bool {
         let Some(pid) = self.pid() else { return false };
+        // PostgreSQL serves each connection from a process of its own: stop or continue the
+        // postmaster's whole process group, or open connections would go on unaffected.
+        let target = match self {
+            Server::Postgres(_) => format!("-{pid}"),
+            _ => pid.to_string(),
+        };
         tokio::process::Command::new("kill")
             .arg(signal)
-            .arg(pid.to_string())
+            .arg("--")
+            .arg(target)
             .status()
             .await
             .is_ok_and(|s| s.success())
@@ -308,6 +324,7 @@ impl Server {
             Server::Redis(h, _) => h.server().crash_restart().await,
             Server::Etcd(h) => h.server().restart().await,
             Server::Kube(h) => h.server().restart().await,
+            Server::Postgres(h) => h.server().restart().await,
         }
         true
     }

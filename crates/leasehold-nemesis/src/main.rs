@@ -43,7 +43,7 @@ impl FromStr for Mode {
 #[derive(Debug, Parser)]
 #[command(name = "leasehold-nemesis")]
 struct Args {
-    /// memory, redis, etcd or kube; run-redis or run-etcd for real `leasehold run` processes.
+    /// memory, redis, etcd, kube or postgres; run-redis or run-etcd for real `leasehold run` processes.
     #[arg(long)]
     backend: Mode,
     /// Number of runs (seeds `seed..seed + runs`).

@@ -21,6 +21,7 @@
 //!
 //! - `redis`: [`RedisServer`], [`RedisHarness`], [`RedisCluster`] (needs `redis-server`);
 //! - `etcd`: [`EtcdServer`], [`EtcdHarness`] (needs `etcd`);
+//! - `postgres`: [`PostgresServer`], [`PostgresHarness`] (needs `initdb` and `postgres`);
 //! - `kube`: [`KubeApiServer`], [`KubeHarness`], client-go's elector ([`GoElector`]); includes
 //!   `etcd` (the apiserver stores in an etcd the harness starts).
 //!
@@ -44,6 +45,8 @@ mod harness;
 mod kube_server;
 mod memory;
 mod node;
+#[cfg(feature = "postgres")]
+mod postgres_server;
 pub mod process;
 pub mod proxy;
 #[cfg(feature = "redis")]
@@ -67,6 +70,9 @@ pub use kube_server::{
 };
 pub use memory::MemoryHarness;
 pub use node::{Node, NodeEvent};
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use postgres_server::{PostgresHarness, PostgresServer, PG_GARBAGE, PG_USER};
 pub use process::free_port;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
