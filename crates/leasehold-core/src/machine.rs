@@ -388,6 +388,9 @@ pub struct Machine {
     /// After a resign: no attempt before this instant (applied when [`Timer::Attempt`] is set).
     quiet_until: Option<Instant>,
     last_error: Option<BackendError>,
+    /// The watch reported the lock vacant while our acquire was in flight: a "held" answer to
+    /// it may be older than that release (see [`Machine::handle_observation`]).
+    vacancy_during_acquire: bool,
 }
 
 impl Machine {
@@ -425,6 +428,7 @@ impl Machine {
             shutting_down: false,
             quiet_until: None,
             last_error: None,
+            vacancy_during_acquire: false,
         }
     }
 
@@ -575,7 +579,19 @@ impl Machine {
     /// own duration back.
     pub fn handle_observation(&mut self, now: Instant, observation: Observation) {
         match self.state {
-            State::Following => self.observe(now, &observation, false),
+            State::Following => {
+                // A release heard while our acquire is in flight may be newer than the answer
+                // (the server answered "held" before the release, its notification came
+                // first): that answer must not push the attempt back to the old expiry.
+                if observation.holder().is_none()
+                    && self
+                        .pending
+                        .is_some_and(|p| p.operation == Call::Acquire.name())
+                {
+                    self.vacancy_during_acquire = true;
+                }
+                self.observe(now, &observation, false);
+            }
             State::Leading(_) => self.observe_own_lock(now, &observation),
             _ => {}
         }
@@ -696,11 +712,16 @@ impl Machine {
         sent_at: Instant,
         result: Result<AcquireOutcome, BackendError>,
     ) {
+        let vacancy_heard = std::mem::take(&mut self.vacancy_during_acquire);
         match result {
             Ok(AcquireOutcome::Acquired(grant)) => self.on_acquired(now, sent_at, grant),
             Ok(AcquireOutcome::Held(observation)) => {
                 self.last_error = None;
                 self.observe(now, &observation, true);
+                if vacancy_heard && self.state == State::Following && !self.shutting_down {
+                    // Once per release heard: no busy loop on a backend that keeps refusing.
+                    self.set_attempt(Some(now));
+                }
                 if self.shutting_down {
                     self.begin_exit();
                 }

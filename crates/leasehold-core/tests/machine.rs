@@ -413,6 +413,39 @@ fn a_refusal_naming_us_with_a_term_we_never_held_waits_for_the_watch() {
     assert_eq!(Sim::calls(&sim.drain()), vec![Call::Acquire]);
 }
 
+/// A release heard on the watch while our acquire is in flight: the acquire's "held until T"
+/// answer may be older than the release (the server answered before it, the notification came
+/// first). The answer must not push the next attempt to T, where the resigned leader may win
+/// again: the follower asks once more at once. Without a release heard, the answer's expiry
+/// stands.
+#[test]
+fn a_release_heard_while_acquiring_is_not_undone_by_the_answer() {
+    let mut sim = Sim::started(config());
+    sim.advance(ms(5));
+    sim.m.handle_observation(sim.now, Observation::vacant());
+    assert!(Sim::calls(&sim.drain()).is_empty(), "one call at a time");
+    sim.advance(ms(5));
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Held(held_by(
+        "other",
+        Some(LEASE),
+    )))));
+    assert_eq!(
+        Sim::calls(&sim.drain()),
+        vec![Call::Acquire],
+        "the release heard meanwhile is acted on"
+    );
+    sim.answer(CallResult::Acquire(Ok(AcquireOutcome::Held(held_by(
+        "other",
+        Some(LEASE),
+    )))));
+    sim.drain();
+    assert_eq!(
+        sim.m.poll_timeout(),
+        Some(sim.now + LEASE),
+        "no release heard during this one: the answer's expiry stands"
+    );
+}
+
 #[test]
 fn a_broken_watch_is_reopened_and_bounds_the_wait() {
     let mut sim = Sim::started(config());
