@@ -290,20 +290,13 @@ async fn withdraw_deletes_only_the_candidates_key() {
     };
     assert_eq!(leases(h.server_ref()).await.len(), 1);
     backend.withdraw(&a).await.expect("withdraw");
-    let mut admin = h.server_ref().client().await;
-    let keys = |prefix: String| {
-        let mut admin = admin.clone();
-        async move {
-            admin
-                .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
-                .await
-                .expect("get")
-                .kvs()
-                .len()
-        }
-    };
-    assert_eq!(keys(format!("{la}/")).await, 0, "a's key is deleted");
-    assert_eq!(keys(format!("{lb}/")).await, 1, "b's key stays");
+    let admin = h.server_ref().client().await;
+    assert_eq!(
+        keys(&admin, format!("{la}/")).await,
+        0,
+        "a's key is deleted"
+    );
+    assert_eq!(keys(&admin, format!("{lb}/")).await, 1, "b's key stays");
     assert_eq!(
         leases(h.server_ref()).await.len(),
         1,
@@ -317,7 +310,7 @@ async fn withdraw_deletes_only_the_candidates_key() {
         backend.renew(&a, &ga).await,
         Ok(RenewOutcome::Lost(_))
     ));
-    let _ = admin.status().await;
+    let _ = admin.clone().status().await;
 }
 
 /// A candidate dropped without withdrawing (an aborted elector) leaves its key under the
@@ -343,18 +336,7 @@ async fn an_abandoned_candidates_key_is_reaped_and_no_other() {
         panic!("a acquires a free lock");
     };
     let admin = h.server_ref().client().await;
-    let keys = |prefix: String| {
-        let mut admin = admin.clone();
-        async move {
-            admin
-                .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
-                .await
-                .expect("get")
-                .kvs()
-                .len()
-        }
-    };
-    assert_eq!(keys(format!("{la}/")).await, 1, "a's key is there");
+    assert_eq!(keys(&admin, format!("{la}/")).await, 1, "a's key is there");
     drop((ga, a));
     // b renews every 500 ms meanwhile; a's key must go within a generous bound (one TTL idle,
     // checked every TTL/2, on a loaded machine).
@@ -364,7 +346,7 @@ async fn an_abandoned_candidates_key_is_reaped_and_no_other() {
             matches!(backend.renew(&b, &gb).await, Ok(RenewOutcome::Renewed)),
             "b keeps its term while a's key is reaped"
         );
-        if keys(format!("{la}/")).await == 0 {
+        if keys(&admin, format!("{la}/")).await == 0 {
             reaped = Some(acquiring.elapsed());
             break;
         }
@@ -375,9 +357,20 @@ async fn an_abandoned_candidates_key_is_reaped_and_no_other() {
         reaped >= lease,
         "a's key went {reaped:?} after its acquire began: before a whole TTL of idleness"
     );
-    assert_eq!(keys(format!("{lb}/")).await, 1, "b's key stays");
+    assert_eq!(keys(&admin, format!("{lb}/")).await, 1, "b's key stays");
     assert!(matches!(
         backend.renew(&b, &gb).await,
         Ok(RenewOutcome::Renewed)
     ));
+}
+
+/// How many keys the server holds under `prefix`.
+async fn keys(admin: &etcd_client::Client, prefix: String) -> usize {
+    admin
+        .clone()
+        .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+        .expect("get")
+        .kvs()
+        .len()
 }

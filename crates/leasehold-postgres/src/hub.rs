@@ -39,28 +39,8 @@ const WATCH_BUFFER: usize = 32;
 /// Longest pause between failed connects.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// When each watched lock last had a notification delivered, in the order of a counter
-/// (for [`Hub::changed_since`]).
-#[derive(Default)]
-struct Changes {
-    seq: AtomicU64,
-    last: Mutex<HashMap<String, u64>>,
-}
-
-impl Changes {
-    fn mark(&self, name: &str) {
-        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
-        lock(&self.last).insert(name.to_owned(), seq);
-    }
-
-    fn forget(&self, name: &str) {
-        lock(&self.last).remove(name);
-    }
-}
-
 /// The shared `LISTEN` plumbing of one backend value.
 pub(crate) struct Hub {
-    changes: Arc<Changes>,
     opener: Arc<Opener>,
     /// The `LISTEN` statement (the channel, quoted).
     listen: String,
@@ -93,7 +73,6 @@ impl Hub {
         retired: tokio::sync::watch::Sender<u64>,
     ) -> Self {
         Self {
-            changes: Arc::default(),
             opener,
             listen: format!("LISTEN \"{}\"", channel.replace('"', "\"\"")),
             retired,
@@ -102,18 +81,6 @@ impl Hub {
             failures: AtomicU32::new(0),
             opened: AtomicU64::new(0),
         }
-    }
-
-    /// A mark to pass to [`changed_since`](Self::changed_since) later.
-    pub fn mark(&self) -> u64 {
-        self.changes.seq.load(Ordering::SeqCst)
-    }
-
-    /// Whether a notification about `lock` reached a watch after `mark` was taken.
-    pub fn changed_since(&self, lock_name: &str, mark: u64) -> bool {
-        lock(&self.changes.last)
-            .get(lock_name)
-            .is_some_and(|seq| *seq > mark)
     }
 
     /// How many `LISTEN` connections this hub has opened.
@@ -142,7 +109,6 @@ impl Hub {
         let session = Arc::new(Session {
             generation,
             client,
-            changes: self.changes.clone(),
             routes: Mutex::default(),
             dead: CancellationToken::new(),
             address: self.opener.address.clone(),
@@ -241,7 +207,6 @@ impl Route {
 struct Session {
     generation: u64,
     client: tokio_postgres::Client,
-    changes: Arc<Changes>,
     routes: Mutex<HashMap<String, Vec<Route>>>,
     dead: CancellationToken,
     address: String,
@@ -263,9 +228,6 @@ impl Session {
         }
         self.dead.cancel();
         let routes = std::mem::take(&mut *lock(&self.routes));
-        for name in routes.keys() {
-            self.changes.forget(name);
-        }
         let why = reason.unwrap_or("the backend value was dropped");
         let watches: usize = routes.values().map(Vec::len).sum();
         for route in routes.into_values().flatten() {
@@ -303,25 +265,17 @@ impl Session {
         match event.lock() {
             Some(name) => {
                 if let Some(watches) = routes.get_mut(name) {
-                    self.changes.mark(name);
                     deliver_to(watches);
                     if watches.is_empty() {
                         routes.remove(name);
-                        self.changes.forget(name);
                     }
                 }
             }
             None => {
-                for (name, watches) in routes.iter_mut() {
-                    self.changes.mark(name);
+                for watches in routes.values_mut() {
                     deliver_to(watches);
                 }
-                routes.retain(|name, watches| {
-                    if watches.is_empty() {
-                        self.changes.forget(name);
-                    }
-                    !watches.is_empty()
-                });
+                routes.retain(|_, watches| !watches.is_empty());
             }
         }
     }
@@ -332,7 +286,6 @@ impl Session {
             watches.retain(|route| route.id != id);
             if watches.is_empty() {
                 routes.remove(name);
-                self.changes.forget(name);
             }
         }
     }

@@ -805,26 +805,9 @@ impl LockBackend for PostgresBackend {
     }
 
     async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
-        // A notification that arrives while the acquire runs (a release committed just after
-        // the statement saw the lock held) reaches the elector before this answer, which would
-        // then override it with the older "held until T": the follower would miss the
-        // handover and wait for the expiry. So when the answer is "held" and the lock's watch
-        // heard of a change since the statement was sent, ask again (three times at most).
-        let mut asked = 0;
-        loop {
-            let mark = self.inner.hub.mark();
-            let outcome = self.acquire_once(candidate).await?;
-            asked += 1;
-            let raced = matches!(outcome, AcquireOutcome::Held(_))
-                && self.inner.hub.changed_since(&candidate.lock, mark);
-            if !raced || asked > 3 {
-                return Ok(outcome);
-            }
-            tracing::debug!(
-                lock = %candidate.lock,
-                "the lock changed while the acquire ran: asking again"
-            );
-        }
+        // A release heard while this runs is not lost when the answer says "held": the
+        // elector's machine asks again (see its handling of a vacancy during an acquire).
+        self.acquire_once(candidate).await
     }
 
     async fn renew(
