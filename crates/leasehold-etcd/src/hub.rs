@@ -11,13 +11,13 @@
 //! after it is covered by its events; a watch given a start revision has every event from that
 //! revision on, as on a stream of its own.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use etcd_client::{Client, WatchOptions, WatchRequestSender, WatchResponse, WatchResponseStream};
 use leasehold_core::{BackendError, CancellationToken};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::{backend_name, map_error, EtcdConfig};
 
@@ -40,9 +40,74 @@ pub(crate) struct WatchHub {
 
 struct Route {
     created: Option<oneshot::Sender<()>>,
-    /// Boxed responses: the channel allocates a block of slots when it is made, and thousands
-    /// of idle watches should not each hold a block of whole responses.
-    events: mpsc::Sender<Box<WatchResponse>>,
+    events: Arc<Inbox>,
+}
+
+impl Drop for Route {
+    /// A route removed (the watch dropped, fallen behind, cancelled, or its stream broke) ends
+    /// its watch: the consumer takes what is queued, then an error.
+    fn drop(&mut self) {
+        self.events.close();
+    }
+}
+
+/// One watch's queue of responses, shared by the dispatcher and the consumer: a small shared
+/// queue and a [`Notify`] instead of a channel, which allocates blocks of slots and padded
+/// state per watch (thousands of idle watches). Responses are boxed for the same reason.
+#[derive(Default)]
+struct Inbox {
+    state: Mutex<InboxState>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct InboxState {
+    responses: VecDeque<Box<WatchResponse>>,
+    closed: bool,
+}
+
+impl Inbox {
+    fn state(&self) -> std::sync::MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `response`; `false` (and nothing queued) when the consumer has fallen
+    /// [`WATCH_BUFFER`] responses behind or the watch ended.
+    fn push(&self, response: WatchResponse) -> bool {
+        let mut state = self.state();
+        if state.closed || state.responses.len() >= WATCH_BUFFER {
+            return false;
+        }
+        state.responses.push_back(Box::new(response));
+        drop(state);
+        self.ready.notify_one();
+        true
+    }
+
+    fn close(&self) {
+        self.state().closed = true;
+        self.ready.notify_one();
+    }
+
+    /// The next response; `None` once the watch ended and its queue is empty.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a response is taken only when it is returned.
+    async fn next(&self) -> Option<WatchResponse> {
+        loop {
+            {
+                let mut state = self.state();
+                if let Some(response) = state.responses.pop_front() {
+                    return Some(*response);
+                }
+                if state.closed {
+                    return None;
+                }
+            }
+            // A push between the check and this wait leaves a permit: no wake-up is lost.
+            self.ready.notified().await;
+        }
+    }
 }
 
 struct HubStream {
@@ -64,7 +129,7 @@ impl HubStream {
 pub(crate) struct HubWatch {
     id: i64,
     stream: Arc<HubStream>,
-    events: mpsc::Receiver<Box<WatchResponse>>,
+    events: Arc<Inbox>,
     backend: String,
 }
 
@@ -72,8 +137,8 @@ impl HubWatch {
     /// The next response of this watch; an error once the watch ended without being cancelled
     /// by the server (the stream broke, or this consumer fell behind).
     pub async fn message(&mut self) -> Result<WatchResponse, BackendError> {
-        match self.events.recv().await {
-            Some(response) => Ok(*response),
+        match self.events.next().await {
+            Some(response) => Ok(response),
             None => Err(BackendError::Unavailable {
                 backend: self.backend.clone(),
                 detail: if self.stream.broken.is_cancelled() {
@@ -189,11 +254,11 @@ impl WatchHub {
         options: &WatchOptions,
     ) -> Result<HubWatch, BackendError> {
         let backend = backend_name(config);
-        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let inbox = Arc::new(Inbox::default());
         let (created_tx, created_rx) = oneshot::channel();
         let route = Route {
             created: Some(created_tx),
-            events: tx,
+            events: inbox.clone(),
         };
         let failures_seen = self.open_failures.load(Ordering::SeqCst);
         let stream = {
@@ -243,7 +308,7 @@ impl WatchHub {
         let watch = HubWatch {
             id,
             stream: stream.clone(),
-            events: rx,
+            events: inbox,
             backend: backend.clone(),
         };
         match tokio::time::timeout(config.request_timeout, created_rx).await {
@@ -305,15 +370,15 @@ async fn dispatch(stream: Arc<HubStream>, mut responses: WatchResponseStream) {
         }
         if response.canceled() {
             // Ended by the server (compaction, no leader, refused): the consumer sees why.
-            if let Some(route) = routes.remove(&id) {
-                if let Some(created) = route.created {
+            if let Some(mut route) = routes.remove(&id) {
+                if let Some(created) = route.created.take() {
                     let _ = created.send(());
                 }
-                let _ = route.events.try_send(Box::new(response));
+                route.events.push(response);
             }
             continue;
         }
-        if route.events.try_send(Box::new(response)).is_err() {
+        if !route.events.push(response) {
             // Fallen behind (or gone): end its watch, never wait for it.
             routes.remove(&id);
             let _ = stream.cancels.send(id);

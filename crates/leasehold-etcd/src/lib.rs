@@ -52,6 +52,7 @@
 //! `etcdctl elect my-app` candidates and leasehold electors of lock `my-app` (with the default
 //! empty `key_prefix`) share one election.
 
+mod driven;
 mod hub;
 mod record;
 mod seat;

@@ -7,12 +7,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use etcd_client::{EventType, GetOptions, SortOrder, SortTarget, WatchFilterType, WatchOptions};
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use leasehold_core::{
     BackendError, Candidate, FencingToken, LeaderRecord, LockBackend, Observation,
 };
-use tokio::sync::{mpsc, Notify};
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio::sync::Notify;
 
 use crate::session::Session;
 use crate::{map_error, EtcdBackend, WeakBackend};
@@ -281,43 +280,23 @@ impl Drop for WatchGuard {
     }
 }
 
-/// Where a watch task reports to its elector. Each report is boxed: the channel allocates its
-/// first block of slots when it is made, and thousands of idle watches should not each hold a
-/// block of whole observations.
-pub(crate) struct Reports(mpsc::UnboundedSender<Box<Result<Observation, BackendError>>>);
-
-impl Reports {
-    /// Reports `report`; an error when the elector dropped its stream.
-    fn send(&self, report: Result<Observation, BackendError>) -> Result<(), ()> {
-        self.0.send(Box::new(report)).map_err(|_| ())
-    }
-
-    /// Returns when the elector dropped its stream.
-    async fn closed(&self) {
-        self.0.closed().await;
-    }
-}
+/// Where a candidate's watch reports to its elector.
+type Reports = crate::driven::Reports<Result<Observation, BackendError>>;
 
 /// A stream that yields an observation whenever the candidate may have moved to the head of
-/// the queue: when the key just ahead of its own is deleted (or there is none).
+/// the queue: when the key just ahead of its own is deleted (or there is none). No task of its
+/// own: the elector's polls of the stream drive it.
 pub(crate) fn watch_predecessor(
     backend: EtcdBackend,
     cell: Arc<SeatCell>,
     prefix: String,
     lock: String,
 ) -> impl Stream<Item = Result<Observation, BackendError>> + Send + 'static {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let tx = Reports(tx);
     let guard = WatchGuard::new(cell.activity.clone());
-    let fut = async move {
+    crate::driven::driven(move |tx| async move {
         let _guard = guard;
-        tokio::select! {
-            () = follow(&backend, &cell, &prefix, &lock, &tx) => {}
-            () = tx.closed() => {}
-        }
-    };
-    tokio::spawn(fut);
-    UnboundedReceiverStream::new(rx).map(|report| *report)
+        follow(&backend, &cell, &prefix, &lock, &tx).await;
+    })
 }
 
 /// Returns when `session` (if any) is lost; never without one.
@@ -344,9 +323,7 @@ async fn observe_election(
     let mut changed = changed;
     loop {
         let observation = Box::pin(backend.read(lock)).await;
-        if tx.send(observation).is_err() {
-            return Ok(());
-        }
+        tx.send(observation);
         tokio::select! {
             () = &mut changed => return Ok(()),
             message = stream.message() => {
@@ -370,7 +347,7 @@ async fn observed(
     match Box::pin(observe_election(backend, prefix, lock, tx, changed)).await {
         Ok(()) => true,
         Err(error) => {
-            let _ = tx.send(Err(error));
+            tx.send(Err(error));
             false
         }
     }
@@ -397,9 +374,7 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
         if !alive {
             // The session lease died: our key is gone. Ask the elector to attempt again,
             // which takes a seat on a new session.
-            if tx.send(Ok(Observation::vacant())).is_err() {
-                return;
-            }
+            tx.send(Ok(Observation::vacant()));
             changed.await;
             continue;
         }
@@ -440,7 +415,7 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
                 (response.kvs().first().map(|kv| kv.key().to_vec()), start)
             }
             Err(error) => {
-                let _ = tx.send(Err(error));
+                tx.send(Err(error));
                 return;
             }
         };
@@ -453,15 +428,11 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
                 // own key: its deletion by anyone else ends the term at once.
                 let token = FencingToken(u64::try_from(revision).unwrap_or(0));
                 let mine = Observation::held(LeaderRecord::new(identity, token, ttl), None);
-                if tx.send(Ok(mine)).is_err() {
-                    return;
-                }
+                tx.send(Ok(mine));
                 (key.into_bytes(), true)
             }
             (None, None) => {
-                if tx.send(Ok(Observation::vacant())).is_err() {
-                    return;
-                }
+                tx.send(Ok(Observation::vacant()));
                 changed.await;
                 continue;
             }
@@ -474,7 +445,7 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
         let mut stream = match Box::pin(backend.watch_key(key, options)).await {
             Ok(stream) => stream,
             Err(error) => {
-                let _ = tx.send(Err(error));
+                tx.send(Err(error));
                 return;
             }
         };
@@ -486,16 +457,14 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
                 message = stream.message() => match message {
                     Ok(response) => {
                         if response.canceled() {
-                            let _ = tx.send(Err(BackendError::Unavailable {
+                            tx.send(Err(BackendError::Unavailable {
                                 backend: crate::backend_name(config),
                                 detail: format!("watch canceled: {}", response.cancel_reason()),
                             }));
                             return;
                         }
                         if response.events().iter().any(|e| e.event_type() == EventType::Delete) {
-                            if tx.send(Ok(Observation::vacant())).is_err() {
-                                return;
-                            }
+                            tx.send(Ok(Observation::vacant()));
                             if first {
                                 // Our own key is gone (released, or deleted by someone else):
                                 // until the seat is taken again, follow the whole election as
@@ -510,7 +479,7 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
                         }
                     }
                     Err(error) => {
-                        let _ = tx.send(Err(error));
+                        tx.send(Err(error));
                         return;
                     }
                 },

@@ -374,3 +374,41 @@ async fn keys(admin: &etcd_client::Client, prefix: String) -> usize {
         .kvs()
         .len()
 }
+
+/// A following candidate costs no task of its own: its watch is driven by whoever polls its
+/// stream (the elector's own task), so thousands of followers are thousands of small state
+/// machines, not thousands of tasks and report channels. Each watch is polled until its first
+/// observation, so every one is set up on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn following_spawns_no_task_per_candidate() {
+    use futures::StreamExt;
+    let h = EtcdHarness::start().await;
+    let (backend, _proxy) = EtcdHarness::client_via(h.server_ref().addr()).await;
+    let lease = Duration::from_secs(4);
+    let metrics = tokio::runtime::Handle::current().metrics();
+    // One candidate first, so the shared plumbing (session, watch stream) exists before counting.
+    let first = Candidate::new(lock_name("tasks-0"), "a", lease);
+    let mut streams = vec![backend.watch(&first).await.expect("watch")];
+    let _ = timeout(Duration::from_secs(10), streams[0].next())
+        .await
+        .expect("a first observation");
+    let before = metrics.num_alive_tasks();
+    let candidates: Vec<Candidate> = (1..=50)
+        .map(|i| Candidate::new(lock_name(&format!("tasks-{i}")), "a", lease))
+        .collect();
+    for candidate in &candidates {
+        let mut stream = backend.watch(candidate).await.expect("watch");
+        let first = timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("a first observation in time");
+        assert!(matches!(first, Some(Ok(_))), "{first:?}");
+        streams.push(stream);
+    }
+    let after = metrics.num_alive_tasks();
+    assert!(
+        after <= before + 2,
+        "{} tasks more for 50 more watching candidates",
+        after.saturating_sub(before)
+    );
+    drop(streams);
+}
