@@ -759,10 +759,19 @@ impl EtcdBackend {
         };
         // A keep-alive sent after this call began (never the answer to an earlier one): the
         // lease lives at least one TTL from the call's start, the instant the elector counts
-        // the term's validity from; then a read of the term's key, still there with its create
-        // revision. Both are shared by every renew of the round: one keep-alive and one
-        // transaction per 64 keys, however many locks this backend value leads.
-        let held = seat.renew_now(&term.key, term.create_revision).await?;
+        // the term's validity from. While the candidate's watch follows the term's key (it
+        // does whenever its elector leads and polls it), that is all: a deletion of the key
+        // reaches the elector through the watch, at once rather than at the next renew.
+        // Otherwise, or if the watch ended meanwhile, also a read of the key, still there with
+        // its create revision. Both are shared by every renew of the round: one keep-alive and
+        // one transaction per 64 keys, however many locks this backend value leads.
+        let watched = || term.cell.watches(term.create_revision);
+        let held = if watched() {
+            seat.keep_alive_now().await?
+                && (watched() || seat.renew_now(&term.key, term.create_revision).await?)
+        } else {
+            seat.renew_now(&term.key, term.create_revision).await?
+        };
         drop(guard);
         if held {
             Ok(RenewOutcome::Renewed)

@@ -25,6 +25,47 @@ pub(crate) struct SeatCell {
     pub changed: Notify,
     /// What the candidate does, read by its seats' reapers.
     pub activity: Arc<Activity>,
+    /// The create revision of our key while the candidate's watch follows that key's deletion
+    /// (set once the watch is in place, cleared when it ends or sees the deletion), 0 otherwise.
+    /// While it names a term's key, a renew needs no read of that key: its deletion reaches the
+    /// elector through the watch.
+    pub watched: AtomicI64,
+}
+
+impl SeatCell {
+    /// Whether the candidate's watch follows the deletion of the key created at `revision`.
+    pub fn watches(&self, revision: i64) -> bool {
+        self.watched.load(Ordering::SeqCst) == revision
+    }
+}
+
+/// Marks the key created at `revision` as watched in `cell` until dropped (or [`Self::end`]).
+struct Watched<'a> {
+    cell: &'a SeatCell,
+    revision: i64,
+}
+
+impl<'a> Watched<'a> {
+    fn start(cell: &'a SeatCell, revision: i64) -> Self {
+        cell.watched.store(revision, Ordering::SeqCst);
+        Watched { cell, revision }
+    }
+
+    /// The watch saw the deletion, or stops following: renews read the key again.
+    fn end(&self) {
+        let _ = self.cell.watched.compare_exchange(
+            self.revision,
+            0,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+}
+
+impl Drop for Watched<'_> {
+    fn drop(&mut self) {
+        self.end();
+    }
 }
 
 /// What the candidate does: the acquires and renews it begins, the watches it holds open.
@@ -449,6 +490,9 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
                 return;
             }
         };
+        // Our own key's watch is in place: from here on, until it ends, its deletion reaches the
+        // elector without a read per renew.
+        let watched = first.then(|| Watched::start(cell, revision));
         loop {
             tokio::select! {
                 () = &mut changed => break,
@@ -464,6 +508,10 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
                             return;
                         }
                         if response.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                            // Before the report: a renew from now on reads the key (gone).
+                            if let Some(watched) = &watched {
+                                watched.end();
+                            }
                             tx.send(Ok(Observation::vacant()));
                             if first {
                                 // Our own key is gone (released, or deleted by someone else):

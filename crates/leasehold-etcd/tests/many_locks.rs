@@ -412,3 +412,83 @@ async fn following_spawns_no_task_per_candidate() {
     );
     drop(streams);
 }
+
+/// A leader's renew is one keep-alive and nothing else (0.5 requests/s with the default 2 s
+/// retry): a deletion of its key reaches it through the watch it holds on that key, so no read
+/// of the key per renew. Counted by etcd itself (`grpc_server_msg_received_total`), over ten
+/// retry periods of one leader alone on its server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaders_renew_is_one_keep_alive_and_no_read() {
+    let t = Timing::FAST;
+    let h = EtcdHarness::start().await;
+    let (backend, proxy) = EtcdHarness::client_via(h.server_ref().addr()).await;
+    let checkers = checkers(1);
+    let mut one = nodes(1, &backend, &proxy, t, &checkers, "renew-only");
+    all_lead(&one, 1, Duration::from_secs(30)).await;
+    // Past the start-up reads (the election read, the watch's set-up).
+    tokio::time::sleep(2 * t.retry_period).await;
+    let addr = h.server_ref().addr();
+    let count = |method: &'static str| async move {
+        metric_with(
+            addr,
+            "grpc_server_msg_received_total",
+            &format!("grpc_method=\"{method}\""),
+        )
+        .await
+    };
+    let (ka0, range0, txn0) = (
+        count("LeaseKeepAlive").await,
+        count("Range").await,
+        count("Txn").await,
+    );
+    let window = 10 * t.retry_period;
+    tokio::time::sleep(window).await;
+    let (ka1, range1, txn1) = (
+        count("LeaseKeepAlive").await,
+        count("Range").await,
+        count("Txn").await,
+    );
+    let terms = one[0].leaderships();
+    assert_eq!(terms.len(), 1, "one term all along: {terms:?}");
+    let keep_alives = ka1 - ka0;
+    assert!(
+        keep_alives >= 5.0,
+        "the leader renewed through keep-alives: {keep_alives} in {window:?}"
+    );
+    assert_eq!(
+        (range1 - range0, txn1 - txn0),
+        (0.0, 0.0),
+        "no read or transaction per renew (keep-alives: {keep_alives})"
+    );
+    one[0].stop().await.expect("stops");
+    checkers[0].verify().expect("safe");
+}
+
+/// Without a watch on its key (no elector polls one here), a renew still finds a deleted key
+/// gone: the read per renew is dropped only while the watch is in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renew_without_a_watch_reads_its_key() {
+    let h = EtcdHarness::start().await;
+    let (backend, _proxy) = EtcdHarness::client_via(h.server_ref().addr()).await;
+    let lock = lock_name("unwatched");
+    let a = Candidate::new(&lock, "a", Duration::from_secs(2));
+    let AcquireOutcome::Acquired(grant) = backend.try_acquire(&a).await.expect("a") else {
+        panic!("a acquires a free lock");
+    };
+    assert!(matches!(
+        backend.renew(&a, &grant).await,
+        Ok(RenewOutcome::Renewed)
+    ));
+    let mut admin = h.server_ref().client().await;
+    admin
+        .delete(
+            format!("{lock}/"),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .expect("delete the election's keys");
+    assert!(matches!(
+        backend.renew(&a, &grant).await,
+        Ok(RenewOutcome::Lost(_))
+    ));
+}

@@ -111,7 +111,6 @@ where
 /// # Panics
 ///
 /// When the script fails.
-#[cfg(feature = "kube")]
 pub(crate) async fn built_binary(env_var: &str, script: &str) -> std::path::PathBuf {
     use std::path::{Path, PathBuf};
     use std::process::Stdio;
