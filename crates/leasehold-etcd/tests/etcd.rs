@@ -555,4 +555,48 @@ mod etcd_specific {
         new.stop().await.expect("the new a stops");
         checker.verify().expect("safe");
     }
+
+    /// Why a follower cannot shorten a crash failover by revoking the crashed leader's lease
+    /// itself: etcd's `LeaseTimeToLive` reports whole seconds, truncated, so a TTL of 0 stands
+    /// both for a lease that lives up to another second and for one expired but not yet revoked
+    /// (etcd's lessor revokes expired leases on a ~500 ms cycle; then the answer is -1). Shown
+    /// here on the real server: a lease reported at TTL 0 is then kept alive, so revoking on
+    /// TTL 0 could end a live leader's lease. The failover waits for etcd's own revoke instead.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn time_to_live_zero_does_not_prove_a_lease_expired() {
+        let server = EtcdServer::start().await;
+        let mut admin = server.client().await;
+        let granted = admin.lease_grant(2, None).await.expect("grant");
+        let id = granted.id();
+        let ttl = Duration::from_secs(granted.ttl().unsigned_abs());
+        let since = Instant::now();
+        let zero_at = loop {
+            let reported = admin
+                .lease_time_to_live(id, None)
+                .await
+                .expect("time to live")
+                .ttl();
+            assert!(reported >= 0, "the lease is alive, yet reported {reported}");
+            if reported == 0 {
+                break since.elapsed();
+            }
+            assert!(since.elapsed() < ttl, "TTL never read 0 before {ttl:?}");
+            sleep(Duration::from_millis(10)).await;
+        };
+        // TTL 0, yet the lease is alive: a keep-alive renews it to its full TTL.
+        let (mut keeper, mut answers) = admin.lease_keep_alive(id).await.expect("keep-alive");
+        keeper.keep_alive().await.expect("send a keep-alive");
+        let answer = timeout(Duration::from_secs(5), answers.message())
+            .await
+            .expect("an answer in time")
+            .expect("a keep-alive answer")
+            .expect("the stream stays open");
+        assert!(
+            answer.ttl() > 0,
+            "the lease read at TTL 0 after {zero_at:?} was alive: keep-alive answered {}",
+            answer.ttl()
+        );
+        let _ = admin.lease_revoke(id).await;
+        server.kill().await;
+    }
 }
