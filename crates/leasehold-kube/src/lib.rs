@@ -49,8 +49,11 @@
 //! # Ok(()) }
 //! ```
 
+mod client;
 mod lease;
 mod shared;
+
+pub use crate::client::nodelay_client;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -194,13 +197,17 @@ impl KubeBackend {
     }
 
     /// A backend with a client from the environment: the in-cluster service account, or the
-    /// kubeconfig (`KUBECONFIG`, `~/.kube/config`).
+    /// kubeconfig (`KUBECONFIG`, `~/.kube/config`), as [`kube::Config::infer`] finds them; the
+    /// client is a [`nodelay_client`].
     ///
     /// # Errors
     ///
     /// [`KubeConfigError`] when neither is usable.
     pub async fn from_env(namespace: impl Into<String>) -> Result<Self, KubeConfigError> {
-        let client = kube::Client::try_default().await.map_err(KubeConfigError)?;
+        let config = kube::Config::infer()
+            .await
+            .map_err(|e| KubeConfigError(kube::Error::InferConfig(e)))?;
+        let client = nodelay_client(config).map_err(KubeConfigError)?;
         Ok(Self::new(client, namespace))
     }
 

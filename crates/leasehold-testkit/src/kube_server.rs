@@ -111,9 +111,18 @@ impl KubeApiServer {
             .arg("--disable-admission-plugins=ServiceAccount")
             .arg("--advertise-address=127.0.0.1")
             .arg("--endpoint-reconciler-type=none")
-            .arg("-v=0")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stdout(Stdio::null());
+        // For a diagnosis: every request the apiserver served, with its latency (`-v=3`).
+        match std::env::var_os("LEASEHOLD_KUBE_APISERVER_LOG") {
+            Some(path) => {
+                let log = std::fs::File::create(&path)
+                    .unwrap_or_else(|e| panic!("cannot create {path:?}: {e}"));
+                command.arg("-v=3").stderr(log);
+            }
+            None => {
+                command.arg("-v=0").stderr(Stdio::null());
+            }
+        }
         self.process
             .spawn(&mut command, "build it with scripts/build-kube-apiserver");
         wait_ready(
@@ -191,12 +200,23 @@ impl KubeApiServer {
         path
     }
 
-    /// A client of the apiserver at `port` (the apiserver's, or a proxy's) with `token`.
+    /// A client of the apiserver at `port` (the apiserver's, or a proxy's) with `token`: a
+    /// [`leasehold_kube::nodelay_client`] of [`config_at`](Self::config_at).
     ///
     /// # Errors
     ///
     /// When the kubeconfig cannot be loaded.
     pub async fn client_at(&self, port: u16, token: &str) -> Result<kube::Client, kube::Error> {
+        leasehold_kube::nodelay_client(self.config_at(port, token).await?)
+    }
+
+    /// The client config of the apiserver at `port` with `token` (2 s connect timeout, 300 s
+    /// read timeout, no proxy).
+    ///
+    /// # Errors
+    ///
+    /// When the kubeconfig cannot be loaded.
+    pub async fn config_at(&self, port: u16, token: &str) -> Result<kube::Config, kube::Error> {
         let kubeconfig = Kubeconfig::read_from(self.kubeconfig(port, token))
             .map_err(kube::Error::InferKubeconfig)?;
         let mut config =
@@ -206,7 +226,7 @@ impl KubeApiServer {
         config.proxy_url = None;
         config.connect_timeout = Some(Duration::from_secs(2));
         config.read_timeout = Some(Duration::from_secs(300));
-        kube::Client::try_from(config)
+        Ok(config)
     }
 
     /// An admin client, straight to the apiserver.
