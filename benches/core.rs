@@ -156,6 +156,12 @@ fn handover_percentiles() {
     let rt = runtime();
     let latencies = rt.block_on(common::repeat(samples, |_| handover_once()));
     print_handover_percentiles("memory", &latencies);
+    common::record(
+        "memory",
+        "handover",
+        "leasehold",
+        &common::millis(&latencies),
+    );
 }
 
 // A hand-written `main`: see `common::criterion`.

@@ -9,6 +9,17 @@
 //!   leading (the leader deletes its key, the follower's watch of that key sees the deletion,
 //!   the follower's acquire: a guarded put, a read of the first key, a keep-alive). Criterion's
 //!   estimate, then a second pass that prints p50 / p99 / max.
+//!   Rows `handover_start` (the release right after the follower first saw the leader) and
+//!   `handover` (150 to 600 ms later: steady state) for `scripts/bench`'s summary table.
+//! - `floor/etcd`: what no handover over etcd can beat, on warm connections: a delete on one
+//!   client, the watch event on another, and one txn (a put guarded by `create_revision == 0`, the
+//!   shape of an acquire) from the watching client. Rows `handover_start floor` (back to back) and
+//!   `handover floor` (each sample after 150 to 600 ms idle, as the steady-state handover).
+//! - `etcdctl elect` on the same etcd (the nearest peer: the same election protocol, Go's
+//!   `concurrency.Election`): handover, from the SIGINT of the leading `etcdctl elect` (it
+//!   resigns: closes its session, revoking its lease) until the next one in line prints its
+//!   proposal; failover, from its SIGKILL until then (its session TTL is fixed at 60 s). Rows
+//!   `handover etcdctl-elect`, `failover etcdctl-elect`.
 //! - `failover/etcd`: crash failover with a 2 s lease (etcd's minimum TTL is about 2 s): the
 //!   leader's client is partitioned through a [`Proxy`] and its elector task aborted. Prints the
 //!   time from the crash until the follower leads, and how late the follower led after the last
@@ -35,12 +46,14 @@ use common::{
     failover_once, full_run, p50_min_max_ms, runtime, samples, stagger, steady_state, total,
     Failover,
 };
+use etcd_client::{Client, Compare, CompareOp, EventType, Txn, TxnOp};
 use leasehold_core::Config;
 use leasehold_etcd::{EtcdBackend, EtcdConfig};
 use leasehold_testkit::proxy::Proxy;
 use leasehold_testkit::scenarios::lock_name;
 use leasehold_testkit::{EtcdHarness, EtcdServer, Timing};
 use tokio::runtime::Runtime;
+use tokio::time::Instant;
 
 /// Samples of the handover percentile pass (fewer under `cargo test --benches`).
 const HANDOVER_SAMPLES: usize = 100;
@@ -59,6 +72,238 @@ fn backend(server: &EtcdServer) -> EtcdBackend {
 async fn proxied(server: &EtcdServer) -> (Arc<Proxy>, EtcdBackend) {
     let (backend, proxy) = EtcdHarness::client_via(server.addr()).await;
     (proxy, backend)
+}
+
+// ----- the floor -----
+
+/// Samples of the floor pass.
+const FLOOR_SAMPLES: usize = 100;
+
+/// The floor, `samples` times on warm connections: DELETE sent → the watcher has the event →
+/// one guarded-put txn from the watcher's client, in milliseconds.
+async fn floor(server: &EtcdServer, pauses: &[Duration], samples: usize) -> Vec<f64> {
+    let connect = || async {
+        Client::connect([server.url()], None)
+            .await
+            .expect("a client of etcd")
+    };
+    let (mut deleter, mut watcher) = (connect().await, connect().await);
+    let prefix = lock_name("bench-floor");
+    let mut events = watcher
+        .watch(
+            prefix.as_str(),
+            Some(etcd_client::WatchOptions::new().with_prefix()),
+        )
+        .await
+        .expect("a watch of the floor's prefix");
+    let mut floors = Vec::with_capacity(samples);
+    // One round more, first: it warms both connections.
+    for i in 0..=samples {
+        let (released, acquired) = (format!("{prefix}/a{i}"), format!("{prefix}/b{i}"));
+        deleter
+            .put(released.as_str(), "a", None)
+            .await
+            .expect("put the released key");
+        // Its put event, before the clock starts.
+        events.message().await.expect("the watch runs");
+        if i > 0 {
+            tokio::time::sleep(common::pause_of(pauses, i)).await;
+        }
+        let started = Instant::now();
+        let delete = async {
+            deleter
+                .delete(released.as_str(), None)
+                .await
+                .expect("delete the released key")
+        };
+        let wait = async {
+            loop {
+                let response = events
+                    .message()
+                    .await
+                    .expect("the watch runs")
+                    .expect("the watch stays open");
+                if response
+                    .events()
+                    .iter()
+                    .any(|e| e.event_type() == EventType::Delete)
+                {
+                    break;
+                }
+            }
+        };
+        tokio::join!(delete, wait);
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                acquired.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then([TxnOp::put(acquired.as_str(), "b", None)]);
+        let response = watcher.txn(txn).await.expect("the guarded put");
+        assert!(response.succeeded(), "a fresh key is free");
+        if i > 0 {
+            floors.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        // Its put event, not to be taken for the next sample's.
+        events.message().await.expect("the watch runs");
+    }
+    floors
+}
+
+fn floor_pass(rt: &Runtime, server: &EtcdServer) {
+    rt.block_on(common::floor_rows(
+        "etcd",
+        "DELETE → watch event → one txn",
+        FLOOR_SAMPLES,
+        |pauses, n| floor(server, pauses, n),
+    ));
+}
+
+// ----- etcdctl elect -----
+
+/// Samples of `etcdctl elect`'s handover: one process each.
+const ETCDCTL_HANDOVER_SAMPLES: usize = 20;
+/// Samples of `etcdctl elect`'s failover: each waits out its 60 s session TTL.
+const ETCDCTL_FAILOVER_SAMPLES: usize = 2;
+
+/// A running `etcdctl elect <election> <proposal>`.
+struct Etcdctl {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    proposal: String,
+}
+
+impl Etcdctl {
+    fn start(server: &EtcdServer, election: &str, proposal: &str) -> Etcdctl {
+        let mut child = tokio::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", server.url()))
+            .args(["elect", election, proposal])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("etcdctl (Debian package etcd-client) runs");
+        let stdout = child.stdout.take().expect("piped stdout");
+        Etcdctl {
+            child,
+            lines: tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout)),
+            proposal: proposal.to_owned(),
+        }
+    }
+
+    /// Waits until it prints its proposal: it leads.
+    async fn leads(&mut self, within: Duration) -> Instant {
+        tokio::time::timeout(within, async {
+            while let Some(line) = self.lines.next_line().await.expect("etcdctl's stdout") {
+                if line.trim() == self.proposal {
+                    return Instant::now();
+                }
+            }
+            panic!("etcdctl {} exited before leading", self.proposal);
+        })
+        .await
+        .unwrap_or_else(|_| panic!("etcdctl {} did not lead in {within:?}", self.proposal))
+    }
+
+    /// Sends `signal` (`-INT`, `-KILL`) and waits for the exit.
+    async fn signal(mut self, signal: &str) {
+        let pid = self.child.id().expect("etcdctl runs").to_string();
+        let status = tokio::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .await
+            .expect("kill");
+        assert!(status.success(), "kill {signal} {pid}");
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
+}
+
+/// Waits until `election` has `candidates` keys: a new `etcdctl elect` is in line.
+async fn in_line(client: &mut Client, election: &str, candidates: i64) {
+    let prefix = format!("{election}/");
+    let options = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_count_only();
+    tokio::time::timeout(common::PATIENCE, async {
+        loop {
+            let count = client
+                .get(prefix.as_str(), Some(options.clone()))
+                .await
+                .expect("count the election's keys")
+                .count();
+            if count == candidates {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{candidates} etcdctl candidates not in line"));
+}
+
+/// `etcdctl elect` handovers (SIGINT) and failovers (SIGKILL) on one election, a chain of
+/// processes: each sample's follower leads the next; in milliseconds.
+async fn etcdctl_elect(
+    server: &EtcdServer,
+    handovers: usize,
+    failovers: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut client = Client::connect([server.url()], None)
+        .await
+        .expect("a client of etcd");
+    let election = lock_name("bench-etcdctl");
+    let mut leader = Etcdctl::start(server, &election, "p0");
+    leader.leads(common::PATIENCE).await;
+    let (mut handover, mut failover) = (Vec::new(), Vec::new());
+    for i in 1..=handovers + failovers {
+        let mut follower = Etcdctl::start(server, &election, &format!("p{i}"));
+        in_line(&mut client, &election, 2).await;
+        let crash = i > handovers;
+        let started = Instant::now();
+        leader.signal(if crash { "-KILL" } else { "-INT" }).await;
+        let within = if crash {
+            Duration::from_secs(90)
+        } else {
+            common::PATIENCE
+        };
+        let led = follower.leads(within).await;
+        let ms = (led - started).as_secs_f64() * 1e3;
+        if crash {
+            failover.push(ms)
+        } else {
+            handover.push(ms)
+        }
+        leader = follower;
+    }
+    leader.signal("-INT").await;
+    (handover, failover)
+}
+
+fn etcdctl_pass(rt: &Runtime, server: &EtcdServer) {
+    let failovers = if full_run() {
+        ETCDCTL_FAILOVER_SAMPLES
+    } else {
+        0
+    };
+    let (handover, failover) = rt.block_on(etcdctl_elect(
+        server,
+        samples(ETCDCTL_HANDOVER_SAMPLES, 2),
+        failovers,
+    ));
+    println!(
+        "handover/etcd etcdctl elect: {} (SIGINT → the next prints its proposal)",
+        common::summary(handover.clone(), "ms", 1)
+    );
+    common::record("etcd", "handover", "etcdctl-elect", &handover);
+    if !failover.is_empty() {
+        println!(
+            "failover/etcd etcdctl elect: {} (SIGKILL → the next leads; session TTL 60 s)",
+            common::summary(failover.clone(), "ms", 0)
+        );
+        common::record("etcd", "failover", "etcdctl-elect", &failover);
+    }
 }
 
 // ----- failover -----
@@ -93,6 +338,7 @@ fn failover_pass(rt: &Runtime, server: &EtcdServer) {
         failover(server, stagger(LESSOR_TICK, i, samples))
     }));
     let (crash, late) = Failover::sorted(&runs);
+    common::record("etcd", "failover", "leasehold", &crash);
     let t = FAILOVER_TIMING;
     println!(
         "failover/etcd (lease {:?}, renew deadline {:?}, retry {:?}): n={} \
@@ -233,10 +479,10 @@ async fn request_rates(server: &EtcdServer, label: &str, config: impl Fn(&str) -
     println!(
         "requests/etcd ({label}, TTL {ttl:?}): leader={:.2}/s follower={:.2}/s \
          [server: gRPC messages received; windows {window:?}] \
-         (expected: leader 2 per retry = {:.2}/s, follower 1 keep-alive per TTL/3 = {:.2}/s)",
+         (expected: leader 1 keep-alive per retry = {:.2}/s, follower 1 keep-alive per TTL/3 = {:.2}/s)",
         total(&measured.leader),
         total(&measured.follower),
-        2.0 / retry.as_secs_f64(),
+        1.0 / retry.as_secs_f64(),
         1.0 / keep_alive.as_secs_f64(),
     );
     println!(
@@ -271,6 +517,8 @@ fn main() {
     common::handover_passes(&mut criterion, &rt, "etcd", HANDOVER_SAMPLES, || {
         backend(&server)
     });
+    floor_pass(&rt, &server);
+    etcdctl_pass(&rt, &server);
     failover_pass(&rt, &server);
     request_pass(&rt);
     // Kill the server inside the runtime its child process belongs to.

@@ -18,6 +18,15 @@
 //!   before the leader's SIGTERM (release-on-cancel) until the follower's `started` event (its
 //!   wall-clock time): the follower only sees the release at its next poll (retry period with
 //!   client-go's jitter: 300 to 660 ms).
+//! - `floor/kube`: what no handover over the apiserver can beat, on warm connections: a release
+//!   update on one client, its watch event on another, and one update (the acquire) from the
+//!   watching client. Rows `handover_start floor` (back to back) and `handover floor` (each
+//!   sample after 150 to 600 ms idle, as the steady-state handover).
+//! - `handover/kube kube-lease-manager`: the Rust peer, `kube-lease-manager` 0.13.1
+//!   (`benches/peers`' `klm-handover`, its own kube client per manager) on the same apiserver,
+//!   2 s lease, after the steady-state pauses: A drops its watch receiver (the crate's release),
+//!   until B's channel says it leads. Its follower reads the Lease when the lease it last read
+//!   expires (about every second, as the holder renews 1 s before expiry): no watch.
 //! - `failover/kube`: crash failover with `Timing::FAST`. leasehold: the leader's client is
 //!   partitioned through a [`Proxy`] and its elector task aborted; client-go: the leader process
 //!   is SIGKILLed. Prints the time from the crash until the follower leads, and the age of the
@@ -46,14 +55,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant as StdInstant, SystemTime};
 
 use common::{
-    bench_handover, full_run, handover_latencies, leader_and_follower, minus, p50_min_max_ms,
-    runtime, samples, settle_time, sorted, stagger, summary, takes_over, whole_periods, Contender,
-    PATIENCE,
+    bench_handover, full_run, handover_sweep, leader_and_follower, minus, p50_min_max_ms,
+    print_sweep, runtime, samples, settle_time, sorted, stagger, summary, takes_over,
+    whole_periods, Contender, PATIENCE, STEADY_PAUSES,
 };
 use criterion::{Criterion, SamplingMode};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, GetParams, ListParams, WatchEvent, WatchParams};
+use kube::api::{Api, GetParams, ListParams, PostParams, WatchEvent, WatchParams};
 use leasehold_kube::KubeBackend;
 use leasehold_testkit::scenarios::{lock_name, wait_for};
 use leasehold_testkit::{
@@ -64,10 +73,14 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
 
-/// Samples of leasehold's handover percentile pass (fewer under `cargo test --benches`).
-const HANDOVER_SAMPLES: usize = 30;
+/// Samples of each of leasehold's handover rows (fewer under `cargo test --benches`).
+const HANDOVER_SAMPLES: usize = 100;
+/// Samples of the kube-lease-manager pass: each one takes about two seconds.
+const KLM_SAMPLES: usize = 30;
+/// Samples of the floor pass.
+const FLOOR_SAMPLES: usize = 100;
 /// Samples of client-go's handover pass: one Go process each.
-const GO_HANDOVER_SAMPLES: usize = 10;
+const GO_HANDOVER_SAMPLES: usize = 20;
 /// Samples of leasehold's failover pass: each one waits for a lease to expire.
 const FAILOVER_SAMPLES: usize = 5;
 /// Samples of client-go's failover pass.
@@ -111,13 +124,29 @@ impl Bench {
         }
     }
 
-    /// A backend on a client of its own straight to the apiserver (as the Go program has).
-    async fn backend(&self) -> KubeBackend {
+    /// A client of its own straight to the apiserver (as the Go program has).
+    async fn client(&self) -> kube::Client {
         let server = self.harness.server_ref();
-        let client = server
+        server
             .client_at(server.port(), ADMIN_TOKEN)
             .await
-            .expect("a client of kube-apiserver");
+            .expect("a client of kube-apiserver")
+    }
+
+    /// A backend on a client of its own straight to the apiserver.
+    async fn backend(&self) -> KubeBackend {
+        KubeBackend::new(self.client().await, NAMESPACE)
+    }
+
+    /// [`backend`](Self::backend) on a client of kube's own connector (`kube::Client::try_from`:
+    /// no `TCP_NODELAY`).
+    async fn plain_backend(&self) -> KubeBackend {
+        let server = self.harness.server_ref();
+        let config = server
+            .config_at(server.port(), ADMIN_TOKEN)
+            .await
+            .expect("a client config of kube-apiserver");
+        let client = kube::Client::try_from(config).expect("a client of kube-apiserver");
         KubeBackend::new(client, NAMESPACE)
     }
 
@@ -333,11 +362,60 @@ fn handover_benches(c: &mut Criterion, rt: &Runtime, bench: &Bench) {
     group.finish();
 }
 
-/// leasehold: resign → the follower leads (`Timing::FAST`, as [`FAST`]), in milliseconds.
-async fn handover_leasehold(bench: &Bench, samples: usize) -> Vec<f64> {
+/// The pauses of the sweep that looks for slow handovers (a release missed, a watch reopened
+/// at the wrong moment): between the follower's first sight of the leader and the release.
+const SWEEP_PAUSES: [Duration; 8] = [
+    Duration::from_millis(5),
+    Duration::from_millis(10),
+    Duration::from_millis(20),
+    Duration::from_millis(50),
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+];
+
+/// Samples of the sweep (fewer under `cargo test --benches`).
+const SWEEP_SAMPLES: usize = 160;
+
+/// leasehold: the rows (`handover_start`, `handover`), then the sweep over [`SWEEP_PAUSES`],
+/// which prints per pause and fails if a handover took a lease.
+async fn handover_leasehold(bench: &Bench) {
     let (a_backend, b_backend) = (bench.backend().await, bench.backend().await);
-    let latencies = handover_latencies(&a_backend, &b_backend, samples).await;
-    latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect()
+    let n = samples(HANDOVER_SAMPLES, 3);
+    let start = handover_sweep(&a_backend, &b_backend, &[Duration::ZERO], n).await;
+    let steady = handover_sweep(&a_backend, &b_backend, &STEADY_PAUSES, n).await;
+    let ms = |sweep: &[(Duration, f64)]| sweep.iter().map(|(_, ms)| *ms).collect::<Vec<_>>();
+    common::record("kube", "handover_start", "leasehold", &ms(&start));
+    common::record("kube", "handover", "leasehold", &ms(&steady));
+    // The same on kube's own connector (no TCP_NODELAY), for comparison.
+    let (a_plain, b_plain) = (bench.plain_backend().await, bench.plain_backend().await);
+    let plain_start = handover_sweep(&a_plain, &b_plain, &[Duration::ZERO], n).await;
+    let plain_steady = handover_sweep(&a_plain, &b_plain, &STEADY_PAUSES, n).await;
+    let plain = "leasehold (kube's connector)";
+    common::record("kube", "handover_start", plain, &ms(&plain_start));
+    common::record("kube", "handover", plain, &ms(&plain_steady));
+    let sweep = handover_sweep(
+        &a_backend,
+        &b_backend,
+        &SWEEP_PAUSES,
+        samples(SWEEP_SAMPLES, SWEEP_PAUSES.len()),
+    )
+    .await;
+    println!("handover/kube leasehold by pause before the release:");
+    print_sweep("kube", &start);
+    print_sweep("kube", &sweep);
+    print_sweep("kube", &steady);
+    let slowest = sweep
+        .iter()
+        .chain(&start)
+        .chain(&steady)
+        .map(|(_, ms)| *ms)
+        .fold(0.0, f64::max);
+    assert!(
+        slowest < FAST.lease_duration.as_secs_f64() * 1e3 / 2.0,
+        "a handover took {slowest:.0}ms: a release was missed"
+    );
 }
 
 /// client-go: SIGTERM of the leader → the follower's `started`, in milliseconds. One Lease, a
@@ -358,32 +436,134 @@ async fn handover_client_go(bench: &Bench, samples: usize) -> Vec<f64> {
     latencies
 }
 
-/// p50 / p99 / max of the handover latency of both, which criterion's report does not give.
+/// The floor: on warm connections, a release written by one client, its watch event at
+/// another, and that one's update; in milliseconds.
+async fn floor(bench: &Bench, pauses: &[Duration], samples: usize) -> Vec<f64> {
+    let lock = lock_name("bench-floor");
+    let writer: Api<Lease> = Api::namespaced(bench.client().await, NAMESPACE);
+    let watcher: Api<Lease> = Api::namespaced(bench.client().await, NAMESPACE);
+    let holder = |lease: &mut Lease, who: &str| {
+        lease
+            .spec
+            .get_or_insert_with(Default::default)
+            .holder_identity = Some(who.to_owned());
+    };
+    let mut lease = Lease::default();
+    lease.metadata.name = Some(lock.clone());
+    holder(&mut lease, "a");
+    let mut lease = writer
+        .create(&PostParams::default(), &lease)
+        .await
+        .expect("create the floor's Lease");
+    let version = lease.metadata.resource_version.clone().unwrap_or_default();
+    let params = WatchParams::default()
+        .fields(&format!("metadata.name={lock}"))
+        .timeout(290);
+    let mut events = watcher
+        .watch(&params, &version)
+        .await
+        .expect("a watch of the floor's Lease")
+        .boxed();
+    // A connection besides the watch's, for the updates.
+    watcher.get(&lock).await.expect("get the floor's Lease");
+    let post = PostParams::default();
+    let mut floors = Vec::with_capacity(samples);
+    // One round more, first: it warms every connection.
+    for i in 0..=samples {
+        holder(&mut lease, "");
+        if i > 0 {
+            sleep(common::pause_of(pauses, i)).await;
+        }
+        let started = Instant::now();
+        let (released, mut seen) = tokio::join!(
+            writer.replace(&lock, &post, &lease),
+            next_modified(&mut events)
+        );
+        released.expect("the release");
+        holder(&mut seen, "b");
+        lease = watcher
+            .replace(&lock, &PostParams::default(), &seen)
+            .await
+            .expect("the acquire");
+        if i > 0 {
+            floors.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        // The acquire's own event, not to be taken for the next release's.
+        next_modified(&mut events).await;
+        holder(&mut lease, "a");
+        lease = writer
+            .replace(&lock, &PostParams::default(), &lease)
+            .await
+            .expect("the next leader");
+        next_modified(&mut events).await;
+    }
+    floors
+}
+
+/// The next `Modified` event of a watch.
+async fn next_modified(
+    events: &mut (impl futures::Stream<Item = kube::Result<WatchEvent<Lease>>> + Unpin),
+) -> Lease {
+    loop {
+        match events.next().await {
+            Some(Ok(WatchEvent::Modified(lease))) => return lease,
+            Some(Ok(WatchEvent::Bookmark(_))) => continue,
+            other => panic!("the floor's watch: {other:?}"),
+        }
+    }
+}
+
+/// The floor, leasehold (rows, and the sweep of pauses) and client-go's handover.
 fn handover_pass(rt: &Runtime, bench: &Bench) {
-    let (ours, go) = (
-        samples(HANDOVER_SAMPLES, 3),
-        samples(GO_HANDOVER_SAMPLES, 2),
-    );
-    let (ours, go) = rt.block_on(async {
-        (
-            handover_leasehold(bench, ours).await,
-            handover_client_go(bench, go).await,
+    rt.block_on(async {
+        common::floor_rows(
+            "kube",
+            "release update → watch event → one update",
+            FLOOR_SAMPLES,
+            |pauses, n| floor(bench, pauses, n),
         )
+        .await;
+        handover_leasehold(bench).await;
+        let go = handover_client_go(bench, samples(GO_HANDOVER_SAMPLES, 2)).await;
+        let t = FAST;
+        println!(
+            "handover/kube client-go: {} (SIGTERM → follower's started; its polls come every \
+             {:?} to {:?})",
+            summary(go.clone(), "ms", 1),
+            t.retry_period,
+            t.retry_period.mul_f64(2.2),
+        );
+        common::record("kube", "handover", "client-go", &go);
+        handover_klm(bench).await;
     });
-    let t = FAST;
+}
+
+/// kube-lease-manager's handover on the same apiserver (see the module docs), when peers are
+/// measured.
+async fn handover_klm(bench: &Bench) {
+    if !common::peers_wanted() {
+        println!(
+            "handover/kube kube-lease-manager: skipped (set {})",
+            common::PEERS_ENV
+        );
+        return;
+    }
+    let args = [
+        "--kubeconfig".to_owned(),
+        bench.kubeconfig.display().to_string(),
+        "--namespace".to_owned(),
+        NAMESPACE.to_owned(),
+        "--samples".to_owned(),
+        KLM_SAMPLES.to_string(),
+        "--pause-ms".to_owned(),
+        common::steady_pause_list(),
+    ];
+    let took = common::run_peer("klm-handover", &args).await;
     println!(
-        "handover/kube leasehold: {} (resign → follower leads; lease {:?}, retry {:?})",
-        summary(ours, "ms", 1),
-        t.lease_duration,
-        t.retry_period
+        "handover/kube kube-lease-manager 0.13.1: {}",
+        summary(took.clone(), "ms", 1)
     );
-    println!(
-        "handover/kube client-go: {} (SIGTERM → follower's started; its polls come every \
-         {:?} to {:?})",
-        summary(go, "ms", 1),
-        t.retry_period,
-        t.retry_period.mul_f64(2.2),
-    );
+    common::record("kube", "handover", "kube-lease-manager", &took);
 }
 
 // ----- failover -----
@@ -465,6 +645,7 @@ fn failover_pass(rt: &Runtime, bench: &Bench) {
     );
     for (name, runs) in [("leasehold", ours), ("client-go", go)] {
         let crash = sorted(runs.iter().map(|r| r.crash_to_lead).collect());
+        common::record("kube", "failover", name, &crash);
         let renew = sorted(runs.iter().map(|r| r.renew_to_lead).collect());
         println!(
             "  {name}: n={} crash→leads {}; last renew→leads {}",

@@ -9,8 +9,12 @@
 //! - `handover/postgres`: graceful handover latency, from the leader's `resign()` to the
 //!   follower leading (the release `UPDATE`, its `NOTIFY` delivered on the follower's `LISTEN`
 //!   connection, the follower's acquire). Criterion's estimate, then p50 / p99 / max.
-//! - `floor/postgres`: what no handover can beat: the release and the acquire statements alone,
-//!   back to back on one connection (two round trips and two commits), p50 / p99.
+//!   Rows `handover_start` (the release right after the follower first saw the leader) and
+//!   `handover` (150 to 600 ms later: steady state) for `scripts/bench`'s summary table.
+//! - `floor/postgres`: what no handover over PostgreSQL can beat, on warm connections: a `NOTIFY`
+//!   on one connection, its delivery to a `LISTEN` connection, and one acquire statement (the
+//!   backend's own, one round trip and a commit). Rows `handover_start floor` (back to back) and
+//!   `handover floor` (each sample after 150 to 600 ms idle, as the steady-state handover).
 //! - `failover/postgres`: crash failover with a 1 s lease: the leader's client is partitioned
 //!   and its elector aborted; the time until the follower leads, and how late after the end of
 //!   the crashed leader's own validity.
@@ -27,18 +31,21 @@ use common::{
     failover_once, full_run, p50_min_max_ms, quantile, runtime, samples, steady_state, total,
     whole_periods, Failover,
 };
+use futures::StreamExt;
 use leasehold_core::{AcquireOutcome, Candidate, Config, LockBackend, ReleaseOutcome};
 use leasehold_postgres::PostgresBackend;
 use leasehold_testkit::proxy::Proxy;
 use leasehold_testkit::scenarios::lock_name;
 use leasehold_testkit::{PostgresServer, Timing};
 use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_postgres::{AsyncMessage, NoTls};
 
 /// Samples of the handover percentile pass (fewer under `cargo test --benches`).
 const HANDOVER_SAMPLES: usize = 100;
 /// Samples of the floor pass.
-const FLOOR_SAMPLES: usize = 200;
+const FLOOR_SAMPLES: usize = 100;
 /// Samples of the failover pass: each one waits for a lease to expire.
 const FAILOVER_SAMPLES: usize = 5;
 
@@ -60,37 +67,77 @@ async fn proxied(server: &PostgresServer) -> (Proxy, PostgresBackend) {
 
 // ----- the floor -----
 
-fn floor_pass(rt: &Runtime, server: &PostgresServer) {
-    let samples = samples(FLOOR_SAMPLES, 5);
-    let durations = rt.block_on(async {
-        let backend = backend(&server.url());
-        let candidate = Candidate::new(lock_name("bench-floor"), "a", Duration::from_secs(2));
-        let mut durations = Vec::with_capacity(samples);
-        for _ in 0..samples + 1 {
-            let started = Instant::now();
-            let grant = match backend.try_acquire(&candidate).await {
-                Ok(AcquireOutcome::Acquired(grant)) => grant,
-                other => panic!("acquire: {other:?}"),
-            };
-            assert_eq!(
-                backend.release(&candidate, &grant).await.expect("release"),
-                ReleaseOutcome::Released
-            );
-            durations.push(started.elapsed().as_secs_f64() * 1e3);
+/// A connection to `url` whose connection task is spawned; notifications go to `notify`.
+async fn connect(url: &str, notify: Option<mpsc::UnboundedSender<()>>) -> tokio_postgres::Client {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("a connection to postgres");
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match (message, &notify) {
+                (Ok(AsyncMessage::Notification(_)), Some(notify)) => {
+                    if notify.send(()).is_err() {
+                        break;
+                    }
+                }
+                (Ok(_), _) => {}
+                (Err(_), _) => break,
+            }
         }
-        // The first pair also connected and set up.
-        durations.remove(0);
-        durations
     });
-    let durations = common::sorted(durations);
-    println!(
-        "floor/postgres: acquire + release statements back to back, n={} p50={:.2}ms \
-         p99={:.2}ms max={:.2}ms",
-        durations.len(),
-        quantile(&durations, 0.5),
-        quantile(&durations, 0.99),
-        quantile(&durations, 1.0),
-    );
+    client
+}
+
+/// The floor, `samples` times on warm connections: NOTIFY sent → the `LISTEN` connection has
+/// it → one acquire statement of the backend, in milliseconds.
+async fn floor(server: &PostgresServer, pauses: &[Duration], samples: usize) -> Vec<f64> {
+    let (notified, mut notifications) = mpsc::unbounded_channel();
+    let listener = connect(&server.url(), Some(notified)).await;
+    listener
+        .batch_execute("LISTEN bench_floor")
+        .await
+        .expect("LISTEN");
+    let notifier = connect(&server.url(), None).await;
+    let backend = backend(&server.url());
+    let lock = lock_name("bench-floor");
+    let mut floors = Vec::with_capacity(samples);
+    // One round more, first: it connects the backend and warms every connection.
+    for i in 0..=samples {
+        let candidate = Candidate::new(format!("{lock}-{i}"), "b", Duration::from_secs(2));
+        if i > 0 {
+            tokio::time::sleep(common::pause_of(pauses, i)).await;
+        }
+        let started = Instant::now();
+        let (sent, received) = tokio::join!(
+            notifier.batch_execute("NOTIFY bench_floor"),
+            notifications.recv()
+        );
+        sent.expect("NOTIFY");
+        received.expect("the LISTEN connection runs");
+        let grant = match backend.try_acquire(&candidate).await {
+            Ok(AcquireOutcome::Acquired(grant)) => grant,
+            other => panic!("acquire: {other:?}"),
+        };
+        let elapsed = started.elapsed();
+        assert_eq!(
+            backend.release(&candidate, &grant).await.expect("release"),
+            ReleaseOutcome::Released
+        );
+        if i > 0 {
+            floors.push(elapsed.as_secs_f64() * 1e3);
+        }
+    }
+    floors
+}
+
+fn floor_pass(rt: &Runtime, server: &PostgresServer) {
+    rt.block_on(common::floor_rows(
+        "postgres",
+        "NOTIFY → LISTEN connection → one acquire statement",
+        FLOOR_SAMPLES,
+        |pauses, n| floor(server, pauses, n),
+    ));
 }
 
 // ----- failover -----
@@ -112,6 +159,7 @@ fn failover_pass(rt: &Runtime, server: &PostgresServer) {
     let samples = samples(FAILOVER_SAMPLES, 1);
     let runs = rt.block_on(common::repeat(samples, |_| failover(server)));
     let (crash, late) = Failover::sorted(&runs);
+    common::record("postgres", "failover", "leasehold", &crash);
     let t = FAILOVER_TIMING;
     println!(
         "failover/postgres (lease {:?}, retry {:?}): n={} crash→B leads p50={:.1}ms \

@@ -8,6 +8,16 @@
 //! - `handover/redis`: graceful handover latency: from the leader's `resign()` to the follower
 //!   leading (release, `PUBLISH`, the follower's acquire). Criterion's estimate, then a second
 //!   pass that prints p50 / p99 / max.
+//!   Rows `handover_start` (the release right after the follower first saw the leader) and
+//!   `handover` (150 to 600 ms later: steady state) for `scripts/bench`'s summary table.
+//! - `floor/redis`: what no handover over Redis can beat, on warm connections: a `PUBLISH` on one
+//!   connection, its delivery to a subscriber on another, and one `EVALSHA` round trip (a one-line
+//!   `SET NX PX` script, the shape of an acquire) on a third. Rows `handover_start floor` (back to
+//!   back) and `handover floor` (each sample after 150 to 600 ms idle, as the steady-state
+//!   handover).
+//! - `handover/redis rslock`: the nearest Redis peer on the same server, `rslock` 0.10
+//!   (`benches/peers`' `rslock-handover`: A unlocks, B waits in the crate's retrying `acquire`),
+//!   after the same pauses as the steady-state row. Row `handover rslock`.
 //! - `failover/redis`: crash failover with a 1 s lease: the leader's client is partitioned
 //!   through a [`Proxy`] and its elector task aborted. Prints the time from the crash until the
 //!   follower leads, and how late the follower led after the last instant the crashed leader
@@ -27,6 +37,7 @@ use common::{
     failover_once, full_run, p50_min_max_ms, quantile, runtime, samples, steady_state, total,
     whole_periods, Failover,
 };
+use futures::StreamExt;
 use leasehold_core::Config;
 use leasehold_redis::{RedisBackend, RedisConfig};
 use leasehold_testkit::proxy::Proxy;
@@ -34,6 +45,7 @@ use leasehold_testkit::scenarios::lock_name;
 use leasehold_testkit::{RedisServer, Timing};
 use redis::aio::MultiplexedConnection;
 use tokio::runtime::Runtime;
+use tokio::time::Instant;
 
 /// Samples of the handover percentile pass (fewer under `cargo test --benches`).
 const HANDOVER_SAMPLES: usize = 100;
@@ -57,6 +69,104 @@ async fn proxied(server: &RedisServer) -> (Proxy, RedisBackend) {
     (proxy, backend)
 }
 
+// ----- the peer -----
+
+/// Samples of the rslock pass.
+const RSLOCK_SAMPLES: usize = 60;
+
+/// rslock's handover on the same server (see the module docs), when peers are measured.
+fn rslock_pass(rt: &Runtime, server: &RedisServer) {
+    if !common::peers_wanted() {
+        println!("handover/redis rslock: skipped (set {})", common::PEERS_ENV);
+        return;
+    }
+    let args = [
+        "--url".to_owned(),
+        server.url(),
+        "--samples".to_owned(),
+        RSLOCK_SAMPLES.to_string(),
+        "--pause-ms".to_owned(),
+        common::steady_pause_list(),
+    ];
+    let took = rt.block_on(common::run_peer("rslock-handover", &args));
+    println!(
+        "handover/redis rslock 0.10: {}",
+        common::summary(took.clone(), "ms", 2)
+    );
+    common::record("redis", "handover", "rslock", &took);
+}
+
+// ----- the floor -----
+
+/// Samples of the floor pass.
+const FLOOR_SAMPLES: usize = 100;
+
+/// The floor, `samples` times on warm connections, each after its pause: PUBLISH sent → the
+/// subscriber has the message → one EVALSHA round trip, in milliseconds.
+async fn floor(server: &RedisServer, pauses: &[Duration], samples: usize) -> Vec<f64> {
+    let client = server.client();
+    let channel = lock_name("bench-floor");
+    let mut subscriber = client
+        .get_async_pubsub()
+        .await
+        .expect("a pub/sub connection");
+    subscriber
+        .subscribe(&channel)
+        .await
+        .expect("SUBSCRIBE the floor's channel");
+    let mut messages = subscriber.into_on_message();
+    let connect = || async {
+        client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("a connection to redis-server")
+    };
+    let (mut publisher, mut acquirer) = (connect().await, connect().await);
+    let script = redis::Script::new(
+        "return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0",
+    );
+    let mut floors = Vec::with_capacity(samples);
+    // One round more, first: it loads the script and warms every connection.
+    for i in 0..=samples {
+        let key = format!("{channel}-{i}");
+        if i > 0 {
+            tokio::time::sleep(common::pause_of(pauses, i)).await;
+        }
+        let started = Instant::now();
+        let publish = async {
+            redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg("released")
+                .query_async::<i64>(&mut publisher)
+                .await
+                .expect("PUBLISH")
+        };
+        let (_, message) = tokio::join!(publish, messages.next());
+        message.expect("the subscriber gets the message");
+        let acquired: i64 = script
+            .key(&key)
+            .arg("b")
+            .arg(2000)
+            .invoke_async(&mut acquirer)
+            .await
+            .expect("EVALSHA");
+        assert_eq!(acquired, 1, "a fresh key is free");
+        if i > 0 {
+            floors.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    floors
+}
+
+fn floor_pass(rt: &Runtime, server: &RedisServer) {
+    rt.block_on(common::floor_rows(
+        "redis",
+        "PUBLISH → subscriber → one EVALSHA",
+        FLOOR_SAMPLES,
+        |pauses, n| floor(server, pauses, n),
+    ));
+}
+
 // ----- failover -----
 
 /// The timing of the failover pass: 1 s lease, 700 ms renew deadline, 200 ms retry period.
@@ -77,6 +187,7 @@ fn failover_pass(rt: &Runtime, server: &RedisServer) {
     let samples = samples(FAILOVER_SAMPLES, 1);
     let runs = rt.block_on(common::repeat(samples, |_| failover(server)));
     let (crash, late) = Failover::sorted(&runs);
+    common::record("redis", "failover", "leasehold", &crash);
     let t = FAILOVER_TIMING;
     println!(
         "failover/redis (lease {:?}, retry {:?}): n={} crash→B leads p50={:.1}ms max={:.1}ms; \
@@ -185,6 +296,8 @@ fn main() {
     common::handover_passes(&mut criterion, &rt, "redis", HANDOVER_SAMPLES, || {
         backend(&server.url())
     });
+    floor_pass(&rt, &server);
+    rslock_pass(&rt, &server);
     failover_pass(&rt, &server);
     command_pass(&rt);
     // Kill the server inside the runtime its child process belongs to.

@@ -92,6 +92,114 @@ where
     })
 }
 
+// ----- the summary table -----
+
+/// The environment variable naming the file [`record`] appends its rows to (`scripts/bench`
+/// sets it, and gathers the rows into `target/bench/summary.tsv`).
+pub const ROWS_ENV: &str = "LEASEHOLD_BENCH_ROWS";
+
+/// The columns of a row of `target/bench/summary.tsv`, tab-separated.
+pub const ROW_HEADER: &str = "backend\tmeasure\tsystem\tn\tp50_ms\tp99_ms";
+
+/// One row of the summary table: `backend measure system n p50_ms p99_ms` over `values_ms`.
+/// Printed (`row: ...`), and appended to the file `$LEASEHOLD_BENCH_ROWS` names, if set.
+///
+/// # Panics
+///
+/// When `values_ms` is empty, or the file cannot be written.
+pub fn record(backend: &str, measure: &str, system: &str, values_ms: &[f64]) {
+    assert!(
+        !values_ms.is_empty(),
+        "no samples for {backend} {measure} {system}"
+    );
+    let values = sorted(values_ms.to_vec());
+    let row = format!(
+        "{backend}\t{measure}\t{system}\t{}\t{:.3}\t{:.3}",
+        values.len(),
+        quantile(&values, 0.50),
+        quantile(&values, 0.99)
+    );
+    println!("row: {}", row.replace('\t', " "));
+    if let Some(path) = std::env::var_os(ROWS_ENV) {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("cannot open {path:?} ({ROWS_ENV}): {e}"));
+        writeln!(file, "{row}").unwrap_or_else(|e| panic!("cannot write {path:?}: {e}"));
+    }
+}
+
+/// `values` from durations, in milliseconds.
+pub fn millis(durations: &[Duration]) -> Vec<f64> {
+    durations.iter().map(|d| d.as_secs_f64() * 1e3).collect()
+}
+
+// ----- the peers -----
+
+/// The environment variable naming the directory of the benchmark peer programs
+/// (`benches/peers`: `klm-handover`, `rslock-handover`); without it they are built with
+/// `scripts/build-bench-peers`.
+pub const PEERS_ENV: &str = "LEASEHOLD_BENCH_PEERS";
+
+/// Whether this run measures the Rust peers: always under `cargo bench`, and under
+/// `cargo test --benches` only when [`PEERS_ENV`] names them already built (the test run does
+/// not build a second workspace).
+pub fn peers_wanted() -> bool {
+    full_run() || std::env::var_os(PEERS_ENV).is_some()
+}
+
+/// The pauses of [`STEADY_PAUSES`] as a peer's `--pause-ms` list.
+pub fn steady_pause_list() -> String {
+    STEADY_PAUSES
+        .iter()
+        .map(|p| p.as_millis().to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Runs the peer program `name` (from [`PEERS_ENV`], or built) with `args`, and returns the
+/// handovers it measured, in milliseconds: its `handover <pause_ms> <elapsed_ms>` lines.
+///
+/// # Panics
+///
+/// When the program cannot be built or run, fails, or measures nothing.
+pub async fn run_peer(name: &str, args: &[String]) -> Vec<f64> {
+    let binary = crate::process::built_binary(PEERS_ENV, "build-bench-peers")
+        .await
+        .join(name);
+    let output = tokio::process::Command::new(&binary)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
+    assert!(
+        output.status.success(),
+        "{} {args:?} failed: {}",
+        binary.display(),
+        output.status
+    );
+    let values = parse_peer_output(&String::from_utf8_lossy(&output.stdout));
+    assert!(!values.is_empty(), "{name} measured nothing");
+    values
+}
+
+/// The elapsed milliseconds of the `handover <pause_ms> <elapsed_ms>` lines of a peer's output.
+fn parse_peer_output(stdout: &str) -> Vec<f64> {
+    stdout
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some("handover")).then_some(())?;
+            words.next()?;
+            words.next()?.parse::<f64>().ok()
+        })
+        .collect()
+}
+
 // ----- statistics -----
 
 /// `q`-quantile of sorted values (nearest rank).
@@ -283,11 +391,26 @@ pub async fn takes_over(b_state: &mut watch::Receiver<LeaderState>) -> Instant {
 
 /// One graceful handover on a fresh lock with `Timing::FAST`: `a` leads, `b` follows; returns
 /// the time from `a.resign()` until `b` leads. Setup and teardown are not measured.
+///
+/// The release comes right after `b` first saw `a` leading: the start-up case (see
+/// [`handover_after`] for a pause before it).
 pub async fn handover_once<B: LockBackend + Clone>(a_backend: &B, b_backend: &B) -> Duration {
+    handover_after(a_backend, b_backend, Duration::ZERO).await
+}
+
+/// [`handover_once`] with `pause` between `b`'s first sight of `a` leading and `a.resign()`.
+pub async fn handover_after<B: LockBackend + Clone>(
+    a_backend: &B,
+    b_backend: &B,
+    pause: Duration,
+) -> Duration {
     let lock = lock_name("bench-handover");
     let (a, b) =
         leader_and_follower(Timing::FAST, &lock, a_backend.clone(), b_backend.clone()).await;
     let mut b_state = b.handle.subscribe();
+    if !pause.is_zero() {
+        sleep(pause).await;
+    }
 
     let resigned = StdInstant::now();
     a.handle.resign();
@@ -312,7 +435,7 @@ pub async fn handover_latencies<B: LockBackend + Clone>(
 }
 
 /// The handover passes of a backend against a real server: [`handover_benches`], then
-/// [`handover_percentiles`] (each over two clients from `client`).
+/// [`handover_rows`] (each over two clients from `client`).
 pub fn handover_passes<B: LockBackend + Clone>(
     c: &mut Criterion,
     rt: &Runtime,
@@ -325,7 +448,102 @@ pub fn handover_passes<B: LockBackend + Clone>(
     let (a_backend, b_backend) = (client(), client());
     handover_benches(c, rt, name, &a_backend, &b_backend);
     let (a_backend, b_backend) = (client(), client());
-    handover_percentiles(rt, name, full_samples, &a_backend, &b_backend);
+    handover_rows(rt, name, full_samples, &a_backend, &b_backend);
+}
+
+/// The pauses of the steady-state handover: the release comes this long after the follower
+/// first saw the leader (cycled sample by sample), when its watch or subscription is long set
+/// up and its connections are warm.
+pub const STEADY_PAUSES: [Duration; 3] = [
+    Duration::from_millis(150),
+    Duration::from_millis(300),
+    Duration::from_millis(600),
+];
+
+/// `samples` handovers ([`handover_after`]), the `i`-th after `pauses[i % pauses.len()]`; each
+/// with its pause, in milliseconds.
+pub async fn handover_sweep<B: LockBackend + Clone>(
+    a_backend: &B,
+    b_backend: &B,
+    pauses: &[Duration],
+    samples: usize,
+) -> Vec<(Duration, f64)> {
+    repeat(samples, |i| {
+        let pause = pauses[i % pauses.len()];
+        async move {
+            let took = handover_after(a_backend, b_backend, pause).await;
+            (pause, took.as_secs_f64() * 1e3)
+        }
+    })
+    .await
+}
+
+/// The pause before sample `i` of a pass cycling through `pauses` (none, if there are none).
+pub fn pause_of(pauses: &[Duration], i: usize) -> Duration {
+    if pauses.is_empty() {
+        Duration::ZERO
+    } else {
+        pauses[i % pauses.len()]
+    }
+}
+
+/// The floor rows of `backend`, `full_samples` each (5 under `cargo test --benches`), from
+/// `floor(pauses, samples)` (each sample measured after its [`pause_of`] idle, warm
+/// connections): `handover_start floor`, back to back, beside the start-up handover that follows
+/// its set-up at once; and `handover floor`, each sample after one of [`STEADY_PAUSES`], beside
+/// the steady-state handover: a machine woken from idle answers slower, floor and handover
+/// alike. `what` says what the floor is made of, for the printed lines.
+pub async fn floor_rows<F, Fut>(backend: &str, what: &str, full_samples: usize, mut floor: F)
+where
+    F: FnMut(&'static [Duration], usize) -> Fut,
+    Fut: Future<Output = Vec<f64>>,
+{
+    let samples = samples(full_samples, 5);
+    for (measure, pauses, when) in [
+        ("handover_start", &[Duration::ZERO][..], "back to back"),
+        ("handover", &STEADY_PAUSES[..], "after 150-600 ms idle"),
+    ] {
+        let floors = floor(pauses, samples).await;
+        println!(
+            "floor/{backend}: {what}, warm connections, {when}: {}",
+            summary(floors.clone(), "ms", 3)
+        );
+        record(backend, measure, "floor", &floors);
+    }
+}
+
+/// Per pause of a [`handover_sweep`]: "pause 100ms: n=.. p50=.. p99=.. max=..", one line each.
+pub fn print_sweep(name: &str, sweep: &[(Duration, f64)]) {
+    let mut by_pause: BTreeMap<Duration, Vec<f64>> = BTreeMap::new();
+    for (pause, ms) in sweep {
+        by_pause.entry(*pause).or_default().push(*ms);
+    }
+    for (pause, values) in by_pause {
+        println!("  {name} pause {pause:?}: {}", summary(values, "ms", 2));
+    }
+}
+
+/// The leasehold rows of a backend's handover: `handover_start` (the release right after the
+/// follower first saw the leader: its watch or subscription may still be setting up) and
+/// `handover` (after [`STEADY_PAUSES`]), `full_samples` each (5 under `cargo test --benches`).
+pub fn handover_rows<B: LockBackend + Clone>(
+    rt: &Runtime,
+    name: &str,
+    full_samples: usize,
+    a_backend: &B,
+    b_backend: &B,
+) {
+    let samples = samples(full_samples, 5);
+    let (start, steady) = rt.block_on(async {
+        (
+            handover_sweep(a_backend, b_backend, &[Duration::ZERO], samples).await,
+            handover_sweep(a_backend, b_backend, &STEADY_PAUSES, samples).await,
+        )
+    });
+    let ms = |sweep: &[(Duration, f64)]| sweep.iter().map(|(_, ms)| *ms).collect::<Vec<_>>();
+    record(name, "handover_start", "leasehold", &ms(&start));
+    record(name, "handover", "leasehold", &ms(&steady));
+    print_sweep(name, &steady);
 }
 
 /// Benchmark `handover/{name}`: [`handover_once`] over these two clients (one per candidate, as
@@ -347,20 +565,6 @@ pub fn handover_benches<B: LockBackend + Clone>(
     group.measurement_time(Duration::from_secs(1));
     bench_handover(&mut group, name, rt, a_backend, b_backend);
     group.finish();
-}
-
-/// p50 / p99 / max of the handover latency over these two clients, which criterion's report
-/// does not give: `full_samples` handovers (5 under `cargo test --benches`).
-pub fn handover_percentiles<B: LockBackend + Clone>(
-    rt: &Runtime,
-    name: &str,
-    full_samples: usize,
-    a_backend: &B,
-    b_backend: &B,
-) {
-    let samples = samples(full_samples, 5);
-    let latencies = rt.block_on(handover_latencies(a_backend, b_backend, samples));
-    print_handover_percentiles(name, &latencies);
 }
 
 /// Benchmark `id` of `group`: [`handover_once`] over these two clients (one per candidate, as
@@ -594,5 +798,21 @@ where
         leader,
         leader_requests,
         follower_requests,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_output_keeps_handover_lines_only() {
+        let out = "handover 150 56.250\nnoise\nhandover 300 x\nhandover 600 7.000\n";
+        assert_eq!(parse_peer_output(out), vec![56.25, 7.0]);
+    }
+
+    #[test]
+    fn steady_pauses_as_a_list() {
+        assert_eq!(steady_pause_list(), "150,300,600");
     }
 }
