@@ -9,7 +9,10 @@
 //! - `machine/acquire`: a started machine handling a granted acquire (the term starts).
 //! - `handover/memory`: graceful handover latency on the memory backend, in real time on a
 //!   multi-thread runtime: from the leader's `resign()` to the follower leading.
-//!   A second pass outside criterion prints p50 / p99 / max of that latency.
+//!   A second pass outside criterion prints p50 / p99 / max of that latency, then records
+//!   the `handover_start` and `handover` rows (right after the follower saw the leader, and
+//!   after the steady-state pauses) and the floor: another task woken through a channel makes
+//!   one `try_acquire` on the store, back to back and after the same pauses.
 
 use leasehold_testkit::bench as common;
 
@@ -19,8 +22,8 @@ use common::{print_handover_percentiles, runtime, samples, time_iterations, PATI
 use criterion::{black_box, BatchSize, Criterion};
 use leasehold::machine::{Action, Call, CallResult, Machine};
 use leasehold::{
-    AcquireOutcome, Callbacks, CancellationToken, Config, Elector, FencingToken, Grant,
-    LeaderRecord, MemoryBackend, RenewOutcome,
+    AcquireOutcome, Callbacks, CancellationToken, Candidate, Config, Elector, FencingToken, Grant,
+    LeaderRecord, LockBackend, MemoryBackend, RenewOutcome,
 };
 use tokio::time::{timeout, Instant};
 
@@ -156,12 +159,61 @@ fn handover_percentiles() {
     let rt = runtime();
     let latencies = rt.block_on(common::repeat(samples, |_| handover_once()));
     print_handover_percentiles("memory", &latencies);
-    common::record(
+    let store = MemoryBackend::new();
+    common::handover_rows(
+        &rt,
         "memory",
-        "handover",
-        "leasehold",
-        &common::millis(&latencies),
+        PERCENTILE_SAMPLES,
+        &store.connect(),
+        &store.connect(),
     );
+    rt.block_on(common::floor_rows(
+        "memory",
+        "channel wake-up of another task → one try_acquire",
+        PERCENTILE_SAMPLES,
+        |pauses, n| floor(&store, pauses, n),
+    ));
+}
+
+/// The floor of a memory handover, `samples` times, each after `pauses` (cycled): from a send
+/// on a channel until the task it wakes (on another worker) has made one `try_acquire` of a
+/// free lock on the store, in milliseconds.
+async fn floor(store: &MemoryBackend, pauses: &[Duration], samples: usize) -> Vec<f64> {
+    let backend = store.connect();
+    let prefix = leasehold_testkit::scenarios::lock_name("bench-floor");
+    let (wake, mut woken) = tokio::sync::mpsc::channel::<(usize, StdInstant)>(1);
+    let (done, mut took) = tokio::sync::mpsc::channel::<f64>(1);
+    let acquirer = tokio::spawn(async move {
+        while let Some((i, started)) = woken.recv().await {
+            let candidate = Candidate::new(format!("{prefix}-{i}"), "b", Duration::from_secs(2));
+            let outcome = backend.try_acquire(&candidate).await.expect("try_acquire");
+            assert!(
+                matches!(outcome, AcquireOutcome::Acquired(_)),
+                "a fresh lock is free"
+            );
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            if done.send(ms).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut floors = Vec::with_capacity(samples);
+    // One round more, first: it warms the task and the store.
+    for i in 0..=samples {
+        if i > 0 {
+            tokio::time::sleep(common::pause_of(pauses, i)).await;
+        }
+        wake.send((i, StdInstant::now()))
+            .await
+            .expect("the acquirer runs");
+        let ms = took.recv().await.expect("the acquirer answers");
+        if i > 0 {
+            floors.push(ms);
+        }
+    }
+    drop(wake);
+    acquirer.await.expect("the acquirer did not panic");
+    floors
 }
 
 // A hand-written `main`: see `common::criterion`.
