@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-use etcd_client::{EventType, GetOptions, SortOrder, SortTarget, WatchFilterType, WatchOptions};
+use etcd_client::{
+    EventType, GetOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    WatchFilterType, WatchOptions,
+};
 use futures::Stream;
 use leasehold_core::{
     BackendError, Candidate, FencingToken, LeaderRecord, LockBackend, Observation,
@@ -429,53 +432,64 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
             }
             continue;
         };
+        let Some((identity, own_key, ttl)) = own else {
+            // Seated without a key of its own: nothing to follow until the seat changes.
+            tx.send(Ok(Observation::vacant()));
+            changed.await;
+            continue;
+        };
         let turn = backend.turn().await;
         // Boxed, as every request and watch set-up in this task: the task lives as long as the
         // candidate and is mostly idle, so its size is what thousands of locks cost.
-        let ahead = Box::pin(async {
+        // One transaction, so both reads see the same revision: the key just ahead of ours in
+        // the queue, and our own key (it must still be there, created at `revision`, before a
+        // watch of it may stand in for the renews' reads of it).
+        let read = Box::pin(async {
             let mut client = backend.client().await?;
+            let ahead = TxnOp::get(
+                prefix,
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_max_create_revision(revision - 1)
+                        .with_sort(SortTarget::Create, SortOrder::Descend)
+                        .with_limit(1),
+                ),
+            );
+            let mine = TxnOp::get(own_key.as_str(), None);
             client
-                .get(
-                    prefix,
-                    Some(
-                        GetOptions::new()
-                            .with_prefix()
-                            .with_max_create_revision(revision - 1)
-                            .with_sort(SortTarget::Create, SortOrder::Descend)
-                            .with_limit(1),
-                    ),
-                )
+                .txn(Txn::new().and_then([ahead, mine]))
                 .await
                 .map_err(|e| map_error(config, "watch", &e))
         })
         .await;
         drop(turn);
-        let (ahead, start) = match ahead {
-            Ok(response) => {
-                let start = response.header().map_or(0, |h| h.revision()) + 1;
-                (response.kvs().first().map(|kv| kv.key().to_vec()), start)
-            }
+        let (ahead, still_ours, start) = match read.and_then(|r| queue_read(config, &r, revision)) {
+            Ok(read) => read,
             Err(error) => {
                 tx.send(Err(error));
                 return;
             }
         };
-        let (key, first) = match (ahead, own) {
+        let (key, first) = match ahead {
             // Someone is ahead in the queue: watch that key's deletion.
-            (Some(key), _) => (key, false),
-            // First in line.
-            (None, Some((identity, key, ttl))) => {
-                // First in line: the candidate leads (or may take the lead now). Then watch our
-                // own key: its deletion by anyone else ends the term at once.
+            Some(key) => (key, false),
+            // First in line, and our key is gone (deleted by someone else, or its lease revoked
+            // after the acquire): as a deletion heard through the watch below.
+            None if !still_ours => {
+                tx.send(Ok(Observation::vacant()));
+                if !observed(backend, prefix, lock, tx, changed.as_mut()).await {
+                    return;
+                }
+                continue;
+            }
+            // First in line: the candidate leads (or may take the lead now). Then watch our own
+            // key: its deletion by anyone else ends the term at once.
+            None => {
                 let token = FencingToken(u64::try_from(revision).unwrap_or(0));
                 let mine = Observation::held(LeaderRecord::new(identity, token, ttl), None);
                 tx.send(Ok(mine));
-                (key.into_bytes(), true)
-            }
-            (None, None) => {
-                tx.send(Ok(Observation::vacant()));
-                changed.await;
-                continue;
+                (own_key.into_bytes(), true)
             }
         };
         // From the revision just after the read: no deletion between the read and the watch
@@ -534,6 +548,40 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
             }
         }
     }
+}
+
+/// The answer of [`follow`]'s read: the key just ahead of ours in the queue (if any), whether our
+/// own key is still there with create revision `revision`, and the revision to watch from (just
+/// after the read's: no deletion between the read and the watch is missed).
+fn queue_read(
+    config: &crate::EtcdConfig,
+    response: &TxnResponse,
+    revision: i64,
+) -> Result<(Option<Vec<u8>>, bool, i64), BackendError> {
+    let start = response.header().map_or(0, |h| h.revision()) + 1;
+    let gets: Vec<_> = response
+        .op_responses()
+        .into_iter()
+        .filter_map(|op| match op {
+            TxnOpResponse::Get(get) => Some(get),
+            _ => None,
+        })
+        .collect();
+    let [ahead, mine] = gets.as_slice() else {
+        return Err(BackendError::Protocol {
+            backend: crate::backend_name(config),
+            detail: format!(
+                "the queue read answered {} ranges, not 2 (the key ahead, our own)",
+                gets.len()
+            ),
+        });
+    };
+    let ahead = ahead.kvs().first().map(|kv| kv.key().to_vec());
+    let still_ours = mine
+        .kvs()
+        .first()
+        .is_some_and(|kv| kv.create_revision() == revision);
+    Ok((ahead, still_ours, start))
 }
 
 /// The TTL asked for a candidate's lease: the lease duration rounded up to whole seconds

@@ -556,6 +556,63 @@ mod etcd_specific {
         checker.verify().expect("safe");
     }
 
+    /// A leader's key deleted by someone else between its acquire and its watch's first read:
+    /// the watch of its own key must not start after the deletion, or every renew (a keep-alive
+    /// alone while that watch is in place) would answer `Renewed` for a key that is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_deleted_before_the_leaders_watch_opened_ends_the_term() {
+        use futures::StreamExt;
+        use leasehold_core::RenewOutcome;
+
+        let server = EtcdServer::start().await;
+        let mut config = EtcdConfig::new([server.url()]);
+        config.connect_timeout = Duration::from_secs(1);
+        config.request_timeout = Duration::from_secs(2);
+        let backend = EtcdBackend::new(config);
+        let lock = lock_name("deleted-before-watch");
+        let candidate = Candidate::new(&lock, "a", Duration::from_secs(15));
+        let grant = match backend.try_acquire(&candidate).await.expect("acquire") {
+            AcquireOutcome::Acquired(grant) => grant,
+            AcquireOutcome::Held(held) => panic!("a free lock is held: {held:?}"),
+        };
+        // The foreign deletion, before the elector opens its watch.
+        let mut admin = server.client().await;
+        let deleted = admin
+            .delete(
+                backend.election_prefix(&lock),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )
+            .await
+            .expect("delete the election's keys");
+        assert_eq!(deleted.deleted(), 1, "the leader's key was there");
+        // The watch, polled in a task of its own as an elector would, long enough to be set up.
+        let mut stream = backend.watch(&candidate).await.expect("watch");
+        let (seen, mut heard) = tokio::sync::mpsc::unbounded_channel();
+        let poller = tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                if seen.send(item).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = timeout(Duration::from_secs(10), heard.recv())
+            .await
+            .expect("the watch reports in time")
+            .expect("the watch reports");
+        sleep(Duration::from_millis(500)).await;
+        let renewed = backend.renew(&candidate, &grant).await;
+        let mut reports = vec![first];
+        while let Ok(item) = heard.try_recv() {
+            reports.push(item);
+        }
+        assert!(
+            matches!(renewed, Ok(RenewOutcome::Lost(_))),
+            "a renew of a deleted key answered {renewed:?} (watch reports: {reports:?})"
+        );
+        poller.abort();
+        server.kill().await;
+    }
+
     /// Why a follower cannot shorten a crash failover by revoking the crashed leader's lease
     /// itself: etcd's `LeaseTimeToLive` reports whole seconds, truncated, so a TTL of 0 stands
     /// both for a lease that lives up to another second and for one expired but not yet revoked
