@@ -477,6 +477,17 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
             // First in line, and our key is gone (deleted by someone else, or its lease revoked
             // after the acquire): as a deletion heard through the watch below.
             None if !still_ours => {
+                // Unless an acquire replaced the key meanwhile (its new term must not hear of
+                // the old key's end): then follow the new key.
+                let now_seated = cell
+                    .seat
+                    .lock()
+                    .await
+                    .as_ref()
+                    .and_then(|s| s.create_revision);
+                if now_seated != Some(revision) {
+                    continue;
+                }
                 tx.send(Ok(Observation::vacant()));
                 if !observed(backend, prefix, lock, tx, changed.as_mut()).await {
                     return;

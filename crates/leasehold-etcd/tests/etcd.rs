@@ -599,6 +599,11 @@ mod etcd_specific {
             .await
             .expect("the watch reports in time")
             .expect("the watch reports");
+        let vacant = matches!(&first, Ok(observation) if observation.record.is_none());
+        assert!(
+            vacant,
+            "the watch's first report, with the key gone: {first:?}"
+        );
         sleep(Duration::from_millis(500)).await;
         let renewed = backend.renew(&candidate, &grant).await;
         let mut reports = vec![first];
