@@ -403,16 +403,16 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
         let changed = cell.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let (alive, revision, own, session) = {
+        let (alive, own, session) = {
             let seat = cell.seat.lock().await;
             match seat.as_ref() {
                 Some(s) => (
                     s.is_alive(),
-                    s.create_revision,
-                    Some((s.identity.clone(), s.key.clone(), s.ttl())),
+                    s.create_revision
+                        .map(|r| (r, s.identity.clone(), s.key.clone(), s.ttl())),
                     Some(s.session.clone()),
                 ),
-                None => (true, None, None, None),
+                None => (true, None, None),
             }
         };
         if !alive {
@@ -424,18 +424,12 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
         }
         let lost = lost(session);
         tokio::pin!(lost);
-        let Some(revision) = revision else {
+        let Some((revision, identity, own_key, ttl)) = own else {
             // Not seated (yet): an observer, or an elector before its first attempt. Follow the
             // whole election and report its leader on every change, until seated.
             if !observed(backend, prefix, lock, tx, changed.as_mut()).await {
                 return;
             }
-            continue;
-        };
-        let Some((identity, own_key, ttl)) = own else {
-            // Seated without a key of its own: nothing to follow until the seat changes.
-            tx.send(Ok(Observation::vacant()));
-            changed.await;
             continue;
         };
         let turn = backend.turn().await;

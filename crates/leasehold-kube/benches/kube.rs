@@ -57,7 +57,7 @@ use std::time::{Duration, Instant as StdInstant, SystemTime};
 use common::{
     bench_handover, full_run, handover_sweep, leader_and_follower, minus, p50_min_max_ms,
     print_sweep, runtime, samples, settle_time, sorted, stagger, summary, takes_over,
-    whole_periods, Contender, PATIENCE, STEADY_PAUSES,
+    whole_periods, Contender, PATIENCE,
 };
 use criterion::{Criterion, SamplingMode};
 use futures::StreamExt;
@@ -383,18 +383,12 @@ const SWEEP_SAMPLES: usize = 160;
 async fn handover_leasehold(bench: &Bench) {
     let (a_backend, b_backend) = (bench.backend().await, bench.backend().await);
     let n = samples(HANDOVER_SAMPLES, 3);
-    let start = handover_sweep(&a_backend, &b_backend, &[Duration::ZERO], n).await;
-    let steady = handover_sweep(&a_backend, &b_backend, &STEADY_PAUSES, n).await;
-    let ms = |sweep: &[(Duration, f64)]| sweep.iter().map(|(_, ms)| *ms).collect::<Vec<_>>();
-    common::record("kube", "handover_start", "leasehold", &ms(&start));
-    common::record("kube", "handover", "leasehold", &ms(&steady));
+    let (start, steady) =
+        common::handover_rows_of("kube", "leasehold", &a_backend, &b_backend, n).await;
     // The same on kube's own connector (no TCP_NODELAY), for comparison.
     let (a_plain, b_plain) = (bench.plain_backend().await, bench.plain_backend().await);
-    let plain_start = handover_sweep(&a_plain, &b_plain, &[Duration::ZERO], n).await;
-    let plain_steady = handover_sweep(&a_plain, &b_plain, &STEADY_PAUSES, n).await;
     let plain = "leasehold (kube's connector)";
-    common::record("kube", "handover_start", plain, &ms(&plain_start));
-    common::record("kube", "handover", plain, &ms(&plain_steady));
+    common::handover_rows_of("kube", plain, &a_plain, &b_plain, n).await;
     let sweep = handover_sweep(
         &a_backend,
         &b_backend,

@@ -469,7 +469,7 @@ pub async fn handover_sweep<B: LockBackend + Clone>(
     samples: usize,
 ) -> Vec<(Duration, f64)> {
     repeat(samples, |i| {
-        let pause = pauses[i % pauses.len()];
+        let pause = pause_of(pauses, i);
         async move {
             let took = handover_after(a_backend, b_backend, pause).await;
             (pause, took.as_secs_f64() * 1e3)
@@ -534,16 +534,32 @@ pub fn handover_rows<B: LockBackend + Clone>(
     b_backend: &B,
 ) {
     let samples = samples(full_samples, 5);
-    let (start, steady) = rt.block_on(async {
-        (
-            handover_sweep(a_backend, b_backend, &[Duration::ZERO], samples).await,
-            handover_sweep(a_backend, b_backend, &STEADY_PAUSES, samples).await,
-        )
-    });
-    let ms = |sweep: &[(Duration, f64)]| sweep.iter().map(|(_, ms)| *ms).collect::<Vec<_>>();
-    record(name, "handover_start", "leasehold", &ms(&start));
-    record(name, "handover", "leasehold", &ms(&steady));
+    let (_, steady) = rt.block_on(handover_rows_of(
+        name,
+        "leasehold",
+        a_backend,
+        b_backend,
+        samples,
+    ));
     print_sweep(name, &steady);
+}
+
+/// `samples` handovers right after the follower first saw the leader and `samples` after
+/// [`STEADY_PAUSES`], recorded as the `handover_start` and `handover` rows of `backend` for
+/// `system`; the two sweeps, for more printing.
+pub async fn handover_rows_of<B: LockBackend + Clone>(
+    backend: &str,
+    system: &str,
+    a_backend: &B,
+    b_backend: &B,
+    samples: usize,
+) -> (Vec<(Duration, f64)>, Vec<(Duration, f64)>) {
+    let start = handover_sweep(a_backend, b_backend, &[Duration::ZERO], samples).await;
+    let steady = handover_sweep(a_backend, b_backend, &STEADY_PAUSES, samples).await;
+    let ms = |sweep: &[(Duration, f64)]| sweep.iter().map(|(_, ms)| *ms).collect::<Vec<_>>();
+    record(backend, "handover_start", system, &ms(&start));
+    record(backend, "handover", system, &ms(&steady));
+    (start, steady)
 }
 
 /// Benchmark `handover/{name}`: [`handover_once`] over these two clients (one per candidate, as
