@@ -2,8 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use futures::StreamExt;
-use leasehold::{Candidate, LeaderRecord, Observation};
+use leasehold::{observe_once, LeaderRecord, LockStatus, Observation, ObservedLock, Observer};
 
 use crate::backend::BackendUrl;
 use crate::error::CliError;
@@ -69,7 +68,7 @@ pub async fn status(args: InspectArgs) -> Result<(), CliError> {
     let url = BackendUrl::parse(&args.backend.backend)?;
     let lock = &args.backend.lock;
     let backend = url.connect(lock, args.backend.connect_timeout).await?;
-    let observation = backend.read(lock).await?;
+    let (_, observation) = observe_once(backend.as_ref(), lock).await?;
     if args.json {
         println!("{}", status_json(lock, &url.describe(), &observation));
         return Ok(());
@@ -112,28 +111,35 @@ pub async fn status(args: InspectArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn leader_line(json: bool, observation: &Observation) -> String {
+fn leader_line(json: bool, observed: &ObservedLock) -> String {
     let now = rfc3339(SystemTime::now());
-    let record = observation.record.as_ref().filter(|r| !r.is_vacant());
+    let status = observed.status.as_str();
+    let record = observed.record.as_ref();
     if json {
         serde_json::json!({
             "at": now,
-            "leader": record.map(|r| r.holder.clone()),
-            "token": record.and_then(|r| r.token).map(|t| t.get()),
+            "state": status,
+            "leader": observed.leader(),
+            "token": observed.token().map(|t| t.get()),
+            "last_holder": record.map(|r| r.holder.clone()),
         })
         .to_string()
     } else {
-        match record {
-            Some(r) => match r.token {
+        match (observed.status, record) {
+            (LockStatus::Held, Some(r)) => match r.token {
                 Some(token) => format!("{now}  leader: {} (token {token})", r.holder),
                 None => format!("{now}  leader: {}", r.holder),
             },
-            None => format!("{now}  no leader"),
+            (LockStatus::Expired, Some(r)) => {
+                format!("{now}  no leader ({}'s lease ran out)", r.holder)
+            }
+            _ => format!("{now}  no leader"),
         }
     }
 }
 
-/// `leasehold watch`: one line per leader change until interrupted.
+/// `leasehold watch`: one line per leader change until interrupted, from an [`Observer`]:
+/// the backend's watch, and no polling while a leader holds the lock.
 ///
 /// # Errors
 ///
@@ -142,53 +148,34 @@ pub async fn watch(args: InspectArgs) -> Result<(), CliError> {
     let url = BackendUrl::parse(&args.backend.backend)?;
     let lock = args.backend.lock.clone();
     let backend = url.connect(&lock, args.backend.connect_timeout).await?;
-    let observer = Candidate::new(
-        lock.clone(),
-        format!("leasehold-watch-{}", std::process::id()),
-        Duration::from_secs(15),
-    );
-    let mut last: Option<Option<(String, Option<u64>)>> = None;
-    let mut print = |observation: &Observation| {
-        let key = observation
-            .record
-            .as_ref()
-            .filter(|r| !r.is_vacant())
-            .map(|r| (r.holder.clone(), r.token.map(|t| t.get())));
-        if last.as_ref() != Some(&key) {
-            println!("{}", leader_line(args.json, observation));
-            last = Some(key);
-        }
-    };
+    let observer = Observer::start(backend, lock).map_err(leasehold::ElectorError::from)?;
+    let mut changes = observer.subscribe();
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
+    let mut last_error = None;
+    let mut printed = None;
     loop {
-        let mut events = match backend.watch(&observer).await {
-            Ok(events) => Some(events),
-            Err(error) => {
-                eprintln!("leasehold: watch failed ({error}); retrying");
-                None
+        let observed = changes.borrow_and_update().clone();
+        if observed.last_error != last_error {
+            if let Some(error) = &observed.last_error {
+                eprintln!("leasehold: {error}; retrying");
             }
-        };
-        match backend.read(&lock).await {
-            Ok(observation) => print(&observation),
-            Err(error) => eprintln!("leasehold: read failed: {error}"),
+            last_error = observed.last_error.clone();
         }
-        while let Some(stream) = events.as_mut() {
-            tokio::select! {
-                _ = &mut interrupted => return Ok(()),
-                event = stream.next() => match event {
-                    Some(Ok(observation)) => print(&observation),
-                    Some(Err(error)) => {
-                        eprintln!("leasehold: watch interrupted ({error}); reconnecting");
-                        events = None;
-                    }
-                    None => events = None,
-                },
-            }
+        let key = (
+            observed.status,
+            observed.leader().map(str::to_owned),
+            observed.token(),
+        );
+        if observed.status != LockStatus::Unknown && printed.as_ref() != Some(&key) {
+            println!("{}", leader_line(args.json, &observed));
+            printed = Some(key);
         }
         tokio::select! {
-            _ = &mut interrupted => return Ok(()),
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = &mut interrupted => break,
+            changed = changes.changed() => if changed.is_err() { break },
         }
     }
+    observer.stop().await;
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! The core of leasehold: the [`LockBackend`] trait, the pure election [`machine`], the async
-//! [`Elector`] that drives it, its [`Config`] and typed errors.
+//! [`Elector`] that drives it, the [`Observer`] that follows a lock without campaigning, its
+//! [`Config`] and typed errors.
 //!
 //! Most users depend on the `leasehold` facade crate, which re-exports this one together with the
 //! backends.
@@ -17,6 +18,7 @@ pub mod metrics;
 #[doc(hidden)]
 pub mod mutant;
 mod notifier;
+mod observer;
 mod record;
 mod running;
 mod state;
@@ -32,6 +34,7 @@ pub use config::{
 };
 pub use elector::{Elector, ElectorHandle};
 pub use error::{BackendError, ConfigError, ElectorError};
+pub use observer::{observe_once, LockStatus, ObservedLock, Observer};
 pub use record::{FencingToken, LeaderRecord, Observation};
 pub use running::RunningElector;
 pub use state::{Health, LeaderState, StopCause, TermInfo};

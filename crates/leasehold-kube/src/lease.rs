@@ -16,6 +16,12 @@ pub(crate) const MANAGED_VALUE: &str = "true";
 /// The label selector of the namespace watch.
 pub(crate) const MANAGED_SELECTOR: &str = "leasehold.rs/managed=true";
 
+/// The annotation that says which term a record belongs to: `/<holder>` on the acquiring write
+/// (whose `resourceVersion` is the term's token), `<token>/<holder>` on every renew. Without it,
+/// every write would look like a new term to an observer, since the object's version changes
+/// with each renew.
+pub(crate) const TERM_ANNOTATION: &str = "leasehold.rs/term";
+
 /// Whether `lease` carries the label, so the namespace watch sees it.
 pub(crate) fn labeled(lease: &Lease) -> bool {
     lease
@@ -157,6 +163,42 @@ fn wall(t: Option<&Timestamp>) -> Option<SystemTime> {
     t.map(|t| SystemTime::from(*t))
 }
 
+/// The fencing token of the term `lease` records: from [`TERM_ANNOTATION`] when it names the
+/// Lease's holder, else the object's version (a record another program wrote, such as client-go:
+/// its version still orders it against our terms).
+pub(crate) fn term_token_of(lease: &Lease) -> Option<FencingToken> {
+    let holder = lease
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.holder_identity.as_deref())
+        .unwrap_or_default();
+    let annotated = lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(TERM_ANNOTATION))
+        .and_then(|value| value.split_once('/'))
+        .filter(|(_, named)| *named == holder);
+    match annotated {
+        Some(("", _)) | None => token_of(lease),
+        Some((digits, _)) => digits.parse::<u64>().ok().map(FencingToken),
+    }
+}
+
+/// Marks `lease` as written by `holder`'s term `token` (`None`: the acquiring write).
+fn mark_term(lease: &mut Lease, holder: &str, token: Option<FencingToken>) {
+    let value = match token {
+        Some(token) => format!("{token}/{holder}"),
+        None => format!("/{holder}"),
+    };
+    lease
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(TERM_ANNOTATION.to_owned(), value);
+}
+
+/// The object's version, as a number: the token of the term an acquiring write begins.
 pub(crate) fn token_of(lease: &Lease) -> Option<FencingToken> {
     lease
         .metadata
@@ -185,7 +227,7 @@ pub(crate) fn fresh(name: &str, identity: &str, seconds: i32) -> Lease {
     let now = now();
     let mut labels = std::collections::BTreeMap::new();
     labels.insert(MANAGED_LABEL.to_owned(), MANAGED_VALUE.to_owned());
-    Lease {
+    let mut lease = Lease {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
             labels: Some(labels),
@@ -199,7 +241,9 @@ pub(crate) fn fresh(name: &str, identity: &str, seconds: i32) -> Lease {
             lease_transitions: Some(0),
             ..LeaseSpec::default()
         }),
-    }
+    };
+    mark_term(&mut lease, identity, None);
+    lease
 }
 
 /// `current` taken by `identity` (a new term): client-go bumps `leaseTransitions` when the
@@ -220,17 +264,20 @@ pub(crate) fn taken(current: &Lease, identity: &str, seconds: i32) -> Lease {
     } else {
         transitions.saturating_add(1)
     });
+    mark_term(&mut lease, identity, None);
     lease
 }
 
 /// `mine` with a new `renewTime` and our own `leaseDurationSeconds`: a renew never republishes
 /// a duration someone else wrote (followers judge expiry by the announced duration).
-pub(crate) fn renewed(mine: &Lease, duration_seconds: i32) -> Lease {
+pub(crate) fn renewed(mine: &Lease, duration_seconds: i32, token: FencingToken) -> Lease {
     let mut lease = mine.clone();
     label(&mut lease);
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
     spec.renew_time = Some(now());
     spec.lease_duration_seconds = Some(duration_seconds);
+    let holder = spec.holder_identity.clone().unwrap_or_default();
+    mark_term(&mut lease, &holder, Some(token));
     lease
 }
 
@@ -244,6 +291,9 @@ pub(crate) fn released(mine: &Lease) -> Lease {
     spec.lease_duration_seconds = Some(1);
     spec.acquire_time = Some(now.clone());
     spec.renew_time = Some(now);
+    if let Some(annotations) = lease.metadata.annotations.as_mut() {
+        annotations.remove(TERM_ANNOTATION);
+    }
     lease
 }
 
@@ -385,6 +435,40 @@ mod tests {
         assert!(malformed(&SpecKey::of(&odd)).is_some());
     }
 
+    fn with_version(mut lease: Lease, version: &str) -> Lease {
+        lease.metadata.resource_version = Some(version.into());
+        lease
+    }
+
+    #[test]
+    fn a_term_keeps_its_token_through_renews_and_a_foreign_record_has_its_version() {
+        let acquired = with_version(fresh("x", "a", 15), "100");
+        assert_eq!(term_token_of(&acquired), Some(FencingToken(100)));
+        let renewed = with_version(renewed(&acquired, 15, FencingToken(100)), "107");
+        assert_eq!(term_token_of(&renewed), Some(FencingToken(100)));
+        // client-go takes the Lease over, keeping our annotation: it names another holder.
+        let mut foreign = renewed.clone();
+        foreign.spec.as_mut().unwrap().holder_identity = Some("go".into());
+        let foreign = with_version(foreign, "130");
+        assert_eq!(term_token_of(&foreign), Some(FencingToken(130)));
+        // Our next acquire starts a term of its own.
+        let again = with_version(taken(&foreign, "a", 15), "140");
+        assert_eq!(term_token_of(&again), Some(FencingToken(140)));
+        let gone = released(&again);
+        assert!(gone
+            .metadata
+            .annotations
+            .as_ref()
+            .is_none_or(|a| !a.contains_key(TERM_ANNOTATION)));
+        let mut garbage = renewed;
+        garbage
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(TERM_ANNOTATION.into(), "x9/a".into());
+        assert_eq!(term_token_of(&garbage), None);
+    }
+
     #[test]
     fn takeover_and_release_follow_client_go() {
         let lease = fresh("x", "a", 15);
@@ -489,7 +573,7 @@ mod tests {
     fn a_renew_writes_our_own_duration_over_a_foreign_one() {
         let mut lease = fresh("x", "a", 15);
         lease.spec.as_mut().unwrap().lease_duration_seconds = Some(3);
-        let renewed = renewed(&lease, 15);
+        let renewed = renewed(&lease, 15, FencingToken(1));
         let spec = renewed.spec.unwrap();
         assert_eq!(spec.lease_duration_seconds, Some(15));
         assert_eq!(spec.holder_identity.as_deref(), Some("a"));
@@ -691,14 +775,15 @@ mod tests {
         let record = record_of(&key, duration.unwrap_or(Duration::from_secs(15)));
         assert_eq!(record.holder, key.holder);
         let _ = token_of(lease);
+        let _ = term_token_of(lease);
         let _ = key.same_term(&SpecKey::of(&taken(lease, "me", 15)));
         let taken = taken(lease, "me", i32::MAX);
         let transitions = taken.spec.as_ref().and_then(|s| s.lease_transitions);
         assert!(transitions.is_some());
-        let _ = SpecKey::of(&renewed(lease, 1));
+        let _ = SpecKey::of(&renewed(lease, 1, FencingToken(1)));
         let _ = SpecKey::of(&released(lease));
         assert!(!client_go_notices(lease, lease));
-        let _ = client_go_notices(lease, &renewed(lease, 1));
+        let _ = client_go_notices(lease, &renewed(lease, 1, FencingToken(1)));
     }
 
     /// JSON values of every kind, a little nested, and strings shaped like the Lease's times.

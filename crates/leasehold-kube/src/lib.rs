@@ -294,7 +294,7 @@ impl KubeBackend {
         let verdict = Observed::see(
             &mut seen,
             SpecKey::of(lease),
-            lease::token_of(lease),
+            lease::term_token_of(lease),
             now,
             fallback,
         );
@@ -514,7 +514,7 @@ impl LockBackend for KubeBackend {
         let mut base = mine.clone();
         for _ in 0..2 {
             match self
-                .replace("renew", lock, &lease::renewed(&base, seconds))
+                .replace("renew", lock, &lease::renewed(&base, seconds, grant.token))
                 .await?
             {
                 Write::Done(written) => {

@@ -124,6 +124,7 @@ macro_rules! conformance_tests {
             many_locks_on_shared_clients,
             standalone_mode,
             bad_config,
+            observer_sees_every_change,
         );
     };
     (@each #[$attr:meta], $harness:expr, $($scenario:ident),+ $(,)?) => {

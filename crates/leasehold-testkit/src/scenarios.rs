@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use leasehold_core::{
     AcquireOutcome, BackendError, Callbacks, Candidate, Config, Elector, ElectorError, Grant,
-    LeaderRecord, ReleaseOutcome, RenewOutcome, StopCause,
+    LeaderRecord, LockStatus, Observer, ReleaseOutcome, RenewOutcome, StopCause,
 };
 use tokio::time::{sleep, timeout, Instant};
 
@@ -1286,4 +1286,137 @@ pub async fn leader_after_blackhole<H: Harness + ?Sized>(h: &H) {
     a.stop().await.expect("a stops");
     b.stop().await.expect("b stops");
     verify(&checker);
+}
+
+/// One change an observer published, as a subscriber saw it.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    status: LockStatus,
+    holder: Option<String>,
+    token: Option<leasehold_core::FencingToken>,
+}
+
+/// An [`Observer`] on its own client follows a contended lock through five handovers: it sees
+/// every term the checker recorded, in order, none it did not, each before the next term began;
+/// it never goes back to an earlier term; and while one leader holds the lock it sends no
+/// request at all.
+pub async fn observer_sees_every_change<H: Harness + ?Sized>(h: &H) {
+    let t = h.timing();
+    let lock = lock_name("observer");
+    let checker = SafetyChecker::new();
+    let watcher = h.client().await;
+    let observer = Observer::start(watcher.backend.clone(), lock.clone()).expect("a valid lock");
+    let first = observer.ready().await;
+    assert_eq!(first.status, LockStatus::Free, "a new lock: {first:?}");
+    let mut changes = observer.subscribe();
+    let history = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while changes.changed().await.is_ok() {
+            let now = changes.borrow_and_update().clone();
+            seen.push(Seen {
+                status: now.status,
+                holder: now.leader().map(str::to_owned),
+                token: now.token(),
+            });
+        }
+        seen
+    });
+    let mut nodes = Vec::new();
+    for id in ["a", "b", "c"] {
+        nodes.push(Node::join_with_wind_down(h, id, &lock, &checker, Duration::ZERO).await);
+    }
+    for round in 0..5 {
+        wait_for("a leader", 3 * t.lease_duration, || {
+            nodes.iter().any(|n| n.handle.is_leader())
+        })
+        .await;
+        let leader = nodes
+            .iter()
+            .position(|n| n.handle.is_leader())
+            .expect("a leader");
+        let term = checker
+            .intervals()
+            .last()
+            .cloned()
+            .expect("the leader's term is recorded");
+        wait_for(
+            "the observer to see the new term",
+            2 * t.lease_duration,
+            || {
+                let now = observer.current();
+                now.leader() == Some(term.identity.as_str())
+                    && now.token().is_none_or(|token| token == term.token)
+            },
+        )
+        .await;
+        if round == 0 {
+            // A steady leader renews several times; the observer hears it without asking.
+            let before = watcher.backend_calls();
+            sleep(4 * t.retry_period).await;
+            let after = watcher.backend_calls();
+            assert_eq!(
+                after - before,
+                0,
+                "the observer sent {} requests while one leader held the lock",
+                after - before
+            );
+            assert_eq!(observer.current().leader(), Some(term.identity.as_str()));
+        }
+        let before = checker.intervals().len();
+        nodes[leader].handle.resign();
+        wait_for("the next term", 3 * t.lease_duration, || {
+            checker.intervals().len() > before
+        })
+        .await;
+    }
+    let last = checker.intervals().last().cloned().expect("a last term");
+    wait_for(
+        "the observer to see the last term",
+        2 * t.lease_duration,
+        || observer.current().leader() == Some(last.identity.as_str()),
+    )
+    .await;
+    for n in &mut nodes {
+        n.stop().await.expect("stops");
+    }
+    wait_for(
+        "the observer to see the lock released",
+        2 * t.lease_duration,
+        || observer.current().status == LockStatus::Free,
+    )
+    .await;
+    let changes_published = observer.current().changes;
+    observer.stop().await;
+    let seen = history.await.expect("the history task");
+    let intervals = verify(&checker);
+    let mut held: Vec<(String, Option<leasehold_core::FencingToken>)> = seen
+        .iter()
+        .filter(|s| s.status == LockStatus::Held)
+        .map(|s| (s.holder.clone().unwrap_or_default(), s.token))
+        .collect();
+    held.dedup();
+    let terms: Vec<_> = intervals
+        .iter()
+        .map(|i| (i.identity.clone(), Some(i.token)))
+        .collect();
+    let comparable: Vec<_> = if held.iter().all(|(_, token)| token.is_some()) {
+        terms.clone()
+    } else {
+        terms.iter().map(|(id, _)| (id.clone(), None)).collect()
+    };
+    let shown: Vec<_> = if held.iter().all(|(_, token)| token.is_some()) {
+        held.clone()
+    } else {
+        held.iter().map(|(id, _)| (id.clone(), None)).collect()
+    };
+    assert!(terms.len() >= 6, "only {} terms: {terms:?}", terms.len());
+    assert_eq!(
+        shown, comparable,
+        "the observer's terms differ from the recorded ones; it published {seen:?}"
+    );
+    assert_eq!(
+        u64::try_from(seen.len()).ok(),
+        Some(changes_published),
+        "the subscriber missed a change: {seen:?}"
+    );
 }
