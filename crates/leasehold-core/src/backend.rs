@@ -259,7 +259,16 @@ pub type WatchStream = BoxStream<'static, Result<Observation, BackendError>>;
 ///    puts in its grants names no term: it renews as [`RenewOutcome::Lost`] and releases as
 ///    [`ReleaseOutcome::NotHeld`]. (Backends whose store checks the token, memory and Redis,
 ///    put none.)
-/// 8. **Errors.** Lost races are outcomes, not errors. Transient failures are
+/// 8. **Transfer.** Where [`supports_transfer`](LockBackend::supports_transfer) is `true`,
+///    [`transfer`](LockBackend::transfer) is a conditional write like `release` (it changes the
+///    lock only while it holds the term `grant` names) that leaves the lock vacant but reserved
+///    for the target identity for `lease_duration`: until then
+///    [`try_acquire`](LockBackend::try_acquire) grants a term to the target only, and reports
+///    the reservation to anyone else as [`AcquireOutcome::Held`] of a vacant record whose
+///    [`preferred_holder`](crate::LeaderRecord::preferred_holder) names the target, with
+///    `expires_in` the time left. Afterwards the lock is free. Fencing is unchanged: the target's
+///    term gets a greater token, as after a release.
+/// 9. **Errors.** Lost races are outcomes, not errors. Transient failures are
 ///    [`BackendError::Unavailable`] or [`BackendError::Timeout`]; bad credentials are
 ///    [`BackendError::Unauthorized`]. No method panics on anything a server returns.
 ///
@@ -336,6 +345,33 @@ pub trait LockBackend: Send + Sync + 'static {
     /// Transient errors when the watch cannot be opened.
     async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError>;
 
+    /// Whether [`transfer`](Self::transfer) is implemented. The default is `false`: a transfer
+    /// is then refused before the leader steps down.
+    fn supports_transfer(&self) -> bool {
+        false
+    }
+
+    /// Ends the term `grant` (like [`release`](Self::release)) and reserves the lock for the
+    /// candidate `to` for `candidate.lease_duration` (see the contract). The caller has
+    /// already ended the leader's work.
+    ///
+    /// # Errors
+    ///
+    /// Transient errors when the store cannot be reached (the lock then expires on its own);
+    /// [`BackendError::Unsupported`] by default.
+    async fn transfer(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+        to: &str,
+    ) -> Result<ReleaseOutcome, BackendError> {
+        let _ = (candidate, grant, to);
+        Err(BackendError::Unsupported {
+            backend: self.name().to_owned(),
+            operation: "transfer",
+        })
+    }
+
     /// The candidate stops campaigning: leave any queue it stands in. Called once when an elector
     /// that does not lead shuts down. The default does nothing.
     ///
@@ -387,5 +423,16 @@ impl<T: LockBackend + ?Sized> LockBackend for std::sync::Arc<T> {
     }
     async fn withdraw(&self, candidate: &Candidate) -> Result<(), BackendError> {
         (**self).withdraw(candidate).await
+    }
+    fn supports_transfer(&self) -> bool {
+        (**self).supports_transfer()
+    }
+    async fn transfer(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+        to: &str,
+    ) -> Result<ReleaseOutcome, BackendError> {
+        (**self).transfer(candidate, grant, to).await
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
@@ -18,7 +18,8 @@ use crate::backend::{Candidate, LockBackend, WatchStream};
 use crate::callbacks::{Callbacks, Ended, Leadership};
 use crate::config::Config;
 use crate::elector::Elector;
-use crate::error::{BackendError, ElectorError};
+use crate::error::{BackendError, ElectorError, TransferError};
+use crate::handle::TransferSlot;
 use crate::machine::{Action, Call, CallResult, Machine};
 use crate::metrics::ElectorMetrics;
 use crate::notifier::{notify, panic_message, Notice};
@@ -85,6 +86,9 @@ pub(crate) struct Driver {
     callbacks: Callbacks,
     publisher: Publisher,
     resign: Arc<Notify>,
+    transfer: Arc<TransferSlot>,
+    /// Where to answer the transfer under way.
+    transfer_reply: Option<oneshot::Sender<Result<(), TransferError>>>,
     machine: Machine,
     call: Option<BoxFuture<'static, CallResult>>,
     watch: Option<WatchStream>,
@@ -120,6 +124,8 @@ impl Driver {
             callbacks: elector.callbacks,
             publisher: Publisher(elector.state),
             resign: elector.resign,
+            transfer: elector.transfer,
+            transfer_reply: None,
             call: None,
             watch: None,
             work: None,
@@ -194,6 +200,7 @@ impl Driver {
                 () = self.resign.notified() => {
                     self.machine.handle_resign(Instant::now());
                 }
+                () = self.transfer.notify.notified() => self.take_transfer(),
                 event = async { self.watch.as_mut().expect("guarded").next().await }, if self.watch.is_some() => {
                     let now = Instant::now();
                     match event {
@@ -249,6 +256,11 @@ impl Driver {
                 }
                 Action::NewLeader(identity) => {
                     self.notice(Notice::NewLeader(identity));
+                }
+                Action::TransferDone(outcome) => {
+                    if let Some(reply) = self.transfer_reply.take() {
+                        let _ = reply.send(outcome);
+                    }
                 }
                 Action::Exit(result) => {
                     self.metrics.leading(false);
@@ -307,6 +319,11 @@ impl Driver {
                         .await
                         .unwrap_or_else(|e| Err(timeout(e))),
                 ),
+                Call::Transfer { grant, to } => CallResult::Transfer(
+                    timeout_at(deadline, backend.transfer(&candidate, &grant, &to))
+                        .await
+                        .unwrap_or_else(|e| Err(timeout(e))),
+                ),
                 Call::Withdraw => CallResult::Withdraw(
                     timeout_at(deadline, backend.withdraw(&candidate))
                         .await
@@ -356,6 +373,26 @@ impl Driver {
         });
     }
 
+    /// Takes up a transfer left by a handle: refused at once when the backend cannot do it or
+    /// the machine will not; otherwise answered at [`Action::TransferDone`].
+    fn take_transfer(&mut self) {
+        let Some(request) = self.transfer.take() else {
+            return;
+        };
+        if !self.backend.supports_transfer() {
+            let _ = request.reply.send(Err(TransferError::Unsupported {
+                backend: self.backend.name().to_owned(),
+            }));
+            return;
+        }
+        match self.machine.handle_transfer(Instant::now(), request.to) {
+            Ok(()) => self.transfer_reply = Some(request.reply),
+            Err(error) => {
+                let _ = request.reply.send(Err(error));
+            }
+        }
+    }
+
     async fn drain_notifier(&mut self) {
         self.notices = None;
         if let Some(notifier) = self.notifier.take() {
@@ -371,6 +408,8 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        // A request left after the last look: its handle hears `Stopped`.
+        drop(self.transfer.take());
         if let Some(live) = &mut self.term {
             live.valid_until = self.machine.leader_state().valid_until;
         }

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::driver::{candidate, Driver};
 use crate::error::ElectorError;
 pub use crate::handle::ElectorHandle;
+use crate::handle::TransferSlot;
 use crate::running::RunningElector;
 use crate::state::LeaderState;
 
@@ -44,6 +45,7 @@ pub struct Elector {
     pub(crate) callbacks: Callbacks,
     pub(crate) state: watch::Sender<LeaderState>,
     pub(crate) resign: Arc<Notify>,
+    pub(crate) transfer: Arc<TransferSlot>,
 }
 
 impl std::fmt::Debug for Elector {
@@ -79,6 +81,7 @@ impl Elector {
             callbacks,
             state,
             resign: Arc::default(),
+            transfer: Arc::default(),
         })
     }
 
@@ -87,6 +90,7 @@ impl Elector {
         ElectorHandle {
             state: self.state.subscribe(),
             resign: self.resign.clone(),
+            transfer: self.transfer.clone(),
             identity: Arc::from(self.config.identity.as_str()),
             lease_duration: self.config.lease_duration,
             retry_period: self.config.retry_period,

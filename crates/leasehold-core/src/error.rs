@@ -153,6 +153,15 @@ pub enum BackendError {
         #[source]
         source: ConfigError,
     },
+    /// The backend does not implement this operation (see
+    /// [`LockBackend::supports_transfer`](crate::LockBackend::supports_transfer)).
+    #[error("the {backend} backend does not support `{operation}`")]
+    Unsupported {
+        /// The backend.
+        backend: String,
+        /// The operation.
+        operation: &'static str,
+    },
     /// The backend broke the [`LockBackend`](crate::LockBackend) contract, e.g. a fencing token
     /// that did not increase. The elector refuses the term and retries.
     #[error("{backend} backend broke the lock contract: {detail}")]
@@ -191,8 +200,58 @@ impl BackendError {
             BackendError::MalformedRecord { .. } => "malformed_record",
             BackendError::InvalidConfig { .. } => "invalid_config",
             BackendError::Protocol { .. } => "protocol",
+            BackendError::Unsupported { .. } => "unsupported",
         }
     }
+}
+
+/// Why a leadership transfer ([`ElectorHandle::transfer_to`](crate::ElectorHandle::transfer_to))
+/// did not hand the lock over.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransferError {
+    /// This elector does not lead (or leads in standalone mode): nothing was changed.
+    #[error("cannot transfer leadership: this elector does not lead")]
+    NotLeader,
+    /// The target is not an identity another candidate could have: empty, too long, with
+    /// control characters, or this elector's own.
+    #[error("cannot transfer leadership to {target:?}: {reason}")]
+    InvalidTarget {
+        /// The identity asked for.
+        target: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The backend cannot reserve a lock for one candidate: nothing was changed, this elector
+    /// still leads.
+    #[error("the {backend} backend does not support leadership transfer")]
+    Unsupported {
+        /// The backend.
+        backend: String,
+    },
+    /// Another transfer is already under way.
+    #[error("a leadership transfer is already under way")]
+    InProgress,
+    /// The leader's work did not finish within the renew deadline after its term was cancelled:
+    /// nothing was written (the next leader must not start beside it); the lock expires on its
+    /// own and anyone may take it then.
+    #[error(
+        "the leader's work did not stop in time: nothing was handed over; the lock expires on \
+         its own"
+    )]
+    WorkStillRunning,
+    /// The term was already over when the hand-over was written (lost, expired, taken over):
+    /// nothing was changed.
+    #[error("the term ended before it could be handed over")]
+    NotHeld,
+    /// The hand-over could not be written (the backend is unreachable, or the call timed out).
+    /// This elector has stepped down; the lock expires on its own after the lease, and then
+    /// anyone may take it. Whether the write took effect is unknown after a timeout.
+    #[error("the hand-over could not be written: {0}; the lock expires on its own")]
+    Backend(BackendError),
+    /// The elector stopped before the transfer completed.
+    #[error("the elector stopped before the transfer completed")]
+    Stopped,
 }
 
 /// Why an [`Elector`](crate::Elector) could not start or stopped with an error.

@@ -33,7 +33,7 @@ pub use config::{
     DEFAULT_RETRY_PERIOD, MAX_DURATION, MAX_NAME_LEN,
 };
 pub use elector::{Elector, ElectorHandle};
-pub use error::{BackendError, ConfigError, ElectorError};
+pub use error::{BackendError, ConfigError, ElectorError, TransferError};
 pub use observer::{observe_once, LockStatus, ObservedLock, Observer};
 pub use record::{FencingToken, LeaderRecord, Observation};
 pub use running::RunningElector;

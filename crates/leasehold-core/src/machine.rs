@@ -52,7 +52,7 @@ use tokio::time::Instant;
 
 use crate::backend::{AcquireOutcome, Grant, ReleaseOutcome, RenewOutcome};
 use crate::config::Config;
-use crate::error::BackendError;
+use crate::error::{BackendError, TransferError};
 use crate::record::{FencingToken, Observation};
 use crate::state::{LeaderState, StopCause, TermInfo};
 
@@ -72,6 +72,14 @@ pub enum Call {
     /// [`LockBackend::release`](crate::LockBackend::release) of this grant; answered with
     /// [`CallResult::Release`].
     Release(Grant),
+    /// [`LockBackend::transfer`](crate::LockBackend::transfer) of this grant to `to`; answered
+    /// with [`CallResult::Transfer`].
+    Transfer {
+        /// The term handed over.
+        grant: Grant,
+        /// The identity the lock is reserved for.
+        to: String,
+    },
     /// [`LockBackend::withdraw`](crate::LockBackend::withdraw); answered with
     /// [`CallResult::Withdraw`].
     Withdraw,
@@ -85,6 +93,7 @@ impl Call {
             Call::Acquire => "acquire",
             Call::Renew(_) => "renew",
             Call::Release(_) => "release",
+            Call::Transfer { .. } => "transfer",
             Call::Withdraw => "withdraw",
         }
     }
@@ -101,6 +110,8 @@ pub enum CallResult {
     Renew(Result<RenewOutcome, BackendError>),
     /// The result of a [`Call::Release`].
     Release(Result<ReleaseOutcome, BackendError>),
+    /// The result of a [`Call::Transfer`].
+    Transfer(Result<ReleaseOutcome, BackendError>),
     /// The result of a [`Call::Withdraw`].
     Withdraw(Result<(), BackendError>),
 }
@@ -114,6 +125,7 @@ impl CallResult {
             Call::Acquire => CallResult::Acquire(Err(error)),
             Call::Renew(_) => CallResult::Renew(Err(error)),
             Call::Release(_) => CallResult::Release(Err(error)),
+            Call::Transfer { .. } => CallResult::Transfer(Err(error)),
             Call::Withdraw => CallResult::Withdraw(Err(error)),
         }
     }
@@ -125,6 +137,7 @@ impl CallResult {
             CallResult::Acquire(_) => "acquire",
             CallResult::Renew(_) => "renew",
             CallResult::Release(_) => "release",
+            CallResult::Transfer(_) => "transfer",
             CallResult::Withdraw(_) => "withdraw",
         }
     }
@@ -135,7 +148,7 @@ impl CallResult {
         match self {
             CallResult::Acquire(r) => r.as_ref().err(),
             CallResult::Renew(r) => r.as_ref().err(),
-            CallResult::Release(r) => r.as_ref().err(),
+            CallResult::Release(r) | CallResult::Transfer(r) => r.as_ref().err(),
             CallResult::Withdraw(r) => r.as_ref().err(),
         }
     }
@@ -179,6 +192,9 @@ pub enum Action {
     },
     /// A different leader was observed (possibly this elector).
     NewLeader(String),
+    /// The transfer asked for with [`Machine::handle_transfer`] is over: `Ok` when the lock was
+    /// handed over (reserved for the target).
+    TransferDone(Result<(), TransferError>),
     /// The machine is done: stop driving it. `Err` for a fatal backend error.
     Exit(Result<(), BackendError>),
 }
@@ -387,6 +403,9 @@ pub struct Machine {
     shutting_down: bool,
     /// After a resign: no attempt before this instant (applied when [`Timer::Attempt`] is set).
     quiet_until: Option<Instant>,
+    /// The target of the transfer under way ([`Machine::handle_transfer`]), until its
+    /// [`Action::TransferDone`].
+    transfer: Option<String>,
     last_error: Option<BackendError>,
     /// The watch reported the lock vacant while our acquire was in flight: a "held" answer to
     /// it may be older than that release (see [`Machine::handle_observation`]).
@@ -427,6 +446,7 @@ impl Machine {
             work_running: false,
             shutting_down: false,
             quiet_until: None,
+            transfer: None,
             last_error: None,
             vacancy_during_acquire: false,
         }
@@ -561,6 +581,29 @@ impl Machine {
             CallResult::Acquire(result) => self.on_acquire_result(now, sent_at, result),
             CallResult::Renew(result) => self.on_renew_result(now, sent_at, result),
             CallResult::Release(result) => self.on_release_result(now, result),
+            CallResult::Transfer(result) => {
+                let done = match &result {
+                    Ok(ReleaseOutcome::Released) => Ok(()),
+                    Ok(ReleaseOutcome::NotHeld) => Err(TransferError::NotHeld),
+                    Err(error) => Err(TransferError::Backend(error.clone())),
+                };
+                if done.is_ok() {
+                    // The lock is reserved for a lease from now; if the target never takes it,
+                    // the others (who wait for the reservation to end) go first.
+                    self.quiet_until =
+                        Some(now + self.params.lease_duration + self.params.retry_period);
+                }
+                if let Some(to) = self.transfer.take() {
+                    match &done {
+                        Ok(()) => tracing::info!(to = %to, "leadership handed over"),
+                        Err(error) => {
+                            tracing::warn!(to = %to, %error, "leadership transfer failed")
+                        }
+                    }
+                    self.actions.push_back(Action::TransferDone(done));
+                }
+                self.on_release_result(now, result);
+            }
             CallResult::Withdraw(result) => {
                 if let Err(error) = &result {
                     self.record_error("withdraw", error);
@@ -691,6 +734,39 @@ impl Machine {
             }
             _ => tracing::debug!("resign ignored: not leading"),
         }
+    }
+
+    /// Hands the current term over to the candidate `to`: steps down, waits for the leader's
+    /// work, then (instead of releasing) reserves the lock for `to` for `lease_duration`
+    /// ([`Call::Transfer`]), and follows again; it does not campaign for `lease_duration` plus
+    /// `retry_period` after the reservation, so that if `to` never takes the lock, another
+    /// candidate does.
+    /// The outcome comes as [`Action::TransferDone`].
+    ///
+    /// # Errors
+    ///
+    /// At once, changing nothing: [`TransferError::NotLeader`] when not leading (or in
+    /// standalone mode), [`TransferError::InvalidTarget`] for our own identity,
+    /// [`TransferError::InProgress`] while another transfer is under way.
+    pub fn handle_transfer(&mut self, now: Instant, to: String) -> Result<(), TransferError> {
+        if self.transfer.is_some() {
+            return Err(TransferError::InProgress);
+        }
+        if to == self.params.identity {
+            return Err(TransferError::InvalidTarget {
+                target: to,
+                reason: "it is this elector's own identity",
+            });
+        }
+        if !matches!(self.state, State::Leading(_)) || self.shutting_down {
+            return Err(TransferError::NotLeader);
+        }
+        tracing::info!(to = %to, "transferring leadership");
+        self.quiet_until = Some(now + self.params.lease_duration);
+        self.transfer = Some(to);
+        self.wind_down(now, StopCause::Transferred, Then::ReleaseThenFollow);
+        self.advance(now);
+        Ok(())
     }
 
     /// The leader's work has finished after [`Action::StopLeading`] (or there was none). Until
@@ -957,6 +1033,10 @@ impl Machine {
                         "the leader's work did not finish by the renew deadline; not releasing: \
                          the lock expires on its own"
                     );
+                    if self.transfer.take().is_some() {
+                        self.actions
+                            .push_back(Action::TransferDone(Err(TransferError::WorkStillRunning)));
+                    }
                     self.after_wind_down(now, then, None);
                 }
             }
@@ -982,7 +1062,13 @@ impl Machine {
             }
             State::Releasing { grant, sent, .. } if !*sent && idle => {
                 *sent = true;
-                let call = Call::Release(grant.clone());
+                let call = match &self.transfer {
+                    Some(to) => Call::Transfer {
+                        grant: grant.clone(),
+                        to: to.clone(),
+                    },
+                    None => Call::Release(grant.clone()),
+                };
                 self.send(now, call, now + self.params.retry_period);
                 false
             }
@@ -1083,7 +1169,11 @@ impl Machine {
             .is_some_and(|token| Some(token) != self.last_token);
         let mine =
             holder.as_deref() == Some(self.params.identity.as_str()) && !(answered && other_term);
-        let next = if mine || holder.is_none() {
+        // A transfer reserves a vacant lock for another candidate: wait for it like a holder.
+        let reserved_for_other = observation
+            .reserved_for()
+            .is_some_and(|to| to != self.params.identity);
+        let next = if mine || (holder.is_none() && !reserved_for_other) {
             // Free, or still ours from a term we gave up.
             Some(if answered {
                 now + self.params.retry_period
@@ -1184,6 +1274,10 @@ impl Machine {
         }
         self.step_down(now, StopCause::Fatal);
         self.close_watch();
+        if self.transfer.take().is_some() {
+            self.actions
+                .push_back(Action::TransferDone(Err(TransferError::Stopped)));
+        }
         self.set_state(State::Done);
         self.set_leader(None);
         match &result {

@@ -48,6 +48,10 @@ pub struct LeaderRecord {
     pub renew_time: Option<SystemTime>,
     /// How many times the holder changed (client-go's `leaseTransitions`), where known.
     pub transitions: u64,
+    /// A leadership transfer under way ([`ElectorHandle::transfer_to`](crate::ElectorHandle::transfer_to)):
+    /// the identity that alone may take the lock until this record expires. Set on a vacant
+    /// record written by the leader that handed over (Kubernetes: `spec.preferredHolder`).
+    pub preferred_holder: Option<String>,
 }
 
 impl LeaderRecord {
@@ -60,7 +64,16 @@ impl LeaderRecord {
             acquire_time: None,
             renew_time: None,
             transitions: 0,
+            preferred_holder: None,
         }
+    }
+
+    /// The identity a transfer reserves a vacant lock for, if any (see
+    /// [`preferred_holder`](Self::preferred_holder)).
+    pub fn reserved_for(&self) -> Option<&str> {
+        self.preferred_holder
+            .as_deref()
+            .filter(|p| self.is_vacant() && !p.is_empty())
     }
 
     /// `true` when nobody holds the lock (a released record).
@@ -96,6 +109,11 @@ impl Observation {
             record: Some(record),
             expires_in,
         }
+    }
+
+    /// The identity a leadership transfer reserves the lock for, while it does.
+    pub fn reserved_for(&self) -> Option<&str> {
+        self.record.as_ref().and_then(LeaderRecord::reserved_for)
     }
 
     /// The holder's identity, when the lock is held.

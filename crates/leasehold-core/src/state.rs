@@ -29,6 +29,8 @@ pub enum StopCause {
     Lost,
     /// [`ElectorHandle::resign`](crate::ElectorHandle::resign) was called.
     Resigned,
+    /// [`ElectorHandle::transfer_to`](crate::ElectorHandle::transfer_to) was called.
+    Transferred,
     /// The elector shut down.
     Shutdown,
     /// A fatal backend error (unauthorized, invalid configuration).
@@ -42,6 +44,7 @@ impl StopCause {
             StopCause::RenewDeadline => "renew_deadline",
             StopCause::Lost => "lost",
             StopCause::Resigned => "resigned",
+            StopCause::Transferred => "transferred",
             StopCause::Shutdown => "shutdown",
             StopCause::Fatal => "fatal",
         }

@@ -84,7 +84,7 @@ fn drive_first_term(config: &Config) {
                         now,
                         CallResult::Acquire(Ok(AcquireOutcome::Acquired(grant.clone()))),
                     ),
-                    Call::Release(_) | Call::Withdraw => {}
+                    Call::Release(_) | Call::Transfer { .. } | Call::Withdraw => {}
                 }
             }
         }

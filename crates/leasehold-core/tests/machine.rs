@@ -743,6 +743,7 @@ enum Op {
     Observe(Option<u64>, bool),
     WatchClosed,
     Resign,
+    Transfer,
     WorkFinished,
     Shutdown,
 }
@@ -754,6 +755,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (proptest::option::of(0u64..20_000), any::<bool>()).prop_map(|(e, v)| Op::Observe(e, v)),
         1 => Just(Op::WatchClosed),
         1 => Just(Op::Resign),
+        1 => Just(Op::Transfer),
         1 => Just(Op::WorkFinished),
         1 => Just(Op::Shutdown),
     ]
@@ -887,6 +889,14 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                             now,
                             CallResult::Release(Ok(ReleaseOutcome::Released)),
                         ),
+                        Call::Transfer { .. } => {
+                            let r = match kind % 3 {
+                                0 => Ok(ReleaseOutcome::Released),
+                                1 => Ok(ReleaseOutcome::NotHeld),
+                                _ => Err(unavailable()),
+                            };
+                            sim.m.handle_call_result(now, CallResult::Transfer(r));
+                        }
                         Call::Withdraw => {
                             sim.m.handle_call_result(now, CallResult::Withdraw(Ok(())))
                         }
@@ -903,6 +913,9 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::WatchClosed => sim.m.handle_watch_closed(sim.now, None),
             Op::Resign => sim.m.handle_resign(sim.now),
+            Op::Transfer => {
+                let _ = sim.m.handle_transfer(sim.now, "other".into());
+            }
             Op::WorkFinished => sim.m.handle_work_finished(sim.now),
             Op::Shutdown => sim.m.handle_shutdown(sim.now),
         }

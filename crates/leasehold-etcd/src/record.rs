@@ -32,6 +32,7 @@ pub(crate) fn decode(
         acquire_time: None,
         renew_time: None,
         transitions: 0,
+        preferred_holder: None,
     })
 }
 

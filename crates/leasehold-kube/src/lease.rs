@@ -50,6 +50,8 @@ pub(crate) struct SpecKey {
     pub acquire: Option<Timestamp>,
     pub renew: Option<Timestamp>,
     pub transitions: Option<i32>,
+    /// `spec.preferredHolder`: a transfer under way (see [`transferred`]).
+    pub preferred: Option<String>,
 }
 
 impl SpecKey {
@@ -61,6 +63,7 @@ impl SpecKey {
             acquire: spec.acquire_time.map(|t| t.0),
             renew: spec.renew_time.map(|t| t.0),
             transitions: spec.lease_transitions,
+            preferred: spec.preferred_holder.filter(|p| !p.is_empty()),
         }
     }
 
@@ -219,6 +222,7 @@ pub(crate) fn record_of(key: &SpecKey, duration: Duration) -> LeaderRecord {
             .transitions
             .and_then(|t| u64::try_from(t).ok())
             .unwrap_or(0),
+        preferred_holder: key.preferred.clone(),
     }
 }
 
@@ -493,6 +497,7 @@ mod tests {
             acquire: Some(Timestamp::from_second(1_700_000_000).unwrap()),
             renew: Some(Timestamp::from_second(renew_second).unwrap()),
             transitions: Some(0),
+            preferred: None,
         }
     }
 

@@ -228,6 +228,12 @@ impl LockBackend for MemoryBackend {
         self.call("acquire", &candidate.lock, |slot, now| {
             let previous = match &slot.entry {
                 Entry::Foreign { raw, .. } => return Err(malformed(&candidate.lock, raw)),
+                // Reserved for this candidate by a transfer.
+                Entry::Held { record, .. }
+                    if record.reserved_for() == Some(candidate.identity.as_str()) =>
+                {
+                    Some(String::new())
+                }
                 Entry::Held { record, .. } if record.holder != candidate.identity => {
                     return slot.observe(&candidate.lock, now).map(AcquireOutcome::Held);
                 }
@@ -257,6 +263,7 @@ impl LockBackend for MemoryBackend {
                 acquire_time: Some(wall),
                 renew_time: Some(wall),
                 transitions: slot.transitions,
+                preferred_holder: None,
             };
             slot.entry = Entry::Held {
                 record: record.clone(),
@@ -302,6 +309,37 @@ impl LockBackend for MemoryBackend {
                 return Ok(ReleaseOutcome::NotHeld);
             }
             slot.entry = Entry::Free;
+            slot.notify();
+            Ok(ReleaseOutcome::Released)
+        })
+        .await
+    }
+
+    fn supports_transfer(&self) -> bool {
+        true
+    }
+
+    async fn transfer(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+        to: &str,
+    ) -> Result<ReleaseOutcome, BackendError> {
+        self.call("transfer", &candidate.lock, |slot, now| {
+            if !holds(&slot.entry, candidate, grant) {
+                return Ok(ReleaseOutcome::NotHeld);
+            }
+            let expires_at = expiry(now, candidate)?;
+            let record = LeaderRecord {
+                holder: String::new(),
+                token: None,
+                lease_duration: candidate.lease_duration,
+                acquire_time: None,
+                renew_time: Some(SystemTime::now()),
+                transitions: slot.transitions,
+                preferred_holder: Some(to.to_owned()),
+            };
+            slot.entry = Entry::Held { record, expires_at };
             slot.notify();
             Ok(ReleaseOutcome::Released)
         })

@@ -62,6 +62,7 @@ impl Row {
             acquire_time: wall(self.acquired_ms),
             renew_time: wall(self.renewed_ms),
             transitions: u64::try_from(self.transitions).unwrap_or(0),
+            preferred_holder: None,
         })
     }
 

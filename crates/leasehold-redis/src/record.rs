@@ -57,6 +57,7 @@ pub(crate) fn parse(lock: &str, raw: &[u8]) -> Result<LeaderRecord, BackendError
         acquire_time: wall(stored.acquired_ms),
         renew_time: wall(stored.renewed_ms),
         transitions: stored.transitions,
+        preferred_holder: None,
     })
 }
 

@@ -107,6 +107,9 @@ pub struct FaultCounts {
     pub pause: u64,
     /// Resign requests (ignored by a candidate that does not lead).
     pub resign: u64,
+    /// Leadership transfers asked for (to another node, or to an identity no node has; refused
+    /// by a candidate that does not lead).
+    pub transfer: u64,
     /// Shutdowns during the fault phase (the candidate is restarted later).
     pub shutdown: u64,
     /// Not a fault but an effect: replies that arrived after the driver gave up, and were
@@ -116,7 +119,7 @@ pub struct FaultCounts {
 
 impl FaultCounts {
     /// The kinds and counts, in table order.
-    pub fn kinds(&self) -> [(&'static str, u64); 12] {
+    pub fn kinds(&self) -> [(&'static str, u64); 13] {
         [
             ("request lost", self.request_lost),
             ("reply lost", self.reply_lost),
@@ -128,6 +131,7 @@ impl FaultCounts {
             ("candidate crash", self.crash),
             ("candidate pause", self.pause),
             ("resign", self.resign),
+            ("transfer", self.transfer),
             ("shutdown (then restart)", self.shutdown),
             ("late reply ignored (effect)", self.late_reply_ignored),
         ]
@@ -135,7 +139,7 @@ impl FaultCounts {
 
     /// Faults injected (every kind but the late replies, which are their effect).
     pub fn total(&self) -> u64 {
-        self.kinds()[..11].iter().map(|(_, n)| n).sum()
+        self.kinds()[..12].iter().map(|(_, n)| n).sum()
     }
 
     /// Adds `other` into `self`.
@@ -150,6 +154,7 @@ impl FaultCounts {
         self.crash += other.crash;
         self.pause += other.pause;
         self.resign += other.resign;
+        self.transfer += other.transfer;
         self.shutdown += other.shutdown;
         self.late_reply_ignored += other.late_reply_ignored;
     }

@@ -27,6 +27,11 @@ pub struct ModelLock {
     entry: Option<Held>,
     last_token: u64,
     transitions: u64,
+    /// A transfer's reservation of the free lock: only this identity may acquire before the
+    /// instant.
+    reserved: Option<(String, Nanos)>,
+    /// When the last reservation was written.
+    reserved_since: Option<Nanos>,
     /// The `unconditional-release` mutant of the backend contract: a release frees the lock
     /// whoever holds it (a late release blanks out a newer holder).
     unconditional_release: bool,
@@ -42,8 +47,16 @@ impl ModelLock {
             entry: None,
             last_token: 0,
             transitions: 0,
+            reserved: None,
+            reserved_since: None,
             unconditional_release,
         }
+    }
+
+    /// When the last transfer reserved the lock, if one did: until it is taken or expires, no
+    /// one else may lead, so liveness counts from then.
+    pub fn reserved_since(&self) -> Option<Nanos> {
+        self.reserved_since
     }
 
     /// The highest token granted so far.
@@ -55,6 +68,9 @@ impl ModelLock {
         if self.entry.as_ref().is_some_and(|h| t >= h.expires) {
             // Expiry is silent, as in the memory store: followers time it themselves.
             self.entry = None;
+        }
+        if self.reserved.as_ref().is_some_and(|(_, until)| t >= *until) {
+            self.reserved = None;
         }
     }
 
@@ -68,7 +84,16 @@ impl ModelLock {
     pub fn observe(&mut self, t: Nanos) -> Observation {
         self.expire(t);
         match &self.entry {
-            None => Observation::vacant(),
+            None => match &self.reserved {
+                None => Observation::vacant(),
+                Some((to, until)) => {
+                    let mut record =
+                        LeaderRecord::new("", FencingToken(self.last_token), Duration::ZERO);
+                    record.token = None;
+                    record.preferred_holder = Some(to.clone());
+                    Observation::held(record, Some(Duration::from_nanos(until - t)))
+                }
+            },
             Some(h) => Observation::held(self.record(h), Some(Duration::from_nanos(h.expires - t))),
         }
     }
@@ -92,8 +117,12 @@ impl ModelLock {
                 return (AcquireOutcome::Held(self.observe(t)), false);
             }
         } else {
+            if self.reserved.as_ref().is_some_and(|(to, _)| to != identity) {
+                return (AcquireOutcome::Held(self.observe(t)), false);
+            }
             self.transitions += 1;
         }
+        self.reserved = None;
         self.last_token += 1;
         let held = Held {
             holder: identity.to_owned(),
@@ -146,6 +175,23 @@ impl ModelLock {
         }
         self.entry = None;
         (ReleaseOutcome::Released, true)
+    }
+
+    /// `transfer` applied at `t`: a release that reserves the free lock for `to` for `lease`.
+    pub fn transfer(
+        &mut self,
+        t: Nanos,
+        identity: &str,
+        grant: &Grant,
+        to: &str,
+        lease: Duration,
+    ) -> (ReleaseOutcome, Changed) {
+        let (outcome, changed) = self.release(t, identity, grant);
+        if outcome == ReleaseOutcome::Released {
+            self.reserved = Some((to.to_owned(), t + nanos(lease)));
+            self.reserved_since = Some(t);
+        }
+        (outcome, changed)
     }
 }
 

@@ -91,6 +91,7 @@ enum Req {
     Acquire,
     Renew(Grant),
     Release(Grant),
+    Transfer(Grant, String),
     Withdraw,
 }
 
@@ -99,19 +100,36 @@ enum Reply {
     Acquire(AcquireOutcome),
     Renew(RenewOutcome),
     Release(ReleaseOutcome),
+    Transfer(ReleaseOutcome),
     Withdraw,
 }
 
 #[derive(Debug, Clone)]
 enum Input {
-    Reply { call: u64, reply: Reply },
-    Deadline { call: u64 },
-    Timer { gen: u64 },
+    Reply {
+        call: u64,
+        reply: Reply,
+    },
+    Deadline {
+        call: u64,
+    },
+    Timer {
+        gen: u64,
+    },
     Observation(Observation),
-    WatchClosed { watch: u64 },
+    WatchClosed {
+        watch: u64,
+    },
     WorkFinished,
-    WorkTick { token: u64 },
+    WorkTick {
+        token: u64,
+    },
     Resign,
+    /// A transfer to the node `pick` places after this one (wrapping), or to an identity no
+    /// node has when `pick` lands on this node itself.
+    Transfer {
+        pick: usize,
+    },
     Shutdown,
 }
 
@@ -415,6 +433,13 @@ impl World {
             input: Input::Shutdown,
         });
         plan(self, 2, &|i, _| Ev::BreakWatch(i));
+        plan(self, 1, &|i, rng| Ev::Input {
+            node: i,
+            inc: u32::MAX,
+            input: Input::Transfer {
+                pick: rng.random_range(0..64),
+            },
+        });
         self.push(f_end, Ev::QuietStart);
     }
 
@@ -654,6 +679,7 @@ impl World {
                     Reply::Acquire(r) => m.handle_call_result(now, CallResult::Acquire(Ok(r))),
                     Reply::Renew(r) => m.handle_call_result(now, CallResult::Renew(Ok(r))),
                     Reply::Release(r) => m.handle_call_result(now, CallResult::Release(Ok(r))),
+                    Reply::Transfer(r) => m.handle_call_result(now, CallResult::Transfer(Ok(r))),
                     Reply::Withdraw => m.handle_call_result(now, CallResult::Withdraw(Ok(()))),
                 }
             }
@@ -741,6 +767,20 @@ impl World {
                 self.report.faults.resign += 1;
                 self.log(t, &name, || "RESIGN requested".into());
                 m.handle_resign(now);
+            }
+            Input::Transfer { pick } => {
+                let n = self.nodes.len();
+                let target = (node + pick) % n;
+                let to = if target == node {
+                    "nobody".to_owned()
+                } else {
+                    self.nodes[target].identity.clone()
+                };
+                self.report.faults.transfer += 1;
+                let outcome = m.handle_transfer(now, to.clone());
+                self.log(t, &name, || {
+                    format!("TRANSFER to {to} requested: {outcome:?}")
+                });
             }
             Input::Shutdown => {
                 if self.nodes[node].shutdown_at.is_some() || m.is_done() {
@@ -845,6 +885,7 @@ impl World {
                     Call::Acquire => Req::Acquire,
                     Call::Renew(g) => Req::Renew(g.clone()),
                     Call::Release(g) => Req::Release(g.clone()),
+                    Call::Transfer { grant, to } => Req::Transfer(grant.clone(), to.clone()),
                     Call::Withdraw => Req::Withdraw,
                 };
                 self.nodes[node].call = Some((id, call));
@@ -922,6 +963,9 @@ impl World {
                 );
             }
             Action::NewLeader(leader) => self.log(t, &name, || format!("sees leader {leader}")),
+            Action::TransferDone(outcome) => {
+                self.log(t, &name, || format!("transfer done: {outcome:?}"));
+            }
             Action::Exit(result) => {
                 self.log(t, &name, || format!("EXIT {result:?}"));
                 self.nodes[node].call = None;
@@ -960,6 +1004,10 @@ impl World {
             Req::Release(g) => {
                 let (r, c) = self.lock.release(t, &identity, g);
                 (Reply::Release(r), c)
+            }
+            Req::Transfer(g, to) => {
+                let (r, c) = self.lock.transfer(t, &identity, g, to, lease);
+                (Reply::Transfer(r), c)
             }
             Req::Withdraw => (Reply::Withdraw, false),
         };
@@ -1226,7 +1274,10 @@ impl World {
                     break;
                 }
             }
-            let recovery = covered_from.saturating_sub(quiet);
+            // A transfer to a candidate that never takes the lock keeps it from everyone
+            // else for one lease: count from the last reservation when it came later.
+            let from = quiet.max(self.lock.reserved_since().unwrap_or(0));
+            let recovery = covered_from.saturating_sub(from);
             self.report.recovery = recovery;
             if covered_from >= window_end || recovery > self.liveness_bound() {
                 self.violation(
@@ -1249,6 +1300,7 @@ fn describe(call: &Call) -> String {
         Call::Acquire => "acquire".into(),
         Call::Renew(g) => format!("renew token {}", g.token),
         Call::Release(g) => format!("release token {}", g.token),
+        Call::Transfer { grant, to } => format!("transfer token {} to {to}", grant.token),
         Call::Withdraw => "withdraw".into(),
     }
 }
@@ -1275,7 +1327,7 @@ fn describe_reply(reply: &Reply) -> String {
         Reply::Renew(RenewOutcome::Renewed) => "Renewed".into(),
         Reply::Renew(RenewOutcome::RenewedUnnoticed) => "Renewed, unnoticed".into(),
         Reply::Renew(RenewOutcome::Lost(obs)) => format!("Lost: {}", describe_observation(obs)),
-        Reply::Release(outcome) => format!("{outcome:?}"),
+        Reply::Release(outcome) | Reply::Transfer(outcome) => format!("{outcome:?}"),
         Reply::Withdraw => "Withdrawn".into(),
     }
 }

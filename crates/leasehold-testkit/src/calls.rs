@@ -22,6 +22,8 @@ pub enum CallKind {
     Watch,
     /// `withdraw`.
     Withdraw,
+    /// `transfer`.
+    Transfer,
 }
 
 /// What a call returned.

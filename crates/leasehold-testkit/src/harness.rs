@@ -167,6 +167,21 @@ impl LockBackend for Counting {
         self.log.answer(call, CallResult::of_other(&outcome));
         outcome
     }
+    fn supports_transfer(&self) -> bool {
+        self.inner.supports_transfer()
+    }
+    async fn transfer(
+        &self,
+        c: &Candidate,
+        g: &Grant,
+        to: &str,
+    ) -> Result<ReleaseOutcome, BackendError> {
+        self.count();
+        let call = self.log.send(CallKind::Transfer);
+        let outcome = self.inner.transfer(c, g, to).await;
+        self.log.answer(call, CallResult::of_release(&outcome));
+        outcome
+    }
     async fn withdraw(&self, candidate: &Candidate) -> Result<(), BackendError> {
         self.count();
         let call = self.log.send(CallKind::Withdraw);

@@ -125,6 +125,9 @@ macro_rules! conformance_tests {
             standalone_mode,
             bad_config,
             observer_sees_every_change,
+            transfer_to_named_candidate,
+            transfer_to_absent_candidate_falls_back,
+            transfer_while_partitioned_fails,
         );
     };
     (@each #[$attr:meta], $harness:expr, $($scenario:ident),+ $(,)?) => {

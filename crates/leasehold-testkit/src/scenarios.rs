@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use leasehold_core::{
     AcquireOutcome, BackendError, Callbacks, Candidate, Config, Elector, ElectorError, Grant,
-    LeaderRecord, LockStatus, Observer, ReleaseOutcome, RenewOutcome, StopCause,
+    LeaderRecord, LockStatus, Observer, ReleaseOutcome, RenewOutcome, StopCause, TransferError,
 };
 use tokio::time::{sleep, timeout, Instant};
 
@@ -1419,4 +1419,182 @@ pub async fn observer_sees_every_change<H: Harness + ?Sized>(h: &H) {
         Some(changes_published),
         "the subscriber missed a change: {seen:?}"
     );
+}
+
+/// Starts `a` and waits until it leads, then `others`, and waits until each follows `a`.
+async fn leader_and_followers<H: Harness + ?Sized>(
+    h: &H,
+    lock: &str,
+    checker: &SafetyChecker,
+    others: &[&str],
+    wind_down: Duration,
+) -> (Node, Vec<Node>) {
+    let t = h.timing();
+    let a = Node::join_with_wind_down(h, "a", lock, checker, wind_down).await;
+    leads(&a, 2 * t.lease_duration).await;
+    let mut followers = Vec::new();
+    for id in others {
+        followers.push(Node::join_with_wind_down(h, id, lock, checker, Duration::ZERO).await);
+    }
+    for f in &followers {
+        wait_for(
+            &format!("{} to follow a", f.identity),
+            3 * t.lease_duration,
+            || f.handle.leader().as_deref() == Some("a"),
+        )
+        .await;
+    }
+    (a, followers)
+}
+
+/// Whether `h`'s backend implements transfer; if not, checks that a transfer is refused
+/// without stepping down, and says so.
+async fn transfer_unsupported<H: Harness + ?Sized>(h: &H) -> bool {
+    let probe = h.client().await;
+    if probe.backend.supports_transfer() {
+        return false;
+    }
+    let lock = lock_name("transfer-unsupported");
+    let checker = SafetyChecker::new();
+    let (mut a, mut others) =
+        leader_and_followers(h, &lock, &checker, &["b"], Duration::ZERO).await;
+    let refused = a.handle.transfer_to("b").await;
+    assert!(
+        matches!(refused, Err(TransferError::Unsupported { .. })),
+        "a backend without transfer must refuse it: {refused:?}"
+    );
+    assert!(
+        a.handle.is_leader(),
+        "a refused transfer must not step down"
+    );
+    assert_eq!(checker.intervals().len(), 1);
+    for n in &mut others {
+        n.stop().await.expect("stops");
+    }
+    a.stop().await.expect("a stops");
+    verify(&checker);
+    true
+}
+
+/// `transfer_to` hands the lock to the named candidate, not to whoever is next: a leads with b
+/// and c following; a transfers to c, then c to b. Each time the named one leads the next term,
+/// with a greater token, after the previous leader's work ended; the third never leads. Asking a
+/// follower, or for one's own identity, is refused and changes nothing.
+pub async fn transfer_to_named_candidate<H: Harness + ?Sized>(h: &H) {
+    if transfer_unsupported(h).await {
+        return;
+    }
+    let t = h.timing();
+    let lock = lock_name("transfer");
+    let checker = SafetyChecker::new();
+    let (mut a, mut others) =
+        leader_and_followers(h, &lock, &checker, &["b", "c"], Duration::from_millis(50)).await;
+    let refused = others[0].handle.transfer_to("c").await;
+    assert_eq!(refused, Err(TransferError::NotLeader), "b does not lead");
+    let refused = a.handle.transfer_to("a").await;
+    assert!(
+        matches!(refused, Err(TransferError::InvalidTarget { .. })),
+        "{refused:?}"
+    );
+    assert!(a.handle.is_leader(), "a refused transfer changes nothing");
+    assert_eq!(checker.intervals().len(), 1);
+
+    a.handle.transfer_to("c").await.expect("a hands over to c");
+    assert!(!a.handle.is_leader());
+    let c = &others[1];
+    leads(c, 2 * t.lease_duration).await;
+    let a_ended = work_ended_at(&a).expect("a's work ended before the hand-over");
+    assert!(a_ended <= started_at(c), "c started before a's work ended");
+    c.handle.transfer_to("b").await.expect("c hands over to b");
+    let b = &others[0];
+    leads(b, 2 * t.lease_duration).await;
+    let c_ended = work_ended_at(c).expect("c's work ended");
+    assert!(c_ended <= started_at(b), "b started before c's work ended");
+
+    for n in &mut others {
+        n.stop().await.expect("stops");
+    }
+    a.stop().await.expect("a stops");
+    let intervals = verify(&checker);
+    let leaders: Vec<&str> = intervals.iter().map(|i| i.identity.as_str()).collect();
+    assert_eq!(leaders[..3], ["a", "c", "b"], "terms: {intervals:?}");
+    assert!(
+        intervals.windows(2).all(|w| w[0].token < w[1].token),
+        "tokens must increase: {intervals:?}"
+    );
+}
+
+/// A transfer to a candidate that never takes the lock — one nobody runs, or one that has
+/// crashed — reserves it for one lease, then anyone may take it: the follower leads, and not
+/// before the window (a lease from the request) has passed.
+pub async fn transfer_to_absent_candidate_falls_back<H: Harness + ?Sized>(h: &H) {
+    if transfer_unsupported(h).await {
+        return;
+    }
+    let t = h.timing();
+    let lock = lock_name("transfer-absent");
+    let checker = SafetyChecker::new();
+    let (mut a, mut others) =
+        leader_and_followers(h, &lock, &checker, &["b", "c"], Duration::ZERO).await;
+    others[1].crash().await;
+    for target in ["nobody-runs-this", "c"] {
+        let leader = if target == "c" { &others[0] } else { &a };
+        let terms = checker.intervals().len();
+        let asked = Instant::now();
+        leader
+            .handle
+            .transfer_to(target)
+            .await
+            .unwrap_or_else(|e| panic!("transfer to {target}: {e}"));
+        wait_for("the next term", 4 * t.lease_duration, || {
+            checker.intervals().len() > terms
+        })
+        .await;
+        let next = checker.intervals()[terms].clone();
+        assert_ne!(next.identity, target);
+        assert_ne!(
+            next.identity, leader.identity,
+            "the old leader waits a lease too"
+        );
+        // The reservation lasts a lease from its write, which came after the request; allow
+        // for the clock drift margin only.
+        let window = t.lease_duration.mul_f64(0.9);
+        assert!(
+            next.start >= asked + window,
+            "{} led {:?} after the transfer to {target}: inside the reserved window",
+            next.identity,
+            next.start - asked
+        );
+    }
+    others[0].stop().await.expect("b stops");
+    a.stop().await.expect("a stops");
+    let intervals = verify(&checker);
+    let leaders: Vec<&str> = intervals.iter().map(|i| i.identity.as_str()).collect();
+    assert_eq!(leaders, ["a", "b", "a"], "terms: {intervals:?}");
+}
+
+/// A transfer asked for while the leader is cut off from the store fails with a typed,
+/// transient error (the leader has stepped down; the lock expires on its own), and the follower
+/// takes over after the lease as after any lost leader.
+pub async fn transfer_while_partitioned_fails<H: Harness + ?Sized>(h: &H) {
+    if transfer_unsupported(h).await {
+        return;
+    }
+    let t = h.timing();
+    let lock = lock_name("transfer-partitioned");
+    let checker = SafetyChecker::new();
+    let (mut a, mut b) = leader_and_follower(h, &lock, &checker, Duration::ZERO).await;
+    a.client.faults.partition().await;
+    let failed = a.handle.transfer_to("b").await;
+    match &failed {
+        Err(TransferError::Backend(error)) if error.is_transient() => {}
+        other => panic!("a transfer while partitioned must fail with a transient error: {other:?}"),
+    }
+    assert!(!a.handle.is_leader());
+    leads(&b, 3 * t.lease_duration).await;
+    a.client.faults.heal().await;
+    b.stop().await.expect("b stops");
+    a.stop().await.expect("a stops");
+    let intervals = verify(&checker);
+    assert_eq!(intervals.len(), 2, "terms: {intervals:?}");
 }
