@@ -35,6 +35,9 @@ pub enum CliError {
         /// The lock.
         lock: String,
     },
+    /// `transfer`: the target did not lead in time.
+    #[error("{0}")]
+    TransferIncomplete(String),
     /// Anything else.
     #[error("{0}")]
     Other(String),
@@ -49,6 +52,7 @@ impl CliError {
             CliError::Unreachable { .. } => 4,
             CliError::Unauthorized(_) => 5,
             CliError::LostLeadership { .. } => 6,
+            CliError::TransferIncomplete(_) => 7,
         }
     }
 }
@@ -67,7 +71,9 @@ impl From<BackendError> for CliError {
     fn from(error: BackendError) -> Self {
         match &error {
             BackendError::Unauthorized { .. } => CliError::Unauthorized(error.to_string()),
-            BackendError::InvalidConfig { .. } => CliError::Config(error.to_string()),
+            BackendError::InvalidConfig { .. } | BackendError::Unsupported { .. } => {
+                CliError::Config(error.to_string())
+            }
             _ => CliError::Other(error.to_string()),
         }
     }

@@ -6,7 +6,7 @@ use leasehold::{observe_once, LeaderRecord, LockStatus, Observation, ObservedLoc
 
 use crate::backend::BackendUrl;
 use crate::error::CliError;
-use crate::InspectArgs;
+use crate::{InspectArgs, TransferArgs};
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -178,4 +178,95 @@ pub async fn watch(args: InspectArgs) -> Result<(), CliError> {
     }
     observer.stop().await;
     Ok(())
+}
+
+/// `leasehold transfer`: asks the leader to hand over to `--to`, and waits until it leads.
+///
+/// # Errors
+///
+/// Bad URL or target, unreachable backend, a backend without transfer (etcd), or
+/// [`CliError::TransferIncomplete`] when the target does not lead within `--timeout`.
+pub async fn transfer(args: TransferArgs) -> Result<(), CliError> {
+    let to = args.to.clone();
+    if to.is_empty() || to.chars().any(char::is_control) {
+        return Err(CliError::Config(format!(
+            "invalid --to {to:?}: an identity is not empty and has no control characters"
+        )));
+    }
+    let url = BackendUrl::parse(&args.backend.backend)?;
+    let lock = args.backend.lock.clone();
+    let backend = url.connect(&lock, args.backend.connect_timeout).await?;
+    // Follow first, so that the hand-over cannot happen unseen between the request and the
+    // watch.
+    let observer =
+        Observer::start(backend.clone(), lock.clone()).map_err(leasehold::ElectorError::from)?;
+    let before = observer.ready().await;
+    if before.leader() == Some(to.as_str()) {
+        report_transfer(args.json, &lock, &to, &before, "already leads");
+        observer.stop().await;
+        return Ok(());
+    }
+    let asked = backend.request_transfer(&lock, &to).await?;
+    let Some(from) = asked.holder().map(str::to_owned) else {
+        observer.stop().await;
+        return Err(CliError::TransferIncomplete(format!(
+            "nobody leads {lock:?}: there is no leader to hand over; nothing was written"
+        )));
+    };
+    let mut changes = observer.subscribe();
+    let waited = tokio::time::timeout(
+        args.timeout,
+        changes.wait_for(|seen| seen.leader() == Some(to.as_str())),
+    )
+    .await;
+    let now = observer.current();
+    observer.stop().await;
+    match waited {
+        Ok(Ok(_)) => {
+            report_transfer(
+                args.json,
+                &lock,
+                &to,
+                &now,
+                &format!("took over from {from}"),
+            );
+            Ok(())
+        }
+        _ => Err(CliError::TransferIncomplete(
+            match (now.status, now.leader()) {
+                (LockStatus::Held, Some(leader)) if leader == from => format!(
+                    "{from} still leads {lock:?} after {:?}: it did not hand over (an elector \
+                 without transfer, such as client-go or an older leasehold, ignores the request)",
+                    args.timeout
+                ),
+                (LockStatus::Held, Some(leader)) => {
+                    format!("{leader} leads {lock:?} now, not {to}")
+                }
+                _ => format!(
+                    "{from} handed over, but {to} did not take {lock:?} within {:?}; after the \
+                 reserved window anyone may take it",
+                    args.timeout
+                ),
+            },
+        )),
+    }
+}
+
+fn report_transfer(json: bool, lock: &str, to: &str, seen: &ObservedLock, how: &str) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "lock": lock,
+                "leader": to,
+                "token": seen.token().map(|t| t.get()),
+                "outcome": how,
+            })
+        );
+    } else {
+        match seen.token() {
+            Some(token) => println!("{to} leads {lock} (token {token}): {how}"),
+            None => println!("{to} leads {lock}: {how}"),
+        }
+    }
 }

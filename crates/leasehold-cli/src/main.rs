@@ -26,7 +26,9 @@ EXIT CODES:
     4    the backend cannot be reached (after --connect-timeout)
     5    the backend refused our credentials or permissions
     6    run: leadership was lost while the command ran (the command was stopped); use
-         --restart to campaign again instead";
+         --restart to campaign again instead
+    7    transfer: the target did not take over within --timeout (nobody led, the leader did
+         not hand over, or the target did not take the reserved lock)";
 
 /// Leader election for any program: run it only while this process holds the lock.
 #[derive(Debug, Parser)]
@@ -56,6 +58,13 @@ enum Command {
     /// Print one line per leader change of LOCK, without campaigning.
     #[command(after_help = EXIT_CODES)]
     Watch(InspectArgs),
+    /// Ask the leader of LOCK to hand over to the candidate --to, and wait until it leads.
+    ///
+    /// The request marks the held record; the leader (any leasehold elector, `leasehold run`
+    /// included) hears it on its watch, stops its work, and reserves the lock for the target
+    /// for one lease. Exits 0 once the target leads, 7 if it does not within --timeout.
+    #[command(after_help = EXIT_CODES)]
+    Transfer(TransferArgs),
     /// N candidates on the in-memory backend: kill the leader, let another resign, and print a
     /// timeline with handover times. Needs no server.
     Demo(DemoArgs),
@@ -150,6 +159,21 @@ struct InspectArgs {
 }
 
 #[derive(Debug, Args)]
+struct TransferArgs {
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// The identity of the candidate that should lead.
+    #[arg(long, value_name = "IDENTITY")]
+    to: String,
+    /// How long to wait for the target to lead.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// JSON output: one object when done.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
 struct DemoArgs {
     /// How many candidates.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=50))]
@@ -188,6 +212,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run::run(args).await,
             Command::Status(args) => inspect::status(args).await.map(|()| 0),
             Command::Watch(args) => inspect::watch(args).await.map(|()| 0),
+            Command::Transfer(args) => inspect::transfer(args).await.map(|()| 0),
             Command::Demo(args) => demo::demo(args.candidates).await.map(|()| 0),
             Command::Supervise(_) => Ok(1),
         }

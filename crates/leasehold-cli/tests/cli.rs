@@ -496,3 +496,75 @@ async fn metrics_and_healthz_answer_on_loopback() {
     }
     let _ = run.wait().await;
 }
+
+/// `leasehold transfer` moves leadership between two `leasehold run` processes: the old
+/// leader's command has stopped before the target's starts, the target's token is greater,
+/// and a transfer to nobody's identity reports that the target did not take over (exit 7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_moves_leadership_between_processes() {
+    let server = RedisServer::start().await;
+    let url = server.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("events");
+    let mut first = leasehold_run(&url, "moved", "pod-1", &worker(&out));
+    wait_lines(&out, 1, Duration::from_secs(10)).await;
+    let mut second = leasehold_run(&url, "moved", "pod-2", &worker(&out));
+    let mut third = leasehold_run(&url, "moved", "pod-3", &worker(&out));
+    // Both follow pod-1 before the request (a follower that has not started yet would be
+    // reserved for all the same, but the test wants the hand-over, not a start race).
+    sleep(Duration::from_millis(800)).await;
+    let moved = leasehold(&[
+        "transfer",
+        "--backend",
+        &url,
+        "--lock",
+        "moved",
+        "--to",
+        "pod-3",
+        "--json",
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&moved.stderr);
+    assert!(moved.status.success(), "transfer failed: {stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&moved.stdout).expect("json");
+    assert_eq!(json["leader"], "pod-3", "{json}");
+    let all = wait_lines(&out, 2, Duration::from_secs(10)).await;
+    let starts: Vec<&Line> = all.iter().filter(|l| l.start).collect();
+    let stop = all
+        .iter()
+        .find(|l| !l.start && l.token == starts[0].token)
+        .expect("pod-1's command was stopped");
+    assert!(
+        stop.at <= starts[1].at,
+        "pod-3's command started before pod-1's stopped: {all:?}"
+    );
+    assert!(starts[1].token > starts[0].token, "{all:?}");
+    assert_eq!(json["token"].as_u64(), Some(starts[1].token), "{json}");
+
+    let nobody = leasehold(&[
+        "transfer",
+        "--backend",
+        &url,
+        "--lock",
+        "moved",
+        "--to",
+        "pod-9",
+        "--timeout",
+        "1s",
+    ])
+    .await;
+    assert_eq!(
+        nobody.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&nobody.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&nobody.stderr);
+    assert!(stderr.contains("pod-9 did not take"), "{stderr}");
+    for child in [&mut first, &mut second, &mut third] {
+        if let Some(pid) = child.id() {
+            kill(pid, "-TERM").await;
+        }
+        let _ = child.wait().await;
+    }
+}

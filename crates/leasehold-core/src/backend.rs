@@ -372,6 +372,24 @@ pub trait LockBackend: Send + Sync + 'static {
         })
     }
 
+    /// Asks the current holder of `lock`, whoever it is, to transfer its term to `to`: marks the
+    /// held record with [`preferred_holder`](crate::LeaderRecord::preferred_holder) without
+    /// touching the term (holder, token and expiry unchanged), so that the holder's watch tells
+    /// it. A leasehold holder then hands over as with
+    /// [`ElectorHandle::transfer_to`](crate::ElectorHandle::transfer_to). Returns what the lock
+    /// held (a vacant observation: nobody to ask, nothing written).
+    ///
+    /// # Errors
+    ///
+    /// Transient errors; [`BackendError::Unsupported`] by default.
+    async fn request_transfer(&self, lock: &str, to: &str) -> Result<Observation, BackendError> {
+        let _ = (lock, to);
+        Err(BackendError::Unsupported {
+            backend: self.name().to_owned(),
+            operation: "request_transfer",
+        })
+    }
+
     /// The candidate stops campaigning: leave any queue it stands in. Called once when an elector
     /// that does not lead shuts down. The default does nothing.
     ///
@@ -426,6 +444,9 @@ impl<T: LockBackend + ?Sized> LockBackend for std::sync::Arc<T> {
     }
     fn supports_transfer(&self) -> bool {
         (**self).supports_transfer()
+    }
+    async fn request_transfer(&self, lock: &str, to: &str) -> Result<Observation, BackendError> {
+        (**self).request_transfer(lock, to).await
     }
     async fn transfer(
         &self,

@@ -1305,6 +1305,12 @@ impl Machine {
             // From before this term (a late notification): says nothing about it.
             return;
         }
+        // Someone asked this term's holder to hand over (`leasehold transfer`, or Kubernetes'
+        // `spec.preferredHolder` on a held Lease).
+        let asked = record
+            .filter(|r| r.holder == identity && r.token == Some(lead.term.token))
+            .and_then(|r| r.preferred_holder.clone())
+            .filter(|to| !to.is_empty() && to != identity);
         match (observation.holder(), record) {
             (Some(holder), Some(record)) if holder == identity => {
                 if record.lease_duration < self.params.lease_duration {
@@ -1325,6 +1331,14 @@ impl Machine {
                     // Stopped while a renew is in flight: its result schedules the next.
                     if let Some(at) = self.timers.get(Timer::Renew) {
                         self.timers.set(Timer::Renew, at.min(now));
+                    }
+                }
+                if let Some(to) = asked {
+                    if self.transfer.is_none() {
+                        tracing::info!(to = %to, "asked to hand leadership over");
+                        if let Err(error) = self.handle_transfer(now, to) {
+                            tracing::warn!(%error, "cannot hand leadership over");
+                        }
                     }
                 }
             }

@@ -48,9 +48,11 @@ pub struct LeaderRecord {
     pub renew_time: Option<SystemTime>,
     /// How many times the holder changed (client-go's `leaseTransitions`), where known.
     pub transitions: u64,
-    /// A leadership transfer under way ([`ElectorHandle::transfer_to`](crate::ElectorHandle::transfer_to)):
-    /// the identity that alone may take the lock until this record expires. Set on a vacant
-    /// record written by the leader that handed over (Kubernetes: `spec.preferredHolder`).
+    /// A leadership transfer ([`ElectorHandle::transfer_to`](crate::ElectorHandle::transfer_to)).
+    /// On a vacant record, written by the leader that handed over: the identity that alone may
+    /// take the lock until this record expires. On a held record: a request to its holder to
+    /// hand over to this identity ([`LockBackend::request_transfer`](crate::LockBackend::request_transfer),
+    /// `leasehold transfer`). Kubernetes: `spec.preferredHolder`, with these meanings.
     pub preferred_holder: Option<String>,
 }
 

@@ -22,6 +22,15 @@ pub(crate) const MANAGED_SELECTOR: &str = "leasehold.rs/managed=true";
 /// with each renew.
 pub(crate) const TERM_ANNOTATION: &str = "leasehold.rs/term";
 
+/// The annotation naming a transfer's target, beside `spec.preferredHolder`: an apiserver
+/// without the `CoordinatedLeaderElection` feature gate (the default) drops that field.
+pub(crate) const PREFERRED_ANNOTATION: &str = "leasehold.rs/preferred-holder";
+
+/// The `spec.strategy` a transfer writes with `spec.preferredHolder` (the API refuses one
+/// without the other). A strategy of our own: the apiserver's coordinated election controller
+/// acts only on `OldestEmulationVersion`.
+pub(crate) const TRANSFER_STRATEGY: &str = "leasehold.rs/transfer";
+
 /// Whether `lease` carries the label, so the namespace watch sees it.
 pub(crate) fn labeled(lease: &Lease) -> bool {
     lease
@@ -63,7 +72,15 @@ impl SpecKey {
             acquire: spec.acquire_time.map(|t| t.0),
             renew: spec.renew_time.map(|t| t.0),
             transitions: spec.lease_transitions,
-            preferred: spec.preferred_holder.filter(|p| !p.is_empty()),
+            preferred: spec.preferred_holder.filter(|p| !p.is_empty()).or_else(|| {
+                lease
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(PREFERRED_ANNOTATION))
+                    .filter(|p| !p.is_empty())
+                    .cloned()
+            }),
         }
     }
 
@@ -113,8 +130,12 @@ impl Observed {
         };
         let duration = key.duration().unwrap_or(fallback);
         let expires_at = since.checked_add(duration);
-        let expired = key.holder.is_empty() || expires_at.is_some_and(|at| now >= at);
-        let observation = if key.holder.is_empty() {
+        // A transfer's reservation (empty holder, a preferred holder) is held until its lease
+        // has run out as observed, like any record; only its target may take it meanwhile.
+        let reserved = key.holder.is_empty() && key.preferred.is_some();
+        let ran_out = expires_at.is_some_and(|at| now >= at);
+        let expired = (key.holder.is_empty() && !reserved) || ran_out;
+        let observation = if key.holder.is_empty() && (!reserved || ran_out) {
             Observation::vacant()
         } else {
             let mut record = record_of(&key, duration);
@@ -269,6 +290,58 @@ pub(crate) fn taken(current: &Lease, identity: &str, seconds: i32) -> Lease {
         transitions.saturating_add(1)
     });
     mark_term(&mut lease, identity, None);
+    clear_reservation(&mut lease);
+    lease
+}
+
+/// Removes a transfer's reservation (ours: a foreign `strategy` is kept).
+fn clear_reservation(lease: &mut Lease) {
+    if let Some(annotations) = lease.metadata.annotations.as_mut() {
+        annotations.remove(PREFERRED_ANNOTATION);
+    }
+    if let Some(spec) = lease.spec.as_mut() {
+        spec.preferred_holder = None;
+        if spec.strategy.as_deref() == Some(TRANSFER_STRATEGY) {
+            spec.strategy = None;
+        }
+    }
+}
+
+/// `mine` handed over to `to`: released (empty holder, times now), announcing `seconds` of
+/// lease for the reservation, with `to` in `spec.preferredHolder` (and our `spec.strategy`,
+/// which the API requires beside it) and in [`PREFERRED_ANNOTATION`], which survives an
+/// apiserver that drops the fields.
+pub(crate) fn transferred(mine: &Lease, to: &str, seconds: i32) -> Lease {
+    let mut lease = released(mine);
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    spec.lease_duration_seconds = Some(seconds);
+    spec.preferred_holder = Some(to.to_owned());
+    if spec.strategy.as_deref().is_none_or(str::is_empty) {
+        spec.strategy = Some(TRANSFER_STRATEGY.to_owned());
+    }
+    lease
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(PREFERRED_ANNOTATION.to_owned(), to.to_owned());
+    lease
+}
+
+/// `current`, held, with a request to its holder to hand over to `to`: `spec.preferredHolder`
+/// (Kubernetes' own signal to a holder that a better one exists; the `strategy` the API requires
+/// beside it is kept, or ours) and [`PREFERRED_ANNOTATION`]. The term is untouched.
+pub(crate) fn asked_to_transfer(current: &Lease, to: &str) -> Lease {
+    let mut lease = current.clone();
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    spec.preferred_holder = Some(to.to_owned());
+    if spec.strategy.as_deref().is_none_or(str::is_empty) {
+        spec.strategy = Some(TRANSFER_STRATEGY.to_owned());
+    }
+    lease
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(PREFERRED_ANNOTATION.to_owned(), to.to_owned());
     lease
 }
 
@@ -298,6 +371,7 @@ pub(crate) fn released(mine: &Lease) -> Lease {
     if let Some(annotations) = lease.metadata.annotations.as_mut() {
         annotations.remove(TERM_ANNOTATION);
     }
+    clear_reservation(&mut lease);
     lease
 }
 

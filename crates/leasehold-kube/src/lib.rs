@@ -408,6 +408,49 @@ impl KubeBackend {
         })
     }
 
+    /// Ends the term `grant` with the write `build` makes of the Lease as last written (a
+    /// release, or a transfer's reservation), if the Lease still holds the term.
+    async fn end_term(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+        operation: &str,
+        build: impl Fn(&Lease) -> Lease,
+    ) -> Result<ReleaseOutcome, BackendError> {
+        let lock = candidate.lock.as_str();
+        let Some(term) = KubeTerm::of(grant) else {
+            return Ok(ReleaseOutcome::NotHeld);
+        };
+        let Some(mine) = term.last_written(candidate) else {
+            return Ok(ReleaseOutcome::NotHeld);
+        };
+        if lease::token_of(&mine).is_none() || grant.record.holder != candidate.identity {
+            return Ok(ReleaseOutcome::NotHeld);
+        }
+        let mut base = mine.clone();
+        for _ in 0..2 {
+            match self.replace(operation, lock, &build(&base)).await? {
+                Write::Done(written) => {
+                    term.set(None);
+                    self.observe(lock, &written, candidate.lease_duration);
+                    return Ok(ReleaseOutcome::Released);
+                }
+                Write::Gone => {
+                    term.set(None);
+                    return Ok(ReleaseOutcome::NotHeld);
+                }
+                Write::Conflict => match self.still_ours(candidate, &mine, operation).await? {
+                    Ok(current) => base = current,
+                    Err(_) => {
+                        term.set(None);
+                        return Ok(ReleaseOutcome::NotHeld);
+                    }
+                },
+            }
+        }
+        Ok(ReleaseOutcome::NotHeld)
+    }
+
     async fn still_ours(
         &self,
         candidate: &Candidate,
@@ -478,7 +521,11 @@ impl LockBackend for KubeBackend {
                     ),
                 });
             }
-        } else if key.holder != candidate.identity && !expired {
+        } else if key.holder != candidate.identity
+            && !expired
+            && !(key.holder.is_empty() && key.preferred.as_deref() == Some(&candidate.identity))
+        {
+            // Held, or reserved by a transfer for another candidate.
             return Ok(AcquireOutcome::Held(observation));
         }
         let taken = lease::taken(&current, &candidate.identity, seconds);
@@ -552,41 +599,48 @@ impl LockBackend for KubeBackend {
         candidate: &Candidate,
         grant: &Grant,
     ) -> Result<ReleaseOutcome, BackendError> {
-        let lock = candidate.lock.as_str();
-        let Some(term) = KubeTerm::of(grant) else {
-            return Ok(ReleaseOutcome::NotHeld);
-        };
-        let Some(mine) = term.last_written(candidate) else {
-            return Ok(ReleaseOutcome::NotHeld);
-        };
-        if lease::token_of(&mine).is_none() || grant.record.holder != candidate.identity {
-            return Ok(ReleaseOutcome::NotHeld);
-        }
-        let mut base = mine.clone();
-        for _ in 0..2 {
-            match self
-                .replace("release", lock, &lease::released(&base))
-                .await?
-            {
-                Write::Done(written) => {
-                    term.set(None);
-                    self.observe(lock, &written, candidate.lease_duration);
-                    return Ok(ReleaseOutcome::Released);
-                }
-                Write::Gone => {
-                    term.set(None);
-                    return Ok(ReleaseOutcome::NotHeld);
-                }
-                Write::Conflict => match self.still_ours(candidate, &mine, "release").await? {
-                    Ok(current) => base = current,
-                    Err(_) => {
-                        term.set(None);
-                        return Ok(ReleaseOutcome::NotHeld);
-                    }
-                },
+        self.end_term(candidate, grant, "release", lease::released)
+            .await
+    }
+
+    fn supports_transfer(&self) -> bool {
+        true
+    }
+
+    async fn transfer(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+        to: &str,
+    ) -> Result<ReleaseOutcome, BackendError> {
+        let seconds = self.duration_seconds(candidate)?;
+        self.end_term(candidate, grant, "transfer", |mine| {
+            lease::transferred(mine, to, seconds)
+        })
+        .await
+    }
+
+    async fn request_transfer(&self, lock: &str, to: &str) -> Result<Observation, BackendError> {
+        for _ in 0..3 {
+            let Some(current) = self.get("request_transfer", lock).await? else {
+                return Ok(Observation::vacant());
+            };
+            let key = SpecKey::of(&current);
+            if key.holder.is_empty() || lease::malformed(&key).is_some() {
+                return Ok(self.observe(lock, &current, Duration::ZERO).0);
+            }
+            let asked = lease::asked_to_transfer(&current, to);
+            // Conditional on the version read: a write in between is read again.
+            match self.replace("request_transfer", lock, &asked).await? {
+                Write::Done(written) => return Ok(self.observe(lock, &written, Duration::ZERO).0),
+                Write::Gone => return Ok(Observation::vacant()),
+                Write::Conflict => continue,
             }
         }
-        Ok(ReleaseOutcome::NotHeld)
+        Err(BackendError::Unavailable {
+            backend: self.backend_name(),
+            detail: format!("request_transfer of Lease {lock:?}: it kept changing under the write"),
+        })
     }
 
     async fn read(&self, lock: &str) -> Result<Observation, BackendError> {

@@ -30,6 +30,83 @@ mod kube_specific {
         Api::namespaced(h.server_ref().admin().await, NAMESPACE)
     }
 
+    /// A transfer writes the target as `spec.preferredHolder` (with our `spec.strategy`, which
+    /// the API requires beside it) and as an annotation. An apiserver with the
+    /// `CoordinatedLeaderElection` gate keeps the fields; one without it (the default) drops
+    /// them, and the annotation carries the reservation. Either way only the target takes the
+    /// Lease during the window, and its acquire clears the reservation.
+    async fn transfer_on(h: &KubeHarness, fields_kept: bool) {
+        let t = timing();
+        let lock = lock_name("transfer-fields");
+        let checker = SafetyChecker::new();
+        let (mut a, mut b) = leader_and_follower(h, &lock, &checker, Duration::ZERO).await;
+        a.handle.transfer_to("c").await.expect("a hands over to c");
+        let lease = h.lease(&lock).await.expect("lease");
+        let spec = lease.spec.clone().expect("spec");
+        let annotation = lease
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("leasehold.rs/preferred-holder"))
+            .cloned();
+        assert_eq!(spec.holder_identity.as_deref(), Some(""));
+        assert_eq!(
+            spec.lease_duration_seconds,
+            Some(2),
+            "the window is one lease"
+        );
+        assert_eq!(annotation.as_deref(), Some("c"));
+        if fields_kept {
+            assert_eq!(spec.preferred_holder.as_deref(), Some("c"));
+            assert_eq!(spec.strategy.as_deref(), Some("leasehold.rs/transfer"));
+        } else {
+            assert_eq!(
+                spec.preferred_holder, None,
+                "dropped without the feature gate"
+            );
+            assert_eq!(spec.strategy, None, "dropped without the feature gate");
+        }
+        // c starts only now: b has been waiting for the reservation, and still loses to c.
+        let mut c = Node::join(h, "c", &lock, &checker).await;
+        wait_for("c leads", 2 * t.lease_duration, || {
+            c.handle.is_leader() && c.last_leadership().is_some()
+        })
+        .await;
+        let lease = h.lease(&lock).await.expect("lease");
+        let spec = lease.spec.clone().expect("spec");
+        assert_eq!(spec.holder_identity.as_deref(), Some("c"));
+        assert_eq!(
+            spec.preferred_holder, None,
+            "the target's acquire clears it"
+        );
+        assert_eq!(spec.strategy, None);
+        assert!(lease
+            .metadata
+            .annotations
+            .as_ref()
+            .is_none_or(|a| !a.contains_key("leasehold.rs/preferred-holder")));
+        for n in [&mut a, &mut b, &mut c] {
+            n.stop().await.expect("stops");
+        }
+        let report = checker.verify().expect("safe");
+        let leaders: Vec<&str> = report
+            .intervals
+            .iter()
+            .map(|i| i.identity.as_str())
+            .collect();
+        assert_eq!(leaders, ["a", "c"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transfer_writes_preferred_holder_where_the_apiserver_keeps_it() {
+        transfer_on(&KubeHarness::start_coordinated().await, true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transfer_survives_an_apiserver_that_drops_preferred_holder() {
+        transfer_on(&KubeHarness::start().await, false).await;
+    }
+
     /// The Lease as client-go writes it: every field set, microsecond times, transitions.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lease_fields_match_client_go() {

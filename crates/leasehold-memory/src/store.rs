@@ -346,6 +346,19 @@ impl LockBackend for MemoryBackend {
         .await
     }
 
+    async fn request_transfer(&self, lock: &str, to: &str) -> Result<Observation, BackendError> {
+        self.call("request_transfer", lock, |slot, now| {
+            if let Entry::Held { record, .. } = &mut slot.entry {
+                if !record.is_vacant() {
+                    record.preferred_holder = Some(to.to_owned());
+                    slot.notify();
+                }
+            }
+            slot.observe(lock, now)
+        })
+        .await
+    }
+
     async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
         self.call("read", lock, |slot, now| slot.observe(lock, now))
             .await

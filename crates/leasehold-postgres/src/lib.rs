@@ -447,6 +447,8 @@ struct Statements {
     acquire: String,
     renew: String,
     release: String,
+    transfer: String,
+    request_transfer: String,
     read: String,
 }
 
@@ -551,6 +553,8 @@ impl PostgresBackend {
             acquire: sql::acquire(&names),
             renew: sql::renew(&names),
             release: sql::release(&names),
+            transfer: sql::transfer(&names),
+            request_transfer: sql::request_transfer(&names),
             read: sql::read(&names),
         };
         Ok(Self {
@@ -862,6 +866,55 @@ impl LockBackend for PostgresBackend {
         } else {
             ReleaseOutcome::Released
         })
+    }
+
+    fn supports_transfer(&self) -> bool {
+        true
+    }
+
+    async fn transfer(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+        to: &str,
+    ) -> Result<ReleaseOutcome, BackendError> {
+        let token = token_param(grant);
+        let lease = lease_ms(candidate);
+        let target = to.to_owned();
+        let rows = self
+            .query(
+                "transfer",
+                &self.inner.statements.transfer,
+                &[
+                    (&candidate.lock, Type::TEXT),
+                    (&candidate.identity, Type::TEXT),
+                    (&token, Type::INT8),
+                    (&target, Type::TEXT),
+                    (&lease, Type::INT8),
+                ],
+            )
+            .await?;
+        Ok(if rows.is_empty() {
+            ReleaseOutcome::NotHeld
+        } else {
+            ReleaseOutcome::Released
+        })
+    }
+
+    async fn request_transfer(&self, lock: &str, to: &str) -> Result<Observation, BackendError> {
+        let lock_param = lock.to_owned();
+        let target = to.to_owned();
+        let rows = self
+            .query(
+                "request_transfer",
+                &self.inner.statements.request_transfer,
+                &[(&lock_param, Type::TEXT), (&target, Type::TEXT)],
+            )
+            .await?;
+        match rows.first() {
+            None => Ok(Observation::vacant()),
+            Some(row) => self.row(row, 0)?.observe(lock),
+        }
     }
 
     async fn read(&self, lock: &str) -> Result<Observation, BackendError> {

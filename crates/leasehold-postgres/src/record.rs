@@ -16,6 +16,9 @@ pub(crate) struct Row {
     pub transitions: i64,
     /// Until the lease ends, by the server's clock, when the row was read (0: ended).
     pub remaining_ms: i64,
+    /// A transfer's target while the row is reserved for it (empty otherwise).
+    #[serde(default)]
+    pub preferred: String,
 }
 
 impl Row {
@@ -29,6 +32,7 @@ impl Row {
             renewed_ms: row.try_get(first + 4)?,
             transitions: row.try_get(first + 5)?,
             remaining_ms: row.try_get(first + 6)?,
+            preferred: row.try_get(first + 7)?,
         })
     }
 
@@ -62,7 +66,7 @@ impl Row {
             acquire_time: wall(self.acquired_ms),
             renew_time: wall(self.renewed_ms),
             transitions: u64::try_from(self.transitions).unwrap_or(0),
-            preferred_holder: None,
+            preferred_holder: Some(self.preferred.clone()).filter(|p| !p.is_empty()),
         })
     }
 
@@ -77,6 +81,11 @@ impl Row {
             return Ok(Observation::vacant());
         }
         let record = self.record(lock)?;
+        if record.reserved_for().is_some() && self.live() {
+            // Reserved by a transfer until the lease ends.
+            let remaining = Duration::from_millis(u64::try_from(self.remaining_ms).unwrap_or(0));
+            return Ok(Observation::held(record, Some(remaining)));
+        }
         if record.is_vacant() {
             // Released: free, but with the token of the term that ended, so that a leader told
             // late of an earlier term's release knows it is old news.
@@ -148,6 +157,7 @@ mod tests {
             renewed_ms: 2,
             transitions: 3,
             remaining_ms,
+            preferred: String::new(),
         }
     }
 

@@ -69,7 +69,7 @@ fn remaining_ms(t: &str) -> String {
 /// The columns every statement returns, in this order (see `record::Row`).
 fn columns(prefix: &str) -> String {
     format!(
-        "{p}holder, {p}token, {p}lease_ms, {}, {}, {p}transitions, {}",
+        "{p}holder, {p}token, {p}lease_ms, {}, {}, {p}transitions, {}, coalesce({p}preferred, '')",
         epoch_ms(&format!("{prefix}acquired_at")),
         epoch_ms(&format!("{prefix}renewed_at")),
         remaining_ms(&format!("{prefix}expires_at")),
@@ -109,8 +109,11 @@ CREATE TABLE IF NOT EXISTS {table} (
     acquired_at timestamptz NOT NULL,
     renewed_at  timestamptz NOT NULL,
     expires_at  timestamptz NOT NULL,
-    transitions bigint NOT NULL DEFAULT 0
+    transitions bigint NOT NULL DEFAULT 0,
+    preferred   text NOT NULL DEFAULT ''
 );
+-- v1 tables had no transfer target.
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS preferred text NOT NULL DEFAULT '';
 CREATE TABLE IF NOT EXISTS {deleted} (
     name        text PRIMARY KEY,
     holder      text NOT NULL,
@@ -159,7 +162,8 @@ BEGIN
         'acquired_ms', {new_acquired},
         'renewed_ms', {new_renewed},
         'transitions', NEW.transitions,
-        'remaining_ms', {new_remaining}
+        'remaining_ms', {new_remaining},
+        'preferred', NEW.preferred
     )::text);
     RETURN NEW;
 END
@@ -179,7 +183,7 @@ COMMENT ON TABLE {table} IS {version_lit};
 }
 
 /// What the setup leaves as the table's comment; a table that has it needs no setup.
-pub(crate) const VERSION: &str = "leasehold lease table v1";
+pub(crate) const VERSION: &str = "leasehold lease table v2";
 
 /// Whether the setup has run (`$1`: the quoted table name, `$2`: [`VERSION`]).
 pub(crate) const SET_UP: &str =
@@ -205,9 +209,11 @@ fn acquire_function(n: &Names) -> String {
     } = n;
     format!(
         r#"
-CREATE OR REPLACE FUNCTION {acquire_fn}(p_name text, p_holder text, p_lease_ms bigint)
+-- v2 returns the transfer target too: a new return type needs a new function.
+DROP FUNCTION IF EXISTS {acquire_fn}(text, text, bigint);
+CREATE FUNCTION {acquire_fn}(p_name text, p_holder text, p_lease_ms bigint)
 RETURNS TABLE (status text, holder text, token bigint, lease_ms bigint, acquired_ms bigint,
-               renewed_ms bigint, transitions bigint, remaining_ms bigint)
+               renewed_ms bigint, transitions bigint, remaining_ms bigint, preferred text)
 LANGUAGE plpgsql VOLATILE AS $leasehold$
 #variable_conflict use_column
 DECLARE
@@ -222,8 +228,12 @@ BEGIN
             status := 'malformed';
         ELSIF r.expires_at > now_ AND r.holder <> '' AND r.holder <> p_holder THEN
             status := 'held';
+        ELSIF r.expires_at > now_ AND r.holder = '' AND r.preferred <> ''
+              AND r.preferred <> p_holder THEN
+            -- A transfer reserved it for another candidate.
+            status := 'held';
         ELSE
-            UPDATE {table} t SET holder = p_holder, token = nextval('{sequence}'),
+            UPDATE {table} t SET holder = p_holder, token = nextval('{sequence}'), preferred = '',
                 lease_ms = p_lease_ms, acquired_at = now_, renewed_at = now_,
                 expires_at = now_ + p_lease_ms * interval '1 millisecond',
                 transitions = t.transitions + (t.holder <> p_holder)::int
@@ -240,7 +250,7 @@ BEGIN
             DELETE FROM {deleted} d WHERE d.name = p_name;
             INSERT INTO {table} AS t VALUES (p_name, p_holder, nextval('{sequence}'),
                 p_lease_ms, now_, now_, now_ + p_lease_ms * interval '1 millisecond',
-                coalesce(r.transitions + (r.holder <> p_holder)::int, 0))
+                coalesce(r.transitions + (r.holder <> p_holder)::int, 0), '')
             RETURNING t.* INTO r;
             status := 'acquired';
         END IF;
@@ -252,6 +262,7 @@ BEGIN
     renewed_ms := {renewed};
     transitions := r.transitions;
     remaining_ms := {remaining};
+    preferred := coalesce(r.preferred, '');
     RETURN NEXT;
 END
 $leasehold$;
@@ -287,6 +298,34 @@ pub(crate) fn release(n: &Names) -> String {
          WHERE name = $1 AND holder = $2 AND token = $3
          RETURNING 1",
         table = n.table
+    )
+}
+
+/// Transfer: `$1` lock, `$2` holder, `$3` token, `$4` target, `$5` lease in ms. One row when
+/// handed over: the row is released and reserved for the target for one lease.
+pub(crate) fn transfer(n: &Names) -> String {
+    format!(
+        "UPDATE {table} SET holder = '', preferred = $4, renewed_at = clock_timestamp(),
+                expires_at = clock_timestamp() + $5 * interval '1 millisecond'
+         WHERE name = $1 AND holder = $2 AND token = $3
+         RETURNING 1",
+        table = n.table
+    )
+}
+
+/// Request a transfer: `$1` lock, `$2` target. Marks a live, held row (`preferred` on a held
+/// row asks its holder to hand over); the row as it is after, if any.
+pub(crate) fn request_transfer(n: &Names) -> String {
+    format!(
+        "WITH asked AS (
+             UPDATE {table} SET preferred = $2
+             WHERE name = $1 AND holder <> '' AND expires_at > clock_timestamp()
+             RETURNING *)
+         SELECT {columns} FROM asked
+         UNION ALL
+         SELECT {columns} FROM {table} WHERE name = $1 AND NOT EXISTS (SELECT 1 FROM asked)",
+        table = n.table,
+        columns = columns("")
     )
 }
 

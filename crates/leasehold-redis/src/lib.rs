@@ -772,6 +772,56 @@ impl LockBackend for RedisBackend {
         })
     }
 
+    fn supports_transfer(&self) -> bool {
+        true
+    }
+
+    async fn transfer(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+        to: &str,
+    ) -> Result<ReleaseOutcome, BackendError> {
+        let keys = self.keys(&candidate.lock);
+        let mut connection = self.connection().await?;
+        let handed: i64 = self
+            .inner
+            .scripts
+            .transfer
+            .key(&keys.lock)
+            .key(&keys.meta)
+            .arg(&candidate.identity)
+            .arg(grant.token.get())
+            .arg(lease_ms(candidate))
+            .arg(wall_ms())
+            .arg(&keys.channel)
+            .arg(to)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| self.error("transfer", &e))?;
+        Ok(if handed == 1 {
+            ReleaseOutcome::Released
+        } else {
+            ReleaseOutcome::NotHeld
+        })
+    }
+
+    async fn request_transfer(&self, lock: &str, to: &str) -> Result<Observation, BackendError> {
+        let keys = self.keys(lock);
+        let mut connection = self.connection().await?;
+        let (raw, pttl): (Option<Vec<u8>>, i64) = self
+            .inner
+            .scripts
+            .request_transfer
+            .key(&keys.lock)
+            .arg(to)
+            .arg(&keys.channel)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| self.error("request_transfer", &e))?;
+        record::observe(lock, raw.as_deref(), pttl)
+    }
+
     async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
         let keys = self.keys(lock);
         let mut connection = self.connection().await?;

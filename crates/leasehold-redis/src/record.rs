@@ -17,6 +17,9 @@ struct Stored {
     renewed_ms: u64,
     #[serde(default)]
     transitions: u64,
+    /// A transfer's target, on a reservation (empty holder).
+    #[serde(default)]
+    preferred: Option<String>,
 }
 
 /// A wall-clock time from milliseconds since the epoch; `None` for 0 or for a time the
@@ -57,7 +60,7 @@ pub(crate) fn parse(lock: &str, raw: &[u8]) -> Result<LeaderRecord, BackendError
         acquire_time: wall(stored.acquired_ms),
         renew_time: wall(stored.renewed_ms),
         transitions: stored.transitions,
-        preferred_holder: None,
+        preferred_holder: stored.preferred.filter(|p| !p.is_empty()),
     })
 }
 

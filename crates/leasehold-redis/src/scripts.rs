@@ -89,7 +89,8 @@ else
   reason = 'restart'
 end
 local wait = math.ceil((busy_until - now) / 1000)
-if rec and rec.holder ~= ARGV[1] then
+-- A transfer's reservation (empty holder, preferred set) is held for all but its target.
+if rec and rec.holder ~= ARGV[1] and not (rec.holder == '' and rec.preferred == ARGV[1]) then
   local pttl = redis.call('PTTL', KEYS[1])
   if wait > pttl then
     pttl = wait
@@ -161,6 +162,50 @@ redis.call('PUBLISH', ARGV[3], '')
 return 1
 "#;
 
+/// KEYS: lock, meta. ARGV: identity, token, lease_ms, wall_ms, channel, target.
+/// Returns 1 when handed over, 0 when not held. Like a release, but the key is replaced by a
+/// reservation for the target: an empty holder, `preferred` naming it, the old term's token, a
+/// TTL of one lease; the meta says no lease runs (the reservation itself keeps others out).
+const TRANSFER_BODY: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+  return 0
+end
+local rec = decode(cur)
+if not rec or rec.holder ~= ARGV[1] or string.format('%d', rec.token) ~= ARGV[2] then
+  return 0
+end
+local lease = tonumber(ARGV[3])
+local new = string.format('{"v":1,"holder":"","token":%d,"lease_ms":%d,"acquired_ms":0,"renewed_ms":%d,"transitions":%d,"preferred":%s}',
+  rec.token, lease, tonumber(ARGV[4]), rec.transitions or 0, cjson.encode(ARGV[6]))
+redis.call('SET', KEYS[1], new, 'PX', lease)
+local _, run_id = server()
+redis.call('HSET', KEYS[2], 'lease_until', '0', 'run_id', run_id)
+redis.call('PUBLISH', ARGV[5], new)
+return 1
+"#;
+
+/// KEYS: lock. ARGV: target, channel. Returns {raw record or false, pttl}: the record with
+/// `preferred` set when it names a holder (the holder's next renew writes it without), as it
+/// was otherwise. The TTL is kept.
+const REQUEST_TRANSFER_BODY: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+  return {false, -2}
+end
+local rec = decode(cur)
+local pttl = redis.call('PTTL', KEYS[1])
+if not rec or rec.holder == '' or pttl <= 0 then
+  return {cur, pttl}
+end
+local new = string.format('{"v":1,"holder":%s,"token":%d,"lease_ms":%d,"acquired_ms":%d,"renewed_ms":%d,"transitions":%d,"preferred":%s}',
+  cjson.encode(rec.holder), rec.token, rec.lease_ms or 0, rec.acquired_ms or 0, rec.renewed_ms or 0,
+  rec.transitions or 0, cjson.encode(ARGV[1]))
+redis.call('SET', KEYS[1], new, 'PX', pttl)
+redis.call('PUBLISH', ARGV[2], new)
+return {new, pttl}
+"#;
+
 /// KEYS: lock. Returns {raw record or false, pttl}.
 const READ_BODY: &str = r#"
 return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
@@ -170,6 +215,8 @@ pub(crate) struct Scripts {
     pub acquire: redis::Script,
     pub renew: redis::Script,
     pub release: redis::Script,
+    pub transfer: redis::Script,
+    pub request_transfer: redis::Script,
     pub read: redis::Script,
 }
 
@@ -180,6 +227,8 @@ impl Scripts {
             acquire: with_record(ACQUIRE_BODY),
             renew: with_record(RENEW_BODY),
             release: with_record(RELEASE_BODY),
+            transfer: with_record(TRANSFER_BODY),
+            request_transfer: with_record(REQUEST_TRANSFER_BODY),
             read: redis::Script::new(READ_BODY),
         }
     }

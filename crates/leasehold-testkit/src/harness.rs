@@ -170,6 +170,10 @@ impl LockBackend for Counting {
     fn supports_transfer(&self) -> bool {
         self.inner.supports_transfer()
     }
+    async fn request_transfer(&self, lock: &str, to: &str) -> Result<Observation, BackendError> {
+        self.count();
+        self.inner.request_transfer(lock, to).await
+    }
     async fn transfer(
         &self,
         c: &Candidate,

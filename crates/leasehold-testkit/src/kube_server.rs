@@ -41,6 +41,8 @@ pub struct KubeApiServer {
     dir: tempfile::TempDir,
     binary: PathBuf,
     process: ServerProcess,
+    /// Flags beyond the defaults (feature gates, APIs).
+    extra: Vec<String>,
 }
 
 impl KubeApiServer {
@@ -50,6 +52,31 @@ impl KubeApiServer {
     ///
     /// When a process cannot start or the apiserver is not ready in 90 s.
     pub async fn start() -> KubeApiServer {
+        Self::start_with(&[]).await
+    }
+
+    /// [`start`](Self::start) with coordinated leader election on: the
+    /// `CoordinatedLeaderElection` feature gate (beta, off by default), which keeps a Lease's
+    /// `spec.preferredHolder` and `spec.strategy` and runs the apiserver's election controller,
+    /// and the `coordination.k8s.io/v1beta1` API (LeaseCandidate).
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start).
+    pub async fn start_coordinated() -> KubeApiServer {
+        Self::start_with(&[
+            "--feature-gates=CoordinatedLeaderElection=true",
+            "--runtime-config=coordination.k8s.io/v1beta1=true",
+        ])
+        .await
+    }
+
+    /// [`start`](Self::start) with `extra` flags.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start).
+    pub async fn start_with(extra: &[&str]) -> KubeApiServer {
         let binary = kube_apiserver_binary().await;
         let etcd = EtcdServer::start().await;
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
@@ -76,6 +103,7 @@ impl KubeApiServer {
             dir,
             binary,
             process: ServerProcess::default(),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
         server.spawn().await;
         server
@@ -111,6 +139,7 @@ impl KubeApiServer {
             .arg("--disable-admission-plugins=ServiceAccount")
             .arg("--advertise-address=127.0.0.1")
             .arg("--endpoint-reconciler-type=none")
+            .args(&self.extra)
             .stdout(Stdio::null());
         // For a diagnosis: every request the apiserver served, with its latency (`-v=3`).
         match std::env::var_os("LEASEHOLD_KUBE_APISERVER_LOG") {
@@ -253,6 +282,14 @@ impl KubeHarness {
     pub async fn start() -> KubeHarness {
         KubeHarness {
             server: KubeApiServer::start().await,
+        }
+    }
+
+    /// A harness on an apiserver with coordinated leader election on
+    /// ([`KubeApiServer::start_coordinated`]).
+    pub async fn start_coordinated() -> KubeHarness {
+        KubeHarness {
+            server: KubeApiServer::start_coordinated().await,
         }
     }
 

@@ -128,6 +128,7 @@ macro_rules! conformance_tests {
             transfer_to_named_candidate,
             transfer_to_absent_candidate_falls_back,
             transfer_while_partitioned_fails,
+            transfer_requested_from_outside,
         );
     };
     (@each #[$attr:meta], $harness:expr, $($scenario:ident),+ $(,)?) => {

@@ -1598,3 +1598,50 @@ pub async fn transfer_while_partitioned_fails<H: Harness + ?Sized>(h: &H) {
     let intervals = verify(&checker);
     assert_eq!(intervals.len(), 2, "terms: {intervals:?}");
 }
+
+/// Another process asks the leader to hand over (`leasehold transfer`): a client that does not
+/// campaign marks the held record with the target; the leader hears it on its watch and hands
+/// over as with `transfer_to`. Asking about a free lock writes nothing.
+pub async fn transfer_requested_from_outside<H: Harness + ?Sized>(h: &H) {
+    let outsider = h.client().await;
+    let lock = lock_name("transfer-request");
+    if !outsider.backend.supports_transfer() {
+        let refused = outsider.backend.request_transfer(&lock, "b").await;
+        assert!(
+            matches!(refused, Err(BackendError::Unsupported { .. })),
+            "{refused:?}"
+        );
+        return;
+    }
+    let t = h.timing();
+    let free = outsider
+        .backend
+        .request_transfer(&lock, "b")
+        .await
+        .expect("a request about a free lock");
+    assert_eq!(free.holder(), None, "nobody to ask: {free:?}");
+    let checker = SafetyChecker::new();
+    let (mut a, mut others) =
+        leader_and_followers(h, &lock, &checker, &["b", "c"], Duration::from_millis(50)).await;
+    let asked = outsider
+        .backend
+        .request_transfer(&lock, "c")
+        .await
+        .expect("the request is written");
+    assert_eq!(
+        asked.holder(),
+        Some("a"),
+        "the request names the holder it asked"
+    );
+    let c = &others[1];
+    leads(c, 3 * t.lease_duration).await;
+    let a_ended = work_ended_at(&a).expect("a's work ended");
+    assert!(a_ended <= started_at(c), "c started before a's work ended");
+    for n in &mut others {
+        n.stop().await.expect("stops");
+    }
+    a.stop().await.expect("a stops");
+    let intervals = verify(&checker);
+    let leaders: Vec<&str> = intervals.iter().map(|i| i.identity.as_str()).collect();
+    assert_eq!(leaders[..2], ["a", "c"], "terms: {intervals:?}");
+}
