@@ -35,8 +35,15 @@ pub enum BackendUrl {
         /// User and password.
         user: Option<(String, String)>,
     },
-    /// `kube://NAMESPACE`
-    Kube(String),
+    /// `kube://NAMESPACE[?events=true&label=KEY=VALUE...]`
+    Kube {
+        /// The namespace of the Lease.
+        namespace: String,
+        /// Post Events on leadership changes.
+        events: bool,
+        /// Labels for the Leases we write.
+        labels: Vec<(String, String)>,
+    },
     /// `postgres://…` or `postgresql://…` (libpq's URL form, plus leasehold's parameters).
     Postgres(String),
 }
@@ -91,11 +98,33 @@ impl BackendUrl {
                 Ok(BackendUrl::Etcd { endpoints, user })
             }
             "kube" => {
-                let namespace = rest.trim_end_matches('/');
+                let (namespace, query) = rest.split_once('?').unwrap_or((rest, ""));
+                let namespace = namespace.trim_end_matches('/');
                 if namespace.is_empty() || namespace.contains('/') {
                     return Err(bad("kube:// takes a namespace, e.g. kube://default"));
                 }
-                Ok(BackendUrl::Kube(namespace.to_owned()))
+                let mut events = false;
+                let mut labels = Vec::new();
+                for pair in query.split('&').filter(|p| !p.is_empty()) {
+                    match pair.split_once('=') {
+                        Some(("events", "true" | "1")) => events = true,
+                        Some(("events", "false" | "0")) => events = false,
+                        Some(("label", label)) => {
+                            let (key, value) = label.split_once('=').ok_or_else(|| {
+                                bad("label takes KEY=VALUE, e.g. label=app.kubernetes.io/name=my-app")
+                            })?;
+                            labels.push((key.to_owned(), value.to_owned()));
+                        }
+                        _ => return Err(bad(&format!(
+                            "unknown kube:// option {pair:?}: use events=true or label=KEY=VALUE"
+                        ))),
+                    }
+                }
+                Ok(BackendUrl::Kube {
+                    namespace: namespace.to_owned(),
+                    events,
+                    labels,
+                })
             }
             "postgres" | "postgresql" => {
                 PostgresConfig::from_url(url).map_err(|e| bad(&e.to_string()))?;
@@ -111,7 +140,7 @@ impl BackendUrl {
             BackendUrl::Memory => "the in-memory backend".into(),
             BackendUrl::Redis(url) => format!("redis at {}", redact_url(url)),
             BackendUrl::Etcd { endpoints, .. } => format!("etcd at {}", endpoints.join(",")),
-            BackendUrl::Kube(ns) => format!("kubernetes (namespace {ns})"),
+            BackendUrl::Kube { namespace, .. } => format!("kubernetes (namespace {namespace})"),
             BackendUrl::Postgres(url) => format!("postgres at {}", redact(url)),
         }
     }
@@ -153,13 +182,23 @@ impl BackendUrl {
                     reason: e.to_string(),
                 })?)
             }
-            BackendUrl::Kube(namespace) => {
+            BackendUrl::Kube {
+                namespace,
+                events,
+                labels,
+            } => {
                 let backend =
                     tokio::time::timeout(timeout, KubeBackend::from_env(namespace.clone()))
                         .await
                         .map_err(|_| self.unreachable(timeout, "no answer".into()))?
-                        .map_err(|e| CliError::Config(e.to_string()))?;
-                Arc::new(backend)
+                        .map_err(|e| CliError::Config(e.to_string()))?
+                        .with_labels(labels.iter().cloned())
+                        .map_err(|e| CliError::Config(format!("kube:// label: {e}")))?;
+                Arc::new(if *events {
+                    backend.with_events()
+                } else {
+                    backend
+                })
             }
         };
         match tokio::time::timeout(timeout, backend.read(lock)).await {
@@ -206,7 +245,19 @@ mod tests {
         );
         assert_eq!(
             BackendUrl::parse("kube://prod").unwrap(),
-            BackendUrl::Kube("prod".into())
+            BackendUrl::Kube {
+                namespace: "prod".into(),
+                events: false,
+                labels: Vec::new(),
+            }
+        );
+        assert_eq!(
+            BackendUrl::parse("kube://prod?events=true&label=app=x").unwrap(),
+            BackendUrl::Kube {
+                namespace: "prod".into(),
+                events: true,
+                labels: vec![("app".into(), "x".into())],
+            }
         );
         for url in [
             "postgres://app:pw@db:5432/app?sslmode=verify-full",
@@ -228,6 +279,8 @@ mod tests {
             "etcd://a:notaport",
             "kube://",
             "kube://a/b",
+            "kube://a?colour=red",
+            "kube://a?label=novalue",
             "memory://x",
             "redis://",
             "postgres://",

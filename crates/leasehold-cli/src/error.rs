@@ -6,7 +6,7 @@ use leasehold::{BackendError, ElectorError};
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     /// A backend URL that is not one of the accepted forms.
-    #[error("invalid --backend {url:?}: {reason}\naccepted forms:\n  memory://\n  redis://[user:password@]host:port[/db]   (rediss:// for TLS)\n  etcd://[user:password@]host:port[,host:port...]\n  kube://NAMESPACE   (kubeconfig or in-cluster service account)\n  postgres://[user:password@]host[:port][/database][?sslmode=...]   (or postgresql://)")]
+    #[error("invalid --backend {url:?}: {reason}\naccepted forms:\n  memory://\n  redis://[user:password@]host:port[/db]   (rediss:// for TLS)\n  etcd://[user:password@]host:port[,host:port...]\n  kube://NAMESPACE[?events=true&label=KEY=VALUE]   (kubeconfig or in-cluster service account)\n  postgres://[user:password@]host[:port][/database][?sslmode=...]   (or postgresql://)")]
     BadUrl {
         /// The URL given (password hidden).
         url: String,

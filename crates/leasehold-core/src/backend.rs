@@ -211,6 +211,25 @@ pub enum ReleaseOutcome {
     NotHeld,
 }
 
+/// A change of an elector's leadership, told to its backend ([`LockBackend::record_event`]):
+/// what client-go's `RecordEvent` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeaderEvent {
+    /// A term began (`"<identity> became leader"`).
+    BecameLeader {
+        /// The term's fencing token.
+        token: FencingToken,
+    },
+    /// A term ended, for any cause (`"<identity> stopped leading"`).
+    StoppedLeading {
+        /// The term's fencing token.
+        token: FencingToken,
+        /// Why it ended.
+        cause: crate::state::StopCause,
+    },
+}
+
 /// A stream of observations of one lock, from [`LockBackend::watch`].
 pub type WatchStream = BoxStream<'static, Result<Observation, BackendError>>;
 
@@ -345,6 +364,13 @@ pub trait LockBackend: Send + Sync + 'static {
     /// Transient errors when the watch cannot be opened.
     async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError>;
 
+    /// Told when `candidate` starts or stops leading, for a backend that reports it (Kubernetes
+    /// Events, when asked for). Must not block: a backend that does I/O for it spawns it, and
+    /// its failure never affects the election. The default does nothing.
+    fn record_event(&self, candidate: &Candidate, event: LeaderEvent) {
+        let _ = (candidate, event);
+    }
+
     /// Whether [`transfer`](Self::transfer) is implemented. The default is `false`: a transfer
     /// is then refused before the leader steps down.
     fn supports_transfer(&self) -> bool {
@@ -444,6 +470,9 @@ impl<T: LockBackend + ?Sized> LockBackend for std::sync::Arc<T> {
     }
     fn supports_transfer(&self) -> bool {
         (**self).supports_transfer()
+    }
+    fn record_event(&self, candidate: &Candidate, event: LeaderEvent) {
+        (**self).record_event(candidate, event);
     }
     async fn request_transfer(&self, lock: &str, to: &str) -> Result<Observation, BackendError> {
         (**self).request_transfer(lock, to).await

@@ -14,7 +14,7 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::backend::{Candidate, LockBackend, WatchStream};
+use crate::backend::{Candidate, LeaderEvent, LockBackend, WatchStream};
 use crate::callbacks::{Callbacks, Ended, Leadership};
 use crate::config::Config;
 use crate::elector::Elector;
@@ -250,6 +250,15 @@ impl Driver {
                     if let Some(live) = self.term.take() {
                         live.end(at, valid_until, Some(cause));
                     }
+                    if self.machine.is_enabled() {
+                        self.backend.record_event(
+                            &self.candidate,
+                            LeaderEvent::StoppedLeading {
+                                token: term.token,
+                                cause,
+                            },
+                        );
+                    }
                     tracing::debug!(term = term.number, "term ended; leader's work cancelled");
                     self.awaiting_work = true;
                     self.notice(Notice::Stopped);
@@ -335,6 +344,12 @@ impl Driver {
     }
 
     fn start_leading(&mut self, term: TermInfo) {
+        if self.machine.is_enabled() {
+            self.backend.record_event(
+                &self.candidate,
+                LeaderEvent::BecameLeader { token: term.token },
+            );
+        }
         self.metrics.leading(true);
         self.metrics.term_started(term.token);
         let cancel = CancellationToken::new();

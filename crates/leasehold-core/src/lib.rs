@@ -24,8 +24,8 @@ mod running;
 mod state;
 
 pub use backend::{
-    AcquireOutcome, BackendState, Candidate, Grant, LockBackend, ReleaseOutcome, RenewOutcome,
-    WatchStream,
+    AcquireOutcome, BackendState, Candidate, Grant, LeaderEvent, LockBackend, ReleaseOutcome,
+    RenewOutcome, WatchStream,
 };
 pub use callbacks::{Callbacks, Leadership};
 pub use config::{

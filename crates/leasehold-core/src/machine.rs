@@ -497,6 +497,12 @@ impl Machine {
         self.leader_state().is_leader_at(now)
     }
 
+    /// `false` in standalone mode (`Config::enabled == false`): no backend is involved.
+    #[must_use]
+    pub fn is_enabled(&self) -> bool {
+        self.params.enabled
+    }
+
     /// `true` once the machine has emitted [`Action::Exit`].
     #[must_use]
     pub fn is_done(&self) -> bool {

@@ -166,6 +166,71 @@ impl Observed {
     }
 }
 
+/// The name part of a label key, or a label value: at most 63 characters, alphanumeric at both
+/// ends, `-`, `_`, `.` and alphanumerics between.
+fn label_name_ok(s: &str) -> bool {
+    s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.chars().last().is_some_and(|c| c.is_ascii_alphanumeric())
+}
+
+/// Checks a label as the API does (`[prefix/]name` keys, DNS-subdomain prefixes, 63-character
+/// names and values), and keeps our own label ours.
+pub(crate) fn validate_label(key: &str, value: &str) -> Result<(), ConfigError> {
+    let invalid = |field: &'static str, given: &str, reason: &str| ConfigError::InvalidName {
+        field,
+        value: given.chars().take(300).collect(),
+        reason: reason.to_owned(),
+    };
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if !label_name_ok(name) {
+        return Err(invalid(
+            "label key",
+            key,
+            "the name part must be 1-63 characters, alphanumeric at both ends, with '-', '_' or '.' between",
+        ));
+    }
+    if let Some(prefix) = prefix {
+        let dns = prefix.len() <= 253
+            && prefix.split('.').all(|part| {
+                !part.is_empty()
+                    && part.len() <= 63
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !part.starts_with('-')
+                    && !part.ends_with('-')
+            });
+        if !dns {
+            return Err(invalid(
+                "label key",
+                key,
+                "the prefix must be a DNS subdomain (lowercase, dots, at most 253 characters)",
+            ));
+        }
+    }
+    if !value.is_empty() && !label_name_ok(value) {
+        return Err(invalid(
+            "label value",
+            value,
+            "a value is empty or 1-63 characters, alphanumeric at both ends, with '-', '_' or '.' between",
+        ));
+    }
+    if key == MANAGED_LABEL && value != MANAGED_VALUE {
+        return Err(invalid(
+            "label key",
+            key,
+            "leasehold.rs/managed is leasehold's own label (the namespace watch selects on it)",
+        ));
+    }
+    Ok(())
+}
+
 /// Why a record cannot be used, if it cannot: a holder identity that is not an identity.
 pub(crate) fn malformed(key: &SpecKey) -> Option<String> {
     if key.holder.chars().any(char::is_control) {
@@ -545,6 +610,36 @@ mod tests {
             .get_or_insert_with(Default::default)
             .insert(TERM_ANNOTATION.into(), "x9/a".into());
         assert_eq!(term_token_of(&garbage), None);
+    }
+
+    #[test]
+    fn labels_follow_the_api_rules() {
+        for (key, value) in [
+            ("app", "x"),
+            ("app.kubernetes.io/name", "my-controller"),
+            ("example.com/empty", ""),
+            ("leasehold.rs/managed", "true"),
+        ] {
+            assert_eq!(validate_label(key, value), Ok(()), "{key}={value}");
+        }
+        for (key, value) in [
+            ("", "x"),
+            ("-app", "x"),
+            ("Example.com/app", "x"),
+            ("app", "-x"),
+            ("app", &"v".repeat(64)),
+            (&"k".repeat(64), "x"),
+            ("a b", "x"),
+            ("leasehold.rs/managed", "false"),
+        ] {
+            assert!(
+                matches!(
+                    validate_label(key, value),
+                    Err(ConfigError::InvalidName { .. })
+                ),
+                "{key}={value}"
+            );
+        }
     }
 
     #[test]

@@ -50,10 +50,12 @@
 //! ```
 
 mod client;
+mod events;
 mod lease;
 mod shared;
 
 pub use crate::client::nodelay_client;
+pub use crate::events::DEFAULT_REPORTING_CONTROLLER;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -99,6 +101,16 @@ pub struct KubeConfigError(#[source] kube::Error);
 #[derive(Clone)]
 pub struct KubeBackend {
     inner: Arc<Inner>,
+    options: Arc<Options>,
+}
+
+/// What [`KubeBackend::with_labels`] and [`KubeBackend::with_events`] set.
+#[derive(Default)]
+struct Options {
+    /// Labels put on every Lease we write (on create, and over the same keys on each update).
+    labels: std::collections::BTreeMap<String, String>,
+    /// Events on leadership changes, when asked for.
+    events: Option<events::Reporter>,
 }
 
 struct Inner {
@@ -193,7 +205,88 @@ impl KubeBackend {
                 hub,
                 single_watches: std::sync::atomic::AtomicU64::new(0),
             }),
+            options: Arc::default(),
         }
+    }
+
+    /// Puts `labels` on every Lease this backend writes: on create, and on every update over
+    /// the same keys (other labels are kept), as client-go's `NewWithLabels` does. Our own
+    /// `leasehold.rs/managed` label is always added.
+    ///
+    /// ```no_run
+    /// # fn demo(client: kube::Client) -> Result<(), leasehold_core::ConfigError> {
+    /// let backend = leasehold_kube::KubeBackend::new(client, "default")
+    ///     .with_labels([("app.kubernetes.io/name", "my-controller")])?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::InvalidName`] for a key or value that is not a Kubernetes label (or that
+    /// would change `leasehold.rs/managed`).
+    pub fn with_labels<K: Into<String>, V: Into<String>>(
+        mut self,
+        labels: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<Self, ConfigError> {
+        let mut options = Options {
+            labels: self.options.labels.clone(),
+            events: self.options.events.clone(),
+        };
+        for (key, value) in labels {
+            let (key, value) = (key.into(), value.into());
+            lease::validate_label(&key, &value)?;
+            options.labels.insert(key, value);
+        }
+        self.options = Arc::new(options);
+        Ok(self)
+    }
+
+    /// Posts a Kubernetes Event (`events.k8s.io/v1`) on the Lease when a candidate of this
+    /// backend starts or stops leading: `"<identity> became leader"` / `"<identity> stopped
+    /// leading"`, reason `LeaderElection`, type `Normal`, as client-go's `EventRecorder` does,
+    /// with `reportingController` [`DEFAULT_REPORTING_CONTROLLER`]. Needs `create` on `events`
+    /// (apiGroup `events.k8s.io`); a failure to post is logged and never affects the election.
+    #[must_use]
+    pub fn with_events(self) -> Self {
+        self.with_events_from(DEFAULT_REPORTING_CONTROLLER)
+    }
+
+    /// [`with_events`](Self::with_events) with your own `reportingController` (such as
+    /// `example.com/my-operator`; at most 128 bytes, longer is cut).
+    #[must_use]
+    pub fn with_events_from(mut self, reporting_controller: &str) -> Self {
+        let mut controller = reporting_controller.to_owned();
+        if controller.is_empty() {
+            controller = DEFAULT_REPORTING_CONTROLLER.to_owned();
+        }
+        while controller.len() > 128 {
+            controller.pop();
+        }
+        let client = self.inner.api.clone().into_client();
+        let reporter = events::Reporter {
+            events: Api::namespaced(client, &self.inner.namespace),
+            leases: self.inner.api.clone(),
+            namespace: self.inner.namespace.clone(),
+            controller,
+            warned: Arc::default(),
+        };
+        self.options = Arc::new(Options {
+            labels: self.options.labels.clone(),
+            events: Some(reporter),
+        });
+        self
+    }
+
+    /// `lease` with our labels.
+    fn labelled(&self, lease: &Lease) -> Lease {
+        let mut lease = lease.clone();
+        if !self.options.labels.is_empty() {
+            let labels = lease.metadata.labels.get_or_insert_with(Default::default);
+            for (key, value) in &self.options.labels {
+                labels.insert(key.clone(), value.clone());
+            }
+        }
+        lease
     }
 
     /// A backend with a client from the environment: the in-cluster service account, or the
@@ -350,7 +443,7 @@ impl KubeBackend {
         let result = self
             .inner
             .api
-            .replace(lock, &PostParams::default(), lease)
+            .replace(lock, &PostParams::default(), &self.labelled(lease))
             .await;
         flight.done = true;
         match result {
@@ -370,7 +463,11 @@ impl KubeBackend {
 
     async fn create(&self, lease: &Lease) -> Result<Lease, kube::Error> {
         let mut flight = self.in_flight();
-        let result = self.inner.api.create(&PostParams::default(), lease).await;
+        let result = self
+            .inner
+            .api
+            .create(&PostParams::default(), &self.labelled(lease))
+            .await;
         flight.done = true;
         result
     }
@@ -605,6 +702,12 @@ impl LockBackend for KubeBackend {
 
     fn supports_transfer(&self) -> bool {
         true
+    }
+
+    fn record_event(&self, candidate: &Candidate, event: leasehold_core::LeaderEvent) {
+        if let Some(reporter) = &self.options.events {
+            reporter.post(&candidate.lock, &candidate.identity, event);
+        }
     }
 
     async fn transfer(

@@ -30,6 +30,74 @@ mod kube_specific {
         Api::namespaced(h.server_ref().admin().await, NAMESPACE)
     }
 
+    /// Opt-in Events and labels, on the real apiserver: `"a became leader"` and `"a stopped
+    /// leading"` (reason `LeaderElection`, type `Normal`, regarding the Lease by uid), and our
+    /// labels on the Lease next to `leasehold.rs/managed`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_and_labels_are_written_as_client_go_writes_them() {
+        use k8s_openapi::api::events::v1::Event;
+        let t = timing();
+        let h = KubeHarness::start().await;
+        let lock = lock_name("events");
+        let (backend, _proxy) = h.backend_with(leasehold_testkit::ADMIN_TOKEN).await;
+        let backend = backend
+            .with_labels([("app.kubernetes.io/name", "events-demo")])
+            .expect("valid labels")
+            .with_events();
+        let refused = backend.clone().with_labels([("Bad Key", "x")]).map(|_| ());
+        assert!(refused.is_err(), "an invalid label is refused");
+        let elector =
+            Elector::new(t.config("a", &lock), backend, Callbacks::new()).expect("valid config");
+        let mut running = elector.start();
+        running.handle().wait_for_leadership().await;
+        let lease = h.lease(&lock).await.expect("lease");
+        let labels = lease.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(
+            labels.get("app.kubernetes.io/name").map(String::as_str),
+            Some("events-demo")
+        );
+        assert_eq!(
+            labels.get("leasehold.rs/managed").map(String::as_str),
+            Some("true")
+        );
+        running.stop().await.expect("stops");
+        let events: Api<Event> = Api::namespaced(h.server_ref().admin().await, NAMESPACE);
+        let mut notes = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while notes.len() < 2 {
+            assert!(Instant::now() < deadline, "events seen: {notes:?}");
+            notes = events
+                .list(&Default::default())
+                .await
+                .expect("list events")
+                .items
+                .into_iter()
+                .filter(|e| {
+                    e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(lock.as_str())
+                })
+                .collect();
+            sleep(Duration::from_millis(100)).await;
+        }
+        let mut texts: Vec<String> = notes.iter().filter_map(|e| e.note.clone()).collect();
+        texts.sort();
+        assert_eq!(texts, ["a became leader", "a stopped leading"]);
+        for e in &notes {
+            assert_eq!(e.reason.as_deref(), Some("LeaderElection"));
+            assert_eq!(e.type_.as_deref(), Some("Normal"));
+            assert_eq!(
+                e.reporting_controller.as_deref(),
+                Some("leasehold.rs/elector")
+            );
+            assert_eq!(e.reporting_instance.as_deref(), Some("a"));
+            let regarding = e.regarding.clone().unwrap_or_default();
+            assert_eq!(regarding.kind.as_deref(), Some("Lease"));
+            assert_eq!(
+                regarding.uid, lease.metadata.uid,
+                "found by `kubectl describe lease`"
+            );
+        }
+    }
+
     /// A transfer writes the target as `spec.preferredHolder` (with our `spec.strategy`, which
     /// the API requires beside it) and as an annotation. An apiserver with the
     /// `CoordinatedLeaderElection` gate keeps the fields; one without it (the default) drops

@@ -170,6 +170,9 @@ impl LockBackend for Counting {
     fn supports_transfer(&self) -> bool {
         self.inner.supports_transfer()
     }
+    fn record_event(&self, candidate: &Candidate, event: leasehold_core::LeaderEvent) {
+        self.inner.record_event(candidate, event);
+    }
     async fn request_transfer(&self, lock: &str, to: &str) -> Result<Observation, BackendError> {
         self.count();
         self.inner.request_transfer(lock, to).await
