@@ -115,9 +115,11 @@ impl BackendUrl {
                             })?;
                             labels.push((key.to_owned(), value.to_owned()));
                         }
-                        _ => return Err(bad(&format!(
+                        _ => {
+                            return Err(bad(&format!(
                             "unknown kube:// option {pair:?}: use events=true or label=KEY=VALUE"
-                        ))),
+                        )))
+                        }
                     }
                 }
                 Ok(BackendUrl::Kube {

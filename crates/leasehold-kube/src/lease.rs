@@ -242,7 +242,7 @@ pub(crate) fn malformed(key: &SpecKey) -> Option<String> {
     None
 }
 
-fn now() -> MicroTime {
+pub(crate) fn now() -> MicroTime {
     // MicroTime carries microseconds: truncate so what we write is what we read back.
     let now = Timestamp::now();
     MicroTime(Timestamp::from_microsecond(now.as_microsecond()).unwrap_or(now))

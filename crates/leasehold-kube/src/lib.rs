@@ -50,6 +50,7 @@
 //! ```
 
 mod client;
+mod coordinated;
 mod events;
 mod lease;
 mod shared;
@@ -104,13 +105,26 @@ pub struct KubeBackend {
     options: Arc<Options>,
 }
 
-/// What [`KubeBackend::with_labels`] and [`KubeBackend::with_events`] set.
+/// What [`KubeBackend::with_labels`], [`KubeBackend::with_events`] and
+/// [`KubeBackend::with_coordination`] set.
 #[derive(Default)]
 struct Options {
     /// Labels put on every Lease we write (on create, and over the same keys on each update).
     labels: std::collections::BTreeMap<String, String>,
     /// Events on leadership changes, when asked for.
     events: Option<events::Reporter>,
+    /// Coordinated election: this process' versions, when asked for.
+    coordination: Option<coordinated::Versions>,
+}
+
+impl Options {
+    fn copy(&self) -> Options {
+        Options {
+            labels: self.labels.clone(),
+            events: self.events.clone(),
+            coordination: self.coordination.clone(),
+        }
+    }
 }
 
 struct Inner {
@@ -228,10 +242,7 @@ impl KubeBackend {
         mut self,
         labels: impl IntoIterator<Item = (K, V)>,
     ) -> Result<Self, ConfigError> {
-        let mut options = Options {
-            labels: self.options.labels.clone(),
-            events: self.options.events.clone(),
-        };
+        let mut options = self.options.copy();
         for (key, value) in labels {
             let (key, value) = (key.into(), value.into());
             lease::validate_label(&key, &value)?;
@@ -270,11 +281,63 @@ impl KubeBackend {
             controller,
             warned: Arc::default(),
         };
-        self.options = Arc::new(Options {
-            labels: self.options.labels.clone(),
-            events: Some(reporter),
-        });
+        let mut options = self.options.copy();
+        options.events = Some(reporter);
+        self.options = Arc::new(options);
         self
+    }
+
+    /// Coordinated leader election (the `CoordinatedLeaderElection` feature gate, beta and off
+    /// by default, with the `coordination.k8s.io/v1beta1` API): every candidate of this backend
+    /// keeps a `LeaseCandidate` named after its identity with these versions, and leads only
+    /// when the apiserver's election controller names it in the Lease (strategy
+    /// `OldestEmulationVersion`: the lowest emulation version, then the lowest binary version,
+    /// then the oldest candidate). It never creates the Lease and never takes an expired one
+    /// on its own; when the controller prefers another candidate (`spec.preferredHolder`), the
+    /// leader hands over at once.
+    ///
+    /// ```no_run
+    /// # fn demo(client: kube::Client) -> Result<(), leasehold_core::ConfigError> {
+    /// let backend = leasehold_kube::KubeBackend::new(client, "kube-system")
+    ///     .with_coordination("1.34.0", "1.33.0")?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] when a version is not `MAJOR.MINOR.PATCH` or the emulation version is
+    /// newer than the binary version. Identities are checked when an elector is built (a
+    /// `LeaseCandidate` name: letters, digits, `-`, `.`, `_`).
+    pub fn with_coordination(
+        mut self,
+        binary_version: &str,
+        emulation_version: &str,
+    ) -> Result<Self, ConfigError> {
+        let mut options = self.options.copy();
+        options.coordination = Some(coordinated::Versions::new(
+            binary_version,
+            emulation_version,
+        )?);
+        self.options = Arc::new(options);
+        Ok(self)
+    }
+
+    /// The `LeaseCandidate` of `candidate`, kept from the first call on (coordinated mode).
+    fn seat<'c>(&self, candidate: &'c Candidate) -> Option<&'c coordinated::Seat> {
+        let versions = self.options.coordination.clone()?;
+        candidate.state().get_or_init(|| {
+            let client = self.inner.api.clone().into_client();
+            coordinated::Seat::start(
+                Api::namespaced(client, &self.inner.namespace),
+                &candidate.lock,
+                &candidate.identity,
+                versions,
+            )
+        })
+    }
+
+    fn candidates(&self) -> Api<k8s_openapi::api::coordination::v1beta1::LeaseCandidate> {
+        Api::namespaced(self.inner.api.clone().into_client(), &self.inner.namespace)
     }
 
     /// `lease` with our labels.
@@ -580,13 +643,21 @@ impl LockBackend for KubeBackend {
 
     fn validate(&self, candidate: &Candidate) -> Result<(), ConfigError> {
         lease::validate_name(&candidate.lock)?;
+        if self.options.coordination.is_some() {
+            coordinated::validate_identity(&candidate.identity)?;
+        }
         lease::duration_seconds(candidate.lease_duration).map(|_| ())
     }
 
     async fn try_acquire(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
         let lock = candidate.lock.as_str();
         let seconds = self.duration_seconds(candidate)?;
+        let coordinated = self.seat(candidate).is_some();
         let Some(current) = self.get("acquire", lock).await? else {
+            if coordinated {
+                // The apiserver's controller creates it, naming the holder.
+                return Ok(AcquireOutcome::Held(Observation::vacant()));
+            }
             if let Some(held) = self.last_live(lock, &candidate.identity, candidate.lease_duration)
             {
                 return Ok(AcquireOutcome::Held(held));
@@ -619,10 +690,11 @@ impl LockBackend for KubeBackend {
                 });
             }
         } else if key.holder != candidate.identity
-            && !expired
+            && (!expired || coordinated)
             && !(key.holder.is_empty() && key.preferred.as_deref() == Some(&candidate.identity))
         {
-            // Held, or reserved by a transfer for another candidate.
+            // Held, or reserved by a transfer for another candidate; in coordinated mode, also
+            // expired or free: the controller names the next holder.
             return Ok(AcquireOutcome::Held(observation));
         }
         let taken = lease::taken(&current, &candidate.identity, seconds);
@@ -702,6 +774,18 @@ impl LockBackend for KubeBackend {
 
     fn supports_transfer(&self) -> bool {
         true
+    }
+
+    async fn withdraw(&self, candidate: &Candidate) -> Result<(), BackendError> {
+        // Coordinated: leave the election (the controller would skip an unanswering candidate
+        // after its ping; removing it is quicker and tidier).
+        if let Some(seat) = candidate.state().get::<coordinated::Seat>() {
+            seat.stop();
+            coordinated::remove(&self.candidates(), &candidate.identity)
+                .await
+                .map_err(|e| self.error("withdraw", &candidate.lock, &e))?;
+        }
+        Ok(())
     }
 
     fn record_event(&self, candidate: &Candidate, event: leasehold_core::LeaderEvent) {

@@ -30,6 +30,91 @@ mod kube_specific {
         Api::namespaced(h.server_ref().admin().await, NAMESPACE)
     }
 
+    /// Coordinated leader election against kube-apiserver with the `CoordinatedLeaderElection`
+    /// gate and the `coordination.k8s.io/v1beta1` API: the controller elects the only
+    /// candidate; an older one joins and the controller prefers it, so the newer hands over;
+    /// while the older lives the newer never takes over; once it leaves, the newer is elected
+    /// again. Each candidate's LeaseCandidate carries its versions, and goes when it stops.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn coordinated_election_follows_the_apiserver() {
+        use k8s_openapi::api::coordination::v1beta1::LeaseCandidate;
+        let t = timing();
+        let h = KubeHarness::start_coordinated().await;
+        let lock = lock_name("coordinated");
+        let checker = SafetyChecker::new();
+        let candidates: Api<LeaseCandidate> =
+            Api::namespaced(h.server_ref().admin().await, NAMESPACE);
+        let election = Duration::from_secs(60);
+        let mut newer = Node::start(
+            t.config("newer", &lock),
+            h.coordinated_client("1.34.0", "1.34.0").await,
+            &checker,
+            Duration::ZERO,
+        );
+        wait_for(
+            "the controller to elect the only candidate",
+            election,
+            || newer.handle.is_leader(),
+        )
+        .await;
+        let seat = candidates
+            .get("newer")
+            .await
+            .expect("newer's LeaseCandidate");
+        let spec = seat.spec.expect("spec");
+        assert_eq!(spec.lease_name, lock);
+        assert_eq!(spec.binary_version, "1.34.0");
+        assert_eq!(spec.emulation_version.as_deref(), Some("1.34.0"));
+        assert_eq!(spec.strategy, "OldestEmulationVersion");
+
+        let mut older = Node::start(
+            t.config("older", &lock),
+            h.coordinated_client("1.34.0", "1.33.0").await,
+            &checker,
+            Duration::ZERO,
+        );
+        wait_for(
+            "the controller to prefer the older candidate",
+            election,
+            || older.handle.is_leader(),
+        )
+        .await;
+        let terms = checker.intervals().len();
+        // Several leases and several of the controller's 5 s rounds: the newer one, healthy and
+        // campaigning, never takes over from the older one.
+        sleep(Duration::from_secs(12)).await;
+        assert!(older.handle.is_leader(), "the older candidate still leads");
+        assert_eq!(
+            checker.intervals().len(),
+            terms,
+            "{:?}",
+            checker.intervals()
+        );
+
+        older.stop().await.expect("older stops");
+        assert!(
+            candidates.get_opt("older").await.expect("get").is_none(),
+            "a candidate that stopped leaves the election"
+        );
+        wait_for("the controller to elect the newer again", election, || {
+            newer.handle.is_leader()
+        })
+        .await;
+        newer.stop().await.expect("newer stops");
+        let report = checker.verify().expect("safe");
+        let leaders: Vec<&str> = report
+            .intervals
+            .iter()
+            .map(|i| i.identity.as_str())
+            .collect();
+        assert_eq!(
+            leaders,
+            ["newer", "older", "newer"],
+            "{:?}",
+            report.intervals
+        );
+    }
+
     /// Opt-in Events and labels, on the real apiserver: `"a became leader"` and `"a stopped
     /// leading"` (reason `LeaderElection`, type `Normal`, regarding the Lease by uid), and our
     /// labels on the Lease next to `leasehold.rs/managed`.

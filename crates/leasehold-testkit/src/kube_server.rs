@@ -303,6 +303,20 @@ impl KubeHarness {
         &self.server
     }
 
+    /// A client whose backend runs coordinated leader election with these versions
+    /// ([`KubeBackend::with_coordination`]); needs [`start_coordinated`](Self::start_coordinated).
+    ///
+    /// # Panics
+    ///
+    /// On invalid versions.
+    pub async fn coordinated_client(&self, binary: &str, emulation: &str) -> TestClient {
+        let (backend, proxy) = self.backend_with(ADMIN_TOKEN).await;
+        let backend = backend
+            .with_coordination(binary, emulation)
+            .unwrap_or_else(|e| panic!("versions: {e}"));
+        TestClient::new(Arc::new(backend), Arc::new(ProxyFaults::uncounted(proxy)))
+    }
+
     /// A backend with `token` through a new proxy, and the proxy.
     pub async fn backend_with(&self, token: &str) -> (KubeBackend, Arc<Proxy>) {
         let proxy = Arc::new(
