@@ -1179,6 +1179,11 @@ impl Machine {
         let reserved_for_other = observation
             .reserved_for()
             .is_some_and(|to| to != self.params.identity);
+        if observation.reserved_for() == Some(self.params.identity.as_str()) {
+            // Handed to us: our own quiet period (after a resign or transfer of ours) must not
+            // let the reservation run out.
+            self.quiet_until = None;
+        }
         let next = if mine || (holder.is_none() && !reserved_for_other) {
             // Free, or still ours from a term we gave up.
             Some(if answered {

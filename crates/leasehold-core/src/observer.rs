@@ -137,13 +137,19 @@ impl Tracker {
     /// set for the read made when the deadline passed: an unchanged record is then expired.
     /// Returns whether subscribers must be woken.
     fn observe(&mut self, observation: Observation, now: Instant, expired_check: bool) -> bool {
-        let record = observation.record.filter(|r| !r.is_vacant());
-        if let (Some(token), Some(highest)) = (record.as_ref().and_then(|r| r.token), self.highest)
-        {
+        // A record of an older term — held, or the release or reservation that ended it —
+        // arriving after a newer one says nothing about now.
+        let seen_token = observation.record.as_ref().and_then(|r| r.token);
+        if let (Some(token), Some(highest)) = (seen_token, self.highest) {
             if token < highest {
+                if expired_check {
+                    // Nothing new at the deadline: wait for the watch rather than read again.
+                    self.deadline = None;
+                }
                 return self.clear_error();
             }
         }
+        let record = observation.record.filter(|r| !r.is_vacant());
         let had_error = self.view.last_error.take().is_some();
         let before = (
             self.view.status,
@@ -480,6 +486,25 @@ mod tests {
         assert_eq!(tracker.view.leader(), Some("b"));
         assert!(tracker.observe(Observation::vacant(), t0, false));
         assert_eq!(tracker.view.status, LockStatus::Free);
+    }
+
+    #[test]
+    fn a_late_release_of_an_older_term_is_dropped_and_a_stale_deadline_read_does_not_spin() {
+        let t0 = Instant::now();
+        let mut tracker = Tracker::new(t0);
+        tracker.observe(held("b", 6, Some(Duration::from_secs(10))), t0, false);
+        let mut released = LeaderRecord::new("", FencingToken(5), Duration::from_secs(10));
+        released.holder.clear();
+        let late = Observation {
+            record: Some(released),
+            expires_in: None,
+        };
+        assert!(!tracker.observe(late, t0, false));
+        assert_eq!(tracker.view.leader(), Some("b"));
+        // At the deadline, a read answered by an older record leaves no deadline behind.
+        let t1 = t0 + Duration::from_secs(10);
+        assert!(!tracker.observe(held("a", 4, Some(Duration::from_secs(10))), t1, true));
+        assert_eq!(tracker.poll_timeout(), None);
     }
 
     #[test]

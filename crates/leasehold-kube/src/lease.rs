@@ -66,21 +66,18 @@ pub(crate) struct SpecKey {
 impl SpecKey {
     pub fn of(lease: &Lease) -> Self {
         let spec = lease.spec.clone().unwrap_or_default();
+        let preferred = spec
+            .preferred_holder
+            .clone()
+            .filter(|p| !p.is_empty())
+            .or_else(|| annotated_preference(lease, spec.renew_time.as_ref()));
         Self {
             holder: spec.holder_identity.unwrap_or_default(),
             duration_seconds: spec.lease_duration_seconds,
             acquire: spec.acquire_time.map(|t| t.0),
             renew: spec.renew_time.map(|t| t.0),
             transitions: spec.lease_transitions,
-            preferred: spec.preferred_holder.filter(|p| !p.is_empty()).or_else(|| {
-                lease
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(PREFERRED_ANNOTATION))
-                    .filter(|p| !p.is_empty())
-                    .cloned()
-            }),
+            preferred,
         }
     }
 
@@ -95,6 +92,26 @@ impl SpecKey {
     /// Same holder and same acquire time: the same term.
     pub fn same_term(&self, other: &SpecKey) -> bool {
         self.holder == other.holder && self.acquire == other.acquire
+    }
+
+    /// Whether `other` is the same record for expiry: everything equal, except that a transfer
+    /// request on a held record (a preferred holder) is no renew: a request to a dead holder
+    /// must not extend its lease.
+    pub fn same_record(&self, other: &SpecKey) -> bool {
+        let request_only = !self.holder.is_empty();
+        (
+            self.holder.as_str(),
+            self.duration_seconds,
+            &self.acquire,
+            &self.renew,
+            self.transitions,
+        ) == (
+            other.holder.as_str(),
+            other.duration_seconds,
+            &other.acquire,
+            &other.renew,
+            other.transitions,
+        ) && (request_only || self.preferred == other.preferred)
     }
 }
 
@@ -119,7 +136,7 @@ impl Observed {
         fallback: Duration,
     ) -> (Observation, bool) {
         let since = match seen {
-            Some(entry) if entry.key == key => entry.at,
+            Some(entry) if entry.key.same_record(&key) => entry.at,
             _ => {
                 *seen = Some(Observed {
                     key: key.clone(),
@@ -359,6 +376,20 @@ pub(crate) fn taken(current: &Lease, identity: &str, seconds: i32) -> Lease {
     lease
 }
 
+/// The target [`PREFERRED_ANNOTATION`] names, if it was written together with the Lease's
+/// current `renewTime`: `<renewTime in µs>/<identity>`. Another program's later write (a
+/// client-go takeover keeps our annotations) changes `renewTime`, and so retires it.
+fn annotated_preference(lease: &Lease, renew: Option<&MicroTime>) -> Option<String> {
+    let value = lease
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(PREFERRED_ANNOTATION)?;
+    let (micros, to) = value.split_once('/')?;
+    let written = renew?.0.as_microsecond();
+    (micros.parse::<i64>().ok() == Some(written) && !to.is_empty()).then(|| to.to_owned())
+}
+
 /// Removes a transfer's reservation (ours: a foreign `strategy` is kept).
 fn clear_reservation(lease: &mut Lease) {
     if let Some(annotations) = lease.metadata.annotations.as_mut() {
@@ -378,18 +409,28 @@ fn clear_reservation(lease: &mut Lease) {
 /// apiserver that drops the fields.
 pub(crate) fn transferred(mine: &Lease, to: &str, seconds: i32) -> Lease {
     let mut lease = released(mine);
+    lease
+        .spec
+        .get_or_insert_with(LeaseSpec::default)
+        .lease_duration_seconds = Some(seconds);
+    prefer(&mut lease, to);
+    lease
+}
+
+/// Names `to` as the preferred holder: `spec.preferredHolder` with a `spec.strategy` (kept, or
+/// ours), and [`PREFERRED_ANNOTATION`], bound to the Lease's `renewTime`.
+fn prefer(lease: &mut Lease, to: &str) {
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-    spec.lease_duration_seconds = Some(seconds);
     spec.preferred_holder = Some(to.to_owned());
     if spec.strategy.as_deref().is_none_or(str::is_empty) {
         spec.strategy = Some(TRANSFER_STRATEGY.to_owned());
     }
+    let renew = spec.renew_time.as_ref().map_or(0, |t| t.0.as_microsecond());
     lease
         .metadata
         .annotations
         .get_or_insert_with(Default::default)
-        .insert(PREFERRED_ANNOTATION.to_owned(), to.to_owned());
-    lease
+        .insert(PREFERRED_ANNOTATION.to_owned(), format!("{renew}/{to}"));
 }
 
 /// `current`, held, with a request to its holder to hand over to `to`: `spec.preferredHolder`
@@ -397,16 +438,23 @@ pub(crate) fn transferred(mine: &Lease, to: &str, seconds: i32) -> Lease {
 /// beside it is kept, or ours) and [`PREFERRED_ANNOTATION`]. The term is untouched.
 pub(crate) fn asked_to_transfer(current: &Lease, to: &str) -> Lease {
     let mut lease = current.clone();
-    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-    spec.preferred_holder = Some(to.to_owned());
-    if spec.strategy.as_deref().is_none_or(str::is_empty) {
-        spec.strategy = Some(TRANSFER_STRATEGY.to_owned());
-    }
-    lease
+    // Still the acquiring write's mark: its version is the term's token; say so, since this
+    // write changes the version.
+    let holder = current
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.clone())
+        .unwrap_or_default();
+    let acquiring = current
         .metadata
         .annotations
-        .get_or_insert_with(Default::default)
-        .insert(PREFERRED_ANNOTATION.to_owned(), to.to_owned());
+        .as_ref()
+        .and_then(|a| a.get(TERM_ANNOTATION))
+        .is_some_and(|mark| *mark == format!("/{holder}"));
+    if let Some(token) = term_token_of(current).filter(|_| acquiring) {
+        mark_term(&mut lease, &holder, Some(token));
+    }
+    prefer(&mut lease, to);
     lease
 }
 
@@ -610,6 +658,40 @@ mod tests {
             .get_or_insert_with(Default::default)
             .insert(TERM_ANNOTATION.into(), "x9/a".into());
         assert_eq!(term_token_of(&garbage), None);
+    }
+
+    #[test]
+    fn a_transfer_request_keeps_the_terms_token_and_is_no_renew() {
+        let acquired = with_version(fresh("x", "a", 15), "100");
+        let asked = with_version(asked_to_transfer(&acquired, "c"), "105");
+        assert_eq!(term_token_of(&asked), Some(FencingToken(100)));
+        let (before, after) = (SpecKey::of(&acquired), SpecKey::of(&asked));
+        assert_eq!(after.preferred.as_deref(), Some("c"));
+        assert!(
+            before.same_record(&after),
+            "a request does not extend the holder's lease"
+        );
+        // A reservation is another record than a release.
+        let reserved = transferred(&asked, "c", 15);
+        let mut plain = reserved.clone();
+        plain.spec.as_mut().unwrap().preferred_holder = None;
+        plain.metadata.annotations = None;
+        assert!(!SpecKey::of(&reserved).same_record(&SpecKey::of(&plain)));
+    }
+
+    #[test]
+    fn our_annotation_does_not_outlive_the_write_it_came_with() {
+        let mut reserved = transferred(&with_version(fresh("x", "a", 15), "1"), "c", 15);
+        // The apiserver without the feature gate drops the fields; the annotation remains.
+        reserved.spec.as_mut().unwrap().preferred_holder = None;
+        reserved.spec.as_mut().unwrap().strategy = None;
+        assert_eq!(SpecKey::of(&reserved).preferred.as_deref(), Some("c"));
+        // client-go takes it and later releases, keeping our annotations: no reservation.
+        let mut go = reserved.clone();
+        let spec = go.spec.as_mut().unwrap();
+        spec.holder_identity = Some(String::new());
+        spec.renew_time = Some(MicroTime(Timestamp::from_second(1_900_000_000).unwrap()));
+        assert_eq!(SpecKey::of(&go).preferred, None);
     }
 
     #[test]

@@ -208,7 +208,13 @@ mod kube_specific {
             Some(2),
             "the window is one lease"
         );
-        assert_eq!(annotation.as_deref(), Some("c"));
+        // `<renewTime in µs>/<target>`: bound to this write, so a later foreign write retires it.
+        let renew_micros = spec.renew_time.as_ref().map(|t| t.0.as_microsecond());
+        assert_eq!(
+            annotation,
+            renew_micros.map(|us| format!("{us}/c")),
+            "the annotation names the target"
+        );
         if fields_kept {
             assert_eq!(spec.preferred_holder.as_deref(), Some("c"));
             assert_eq!(spec.strategy.as_deref(), Some("leasehold.rs/transfer"));
