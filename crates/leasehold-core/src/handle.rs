@@ -104,7 +104,8 @@ impl ElectorHandle {
     /// # Errors
     ///
     /// Changing nothing: [`TransferError::NotLeader`], [`TransferError::InvalidTarget`],
-    /// [`TransferError::Unsupported`] (etcd), [`TransferError::InProgress`]. After stepping
+    /// [`TransferError::Unsupported`] (a backend that does not implement it),
+    /// [`TransferError::InProgress`]. After stepping
     /// down: [`TransferError::Backend`] when the reservation cannot be written (partitioned:
     /// the lock then expires on its own), [`TransferError::NotHeld`] when the term was already
     /// lost, [`TransferError::WorkStillRunning`] when the leader's work ignored its

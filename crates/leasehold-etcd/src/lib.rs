@@ -381,6 +381,17 @@ impl EtcdBackend {
         format!("{}{lock}/", self.inner.config.key_prefix)
     }
 
+    /// The key of a transfer's reservation of `lock`: its value is the target's identity, its
+    /// lease one of `lease_duration`. Beside the election prefix, not in it (`<prefix><lock>`,
+    /// NUL, `leasehold-transfer`: a lock name has no control characters), so `etcdctl elect`
+    /// and the queue ignore it, and a role with permission on the lock's name covers it.
+    pub fn reservation_key(&self, lock: &str) -> String {
+        format!(
+            "{}{lock}\u{0}leasehold-transfer",
+            self.inner.config.key_prefix
+        )
+    }
+
     /// A clone of the connected client (connecting on first use).
     ///
     /// An etcd `Client` is several KiB: code that waits (for a turn, a lock, a round) while
@@ -492,7 +503,7 @@ impl EtcdBackend {
         client: &mut Client,
         seat: &mut Seat,
         lock: &str,
-    ) -> Result<Option<(i64, bool, Option<KeyValue>)>, BackendError> {
+    ) -> Result<Option<Found>, BackendError> {
         // The election's first key, read in the same transaction (after the put): an attempt
         // is one request, not two.
         let first = || {
@@ -519,8 +530,13 @@ impl EtcdBackend {
                     Some(etcd_client::PutOptions::new().with_lease(seat.session.id)),
                 ),
                 first(),
+                TxnOp::get(self.reservation_key(lock), None),
             ])
-            .or_else([TxnOp::get(seat.key.as_str(), None), first()]);
+            .or_else([
+                TxnOp::get(seat.key.as_str(), None),
+                first(),
+                TxnOp::get(self.reservation_key(lock), None),
+            ]);
         let turn = self.turn().await;
         let response = client.txn(txn).await;
         drop(turn);
@@ -537,16 +553,18 @@ impl EtcdBackend {
                 _ => None,
             })
             .collect();
-        let (revision, leader) = match (response.succeeded(), gets.as_slice()) {
-            (true, [leader]) => (
+        let (revision, leader, reservation) = match (response.succeeded(), gets.as_slice()) {
+            (true, [leader, reservation]) => (
                 response.header().map_or(0, |h| h.revision()),
                 leader.clone(),
+                reservation.clone(),
             ),
-            (false, [own, leader]) => (
+            (false, [own, leader, reservation]) => (
                 own.as_ref().map_or(0, KeyValue::create_revision),
                 leader.clone(),
+                reservation.clone(),
             ),
-            _ => (0, None),
+            _ => (0, None, None),
         };
         if revision <= 0 {
             return Err(BackendError::Protocol {
@@ -558,8 +576,62 @@ impl EtcdBackend {
         if new {
             seat.set_key(revision);
         }
-        Ok(Some((revision, new, leader)))
+        Ok(Some(Found {
+            revision,
+            new,
+            leader,
+            reservation,
+        }))
     }
+
+    /// The observation of a reservation for `target` whose lease is `lease`: vacant, reserved,
+    /// until the lease's remaining TTL (a lease duration when it cannot be told).
+    async fn reserved(
+        &self,
+        client: &mut Client,
+        target: &str,
+        lease: i64,
+        fallback: Duration,
+    ) -> Observation {
+        let left = match client.lease_time_to_live(lease, None).await {
+            Ok(ttl) if ttl.ttl() >= 0 => Duration::from_secs(ttl.ttl().unsigned_abs()),
+            _ => fallback,
+        };
+        let mut record = LeaderRecord::new("", FencingToken(0), fallback);
+        record.token = None;
+        record.preferred_holder = Some(target.to_owned());
+        Observation::held(record, Some(left))
+    }
+
+    /// Whether a key of `target` stands in `lock`'s queue.
+    async fn queued(
+        &self,
+        client: &mut Client,
+        lock: &str,
+        target: &str,
+    ) -> Result<bool, BackendError> {
+        let _turn = self.turn().await;
+        let response = client
+            .get(
+                self.election_prefix(lock),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(|e| self.error("acquire", &e))?;
+        Ok(response
+            .kvs()
+            .iter()
+            .any(|kv| kv.value() == target.as_bytes()))
+    }
+}
+
+/// What [`EtcdBackend::ensure_key`] found: the candidate's key's create revision, whether it is
+/// new, the election's first key, and a transfer's reservation.
+struct Found {
+    revision: i64,
+    new: bool,
+    leader: Option<KeyValue>,
+    reservation: Option<KeyValue>,
 }
 
 /// A leader record from an election key.
@@ -622,7 +694,32 @@ impl LockBackend for EtcdBackend {
     }
 
     async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
-        match self.leader(lock).await? {
+        let mut client = self.client().await?;
+        let reservation = client
+            .get(self.reservation_key(lock), None)
+            .await
+            .map_err(|e| self.error("read", &e))?
+            .kvs()
+            .first()
+            .cloned();
+        let leader = self.leader(lock).await?;
+        if let Some(reserved) = reservation {
+            let target = String::from_utf8_lossy(reserved.value()).into_owned();
+            if leader
+                .as_ref()
+                .is_none_or(|kv| kv.value() != target.as_bytes())
+            {
+                return Ok(self
+                    .reserved(
+                        &mut client,
+                        &target,
+                        reserved.lease(),
+                        Duration::from_secs(1),
+                    )
+                    .await);
+            }
+        }
+        match leader {
             Some(kv) => Ok(Observation::held(
                 record_of(lock, &kv, self.announced_lease(&kv))?,
                 None,
@@ -642,6 +739,19 @@ impl LockBackend for EtcdBackend {
 
     async fn withdraw(&self, candidate: &Candidate) -> Result<(), BackendError> {
         Box::pin(self.withdraw_seat(candidate)).await
+    }
+
+    fn supports_transfer(&self) -> bool {
+        true
+    }
+
+    async fn transfer(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+        to: &str,
+    ) -> Result<ReleaseOutcome, BackendError> {
+        Box::pin(self.transfer_term(candidate, grant, to)).await
     }
 }
 
@@ -690,7 +800,13 @@ impl EtcdBackend {
             *seat = Seat::new(candidate, &cell, &prefix, session, self);
             found = self.ensure_key(&mut client, seat, &candidate.lock).await?;
         }
-        let Some((revision, new, leader)) = found else {
+        let Some(Found {
+            revision,
+            new,
+            leader,
+            reservation,
+        }) = found
+        else {
             seat.mark_dead();
             return Err(BackendError::Unavailable {
                 backend: backend_name(&self.inner.config),
@@ -702,8 +818,42 @@ impl EtcdBackend {
             // A new key: the watch of this seat moves to the key now ahead of it.
             cell.changed.notify_waiters();
         }
+        // A transfer reserved the lock for another candidate: we may not lead. If the target
+        // stands in the queue, the candidates ahead of it step aside one by one (to the back,
+        // with new keys, so tokens keep growing); if not, the head waits for the reservation
+        // to end.
+        let reserved_for = reservation
+            .as_ref()
+            .map(|kv| (String::from_utf8_lossy(kv.value()).into_owned(), kv.lease()))
+            .filter(|(target, _)| *target != candidate.identity);
+        if let (Some(kv), Some((target, lease))) = (&leader, &reserved_for) {
+            if kv.key() == seat.key.as_bytes() {
+                if self.queued(&mut client, &candidate.lock, target).await? {
+                    self.delete_key(&mut client, &seat.key, revision).await?;
+                    seat.forget_key(revision);
+                    let _ = self.ensure_key(&mut client, seat, &candidate.lock).await?;
+                    cell.changed.notify_waiters();
+                }
+                return Ok(AcquireOutcome::Held(
+                    self.reserved(&mut client, target, *lease, candidate.lease_duration)
+                        .await,
+                ));
+            }
+        }
         match leader {
             Some(kv) if kv.key() == seat.key.as_bytes() => {
+                if reservation.is_some() {
+                    // Ours: the hand-over is done.
+                    let key = self.reservation_key(&candidate.lock);
+                    let txn = Txn::new()
+                        .when([Compare::value(
+                            key.as_str(),
+                            CompareOp::Equal,
+                            candidate.identity.as_str(),
+                        )])
+                        .and_then([TxnOp::delete(key.as_str(), None)]);
+                    let _ = client.txn(txn).await;
+                }
                 // Refresh the lease before leading on it: a lease about to expire (keep-alives
                 // lost while queued) must not carry a term (etcd#11456).
                 if !seat.keep_alive_now().await? {
@@ -815,6 +965,67 @@ impl EtcdBackend {
         } else {
             ReleaseOutcome::NotHeld
         })
+    }
+
+    /// [`LockBackend::transfer`]: one transaction deletes the term's key (conditional on its
+    /// create revision, as a release) and puts the reservation under a lease of its own, which
+    /// ends it after `lease_duration`.
+    async fn transfer_term(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+        to: &str,
+    ) -> Result<ReleaseOutcome, BackendError> {
+        let Some(term) = grant.state().get::<EtcdTerm>() else {
+            return Ok(ReleaseOutcome::NotHeld);
+        };
+        let mut client = self.client().await?;
+        let ttl = seat::lease_ttl(candidate.lease_duration);
+        let lease = client
+            .lease_grant(ttl, None)
+            .await
+            .map_err(|e| self.error("transfer", &e))?
+            .id();
+        let mut guard = term.cell.seat.lock().await;
+        let key = self.reservation_key(&candidate.lock);
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                term.key.as_str(),
+                CompareOp::Equal,
+                term.create_revision,
+            )])
+            .and_then([
+                TxnOp::delete(term.key.as_str(), None),
+                TxnOp::put(
+                    key.as_str(),
+                    to,
+                    Some(etcd_client::PutOptions::new().with_lease(lease)),
+                ),
+            ]);
+        let response = {
+            let _turn = self.turn().await;
+            client.txn(txn).await
+        };
+        let handed = match response {
+            Ok(response) => response.succeeded(),
+            Err(error) => {
+                let _ = client.lease_revoke(lease).await;
+                return Err(self.error("transfer", &error));
+            }
+        };
+        if let Some(seat) = guard
+            .as_mut()
+            .filter(|seat| Arc::ptr_eq(&seat.session, &term.session))
+        {
+            seat.forget_key(term.create_revision);
+        }
+        drop(guard);
+        if handed {
+            Ok(ReleaseOutcome::Released)
+        } else {
+            let _ = client.lease_revoke(lease).await;
+            Ok(ReleaseOutcome::NotHeld)
+        }
     }
 
     /// [`LockBackend::withdraw`].

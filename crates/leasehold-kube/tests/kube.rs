@@ -399,6 +399,7 @@ mod kube_specific {
     /// and the next term's token is greater although `leaseTransitions` restarted.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lease_deleted_while_leading() {
+        leasehold_testkit::log_to_test_output();
         let t = timing();
         let h = KubeHarness::start().await;
         let lock = lock_name("deleted");
@@ -410,7 +411,15 @@ mod kube_specific {
             .delete(&lock, &DeleteParams::default())
             .await
             .expect("delete");
-        wait_for("a steps down", t.lease_duration, || !a.handle.is_leader()).await;
+        // On the term's record, not on `is_leader()`: a steps down at once and may lead again
+        // (it re-creates the Lease) a few milliseconds later, between two polls of the flag.
+        wait_for("a's term to end", t.lease_duration, || {
+            checker
+                .intervals()
+                .iter()
+                .any(|i| i.token == before && i.end.is_some())
+        })
+        .await;
         // On the recorded terms, not on `is_leader()`: the flag turns true before the new
         // term's start is recorded (by its work), and the check below reads the record.
         wait_for(

@@ -1614,11 +1614,12 @@ pub async fn transfer_requested_from_outside<H: Harness + ?Sized>(h: &H) {
         return;
     }
     let t = h.timing();
-    let free = outsider
-        .backend
-        .request_transfer(&lock, "b")
-        .await
-        .expect("a request about a free lock");
+    let free = match outsider.backend.request_transfer(&lock, "b").await {
+        // etcd: the leader's key holds only its identity (etcdctl's format): there is nothing
+        // to mark; transfer_to works, requests from outside do not.
+        Err(BackendError::Unsupported { .. }) => return,
+        other => other.expect("a request about a free lock"),
+    };
     assert_eq!(free.holder(), None, "nobody to ask: {free:?}");
     let checker = SafetyChecker::new();
     let (mut a, mut others) =
