@@ -129,16 +129,24 @@ impl Elector {
     /// Dropping the future is a crash, not a shutdown: the term's cancellation token is
     /// cancelled and `is_leader()` turns false at once, but the lock is not released and expires
     /// on its own.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ElectorError> {
-        let span = tracing::info_span!(
-            "elector",
-            lock = %self.config.lease_name,
-            identity = %self.config.identity,
-            backend = self.backend.name(),
-        );
-        Box::new(Driver::new(self))
-            .run(shutdown)
-            .instrument(span)
-            .await
+    pub fn run(
+        self,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = Result<(), ElectorError>> + Send + 'static {
+        // Boxed at once: an idle elector's future (thousands per process) holds a pointer, not
+        // the elector and its configuration.
+        let elector = Box::new(self);
+        async move {
+            let span = tracing::info_span!(
+                "elector",
+                lock = %elector.config.lease_name,
+                identity = %elector.config.identity,
+                backend = elector.backend.name(),
+            );
+            Box::new(Driver::new(*elector))
+                .run(shutdown)
+                .instrument(span)
+                .await
+        }
     }
 }

@@ -166,6 +166,9 @@ struct Inner {
     in_flight: tokio::sync::Semaphore,
     /// Bounds the acquires in progress (see [`MAX_ACQUIRING`]).
     acquiring: tokio::sync::Semaphore,
+    /// Whether the role may read the reservation keys of transfers (`<prefix><lock>` NUL ...):
+    /// a role granted only the election prefix `<lock>/` may not; transfers are then off.
+    reservations: std::sync::atomic::AtomicBool,
 }
 
 /// Acquires one backend value runs at once; the others wait their turn before sending
@@ -279,6 +282,11 @@ pub(crate) fn map_error(
     }
 }
 
+/// etcd's "permission denied": the role may not touch a key.
+fn permission_denied(error: &etcd_client::Error) -> bool {
+    matches!(error, etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::PermissionDenied)
+}
+
 /// etcd's "requested lease not found" (`codes.NotFound`): the lease expired or was revoked.
 fn lease_not_found(error: &etcd_client::Error) -> bool {
     matches!(error, etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::NotFound)
@@ -299,6 +307,7 @@ impl EtcdBackend {
                 sessions_granted: AtomicU64::new(0),
                 in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
                 acquiring: tokio::sync::Semaphore::new(MAX_ACQUIRING),
+                reservations: std::sync::atomic::AtomicBool::new(true),
             }),
         }
     }
@@ -517,33 +526,40 @@ impl EtcdBackend {
                 ),
             )
         };
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                seat.key.as_str(),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then([
+        let response = loop {
+            let reservations = self.reservations();
+            let mut then = vec![
                 TxnOp::put(
                     seat.key.as_str(),
                     seat.identity.as_str(),
                     Some(etcd_client::PutOptions::new().with_lease(seat.session.id)),
                 ),
                 first(),
-                TxnOp::get(self.reservation_key(lock), None),
-            ])
-            .or_else([
-                TxnOp::get(seat.key.as_str(), None),
-                first(),
-                TxnOp::get(self.reservation_key(lock), None),
-            ]);
-        let turn = self.turn().await;
-        let response = client.txn(txn).await;
-        drop(turn);
-        let response = match response {
-            Ok(response) => response,
-            Err(error) if lease_not_found(&error) => return Ok(None),
-            Err(error) => return Err(self.error("acquire", &error)),
+            ];
+            let mut otherwise = vec![TxnOp::get(seat.key.as_str(), None), first()];
+            if reservations {
+                then.push(TxnOp::get(self.reservation_key(lock), None));
+                otherwise.push(TxnOp::get(self.reservation_key(lock), None));
+            }
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    seat.key.as_str(),
+                    CompareOp::Equal,
+                    0,
+                )])
+                .and_then(then)
+                .or_else(otherwise);
+            let turn = self.turn().await;
+            let response = client.txn(txn).await;
+            drop(turn);
+            match response {
+                Ok(response) => break response,
+                Err(error) if lease_not_found(&error) => return Ok(None),
+                Err(error) if reservations && permission_denied(&error) => {
+                    self.no_reservations();
+                }
+                Err(error) => return Err(self.error("acquire", &error)),
+            }
         };
         let gets: Vec<Option<KeyValue>> = response
             .op_responses()
@@ -554,15 +570,15 @@ impl EtcdBackend {
             })
             .collect();
         let (revision, leader, reservation) = match (response.succeeded(), gets.as_slice()) {
-            (true, [leader, reservation]) => (
+            (true, [leader, rest @ ..]) if rest.len() <= 1 => (
                 response.header().map_or(0, |h| h.revision()),
                 leader.clone(),
-                reservation.clone(),
+                rest.first().cloned().flatten(),
             ),
-            (false, [own, leader, reservation]) => (
+            (false, [own, leader, rest @ ..]) if rest.len() <= 1 => (
                 own.as_ref().map_or(0, KeyValue::create_revision),
                 leader.clone(),
-                reservation.clone(),
+                rest.first().cloned().flatten(),
             ),
             _ => (0, None, None),
         };
@@ -584,8 +600,25 @@ impl EtcdBackend {
         }))
     }
 
+    /// Whether transfers' reservations can be read (see `Inner::reservations`).
+    fn reservations(&self) -> bool {
+        self.inner.reservations.load(Ordering::Relaxed)
+    }
+
+    /// The role may not read reservation keys: transfers are off for this backend value.
+    fn no_reservations(&self) {
+        if self.inner.reservations.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                "the etcd role may not read leadership-transfer reservations (keys \
+                 <prefix><lock> NUL leasehold-transfer, beside the election prefix): transfers \
+                 are off; grant readwrite on the lock's name as a prefix to use them"
+            );
+        }
+    }
+
     /// The observation of a reservation for `target` whose lease is `lease`: vacant, reserved,
-    /// until the lease's remaining TTL (a lease duration when it cannot be told).
+    /// for the lease's remaining TTL, at most a second: the head of the queue looks again each
+    /// second (a target may join meanwhile), and at once when the lease is gone.
     async fn reserved(
         &self,
         client: &mut Client,
@@ -594,8 +627,12 @@ impl EtcdBackend {
         fallback: Duration,
     ) -> Observation {
         let left = match client.lease_time_to_live(lease, None).await {
-            Ok(ttl) if ttl.ttl() >= 0 => Duration::from_secs(ttl.ttl().unsigned_abs()),
-            _ => fallback,
+            // Gone: so is the reservation (revoked with its lease).
+            Ok(ttl) if ttl.ttl() < 0 => Duration::ZERO,
+            // etcd answers 0 in a lease's last second and until its lessor revokes it: a
+            // second, never a spin.
+            Ok(_) => Duration::from_secs(1),
+            Err(_) => fallback.min(Duration::from_secs(1)),
         };
         let mut record = LeaderRecord::new("", FencingToken(0), fallback);
         record.token = None;
@@ -695,13 +732,22 @@ impl LockBackend for EtcdBackend {
 
     async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
         let mut client = self.client().await?;
-        let reservation = client
-            .get(self.reservation_key(lock), None)
-            .await
-            .map_err(|e| self.error("read", &e))?
-            .kvs()
-            .first()
-            .cloned();
+        let reservation = if self.reservations() {
+            let turn = self.turn().await;
+            let got = client.get(self.reservation_key(lock), None).await;
+            // One turn at a time: the leader read below takes its own.
+            drop(turn);
+            match got {
+                Ok(response) => response.kvs().first().cloned(),
+                Err(error) if permission_denied(&error) => {
+                    self.no_reservations();
+                    None
+                }
+                Err(error) => return Err(self.error("read", &error)),
+            }
+        } else {
+            None
+        };
         let leader = self.leader(lock).await?;
         if let Some(reserved) = reservation {
             let target = String::from_utf8_lossy(reserved.value()).into_owned();
@@ -742,7 +788,7 @@ impl LockBackend for EtcdBackend {
     }
 
     fn supports_transfer(&self) -> bool {
-        true
+        self.reservations()
     }
 
     async fn transfer(
@@ -842,8 +888,17 @@ impl EtcdBackend {
         }
         match leader {
             Some(kv) if kv.key() == seat.key.as_bytes() => {
+                // Refresh the lease before leading on it: a lease about to expire (keep-alives
+                // lost while queued) must not carry a term (etcd#11456).
+                if !seat.keep_alive_now().await? {
+                    return Err(BackendError::Unavailable {
+                        backend: backend_name(&self.inner.config),
+                        detail: "our etcd lease expired while queued; a new one is taken on the next attempt".into(),
+                    });
+                }
                 if reservation.is_some() {
-                    // Ours: the hand-over is done.
+                    // Ours: the hand-over is done (best effort; the reservation's lease ends it
+                    // anyway).
                     let key = self.reservation_key(&candidate.lock);
                     let txn = Txn::new()
                         .when([Compare::value(
@@ -853,14 +908,6 @@ impl EtcdBackend {
                         )])
                         .and_then([TxnOp::delete(key.as_str(), None)]);
                     let _ = client.txn(txn).await;
-                }
-                // Refresh the lease before leading on it: a lease about to expire (keep-alives
-                // lost while queued) must not carry a term (etcd#11456).
-                if !seat.keep_alive_now().await? {
-                    return Err(BackendError::Unavailable {
-                        backend: backend_name(&self.inner.config),
-                        detail: "our etcd lease expired while queued; a new one is taken on the next attempt".into(),
-                    });
                 }
                 seat.granted = Some(revision);
                 let record = record_of(&candidate.lock, &kv, candidate.lease_duration)?;

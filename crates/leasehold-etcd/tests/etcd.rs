@@ -325,6 +325,47 @@ mod etcd_specific {
         backend.withdraw(&c).await.expect("withdraw");
     }
 
+    /// A role granted the election prefix `<lock>/` alone (enough for `etcdctl elect`) may
+    /// not read transfer reservations: the electors still elect, and transfers are refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_role_on_the_election_prefix_alone_elects_without_transfers() {
+        let t = timing();
+        let password = "app-password";
+        let lock = lock_name("narrow-role");
+        let server = EtcdServer::start_with_app_user_on(
+            password,
+            Duration::from_secs(60),
+            &format!("{lock}/"),
+        )
+        .await;
+        let checker = SafetyChecker::new();
+        let user = Some((APP_USER, password));
+        let (client, _proxy) = client_as(server.addr(), user).await;
+        let mut a = Node::start(t.config("a", &lock), client, &checker, Duration::ZERO);
+        started(&mut a, 2 * t.lease_duration).await;
+        let (client, _proxy) = client_as(server.addr(), user).await;
+        let mut b = Node::start(t.config("b", &lock), client, &checker, Duration::ZERO);
+        sees_leader(&b, "a", 2 * t.lease_duration).await;
+        let refused = a.handle.transfer_to("b").await;
+        assert!(
+            matches!(
+                refused,
+                Err(leasehold_core::TransferError::Unsupported { .. })
+            ),
+            "{refused:?}"
+        );
+        assert!(a.handle.is_leader(), "a refused transfer leaves a leading");
+        a.stop().await.expect("a stops");
+        let b_start = started(&mut b, 2 * t.lease_duration).await;
+        assert!(
+            checker.intervals().len() == 2,
+            "{:?} {b_start:?}",
+            checker.intervals()
+        );
+        b.stop().await.expect("b stops");
+        checker.verify().expect("safe");
+    }
+
     /// With auth on, etcd's simple tokens expire when unused for `--auth-token-ttl`. A follower
     /// that waited on its watch longer than that must still take over when the leader crashes
     /// (its token is refreshed), not exit with `Unauthorized` just when failover is needed.

@@ -694,7 +694,15 @@ impl LockBackend for KubeBackend {
             && !(key.holder.is_empty() && key.preferred.as_deref() == Some(&candidate.identity))
         {
             // Held, or reserved by a transfer for another candidate; in coordinated mode, also
-            // expired or free: the controller names the next holder.
+            // expired or free: the controller names the next holder. It takes a ping round
+            // (seconds): look again each second, not at the expiry already past.
+            if coordinated {
+                let wait = Duration::from_secs(1);
+                return Ok(AcquireOutcome::Held(Observation {
+                    expires_in: Some(observation.expires_in.map_or(wait, |e| e.max(wait))),
+                    ..observation
+                }));
+            }
             return Ok(AcquireOutcome::Held(observation));
         }
         let taken = lease::taken(&current, &candidate.identity, seconds);

@@ -67,6 +67,16 @@ impl EtcdServer {
     /// [`APP_USER`], both with `password`; [`APP_USER`] has a role with readwrite permission on
     /// the keys prefixed [`APP_KEY_PREFIX`] only.
     pub async fn start_with_app_user(password: &str, token_ttl: Duration) -> EtcdServer {
+        Self::start_with_app_user_on(password, token_ttl, APP_KEY_PREFIX).await
+    }
+
+    /// [`start_with_app_user`](Self::start_with_app_user) with [`APP_USER`]'s permission on
+    /// the keys prefixed `prefix` only (an election prefix `<lock>/`, say).
+    pub async fn start_with_app_user_on(
+        password: &str,
+        token_ttl: Duration,
+        prefix: &str,
+    ) -> EtcdServer {
         let ttl = token_ttl.as_secs().max(1).to_string();
         let mut server =
             Self::start_with_flags(free_port(), vec!["--auth-token-ttl".into(), ttl]).await;
@@ -80,10 +90,7 @@ impl EtcdServer {
         step(
             "grant permission",
             client
-                .role_grant_permission(
-                    APP_USER,
-                    Permission::read_write(APP_KEY_PREFIX).with_prefix(),
-                )
+                .role_grant_permission(APP_USER, Permission::read_write(prefix).with_prefix())
                 .await
                 .map(|_| ()),
         );
