@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use leasehold::{Callbacks, CancellationToken, Config, Elector, Leadership, StopCause};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::backend::BackendUrl;
 use crate::child::{exit_code, Child, DEADLINE_MARGIN};
@@ -52,11 +52,18 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
     let mut interrupt = signal(SignalKind::interrupt())
         .map_err(|e| CliError::Other(format!("cannot handle SIGINT: {e}")))?;
 
-    let (terms, mut term_rx) = mpsc::unbounded_channel::<Leadership>();
+    let (terms, mut term_rx) = mpsc::unbounded_channel::<(Leadership, oneshot::Sender<()>)>();
     let callbacks = Callbacks::new().on_started_leading(move |leadership| {
-        let _ = terms.send(leadership.clone());
-        // The term's work is the command, supervised below; it ends with the term.
-        async move { leadership.cancelled().await }
+        // The term's work is the command, supervised below: it ends when the term is over *and*
+        // the command's tree is gone (the loop drops `gone` then), so that a release or a
+        // transfer the elector makes when a term ends from its side (a transfer request, a
+        // resign) never lets the next leader start beside our command.
+        let (gone, stopped) = oneshot::channel();
+        let _ = terms.send((leadership.clone(), gone));
+        async move {
+            leadership.cancelled().await;
+            let _ = stopped.await;
+        }
     });
     let elector = Elector::new(config, backend, callbacks)?;
     let handle = elector.handle();
@@ -83,11 +90,13 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
                     Err(error) => Err(CliError::Other(format!("elector task failed: {error}"))),
                 };
             }
-            Some(leadership) = term_rx.recv() => {
+            Some((leadership, gone)) = term_rx.recv() => {
                 if !leadership.is_valid() {
                     continue;
                 }
                 let supervised = supervise(&args, &identity, &lock, &leadership, &mut terminate, &mut interrupt).await;
+                // The command's tree is gone (or was never started): the term's work ends.
+                drop(gone);
                 let supervised = match supervised {
                     Ok(supervised) => supervised,
                     Err(error) => {

@@ -36,6 +36,20 @@ fn worker(out: &Path) -> Vec<String> {
     ]
 }
 
+/// [`worker`] that takes 300 ms to stop after SIGTERM.
+fn slow_worker(out: &Path) -> Vec<String> {
+    let o = out.display();
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "echo \"start $LEASEHOLD_TOKEN $$ $(date +%s%N)\" >> {o}; \
+             trap 'sleep 0.3; echo \"stop $LEASEHOLD_TOKEN $$ $(date +%s%N)\" >> {o}; exit 0' TERM; \
+             while :; do sleep 0.05; done"
+        ),
+    ]
+}
+
 fn leasehold_run(backend: &str, lock: &str, identity: &str, cmd: &[String]) -> Child {
     Command::new(BIN)
         .args([
@@ -506,7 +520,8 @@ async fn transfer_moves_leadership_between_processes() {
     let url = server.url();
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("events");
-    let mut first = leasehold_run(&url, "moved", "pod-1", &worker(&out));
+    // pod-1's command takes 300 ms to stop: pod-3's must still start after it.
+    let mut first = leasehold_run(&url, "moved", "pod-1", &slow_worker(&out));
     wait_lines(&out, 1, Duration::from_secs(10)).await;
     let mut second = leasehold_run(&url, "moved", "pod-2", &worker(&out));
     let mut third = leasehold_run(&url, "moved", "pod-3", &worker(&out));
