@@ -54,7 +54,8 @@ mod kube_specific {
         wait_for(
             "the controller to elect the only candidate",
             election,
-            || newer.handle.is_leader(),
+            // On the term's record too: is_leader() turns true just before it is written.
+            || newer.handle.is_leader() && newer.last_leadership().is_some(),
         )
         .await;
         let seat = candidates
@@ -76,7 +77,7 @@ mod kube_specific {
         wait_for(
             "the controller to prefer the older candidate",
             election,
-            || older.handle.is_leader(),
+            || older.handle.is_leader() && older.last_leadership().is_some(),
         )
         .await;
         let terms = checker.intervals().len();
@@ -97,7 +98,7 @@ mod kube_specific {
             "a candidate that stopped leaves the election"
         );
         wait_for("the controller to elect the newer again", election, || {
-            newer.handle.is_leader()
+            newer.handle.is_leader() && newer.leaderships().len() == 2
         })
         .await;
         newer.stop().await.expect("newer stops");

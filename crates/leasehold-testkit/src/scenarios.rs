@@ -1328,19 +1328,21 @@ pub async fn observer_sees_every_change<H: Harness + ?Sized>(h: &H) {
         nodes.push(Node::join_with_wind_down(h, id, &lock, &checker, Duration::ZERO).await);
     }
     for round in 0..5 {
-        wait_for("a leader", 3 * t.lease_duration, || {
-            nodes.iter().any(|n| n.handle.is_leader())
+        // On the checker's record (written by on_started_leading, just after is_leader()
+        // turns true), not on the flag.
+        wait_for("a recorded term", 3 * t.lease_duration, || {
+            checker.intervals().last().is_some_and(|i| i.end.is_none())
         })
         .await;
-        let leader = nodes
-            .iter()
-            .position(|n| n.handle.is_leader())
-            .expect("a leader");
         let term = checker
             .intervals()
             .last()
             .cloned()
             .expect("the leader's term is recorded");
+        let leader = nodes
+            .iter()
+            .position(|n| n.identity == term.identity)
+            .expect("the term is one of ours");
         wait_for(
             "the observer to see the new term",
             2 * t.lease_duration,
