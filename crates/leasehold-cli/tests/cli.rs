@@ -24,27 +24,23 @@ const TIMING: [&str; 8] = [
 /// A command that appends `start TOKEN PID NANOS` when it starts and `stop TOKEN PID NANOS` when
 /// it gets SIGTERM, and otherwise runs for ever.
 fn worker(out: &Path) -> Vec<String> {
-    let o = out.display();
-    vec![
-        "sh".into(),
-        "-c".into(),
-        format!(
-            "echo \"start $LEASEHOLD_TOKEN $$ $(date +%s%N)\" >> {o}; \
-             trap 'echo \"stop $LEASEHOLD_TOKEN $$ $(date +%s%N)\" >> {o}; exit 0' TERM; \
-             while :; do sleep 0.05; done"
-        ),
-    ]
+    stopping_after(out, "")
 }
 
 /// [`worker`] that takes 300 ms to stop after SIGTERM.
 fn slow_worker(out: &Path) -> Vec<String> {
+    stopping_after(out, "sleep 0.3; ")
+}
+
+/// [`worker`], running `before_stop` (shell) between SIGTERM and its `stop` line.
+fn stopping_after(out: &Path, before_stop: &str) -> Vec<String> {
     let o = out.display();
     vec![
         "sh".into(),
         "-c".into(),
         format!(
             "echo \"start $LEASEHOLD_TOKEN $$ $(date +%s%N)\" >> {o}; \
-             trap 'sleep 0.3; echo \"stop $LEASEHOLD_TOKEN $$ $(date +%s%N)\" >> {o}; exit 0' TERM; \
+             trap '{before_stop}echo \"stop $LEASEHOLD_TOKEN $$ $(date +%s%N)\" >> {o}; exit 0' TERM; \
              while :; do sleep 0.05; done"
         ),
     ]

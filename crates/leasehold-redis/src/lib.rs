@@ -635,6 +635,16 @@ fn lease_ms(candidate: &Candidate) -> u64 {
 type ScriptReply = (String, Option<Vec<u8>>, i64);
 type AcquireReply = (String, Option<Vec<u8>>, i64, String);
 
+/// What the release and transfer scripts answer: 1 when they ended the term, 0 when the lock no
+/// longer held it.
+fn ended(answer: i64) -> ReleaseOutcome {
+    if answer == 1 {
+        ReleaseOutcome::Released
+    } else {
+        ReleaseOutcome::NotHeld
+    }
+}
+
 #[async_trait]
 impl LockBackend for RedisBackend {
     fn name(&self) -> &'static str {
@@ -765,11 +775,7 @@ impl LockBackend for RedisBackend {
             .invoke_async(&mut connection)
             .await
             .map_err(|e| self.error("release", &e))?;
-        Ok(if released == 1 {
-            ReleaseOutcome::Released
-        } else {
-            ReleaseOutcome::NotHeld
-        })
+        Ok(ended(released))
     }
 
     fn supports_transfer(&self) -> bool {
@@ -799,11 +805,7 @@ impl LockBackend for RedisBackend {
             .invoke_async(&mut connection)
             .await
             .map_err(|e| self.error("transfer", &e))?;
-        Ok(if handed == 1 {
-            ReleaseOutcome::Released
-        } else {
-            ReleaseOutcome::NotHeld
-        })
+        Ok(ended(handed))
     }
 
     async fn request_transfer(&self, lock: &str, to: &str) -> Result<Observation, BackendError> {
