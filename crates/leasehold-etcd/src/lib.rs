@@ -184,6 +184,10 @@ pub const MAX_ACQUIRING: usize = 64;
 /// and keep-alive with it.
 pub const MAX_IN_FLIGHT: usize = 128;
 
+/// How many times [`LockBackend::request_transfer`] asks again when the leader changed between
+/// its read and its write.
+const REQUEST_ATTEMPTS: usize = 3;
+
 impl Drop for Inner {
     /// The last clone is gone: stop the keep-alives and revoke the session leases (their keys
     /// go with them), end the watch stream.
@@ -283,7 +287,7 @@ pub(crate) fn map_error(
 }
 
 /// etcd's "permission denied": the role may not touch a key.
-fn permission_denied(error: &etcd_client::Error) -> bool {
+pub(crate) fn permission_denied(error: &etcd_client::Error) -> bool {
     matches!(error, etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::PermissionDenied)
 }
 
@@ -397,6 +401,19 @@ impl EtcdBackend {
     pub fn reservation_key(&self, lock: &str) -> String {
         format!(
             "{}{lock}\u{0}leasehold-transfer",
+            self.inner.config.key_prefix
+        )
+    }
+
+    /// The key of a transfer request of `lock` from outside (`leasehold transfer`, by
+    /// [`LockBackend::request_transfer`]): `<prefix><lock>`, NUL, `leasehold-request`, beside
+    /// the election as the [reservation](Self::reservation_key) is. Its value,
+    /// `<create revision>/<target>`, names the term it asks (the leader's key's create
+    /// revision); its lease is the leader's, so it never outlives the term. The leader watches
+    /// it, and hands over when it names its term.
+    pub fn request_key(&self, lock: &str) -> String {
+        format!(
+            "{}{lock}\u{0}leasehold-request",
             self.inner.config.key_prefix
         )
     }
@@ -601,12 +618,12 @@ impl EtcdBackend {
     }
 
     /// Whether transfers' reservations can be read (see `Inner::reservations`).
-    fn reservations(&self) -> bool {
+    pub(crate) fn reservations(&self) -> bool {
         self.inner.reservations.load(Ordering::Relaxed)
     }
 
     /// The role may not read reservation keys: transfers are off for this backend value.
-    fn no_reservations(&self) {
+    pub(crate) fn no_reservations(&self) {
         if self.inner.reservations.swap(false, Ordering::Relaxed) {
             tracing::warn!(
                 "the etcd role may not read leadership-transfer reservations (keys \
@@ -798,6 +815,10 @@ impl LockBackend for EtcdBackend {
         to: &str,
     ) -> Result<ReleaseOutcome, BackendError> {
         Box::pin(self.transfer_term(candidate, grant, to)).await
+    }
+
+    async fn request_transfer(&self, lock: &str, to: &str) -> Result<Observation, BackendError> {
+        Box::pin(self.ask_transfer(lock, to)).await
     }
 }
 
@@ -1048,6 +1069,8 @@ impl EtcdBackend {
                     to,
                     Some(etcd_client::PutOptions::new().with_lease(lease)),
                 ),
+                // The request that asked for this hand-over (if any) is answered.
+                TxnOp::delete(self.request_key(&candidate.lock), None),
             ]);
         let response = {
             let _turn = self.turn().await;
@@ -1073,6 +1096,65 @@ impl EtcdBackend {
             let _ = client.lease_revoke(lease).await;
             Ok(ReleaseOutcome::NotHeld)
         }
+    }
+
+    /// [`LockBackend::request_transfer`]: one transaction writes the request for the leader's
+    /// term, conditional on its key (created at that revision) still being there, under the
+    /// leader's own lease. A lock without a leader (vacant, or reserved by a transfer) is
+    /// answered as read, and nothing is written.
+    async fn ask_transfer(&self, lock: &str, to: &str) -> Result<Observation, BackendError> {
+        if !self.reservations() {
+            return Err(BackendError::Unsupported {
+                backend: backend_name(&self.inner.config),
+                operation: "request_transfer (the etcd role may not write <prefix><lock> NUL \
+                            leasehold-request)",
+            });
+        }
+        // The leader may change between the read and the write: then ask the new one. Bounded:
+        // a lock that changes hands on every attempt is answered with a transient error.
+        for _ in 0..REQUEST_ATTEMPTS {
+            let Some(leader) = self.leader(lock).await? else {
+                return self.read(lock).await;
+            };
+            let observation = Observation::held(
+                record_of(lock, &leader, self.announced_lease(&leader))?,
+                None,
+            );
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    leader.key(),
+                    CompareOp::Equal,
+                    leader.create_revision(),
+                )])
+                .and_then([TxnOp::put(
+                    self.request_key(lock),
+                    record::encode_request(leader.create_revision(), to),
+                    Some(etcd_client::PutOptions::new().with_lease(leader.lease())),
+                )]);
+            let response = {
+                let mut client = self.client().await?;
+                let _turn = self.turn().await;
+                client.txn(txn).await
+            };
+            match response {
+                Ok(response) if response.succeeded() => return Ok(observation),
+                Ok(_) => continue,
+                // The leader's lease ended between the read and the write.
+                Err(error) if lease_not_found(&error) => continue,
+                Err(error) if permission_denied(&error) => {
+                    self.no_reservations();
+                    return Err(self.error("request_transfer", &error));
+                }
+                Err(error) => return Err(self.error("request_transfer", &error)),
+            }
+        }
+        Err(BackendError::Unavailable {
+            backend: backend_name(&self.inner.config),
+            detail: format!(
+                "request_transfer: the lock changed hands {REQUEST_ATTEMPTS} times while asking; \
+                 try again"
+            ),
+        })
     }
 
     /// [`LockBackend::withdraw`].

@@ -36,6 +36,22 @@ pub(crate) fn decode(
     })
 }
 
+/// The value of a transfer request (`leasehold transfer`) of the term whose key was created at
+/// `revision`: `<revision>/<target>`. A request names the term it asks, so a late one never
+/// moves a later term.
+pub(crate) fn encode_request(revision: i64, target: &str) -> String {
+    format!("{revision}/{target}")
+}
+
+/// The target a request value asks the term created at `revision` to hand over to; `None` for
+/// a request of another term, an empty target, or bytes that are no request (another program
+/// wrote them): those are ignored.
+pub(crate) fn requested(value: &[u8], revision: i64) -> Option<String> {
+    let value = std::str::from_utf8(value).ok()?;
+    let (asked, target) = value.split_once('/')?;
+    (asked.parse::<i64>().ok()? == revision && !target.is_empty()).then(|| target.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,6 +69,20 @@ mod tests {
         for revision in [-1, i64::MIN] {
             let r = decode("l", b"l/1", b"a", revision, Duration::ZERO).unwrap();
             assert_eq!(r.token, None, "{revision}");
+        }
+    }
+
+    #[test]
+    fn requests_name_their_term() {
+        let value = encode_request(42, "pod/b");
+        assert_eq!(requested(value.as_bytes(), 42).as_deref(), Some("pod/b"));
+        assert_eq!(
+            requested(value.as_bytes(), 43),
+            None,
+            "another term's request"
+        );
+        for garbage in [&b""[..], b"42", b"42/", b"x/b", b"\xff/b", b"/b"] {
+            assert_eq!(requested(garbage, 42), None, "{garbage:?}");
         }
     }
 
@@ -83,6 +113,19 @@ mod tests {
                 }
                 Err(other) => prop_assert!(false, "untyped error {}", other),
             }
+        }
+
+        #[test]
+        fn arbitrary_request_values_never_panic(
+            value in proptest::collection::vec(any::<u8>(), 0..64),
+            revision in any::<i64>(),
+            target in ".+",
+        ) {
+            let _ = requested(&value, revision);
+            prop_assert_eq!(
+                requested(encode_request(revision, &target).as_bytes(), revision),
+                Some(target)
+            );
         }
     }
 }

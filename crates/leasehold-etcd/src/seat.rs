@@ -432,6 +432,9 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
             }
             continue;
         };
+        // With transfers on, the read takes the transfer request too (`leasehold transfer`), and
+        // a leader watches it from the same revision: no request between the two is missed.
+        let asks = backend.reservations();
         let turn = backend.turn().await;
         // Boxed, as every request and watch set-up in this task: the task lives as long as the
         // candidate and is mostly idle, so its size is what thousands of locks cost.
@@ -439,7 +442,7 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
         // the queue, and our own key (it must still be there, created at `revision`, before a
         // watch of it may stand in for the renews' reads of it).
         let read = Box::pin(async {
-            let mut client = backend.client().await?;
+            let mut client = backend.client().await.map_err(Some)?;
             let ahead = TxnOp::get(
                 prefix,
                 Some(
@@ -451,14 +454,31 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
                 ),
             );
             let mine = TxnOp::get(own_key.as_str(), None);
-            client
-                .txn(Txn::new().and_then([ahead, mine]))
-                .await
-                .map_err(|e| map_error(config, "watch", &e))
+            let mut ops = vec![ahead, mine];
+            if asks {
+                ops.push(TxnOp::get(backend.request_key(lock), None));
+            }
+            client.txn(Txn::new().and_then(ops)).await.map_err(|e| {
+                // `None`: the role may not read the request key; transfers go off.
+                (!(asks && crate::permission_denied(&e))).then(|| map_error(config, "watch", &e))
+            })
         })
         .await;
         drop(turn);
-        let (ahead, still_ours, start) = match read.and_then(|r| queue_read(config, &r, revision)) {
+        let read = match read {
+            Ok(response) => queue_read(config, &response, revision),
+            Err(None) => {
+                backend.no_reservations();
+                continue;
+            }
+            Err(Some(error)) => Err(error),
+        };
+        let QueueRead {
+            ahead,
+            still_ours,
+            start,
+            request,
+        } = match read {
             Ok(read) => read,
             Err(error) => {
                 tx.send(Err(error));
@@ -491,9 +511,8 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
             // First in line: the candidate leads (or may take the lead now). Then watch our own
             // key: its deletion by anyone else ends the term at once.
             None => {
-                let token = FencingToken(u64::try_from(revision).unwrap_or(0));
-                let mine = Observation::held(LeaderRecord::new(identity, token, ttl), None);
-                tx.send(Ok(mine));
+                let asked = request.and_then(|kv| crate::record::requested(kv.value(), revision));
+                tx.send(Ok(own_record(&identity, revision, ttl, asked)));
                 (own_key.into_bytes(), true)
             }
         };
@@ -509,12 +528,51 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
                 return;
             }
         };
+        // A leader's watch of transfer requests, from the same revision.
+        let mut requests = None;
+        if first && asks {
+            let options = WatchOptions::new()
+                .with_start_revision(start)
+                .with_filters([WatchFilterType::NoDelete]);
+            match Box::pin(backend.watch_key(backend.request_key(lock).into_bytes(), options)).await
+            {
+                Ok(watch) => requests = Some(watch),
+                Err(error) => {
+                    tx.send(Err(error));
+                    return;
+                }
+            }
+        }
         // Our own key's watch is in place: from here on, until it ends, its deletion reaches the
         // elector without a read per renew.
         let watched = first.then(|| Watched::start(cell, revision));
         loop {
             tokio::select! {
                 () = &mut changed => break,
+                message = next_request(&mut requests) => match message {
+                    Ok(response) if response.canceled() => {
+                        tracing::debug!(
+                            reason = response.cancel_reason(),
+                            "etcd watch of transfer requests canceled"
+                        );
+                        requests = None;
+                    }
+                    Ok(response) => {
+                        let asked = response
+                            .events()
+                            .iter()
+                            .filter_map(|e| e.kv())
+                            .filter_map(|kv| crate::record::requested(kv.value(), revision))
+                            .next_back();
+                        if let Some(to) = asked {
+                            tx.send(Ok(own_record(&identity, revision, ttl, Some(to))));
+                        }
+                    }
+                    Err(error) => {
+                        tx.send(Err(error));
+                        return;
+                    }
+                },
                 // The session lease is gone: so is our key; start over (reported vacant above).
                 () = &mut lost => break,
                 message = stream.message() => match message {
@@ -555,14 +613,45 @@ async fn follow(backend: &EtcdBackend, cell: &SeatCell, prefix: &str, lock: &str
     }
 }
 
-/// The answer of [`follow`]'s read: the key just ahead of ours in the queue (if any), whether our
-/// own key is still there with create revision `revision`, and the revision to watch from (just
-/// after the read's: no deletion between the read and the watch is missed).
+/// The next response of a leader's watch of transfer requests; never without one.
+async fn next_request(
+    requests: &mut Option<crate::hub::HubWatch>,
+) -> Result<etcd_client::WatchResponse, BackendError> {
+    match requests {
+        Some(watch) => watch.message().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a leader's watch reports of its own term (created at `revision`): held by `identity`,
+/// and, when a request asked it to, to be handed over.
+fn own_record(identity: &str, revision: i64, ttl: Duration, asked: Option<String>) -> Observation {
+    let token = FencingToken(u64::try_from(revision).unwrap_or(0));
+    let mut record = LeaderRecord::new(identity, token, ttl);
+    record.preferred_holder = asked;
+    Observation::held(record, None)
+}
+
+/// The answer of [`follow`]'s read.
+struct QueueRead {
+    /// The key just ahead of ours in the queue, if any.
+    ahead: Option<Vec<u8>>,
+    /// Whether our own key is still there with the create revision asked for.
+    still_ours: bool,
+    /// The revision to watch from (just after the read's: no deletion between the read and the
+    /// watch is missed).
+    start: i64,
+    /// The transfer request key, when it was read and is there.
+    request: Option<etcd_client::KeyValue>,
+}
+
+/// [`QueueRead`] from the answer of [`follow`]'s transaction: two ranges (the key ahead, our own)
+/// and, with transfers on, the request key's.
 fn queue_read(
     config: &crate::EtcdConfig,
     response: &TxnResponse,
     revision: i64,
-) -> Result<(Option<Vec<u8>>, bool, i64), BackendError> {
+) -> Result<QueueRead, BackendError> {
     let start = response.header().map_or(0, |h| h.revision()) + 1;
     let gets: Vec<_> = response
         .op_responses()
@@ -572,21 +661,31 @@ fn queue_read(
             _ => None,
         })
         .collect();
-    let [ahead, mine] = gets.as_slice() else {
-        return Err(BackendError::Protocol {
-            backend: crate::backend_name(config),
-            detail: format!(
-                "the queue read answered {} ranges, not 2 (the key ahead, our own)",
-                gets.len()
-            ),
-        });
+    let (ahead, mine, request) = match gets.as_slice() {
+        [ahead, mine] => (ahead, mine, None),
+        [ahead, mine, request] => (ahead, mine, request.kvs().first().cloned()),
+        _ => {
+            return Err(BackendError::Protocol {
+                backend: crate::backend_name(config),
+                detail: format!(
+                    "the queue read answered {} ranges, not 2 or 3 (the key ahead, our own, \
+                     the transfer request)",
+                    gets.len()
+                ),
+            })
+        }
     };
     let ahead = ahead.kvs().first().map(|kv| kv.key().to_vec());
     let still_ours = mine
         .kvs()
         .first()
         .is_some_and(|kv| kv.create_revision() == revision);
-    Ok((ahead, still_ours, start))
+    Ok(QueueRead {
+        ahead,
+        still_ours,
+        start,
+        request,
+    })
 }
 
 /// The TTL asked for a candidate's lease: the lease duration rounded up to whole seconds

@@ -355,6 +355,27 @@ mod etcd_specific {
             "{refused:?}"
         );
         assert!(a.handle.is_leader(), "a refused transfer leaves a leading");
+        // A request from outside (`leasehold transfer`) with the same role: refused, typed, and
+        // nothing changes; the second on the same backend value knows without asking.
+        let (outsider, _proxy) = client_as(server.addr(), user).await;
+        for attempt in ["first", "second"] {
+            let asked = outsider.backend.request_transfer(&lock, "b").await;
+            assert!(
+                matches!(
+                    asked,
+                    Err(BackendError::Unauthorized { .. } | BackendError::Unsupported { .. })
+                ),
+                "{attempt}: {asked:?}"
+            );
+        }
+        assert!(
+            matches!(
+                outsider.backend.request_transfer(&lock, "b").await,
+                Err(BackendError::Unsupported { .. })
+            ),
+            "a refused request turns transfers off for the backend value"
+        );
+        assert!(a.handle.is_leader(), "a refused request leaves a leading");
         a.stop().await.expect("a stops");
         let b_start = started(&mut b, 2 * t.lease_duration).await;
         assert!(
