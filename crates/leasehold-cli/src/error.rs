@@ -70,7 +70,9 @@ impl From<ElectorError> for CliError {
 impl From<BackendError> for CliError {
     fn from(error: BackendError) -> Self {
         match &error {
-            BackendError::Unauthorized { .. } => CliError::Unauthorized(error.to_string()),
+            BackendError::Unauthorized { .. } | BackendError::Tls { .. } => {
+                CliError::Unauthorized(error.to_string())
+            }
             BackendError::InvalidConfig { .. } | BackendError::Unsupported { .. } => {
                 CliError::Config(error.to_string())
             }

@@ -24,7 +24,7 @@ EXIT CODES:
     2    bad usage (unknown flag, missing argument)
     3    bad backend URL or configuration
     4    the backend cannot be reached (after --connect-timeout)
-    5    the backend refused our credentials or permissions
+    5    the backend refused our credentials, permissions or TLS (a certificate, or TLS and plain text crossed)
     6    run: leadership was lost while the command ran (the command was stopped); use
          --restart to campaign again instead
     7    transfer: the target did not take over within --timeout (nobody led, the leader did

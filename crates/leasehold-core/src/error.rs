@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::TlsProblem;
+
 /// An invalid configuration, found by [`Config::validate`](crate::Config::validate) or by a
 /// backend's own check ([`LockBackend::validate`](crate::LockBackend::validate)).
 ///
@@ -82,6 +84,9 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
+    /// A TLS or password file cannot be used (read when the backend connects).
+    #[error(transparent)]
+    CredentialFile(#[from] crate::tls::CredentialFileError),
 }
 
 impl ConfigError {
@@ -96,6 +101,7 @@ impl ConfigError {
             | ConfigError::Inconsistent { field, .. }
             | ConfigError::Unsupported { field, .. } => field,
             ConfigError::ClockDrift { .. } => "max_clock_drift",
+            ConfigError::CredentialFile(_) => "credentials",
         }
     }
 }
@@ -153,6 +159,18 @@ pub enum BackendError {
         #[source]
         source: ConfigError,
     },
+    /// A TLS connection could not be made, for a reason [`TlsProblem`] names: a certificate
+    /// refused, or one side not speaking TLS. Fatal: retrying with the same settings cannot
+    /// help.
+    #[error("{backend} backend TLS failure ({problem}): {detail}; {}", problem.advice())]
+    Tls {
+        /// The backend.
+        backend: String,
+        /// What went wrong.
+        problem: TlsProblem,
+        /// The client library's words.
+        detail: String,
+    },
     /// The backend does not implement this operation (see
     /// [`LockBackend::supports_transfer`](crate::LockBackend::supports_transfer)).
     #[error("the {backend} backend does not support `{operation}`")]
@@ -187,7 +205,9 @@ impl BackendError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            BackendError::Unauthorized { .. } | BackendError::InvalidConfig { .. }
+            BackendError::Unauthorized { .. }
+                | BackendError::InvalidConfig { .. }
+                | BackendError::Tls { .. }
         )
     }
 
@@ -201,6 +221,7 @@ impl BackendError {
             BackendError::InvalidConfig { .. } => "invalid_config",
             BackendError::Protocol { .. } => "protocol",
             BackendError::Unsupported { .. } => "unsupported",
+            BackendError::Tls { .. } => "tls",
         }
     }
 }

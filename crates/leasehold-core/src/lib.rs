@@ -22,6 +22,7 @@ mod observer;
 mod record;
 mod running;
 mod state;
+pub mod tls;
 
 pub use backend::{
     AcquireOutcome, BackendState, Candidate, Grant, LeaderEvent, LockBackend, ReleaseOutcome,
@@ -38,6 +39,7 @@ pub use observer::{observe_once, LockStatus, ObservedLock, Observer};
 pub use record::{FencingToken, LeaderRecord, Observation};
 pub use running::RunningElector;
 pub use state::{Health, LeaderState, StopCause, TermInfo};
+pub use tls::{CredentialFileError, TlsFiles, TlsProblem};
 
 pub use async_trait::async_trait;
 pub use tokio_util::sync::CancellationToken;

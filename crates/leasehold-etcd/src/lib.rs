@@ -52,6 +52,7 @@
 //! `etcdctl elect my-app` candidates and leasehold electors of lock `my-app` (with the default
 //! empty `key_prefix`) share one election.
 
+mod dialer;
 mod driven;
 mod hub;
 mod record;
@@ -59,6 +60,7 @@ mod seat;
 mod session;
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -81,16 +83,34 @@ use crate::session::Session;
 /// TLS options for [`EtcdConfig::tls`] (CA certificate, client identity, domain name), from
 /// `etcd-client`.
 pub use etcd_client::{Certificate, Identity, TlsOptions};
+use leasehold_core::tls::CredentialFileError;
+pub use leasehold_core::TlsFiles;
 
-/// Configuration of an [`EtcdBackend`].
-#[derive(Debug, Clone)]
+/// Configuration of an [`EtcdBackend`]. Its `Debug` hides the password.
+#[derive(Clone)]
 pub struct EtcdConfig {
-    /// Endpoints, e.g. `http://127.0.0.1:2379` (or `https://` with [`tls`](Self::tls)).
+    /// Endpoints, e.g. `http://127.0.0.1:2379` (`https://` with TLS).
     pub endpoints: Vec<String>,
-    /// User name and password, when etcd has authentication enabled.
+    /// User name and password, when etcd has authentication enabled. With
+    /// [`password_file`](Self::password_file), the password here is ignored (give `""`).
     pub user: Option<(String, String)>,
-    /// TLS options (CA, client identity, domain name).
+    /// A file holding the password of [`user`](Self::user) (as `etcdctl --password` takes it,
+    /// without it showing in `ps`), read when the backend connects. Default `None`.
+    pub password_file: Option<PathBuf>,
+    /// TLS options (CA, client identity, domain name), in etcd-client's form.
     pub tls: Option<TlsOptions>,
+    /// TLS from files, as `etcdctl --cacert --cert --key`: the CA to trust and a client
+    /// certificate and key (`--client-cert-auth` servers), read when the backend connects, on
+    /// instead of [`tls`](Self::tls). Use `https://` endpoints. Default: none.
+    ///
+    /// With these, leasehold makes the TLS connections itself (rustls): the TCP connect and the
+    /// handshake together are bounded by [`connect_timeout`](Self::connect_timeout), and the
+    /// endpoints are tried in turn. With [`tls`](Self::tls), tonic makes them and bounds the
+    /// TCP connect only: a handshake into a silent network waits until TCP gives up.
+    pub tls_files: TlsFiles,
+    /// The name the server's certificate must carry, instead of each endpoint's host (with
+    /// [`tls_files`](Self::tls_files)). Default `None`.
+    pub tls_server_name: Option<String>,
     /// Prefix put before the lock name: the election keys are
     /// `<key_prefix><lock>/<session lease hex>-<seat hex>`.
     /// Default empty, as `etcdctl elect <lock>`.
@@ -104,6 +124,26 @@ pub struct EtcdConfig {
     /// host gone without a reset) is never noticed, and a follower waits for ever on a watch
     /// that will never speak. Default 5 s / 5 s; `None` turns it off.
     pub keep_alive: Option<KeepAlive>,
+}
+
+impl std::fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field(
+                "user",
+                &self.user.as_ref().map(|(name, _)| (name, "<redacted>")),
+            )
+            .field("password_file", &self.password_file)
+            .field("tls", &self.tls.as_ref().map(|_| "<set>"))
+            .field("tls_files", &self.tls_files)
+            .field("tls_server_name", &self.tls_server_name)
+            .field("key_prefix", &self.key_prefix)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("keep_alive", &self.keep_alive)
+            .finish()
+    }
 }
 
 /// HTTP/2 keep-alive settings, for [`EtcdConfig::keep_alive`].
@@ -132,7 +172,10 @@ impl EtcdConfig {
         Self {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             user: None,
+            password_file: None,
             tls: None,
+            tls_files: TlsFiles::default(),
+            tls_server_name: None,
             key_prefix: String::new(),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
@@ -169,6 +212,11 @@ struct Inner {
     /// Whether the role may read the reservation keys of transfers (`<prefix><lock>` NUL ...):
     /// a role granted only the election prefix `<lock>/` may not; transfers are then off.
     reservations: std::sync::atomic::AtomicBool,
+    /// Whether a call has succeeded: outages are no longer checked for a TLS port (see
+    /// `EtcdBackend::diagnosed`).
+    plain_works: std::sync::atomic::AtomicBool,
+    /// What the TLS connections met after their handshake (see `dialer`).
+    tls_seen: Arc<Mutex<Option<leasehold_core::TlsProblem>>>,
 }
 
 /// Acquires one backend value runs at once; the others wait their turn before sending
@@ -243,6 +291,25 @@ pub(crate) fn backend_name(config: &EtcdConfig) -> String {
     format!("etcd at {}", config.endpoints.join(","))
 }
 
+/// A credential file that cannot be used: a fatal configuration error.
+fn credential_error(config: &EtcdConfig, error: CredentialFileError) -> BackendError {
+    BackendError::InvalidConfig {
+        backend: backend_name(config),
+        source: error.into(),
+    }
+}
+
+/// The TLS problem inside an etcd client error (whose own `source()` is empty).
+fn tls_problem(error: &etcd_client::Error) -> Option<leasehold_core::TlsProblem> {
+    use leasehold_core::tls::classify;
+    match error {
+        etcd_client::Error::TransportError(e) => classify(e),
+        etcd_client::Error::GRpcStatus(status) => classify(status),
+        etcd_client::Error::IoError(e) => classify(e),
+        _ => None,
+    }
+}
+
 /// Maps an etcd client error to a [`BackendError`].
 pub(crate) fn map_error(
     config: &EtcdConfig,
@@ -250,6 +317,13 @@ pub(crate) fn map_error(
     error: &etcd_client::Error,
 ) -> BackendError {
     let backend = backend_name(config);
+    if let Some(problem) = tls_problem(error) {
+        return BackendError::Tls {
+            backend,
+            problem: problem.for_client(config.tls_files.cert.is_some()),
+            detail: format!("{operation}: {error}"),
+        };
+    }
     if let etcd_client::Error::GRpcStatus(status) = error {
         let message = status.message();
         let denied = match status.code() {
@@ -312,6 +386,8 @@ impl EtcdBackend {
                 in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
                 acquiring: tokio::sync::Semaphore::new(MAX_ACQUIRING),
                 reservations: std::sync::atomic::AtomicBool::new(true),
+                plain_works: std::sync::atomic::AtomicBool::new(false),
+                tls_seen: Arc::default(),
             }),
         }
     }
@@ -454,7 +530,18 @@ impl EtcdBackend {
                         .with_keep_alive(keep_alive.interval, keep_alive.timeout)
                         .with_keep_alive_while_idle(false);
                 }
-                if let Some((user, password)) = &config.user {
+                let password = match &config.password_file {
+                    Some(path) => Some(
+                        leasehold_core::tls::read_secret_file(path)
+                            .map_err(|e| credential_error(config, e))?,
+                    ),
+                    None => None,
+                };
+                if let Some((user, password)) = config
+                    .user
+                    .as_ref()
+                    .map(|(user, given)| (user, password.as_ref().unwrap_or(given)))
+                {
                     // etcd's simple tokens expire when unused for `--auth-token-ttl` (5 min by
                     // default): a follower that only waits on its watch would find its token
                     // gone at the next call, just when it is needed. With this, a call refused
@@ -463,13 +550,62 @@ impl EtcdBackend {
                         .with_user(user.clone(), password.clone())
                         .with_auto_token_refresh(true);
                 }
+                if !config.tls_files.is_empty() {
+                    let channel = self.tls_channel()?;
+                    return Client::from_channel(
+                        etcd_client::Channel::Tonic(channel),
+                        Some(options),
+                    )
+                    .await
+                    .map_err(|e| map_error(config, "connect", &e));
+                }
                 if let Some(tls) = &config.tls {
                     options = options.with_tls(tls.clone());
                 }
-                Client::connect(&config.endpoints, Some(options)).await
+                Client::connect(&config.endpoints, Some(options))
+                    .await
+                    .map_err(|e| map_error(config, "connect", &e))
             })
             .await
-            .map_err(|e| map_error(config, "connect", &e))
+    }
+
+    /// A channel over [`dialer::Dialer`]'s TLS connections ([`EtcdConfig::tls_files`]), with
+    /// the keep-alive and timeouts etcd-client gives its own.
+    fn tls_channel(&self) -> Result<tonic::transport::Channel, BackendError> {
+        let config = &self.inner.config;
+        let pem = config
+            .tls_files
+            .read()
+            .map_err(|e| credential_error(config, e))?;
+        let dialer = dialer::Dialer::new(
+            &config.endpoints,
+            pem.ca.as_deref(),
+            pem.identity
+                .as_ref()
+                .map(|(cert, key)| (cert.as_slice(), key.as_slice())),
+            config.tls_server_name.clone(),
+            config.connect_timeout,
+            self.inner.tls_seen.clone(),
+        )
+        .map_err(|detail| BackendError::InvalidConfig {
+            backend: backend_name(config),
+            source: leasehold_core::ConfigError::InvalidName {
+                field: "tls_files",
+                value: String::new(),
+                reason: detail,
+            },
+        })?;
+        // The URI is not dialed (the dialer picks the endpoint); `http` tells tonic the stream
+        // it gets needs no TLS of its own.
+        let mut endpoint = tonic::transport::Endpoint::from_static("http://etcd.leasehold.invalid")
+            .timeout(config.request_timeout);
+        if let Some(keep_alive) = config.keep_alive {
+            endpoint = endpoint
+                .keep_alive_while_idle(false)
+                .http2_keep_alive_interval(keep_alive.interval)
+                .keep_alive_timeout(keep_alive.timeout);
+        }
+        Ok(endpoint.connect_with_connector_lazy(dialer))
     }
 
     pub(crate) fn error(&self, operation: &str, error: &etcd_client::Error) -> BackendError {
@@ -728,7 +864,8 @@ impl LockBackend for EtcdBackend {
         // Thousands of acquires may wait here at once: only what waits is small, the attempt
         // itself (several KiB of futures) is made once admitted.
         let _admitted = self.inner.acquiring.acquire().await.ok();
-        Box::pin(self.attempt(candidate)).await
+        let attempt = Box::pin(self.attempt(candidate)).await;
+        self.diagnosed(attempt).await
     }
 
     async fn renew(
@@ -748,6 +885,45 @@ impl LockBackend for EtcdBackend {
     }
 
     async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
+        let read = Box::pin(self.read_lock(lock)).await;
+        self.diagnosed(read).await
+    }
+
+    async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
+        // Connects now, so that a backend that cannot be reached says so here.
+        let connected = self.client_ref().await.map(|_| ());
+        self.diagnosed(connected).await?;
+        let cell = self.seat_cell(candidate)?;
+        let prefix = self.election_prefix(&candidate.lock);
+        let stream = seat::watch_predecessor(self.clone(), cell, prefix, candidate.lock.clone());
+        Ok(stream.boxed())
+    }
+
+    async fn withdraw(&self, candidate: &Candidate) -> Result<(), BackendError> {
+        Box::pin(self.withdraw_seat(candidate)).await
+    }
+
+    fn supports_transfer(&self) -> bool {
+        self.reservations()
+    }
+
+    async fn transfer(
+        &self,
+        candidate: &Candidate,
+        grant: &Grant,
+        to: &str,
+    ) -> Result<ReleaseOutcome, BackendError> {
+        Box::pin(self.transfer_term(candidate, grant, to)).await
+    }
+
+    async fn request_transfer(&self, lock: &str, to: &str) -> Result<Observation, BackendError> {
+        Box::pin(self.ask_transfer(lock, to)).await
+    }
+}
+
+impl EtcdBackend {
+    /// [`LockBackend::read`].
+    async fn read_lock(&self, lock: &str) -> Result<Observation, BackendError> {
         let mut client = self.client().await?;
         let reservation = if self.reservations() {
             let turn = self.turn().await;
@@ -791,38 +967,74 @@ impl LockBackend for EtcdBackend {
         }
     }
 
-    async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
-        // Connects now, so that a backend that cannot be reached says so here.
-        self.client_ref().await?;
-        let cell = self.seat_cell(candidate)?;
-        let prefix = self.election_prefix(&candidate.lock);
-        let stream = seat::watch_predecessor(self.clone(), cell, prefix, candidate.lock.clone());
-        Ok(stream.boxed())
+    /// `result`, unless it is an outage of a plain-text (`http://`) backend whose first
+    /// endpoint answers a TLS ClientHello as a TLS server: then
+    /// [`TlsProblem::ServerRequiresTls`](leasehold_core::TlsProblem), fatal. An etcd TLS port
+    /// closes a plain-text connection without a word, which would otherwise be retried as an
+    /// outage for ever. Asked at outages until a call succeeds, never after.
+    async fn diagnosed<T>(&self, result: Result<T, BackendError>) -> Result<T, BackendError> {
+        let config = &self.inner.config;
+        match result {
+            Ok(value) => {
+                self.inner.plain_works.store(true, Ordering::Relaxed);
+                Ok(value)
+            }
+            Err(error @ BackendError::Unavailable { .. }) if self.tls_seen().is_some() => {
+                let problem = self
+                    .tls_seen()
+                    .unwrap_or(leasehold_core::TlsProblem::Handshake)
+                    .for_client(self.presents_certificate());
+                Err(BackendError::Tls {
+                    backend: backend_name(config),
+                    problem,
+                    detail: error.to_string(),
+                })
+            }
+            Err(error @ BackendError::Unavailable { .. })
+                if self.tls_none() && !self.inner.plain_works.load(Ordering::Relaxed) =>
+            {
+                let Some(addr) = config
+                    .endpoints
+                    .first()
+                    .and_then(|e| e.strip_prefix("http://"))
+                else {
+                    return Err(error);
+                };
+                if leasehold_core::tls::speaks_tls(addr, config.connect_timeout).await {
+                    Err(BackendError::Tls {
+                        backend: backend_name(config),
+                        problem: leasehold_core::TlsProblem::ServerRequiresTls,
+                        detail: error.to_string(),
+                    })
+                } else {
+                    Err(error)
+                }
+            }
+            other => other,
+        }
     }
 
-    async fn withdraw(&self, candidate: &Candidate) -> Result<(), BackendError> {
-        Box::pin(self.withdraw_seat(candidate)).await
+    /// The TLS problem a connection of [`dialer::Dialer`] met after its handshake, if any since
+    /// the last one the server answered.
+    fn tls_seen(&self) -> Option<leasehold_core::TlsProblem> {
+        *self
+            .inner
+            .tls_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn supports_transfer(&self) -> bool {
-        self.reservations()
+    /// Whether the backend presents a client certificate.
+    fn presents_certificate(&self) -> bool {
+        self.inner.config.tls_files.cert.is_some()
     }
 
-    async fn transfer(
-        &self,
-        candidate: &Candidate,
-        grant: &Grant,
-        to: &str,
-    ) -> Result<ReleaseOutcome, BackendError> {
-        Box::pin(self.transfer_term(candidate, grant, to)).await
+    /// Whether the backend connects in plain text.
+    fn tls_none(&self) -> bool {
+        let config = &self.inner.config;
+        config.tls.is_none() && config.tls_files.is_empty()
     }
 
-    async fn request_transfer(&self, lock: &str, to: &str) -> Result<Observation, BackendError> {
-        Box::pin(self.ask_transfer(lock, to)).await
-    }
-}
-
-impl EtcdBackend {
     /// [`LockBackend::try_acquire`], once admitted.
     async fn attempt(&self, candidate: &Candidate) -> Result<AcquireOutcome, BackendError> {
         let mut client = self.client().await?;

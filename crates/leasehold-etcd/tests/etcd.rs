@@ -8,6 +8,17 @@ leasehold_testkit::conformance_tests!(
     EtcdHarness::start().await
 );
 
+/// The whole suite again over TLS (client certificates required, authentication on, the
+/// password from a file), with the credential faults' scenario, which runs only here.
+mod over_tls {
+    use leasehold_testkit::EtcdHarness;
+
+    leasehold_testkit::conformance_tests!(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)],
+        EtcdHarness::start_tls().await
+    );
+}
+
 mod etcd_specific {
     use std::process::Stdio;
     use std::time::Duration;

@@ -48,17 +48,21 @@ mod hub;
 mod record;
 mod scripts;
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
+use leasehold_core::tls::CredentialFileError;
+pub use leasehold_core::TlsFiles;
+use leasehold_core::TlsProblem;
 use leasehold_core::{
     async_trait, AcquireOutcome, BackendError, Candidate, ConfigError, Grant, LockBackend,
     Observation, ReleaseOutcome, RenewOutcome, WatchStream,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ErrorKind, RedisError};
+use redis::{ErrorKind, IntoConnectionInfo, RedisError};
 use tokio::sync::Mutex;
 
 use crate::scripts::Scripts;
@@ -72,11 +76,19 @@ pub struct WaitReplicas {
     pub timeout: Duration,
 }
 
-/// Configuration of a [`RedisBackend`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Configuration of a [`RedisBackend`]. Its `Debug` hides the URL's password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
     /// `redis://[user[:password]@]host[:port][/db]`, or `rediss://` for TLS.
     pub url: String,
+    /// TLS (with `rediss://` URLs): the CA to trust instead of the system's roots, and a client
+    /// certificate and key (`tls-auth-clients yes`), as `redis-cli --cacert --cert --key`.
+    /// Read when the backend is made. Default: none.
+    pub tls: TlsFiles,
+    /// A file holding the password (`AUTH`; the user, if any, from the URL), read when the
+    /// backend is made, instead of a password in the URL (which shows in `ps` and shell
+    /// history). Default `None`.
+    pub password_file: Option<PathBuf>,
     /// Prefix of every key and channel. Default `"leasehold:"`.
     pub key_prefix: String,
     /// Timeout to establish a connection. Default 5 s.
@@ -99,6 +111,8 @@ impl RedisConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            tls: TlsFiles::default(),
+            password_file: None,
             key_prefix: "leasehold:".into(),
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(5),
@@ -114,6 +128,28 @@ impl RedisConfig {
         let mut config = Self::new(nodes.first().cloned().unwrap_or_default());
         config.cluster_nodes = nodes;
         config
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("tls", &self.tls)
+            .field("password_file", &self.password_file)
+            .field("key_prefix", &self.key_prefix)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("wait_replicas", &self.wait_replicas)
+            .field(
+                "cluster_nodes",
+                &self
+                    .cluster_nodes
+                    .iter()
+                    .map(|n| redact_url(n))
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
     }
 }
 
@@ -135,6 +171,12 @@ pub enum RedisConfigError {
     /// `wait_replicas` with `cluster_nodes`: `WAIT` cannot be routed to the lock's primary.
     #[error("wait_replicas is not supported with cluster_nodes; use one or the other")]
     WaitWithCluster,
+    /// A TLS or password file cannot be used.
+    #[error(transparent)]
+    CredentialFile(#[from] CredentialFileError),
+    /// TLS files for a `redis://` URL, which is plain text.
+    #[error("TLS files are given but the URL is redis:// (plain text); use rediss://")]
+    TlsWithoutTls,
 }
 
 /// The keys and channel of one lock.
@@ -193,6 +235,8 @@ impl redis::aio::ConnectionLike for Connection {
 }
 
 struct Inner {
+    /// A TLS failure found at a connect: every later connect answers it at once.
+    crossed: std::sync::OnceLock<BackendError>,
     client: redis::Client,
     cluster: Option<redis::cluster::ClusterClient>,
     config: RedisConfig,
@@ -365,8 +409,31 @@ impl RedisBackend {
             url: redact_url(url),
             reason: e.to_string(),
         };
-        let client =
-            redis::Client::open(config.url.as_str()).map_err(|e| invalid(&config.url, e))?;
+        let tls = if config.tls.is_empty() {
+            None
+        } else if !config.url.starts_with("rediss://") {
+            return Err(RedisConfigError::TlsWithoutTls);
+        } else {
+            Some(config.tls.read()?)
+        };
+        let password = config
+            .password_file
+            .as_deref()
+            .map(leasehold_core::tls::read_secret_file)
+            .transpose()?;
+        let open = |url: &str| -> Result<redis::Client, RedisConfigError> {
+            let mut info = url.into_connection_info().map_err(|e| invalid(url, e))?;
+            if let Some(password) = &password {
+                let settings = info.redis_settings().clone().set_password(password);
+                info = info.set_redis_settings(settings);
+            }
+            match &tls {
+                None => redis::Client::open(info),
+                Some(pem) => redis::Client::build_with_tls(info, certificates(pem)),
+            }
+            .map_err(|e| invalid(url, e))
+        };
+        let client = open(&config.url)?;
         let cluster = if config.cluster_nodes.is_empty() {
             None
         } else {
@@ -374,13 +441,19 @@ impl RedisBackend {
                 return Err(RedisConfigError::WaitWithCluster);
             }
             for node in &config.cluster_nodes {
-                redis::Client::open(node.as_str()).map_err(|e| invalid(node, e))?;
+                open(node)?;
             }
-            let cluster = redis::cluster::ClusterClientBuilder::new(config.cluster_nodes.clone())
-                .connection_timeout(config.connect_timeout)
-                .response_timeout(config.response_timeout)
-                .build()
-                .map_err(|e| invalid(&config.url, e))?;
+            let mut builder =
+                redis::cluster::ClusterClientBuilder::new(config.cluster_nodes.clone())
+                    .connection_timeout(config.connect_timeout)
+                    .response_timeout(config.response_timeout);
+            if let Some(password) = &password {
+                builder = builder.password(password);
+            }
+            if let Some(pem) = &tls {
+                builder = builder.certs(certificates(pem));
+            }
+            let cluster = builder.build().map_err(|e| invalid(&config.url, e))?;
             Some(cluster)
         };
         let retired = tokio::sync::watch::Sender::new(0);
@@ -401,6 +474,7 @@ impl RedisBackend {
         );
         Ok(Self {
             inner: Arc::new(Inner {
+                crossed: std::sync::OnceLock::new(),
                 client,
                 cluster,
                 address,
@@ -500,10 +574,27 @@ impl RedisBackend {
         let (generation, connection) = match current {
             Some(current) => current,
             None => {
-                let connection = self
-                    .connect()
-                    .await
-                    .map_err(|e| self.error("connect", &e))?;
+                if let Some(fatal) = inner.crossed.get() {
+                    return Err(fatal.clone());
+                }
+                // In a task of its own: a caller that stops waiting (its deadline) does not
+                // cancel it, so a crossed protocol found after a slow handshake is kept for the
+                // next caller instead of being retried as an outage for ever.
+                let this = self.clone();
+                let connection = tokio::spawn(async move {
+                    match this.connect().await {
+                        Ok(connection) => Ok(connection),
+                        Err(error) => {
+                            let error = this.connect_error(&error).await;
+                            if matches!(error, BackendError::Tls { .. }) {
+                                let _ = this.inner.crossed.set(error.clone());
+                            }
+                            Err(error)
+                        }
+                    }
+                })
+                .await
+                .map_err(|_| protocol("the connect task ended without an answer"))??;
                 connections.opened += 1;
                 (connections.opened, connection)
             }
@@ -532,6 +623,42 @@ impl RedisBackend {
         ConnectionManager::new_with_config(inner.client.clone(), config)
             .await
             .map(Connection::Single)
+    }
+
+    /// A failed connect, mapped. A connect that failed as an outage (not refused) is checked
+    /// for crossed protocols, so that it is a fatal [`BackendError::Tls`], not an outage
+    /// retried for ever: a plain-text connection the server dropped, to a server that answers
+    /// a TLS ClientHello ([`leasehold_core::tls::speaks_tls`]):
+    /// [`TlsProblem::ServerRequiresTls`]; a TLS connection that got no answer, to a server
+    /// that answers a plain-text `PING`: [`TlsProblem::ServerNotTls`].
+    async fn connect_error(&self, error: &RedisError) -> BackendError {
+        let mapped = self.error("connect", error);
+        if !mapped.is_transient() || error.is_connection_refusal() {
+            return mapped;
+        }
+        let within = self.inner.config.connect_timeout;
+        let (problem, addr) = match self.inner.client.get_connection_info().addr() {
+            redis::ConnectionAddr::Tcp(host, port) => {
+                let addr = format!("{host}:{port}");
+                let tls =
+                    !error.is_timeout() && leasehold_core::tls::speaks_tls(&addr, within).await;
+                (tls.then_some(TlsProblem::ServerRequiresTls), addr)
+            }
+            redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                let addr = format!("{host}:{port}");
+                let plain = answers_plain_ping(&addr, within).await;
+                (plain.then_some(TlsProblem::ServerNotTls), addr)
+            }
+            _ => (None, String::new()),
+        };
+        match problem {
+            Some(problem) => BackendError::Tls {
+                backend: format!("redis at {}", self.inner.address),
+                problem,
+                detail: format!("connect to {addr}: {error}"),
+            },
+            None => mapped,
+        }
     }
 
     fn error(&self, operation: &str, error: &RedisError) -> BackendError {
@@ -572,6 +699,34 @@ impl RedisBackend {
     }
 }
 
+/// Whether the server at `addr` answers a plain-text `PING` as Redis does (`+PONG`, or an
+/// error such as `-NOAUTH`), within `within`: a plain-text port.
+async fn answers_plain_ping(addr: &str, within: Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream.write_all(b"PING\r\n").await.ok()?;
+        let mut first = [0u8; 1];
+        stream.read_exact(&mut first).await.ok()?;
+        Some(matches!(first[0], b'+' | b'-'))
+    };
+    matches!(tokio::time::timeout(within, probe).await, Ok(Some(true)))
+}
+
+/// The redis crate's form of TLS files.
+fn certificates(pem: &leasehold_core::tls::TlsPem) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: pem
+            .identity
+            .as_ref()
+            .map(|(cert, key)| redis::ClientTlsConfig {
+                client_cert: cert.clone(),
+                client_key: key.clone(),
+            }),
+        root_cert: pem.ca.clone(),
+    }
+}
+
 fn map_error(
     address: &str,
     key_prefix: &str,
@@ -580,6 +735,13 @@ fn map_error(
     error: &RedisError,
 ) -> BackendError {
     let backend = format!("redis at {address}");
+    if let Some(problem) = leasehold_core::tls::classify(error) {
+        return BackendError::Tls {
+            backend,
+            problem,
+            detail: format!("{operation}: {error}"),
+        };
+    }
     let denied = error.kind() == ErrorKind::AuthenticationFailed
         || matches!(error.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"));
     if denied {

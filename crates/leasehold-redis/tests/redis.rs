@@ -8,6 +8,17 @@ leasehold_testkit::conformance_tests!(
     RedisHarness::start().await
 );
 
+/// The whole suite again over TLS (client certificates required, the password from a file),
+/// with the credential faults' scenario, which runs only here.
+mod over_tls {
+    use leasehold_testkit::RedisHarness;
+
+    leasehold_testkit::conformance_tests!(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)],
+        RedisHarness::start_tls().await
+    );
+}
+
 mod redis_specific {
     use std::time::Duration;
 

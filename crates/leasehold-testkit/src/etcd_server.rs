@@ -10,9 +10,11 @@ use leasehold_core::{async_trait, Config};
 use leasehold_etcd::{EtcdBackend, EtcdConfig, KeepAlive};
 use tokio::process::Command;
 
-use crate::harness::{Harness, Outage, TestClient};
+use crate::harness::{CredentialFault, Harness, Outage, TestClient};
+use crate::pki::{ServerCert, TestPki};
 use crate::process::{free_port, wait_ready, ServerProcess};
 use crate::proxy::{Proxy, ProxyFaults};
+use leasehold_core::TlsFiles;
 
 /// An `etcd` (Debian's etcd-server) on free loopback client and peer ports, with a temporary
 /// data directory. Killed when dropped (also on panic).
@@ -25,6 +27,8 @@ pub struct EtcdServer {
     auth: Option<(String, String)>,
     /// Extra command-line flags, kept across restarts.
     flags: Vec<String>,
+    /// TLS on the client port (`--client-cert-auth`), with this PKI's certificate `.1`.
+    tls: Option<(Arc<TestPki>, ServerCert)>,
 }
 
 /// The unprivileged user [`EtcdServer::start_with_app_user`] creates.
@@ -50,6 +54,14 @@ impl EtcdServer {
     }
 
     async fn start_with_flags(client_port: u16, flags: Vec<String>) -> EtcdServer {
+        Self::start_full(client_port, flags, None).await
+    }
+
+    async fn start_full(
+        client_port: u16,
+        flags: Vec<String>,
+        tls: Option<(Arc<TestPki>, ServerCert)>,
+    ) -> EtcdServer {
         let server = EtcdServer {
             client_port,
             peer_port: free_port(),
@@ -57,9 +69,47 @@ impl EtcdServer {
             process: ServerProcess::default(),
             auth: None,
             flags,
+            tls,
         };
         server.spawn().await;
         server
+    }
+
+    /// Starts a server whose client port speaks TLS only, presents `cert` of `pki` and
+    /// requires client certificates signed by `pki`'s CA (`--client-cert-auth`); with
+    /// authentication enabled (user `root`, `password`) when a password is given.
+    pub async fn start_tls(
+        pki: Arc<TestPki>,
+        cert: ServerCert,
+        password: Option<&str>,
+    ) -> EtcdServer {
+        Self::start_tls_on(free_port(), pki, cert, password).await
+    }
+
+    /// [`start_tls`](Self::start_tls) on `client_port`.
+    pub async fn start_tls_on(
+        client_port: u16,
+        pki: Arc<TestPki>,
+        cert: ServerCert,
+        password: Option<&str>,
+    ) -> EtcdServer {
+        let mut server = Self::start_full(client_port, Vec::new(), Some((pki, cert))).await;
+        if let Some(password) = password {
+            server.enable_auth(password).await;
+        }
+        server
+    }
+
+    /// The TLS files a good client of this server uses; empty for a plain-text server.
+    pub fn tls_files(&self) -> TlsFiles {
+        match &self.tls {
+            Some((pki, _)) => TlsFiles {
+                ca: Some(pki.ca.clone()),
+                cert: Some(pki.client.cert.clone()),
+                key: Some(pki.client.key.clone()),
+            },
+            None => TlsFiles::default(),
+        }
     }
 
     /// Starts a server with authentication enabled and simple tokens that expire after
@@ -136,7 +186,7 @@ impl EtcdServer {
     }
 
     async fn spawn(&self) {
-        let client_url = format!("http://127.0.0.1:{}", self.client_port);
+        let client_url = self.url();
         let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
         let mut command = Command::new("etcd");
         command
@@ -154,6 +204,7 @@ impl EtcdServer {
             // default minimum of 5 s would answer them with GOAWAY.
             .args(["--grpc-keepalive-min-time", "500ms"])
             .args(&self.flags)
+            .args(self.tls_flags())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         self.process.spawn(
@@ -166,6 +217,17 @@ impl EtcdServer {
             Duration::from_secs(30),
             Duration::from_millis(50),
             || async {
+                if self
+                    .tls
+                    .as_ref()
+                    .is_some_and(|(_, cert)| *cert != ServerCert::Good)
+                {
+                    // A certificate no client accepts: listening is all there is to see.
+                    return tokio::net::TcpStream::connect(self.addr())
+                        .await
+                        .map(|_| ())
+                        .map_err(etcd_client::Error::IoError);
+                }
                 let healthy = async {
                     let mut client = Client::connect([self.url()], Some(self.options())).await?;
                     client.status().await
@@ -184,8 +246,37 @@ impl EtcdServer {
         .await;
     }
 
+    fn tls_flags(&self) -> Vec<std::ffi::OsString> {
+        let Some((pki, cert)) = &self.tls else {
+            return Vec::new();
+        };
+        let files = pki.server_cert(*cert);
+        vec![
+            "--cert-file".into(),
+            files.cert.clone().into(),
+            "--key-file".into(),
+            files.key.clone().into(),
+            "--trusted-ca-file".into(),
+            pki.ca.clone().into(),
+            "--client-cert-auth".into(),
+        ]
+    }
+
     fn options(&self) -> ConnectOptions {
-        let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+        let mut options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+        if let Some((pki, _)) = &self.tls {
+            let read = |path: &std::path::Path| {
+                std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            };
+            options = options.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(read(&pki.ca)))
+                    .identity(etcd_client::Identity::from_pem(
+                        read(&pki.client.cert),
+                        read(&pki.client.key),
+                    )),
+            );
+        }
         match &self.auth {
             Some((user, password)) => options.with_user(user.clone(), password.clone()),
             None => options,
@@ -213,9 +304,10 @@ impl EtcdServer {
         SocketAddr::from(([127, 0, 0, 1], self.client_port))
     }
 
-    /// The client URL.
+    /// The client URL (`https://` over TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr())
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr())
     }
 
     /// An admin client (authenticated when auth is on).
@@ -236,7 +328,25 @@ impl EtcdServer {
 pub struct EtcdHarness {
     server: EtcdServer,
     extra: Arc<Mutex<Vec<EtcdServer>>>,
+    /// Over TLS ([`start_tls`](Self::start_tls)): how every client connects.
+    setup: ClientSetup,
 }
+
+/// How a harness client reaches its server.
+#[derive(Debug, Clone, Default)]
+struct ClientSetup {
+    /// `https://` with these files, or `http://`.
+    tls: Option<TlsFiles>,
+    /// The server name to expect instead of the endpoint's host.
+    domain: Option<String>,
+    /// `root`'s password file.
+    password_file: Option<std::path::PathBuf>,
+    /// The PKI of a TLS harness.
+    pki: Option<Arc<TestPki>>,
+}
+
+/// `root`'s password on [`EtcdHarness::start_tls`]'s server; its clients read it from a file.
+pub const ETCD_TLS_PASSWORD: &str = "etcd-tls-harness-password";
 
 impl EtcdHarness {
     /// Starts a server for this harness.
@@ -244,7 +354,53 @@ impl EtcdHarness {
         EtcdHarness {
             server: EtcdServer::start().await,
             extra: Arc::default(),
+            setup: ClientSetup::default(),
         }
+    }
+
+    /// Starts a TLS-only server ([`EtcdServer::start_tls`], client certificates required) with
+    /// authentication on; every client connects with `https://`, the PKI's CA and client
+    /// certificate, as `root` with the password from a file ([`EtcdConfig::password_file`]).
+    pub async fn start_tls() -> EtcdHarness {
+        let pki = Arc::new(TestPki::new());
+        let password_file = pki.dir().join("etcd-password");
+        std::fs::write(&password_file, format!("{ETCD_TLS_PASSWORD}\n"))
+            .unwrap_or_else(|e| panic!("password file: {e}"));
+        let server =
+            EtcdServer::start_tls(pki.clone(), ServerCert::Good, Some(ETCD_TLS_PASSWORD)).await;
+        EtcdHarness {
+            setup: ClientSetup {
+                tls: Some(server.tls_files()),
+                domain: None,
+                password_file: Some(password_file),
+                pki: Some(pki),
+            },
+            server,
+            extra: Arc::default(),
+        }
+    }
+
+    /// A client set up as `setup` says, through a new proxy to `target`.
+    async fn client_with(target: SocketAddr, setup: &ClientSetup) -> TestClient {
+        let (mut config, proxy) = Self::config_via(target).await;
+        if let Some(files) = &setup.tls {
+            config.endpoints = vec![format!("https://{}", proxy.addr())];
+            config.tls_files = files.clone();
+            config.tls_server_name = setup.domain.clone();
+        }
+        if let Some(path) = &setup.password_file {
+            config.user = Some(("root".to_owned(), String::new()));
+            config.password_file = Some(path.clone());
+        }
+        let backend = EtcdBackend::new(config);
+        TestClient::new(Arc::new(backend), Arc::new(ProxyFaults::uncounted(proxy)))
+    }
+
+    fn keep(&self, server: EtcdServer) {
+        self.extra
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(server);
     }
 
     /// The server, to restart it.
@@ -268,6 +424,13 @@ impl EtcdHarness {
         target: SocketAddr,
         user: Option<(&str, &str)>,
     ) -> (EtcdBackend, Arc<Proxy>) {
+        let (mut config, proxy) = Self::config_via(target).await;
+        config.user = user.map(|(name, password)| (name.to_owned(), password.to_owned()));
+        (EtcdBackend::new(config), proxy)
+    }
+
+    /// The harness's client config (plain text) through a new proxy to `target`.
+    async fn config_via(target: SocketAddr) -> (EtcdConfig, Arc<Proxy>) {
         let proxy = Arc::new(
             Proxy::start(target)
                 .await
@@ -280,8 +443,7 @@ impl EtcdHarness {
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
         });
-        config.user = user.map(|(name, password)| (name.to_owned(), password.to_owned()));
-        (EtcdBackend::new(config), proxy)
+        (config, proxy)
     }
 }
 
@@ -301,19 +463,30 @@ impl Harness for EtcdHarness {
     }
 
     async fn client(&self) -> TestClient {
-        let (backend, proxy) = Self::client_via(self.server.addr()).await;
-        TestClient::new(Arc::new(backend), Arc::new(ProxyFaults::uncounted(proxy)))
+        Self::client_with(self.server.addr(), &self.setup).await
     }
 
     async fn outage(&self) -> Outage {
         let port = free_port();
-        let (backend, proxy) = Self::client_via(SocketAddr::from(([127, 0, 0, 1], port))).await;
+        let client = Self::client_with(SocketAddr::from(([127, 0, 0, 1], port)), &self.setup).await;
         let extra = self.extra.clone();
+        let pki = self.setup.pki.clone();
         Outage {
-            client: TestClient::new(Arc::new(backend), Arc::new(ProxyFaults::uncounted(proxy))),
+            client,
             restore: Box::new(move || {
                 Box::pin(async move {
-                    let server = EtcdServer::start_on(port).await;
+                    let server = match pki {
+                        Some(pki) => {
+                            EtcdServer::start_tls_on(
+                                port,
+                                pki,
+                                ServerCert::Good,
+                                Some(ETCD_TLS_PASSWORD),
+                            )
+                            .await
+                        }
+                        None => EtcdServer::start_on(port).await,
+                    };
                     extra
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
@@ -374,6 +547,80 @@ impl Harness for EtcdHarness {
         let mut slash = crate::Timing::FAST.config("a", "x");
         slash.lease_name = "ends-with-slash/".into();
         vec![(slash, "lease_name")]
+    }
+
+    fn over_tls(&self) -> bool {
+        self.setup.tls.is_some()
+    }
+
+    async fn faulty_client(&self, fault: CredentialFault) -> Option<TestClient> {
+        let pki = self.setup.pki.clone()?;
+        let good = self.setup.clone();
+        let files = |ca: &std::path::Path, client: Option<&crate::CertFiles>| {
+            Some(TlsFiles {
+                ca: Some(ca.to_owned()),
+                cert: client.map(|c| c.cert.clone()),
+                key: client.map(|c| c.key.clone()),
+            })
+        };
+        let here = self.server.addr();
+        let (target, setup) = match fault {
+            CredentialFault::UnknownCa => (
+                here,
+                ClientSetup {
+                    tls: files(&pki.other_ca, Some(&pki.client)),
+                    ..good
+                },
+            ),
+            // The server's certificate is for 127.0.0.1 and localhost: expect another name.
+            CredentialFault::WrongName => (
+                here,
+                ClientSetup {
+                    domain: Some("elsewhere.invalid".into()),
+                    ..good
+                },
+            ),
+            CredentialFault::Expired => {
+                let server = EtcdServer::start_tls(pki.clone(), ServerCert::Expired, None).await;
+                let addr = server.addr();
+                self.keep(server);
+                (addr, good)
+            }
+            CredentialFault::NoClientCert => (
+                here,
+                ClientSetup {
+                    tls: files(&pki.ca, None),
+                    ..good
+                },
+            ),
+            CredentialFault::WrongClientCert => (
+                here,
+                ClientSetup {
+                    tls: files(&pki.ca, Some(&pki.foreign_client)),
+                    ..good
+                },
+            ),
+            CredentialFault::PlainToTls => (here, ClientSetup { tls: None, ..good }),
+            CredentialFault::TlsToPlain => {
+                let server = EtcdServer::start().await;
+                let addr = server.addr();
+                self.keep(server);
+                (addr, good)
+            }
+            CredentialFault::WrongPassword => {
+                let wrong = pki.dir().join("etcd-wrong-password");
+                std::fs::write(&wrong, "not-the-password\n")
+                    .unwrap_or_else(|e| panic!("password file: {e}"));
+                (
+                    here,
+                    ClientSetup {
+                        password_file: Some(wrong),
+                        ..good
+                    },
+                )
+            }
+        };
+        Some(Self::client_with(target, &setup).await)
     }
 }
 

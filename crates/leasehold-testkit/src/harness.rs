@@ -279,4 +279,69 @@ pub trait Harness: Send + Sync + 'static {
     fn invalid_configs(&self) -> Vec<(Config, &'static str)> {
         Vec::new()
     }
+
+    /// Whether this harness's clients reach the server over TLS (with a password from a file
+    /// where the backend has passwords). Default `false`.
+    fn over_tls(&self) -> bool {
+        false
+    }
+
+    /// A client set up wrongly as `fault` says (for a TLS harness), and the error its calls
+    /// must fail with; `None` when the harness cannot make that fault. Default `None`.
+    async fn faulty_client(&self, fault: CredentialFault) -> Option<TestClient> {
+        let _ = fault;
+        None
+    }
+}
+
+/// A client set up wrongly, for [`Harness::faulty_client`]: each must fail with a typed, fatal
+/// error that names it (see [`CredentialFault::expected`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CredentialFault {
+    /// The client trusts another CA than the one that signed the server's certificate.
+    UnknownCa,
+    /// The server's certificate is for another name.
+    WrongName,
+    /// The server's certificate has expired.
+    Expired,
+    /// The client sends no certificate to a server that requires one.
+    NoClientCert,
+    /// The client's certificate is signed by a CA the server does not trust.
+    WrongClientCert,
+    /// The client speaks plain text to the TLS port.
+    PlainToTls,
+    /// The client speaks TLS to a plain-text port.
+    TlsToPlain,
+    /// The password (from the password file) is wrong.
+    WrongPassword,
+}
+
+impl CredentialFault {
+    /// Every fault.
+    pub const ALL: [CredentialFault; 8] = [
+        CredentialFault::UnknownCa,
+        CredentialFault::WrongName,
+        CredentialFault::Expired,
+        CredentialFault::NoClientCert,
+        CredentialFault::WrongClientCert,
+        CredentialFault::PlainToTls,
+        CredentialFault::TlsToPlain,
+        CredentialFault::WrongPassword,
+    ];
+
+    /// Whether `error` is the one this fault must give.
+    pub fn expected(self, error: &leasehold_core::BackendError) -> bool {
+        use leasehold_core::{BackendError, TlsProblem};
+        let tls = |want: &[TlsProblem]| matches!(error, BackendError::Tls { problem, .. } if want.contains(problem));
+        match self {
+            CredentialFault::UnknownCa => tls(&[TlsProblem::UnknownCa]),
+            CredentialFault::WrongName => tls(&[TlsProblem::WrongName]),
+            CredentialFault::Expired => tls(&[TlsProblem::Expired]),
+            CredentialFault::NoClientCert => tls(&[TlsProblem::ClientCertRequired]),
+            CredentialFault::WrongClientCert => tls(&[TlsProblem::ClientCertRejected]),
+            CredentialFault::PlainToTls => tls(&[TlsProblem::ServerRequiresTls]),
+            CredentialFault::TlsToPlain => tls(&[TlsProblem::ServerNotTls]),
+            CredentialFault::WrongPassword => matches!(error, BackendError::Unauthorized { .. }),
+        }
+    }
 }

@@ -45,6 +45,9 @@ mod harness;
 mod kube_server;
 mod memory;
 mod node;
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub mod pki;
 #[cfg(feature = "postgres")]
 mod postgres_server;
 pub mod process;
@@ -60,8 +63,10 @@ pub use checker::{Interval, SafetyChecker, SafetyReport, SafetyViolation};
 pub use client_go::{client_go_elector_binary, GoElector, GoEvent};
 #[cfg(feature = "etcd")]
 #[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
-pub use etcd_server::{EtcdHarness, EtcdServer, APP_KEY_PREFIX, APP_USER, MALFORMED_VALUE};
-pub use harness::{FaultSwitch, Harness, Outage, TestClient, Timing};
+pub use etcd_server::{
+    EtcdHarness, EtcdServer, APP_KEY_PREFIX, APP_USER, ETCD_TLS_PASSWORD, MALFORMED_VALUE,
+};
+pub use harness::{CredentialFault, FaultSwitch, Harness, Outage, TestClient, Timing};
 #[cfg(feature = "kube")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kube")))]
 pub use kube_server::{
@@ -70,6 +75,9 @@ pub use kube_server::{
 };
 pub use memory::MemoryHarness;
 pub use node::{Node, NodeEvent};
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub use pki::{CertFiles, ServerCert, TestPki};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres_server::{PostgresHarness, PostgresServer, PG_GARBAGE, PG_USER};
@@ -78,6 +86,7 @@ pub use process::free_port;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis_server::{
     Persistence, RedisCluster, RedisClusterHarness, RedisHarness, RedisServer, GARBAGE,
+    TLS_PASSWORD,
 };
 
 /// Sends `tracing` output to the test's captured output when `RUST_LOG` is set (e.g.
@@ -129,6 +138,7 @@ macro_rules! conformance_tests {
             transfer_to_absent_candidate_falls_back,
             transfer_while_partitioned_fails,
             transfer_requested_from_outside,
+            credential_faults_are_typed_and_fatal,
         );
     };
     (@each #[$attr:meta], $harness:expr, $($scenario:ident),+ $(,)?) => {

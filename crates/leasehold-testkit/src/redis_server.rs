@@ -9,9 +9,11 @@ use leasehold_core::async_trait;
 use leasehold_redis::{RedisBackend, RedisConfig};
 use tokio::process::Command;
 
-use crate::harness::{FaultSwitch, Harness, Outage, TestClient};
+use crate::harness::{CredentialFault, FaultSwitch, Harness, Outage, TestClient};
+use crate::pki::{ServerCert, TestPki};
 use crate::process::{free_port, wait_ready, ServerProcess};
 use crate::proxy::{Proxy, ProxyFaults};
+use leasehold_core::TlsFiles;
 
 /// How a [`RedisServer`] keeps its data on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +56,9 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     /// The copy of the data files taken by [`RedisServer::snapshot`].
     saved: Option<tempfile::TempDir>,
+    /// TLS only (`--port 0 --tls-port`, client certificates required), with this PKI's
+    /// certificate `.1`.
+    tls: Option<(Arc<TestPki>, ServerCert)>,
     process: ServerProcess,
 }
 
@@ -113,7 +118,49 @@ impl RedisServer {
             persistence: Persistence::None,
             dir,
             saved: None,
+            tls: None,
             process: ServerProcess::default(),
+        }
+    }
+
+    /// Starts a server that speaks TLS only (`--port 0 --tls-port`), presents `cert` of `pki`,
+    /// requires client certificates signed by `pki`'s CA (`--tls-auth-clients yes`), and
+    /// `password` when given.
+    pub async fn start_tls(
+        pki: Arc<TestPki>,
+        cert: ServerCert,
+        password: Option<&str>,
+    ) -> RedisServer {
+        Self::start_tls_on(free_port(), pki, cert, password).await
+    }
+
+    /// [`start_tls`](Self::start_tls) on `port`.
+    pub async fn start_tls_on(
+        port: u16,
+        pki: Arc<TestPki>,
+        cert: ServerCert,
+        password: Option<&str>,
+    ) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+        let mut server = Self::new(port, password.map(str::to_owned), Vec::new(), dir);
+        server.tls = Some((pki, cert));
+        server.spawn().await;
+        if cert == ServerCert::Good {
+            server.mark_long_known().await;
+        }
+        server
+    }
+
+    /// The TLS files a good client of this server uses (its PKI's CA, client certificate and
+    /// key); empty for a plain-text server.
+    pub fn tls_files(&self) -> TlsFiles {
+        match &self.tls {
+            Some((pki, _)) => TlsFiles {
+                ca: Some(pki.ca.clone()),
+                cert: Some(pki.client.cert.clone()),
+                key: Some(pki.client.key.clone()),
+            },
+            None => TlsFiles::default(),
         }
     }
 
@@ -137,7 +184,7 @@ impl RedisServer {
     /// Restarts ([`restart`](Self::restart), [`crash_restart`](Self::crash_restart)) do not
     /// do this, so they get the wait.
     async fn mark_long_known(&self) {
-        let key = RedisBackend::from_url(&self.url())
+        let key = RedisBackend::new(RedisConfig::new(self.url()))
             .unwrap_or_else(|e| panic!("{e}"))
             .server_key();
         let mut c = self
@@ -169,9 +216,23 @@ impl RedisServer {
 
     async fn spawn(&self) {
         let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.arg("--port").arg(self.port.to_string()),
+            Some((pki, cert)) => {
+                let files = pki.server_cert(*cert);
+                command
+                    .args(["--port", "0", "--tls-port"])
+                    .arg(self.port.to_string())
+                    .arg("--tls-cert-file")
+                    .arg(&files.cert)
+                    .arg("--tls-key-file")
+                    .arg(&files.key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&pki.ca)
+                    .args(["--tls-auth-clients", "yes"])
+            }
+        };
         command
-            .arg("--port")
-            .arg(self.port.to_string())
             .args(["--bind", "127.0.0.1"])
             .args(self.persistence.args())
             .arg("--dir")
@@ -327,18 +388,38 @@ impl RedisServer {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
-    /// `redis://` URL of the server (with the password, if any).
+    /// `redis://` URL of the server (with the password, if any); `rediss://` over TLS.
     pub fn url(&self) -> String {
-        url_for(self.addr(), self.password.as_deref())
+        url_for(self.addr(), self.password.as_deref(), self.tls.is_some())
     }
 
-    /// A plain client of the server, for test set-up and inspection.
+    /// A client of the server (with the good client certificate over TLS), for test set-up and
+    /// inspection.
     ///
     /// # Panics
     ///
     /// When the URL is invalid (it never is).
     pub fn client(&self) -> redis::Client {
-        redis::Client::open(self.url()).unwrap_or_else(|e| panic!("redis url: {e}"))
+        let url = self.url();
+        match &self.tls {
+            None => redis::Client::open(url),
+            Some((pki, _)) => {
+                let read = |path: &std::path::Path| {
+                    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+                };
+                redis::Client::build_with_tls(
+                    url,
+                    redis::TlsCertificates {
+                        client_tls: Some(redis::ClientTlsConfig {
+                            client_cert: read(&pki.client.cert),
+                            client_key: read(&pki.client.key),
+                        }),
+                        root_cert: Some(read(&pki.ca)),
+                    },
+                )
+            }
+        }
+        .unwrap_or_else(|e| panic!("redis url: {e}"))
     }
 }
 
@@ -364,10 +445,11 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
-fn url_for(addr: SocketAddr, password: Option<&str>) -> String {
+fn url_for(addr: SocketAddr, password: Option<&str>, tls: bool) -> String {
+    let scheme = if tls { "rediss" } else { "redis" };
     match password {
-        Some(password) => format!("redis://:{password}@{addr}/0"),
-        None => format!("redis://{addr}/0"),
+        Some(password) => format!("{scheme}://:{password}@{addr}/0"),
+        None => format!("{scheme}://{addr}/0"),
     }
 }
 
@@ -378,7 +460,22 @@ pub struct RedisHarness {
     server: RedisServer,
     /// Servers started by [`Harness::outage`] restores, kept alive until the harness drops.
     extra: Arc<Mutex<Vec<RedisServer>>>,
+    /// Over TLS ([`start_tls`](Self::start_tls)): how every client connects.
+    setup: ClientSetup,
 }
+
+/// How a harness client reaches its server: TLS files and a password file, or neither.
+#[derive(Debug, Clone, Default)]
+struct ClientSetup {
+    /// `rediss://` with these files, or `redis://`.
+    tls: Option<TlsFiles>,
+    password_file: Option<std::path::PathBuf>,
+    /// The PKI of a TLS harness, and the password its servers require.
+    pki: Option<Arc<TestPki>>,
+}
+
+/// The password of [`RedisHarness::start_tls`]'s server, which its clients read from a file.
+pub const TLS_PASSWORD: &str = "redis-tls-harness-password";
 
 impl RedisHarness {
     /// Starts a server for this harness.
@@ -391,7 +488,37 @@ impl RedisHarness {
         RedisHarness {
             server: RedisServer::start_persistent(persistence).await,
             extra: Arc::default(),
+            setup: ClientSetup::default(),
         }
+    }
+
+    /// Starts a TLS-only server ([`RedisServer::start_tls`], client certificates required)
+    /// that requires [`TLS_PASSWORD`]; every client connects with `rediss://`, the PKI's CA and
+    /// client certificate, and the password from a file ([`RedisConfig::password_file`]).
+    pub async fn start_tls() -> RedisHarness {
+        let pki = Arc::new(TestPki::new());
+        let password_file = pki.dir().join("redis-password");
+        std::fs::write(&password_file, format!("{TLS_PASSWORD}\n"))
+            .unwrap_or_else(|e| panic!("password file: {e}"));
+        let server =
+            RedisServer::start_tls(pki.clone(), ServerCert::Good, Some(TLS_PASSWORD)).await;
+        RedisHarness {
+            setup: ClientSetup {
+                tls: Some(server.tls_files()),
+                password_file: Some(password_file),
+                pki: Some(pki),
+            },
+            server,
+            extra: Arc::default(),
+        }
+    }
+
+    /// Keeps `server` until the harness drops.
+    fn keep(&self, server: RedisServer) {
+        self.extra
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(server);
     }
 
     /// The server, to restart or kill it.
@@ -419,14 +546,16 @@ impl RedisHarness {
         (key, connection)
     }
 
-    /// A backend for `url` through a new proxy to `target`.
-    async fn client_via(target: SocketAddr, password: Option<&str>) -> TestClient {
+    /// A backend set up as `setup` says through a new proxy to `target`.
+    async fn client_via(target: SocketAddr, setup: &ClientSetup) -> TestClient {
         let proxy = Arc::new(
             Proxy::start(target)
                 .await
                 .unwrap_or_else(|e| panic!("proxy: {e}")),
         );
-        let mut config = RedisConfig::new(url_for(proxy.addr(), password));
+        let mut config = RedisConfig::new(url_for(proxy.addr(), None, setup.tls.is_some()));
+        config.tls = setup.tls.clone().unwrap_or_default();
+        config.password_file = setup.password_file.clone();
         config.connect_timeout = Duration::from_secs(1);
         config.response_timeout = Duration::from_secs(1);
         let backend = RedisBackend::new(config).unwrap_or_else(|e| panic!("redis backend: {e}"));
@@ -450,18 +579,30 @@ impl Harness for RedisHarness {
     }
 
     async fn client(&self) -> TestClient {
-        Self::client_via(self.server.addr(), None).await
+        Self::client_via(self.server.addr(), &self.setup).await
     }
 
     async fn outage(&self) -> Outage {
         let port = free_port();
-        let client = Self::client_via(SocketAddr::from(([127, 0, 0, 1], port)), None).await;
+        let client = Self::client_via(SocketAddr::from(([127, 0, 0, 1], port)), &self.setup).await;
         let extra = self.extra.clone();
+        let pki = self.setup.pki.clone();
         Outage {
             client,
             restore: Box::new(move || {
                 Box::pin(async move {
-                    let server = RedisServer::start_on(port, None).await;
+                    let server = match pki {
+                        Some(pki) => {
+                            RedisServer::start_tls_on(
+                                port,
+                                pki,
+                                ServerCert::Good,
+                                Some(TLS_PASSWORD),
+                            )
+                            .await
+                        }
+                        None => RedisServer::start_on(port, None).await,
+                    };
                     extra
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
@@ -513,6 +654,76 @@ impl Harness for RedisHarness {
         let mut braces = crate::Timing::FAST.config("a", "x");
         braces.lease_name = "bad{name}".into();
         vec![(braces, "lease_name")]
+    }
+
+    fn over_tls(&self) -> bool {
+        self.setup.tls.is_some()
+    }
+
+    async fn faulty_client(&self, fault: CredentialFault) -> Option<TestClient> {
+        let pki = self.setup.pki.clone()?;
+        let good = self.setup.clone();
+        let files = |ca: &std::path::Path, client: Option<&crate::CertFiles>| {
+            Some(TlsFiles {
+                ca: Some(ca.to_owned()),
+                cert: client.map(|c| c.cert.clone()),
+                key: client.map(|c| c.key.clone()),
+            })
+        };
+        let (target, setup) = match fault {
+            CredentialFault::UnknownCa => (
+                self.server.addr(),
+                ClientSetup {
+                    tls: files(&pki.other_ca, Some(&pki.client)),
+                    ..good
+                },
+            ),
+            CredentialFault::WrongName | CredentialFault::Expired => {
+                let cert = if fault == CredentialFault::Expired {
+                    ServerCert::Expired
+                } else {
+                    ServerCert::WrongName
+                };
+                let server = RedisServer::start_tls(pki.clone(), cert, Some(TLS_PASSWORD)).await;
+                let addr = server.addr();
+                self.keep(server);
+                (addr, good)
+            }
+            CredentialFault::NoClientCert => (
+                self.server.addr(),
+                ClientSetup {
+                    tls: files(&pki.ca, None),
+                    ..good
+                },
+            ),
+            CredentialFault::WrongClientCert => (
+                self.server.addr(),
+                ClientSetup {
+                    tls: files(&pki.ca, Some(&pki.foreign_client)),
+                    ..good
+                },
+            ),
+            CredentialFault::PlainToTls => (self.server.addr(), ClientSetup { tls: None, ..good }),
+            CredentialFault::TlsToPlain => {
+                let server = RedisServer::start_with_password(TLS_PASSWORD).await;
+                let addr = server.addr();
+                self.keep(server);
+                (addr, good)
+            }
+            CredentialFault::WrongPassword => {
+                let wrong = pki.dir().join("redis-wrong-password");
+                std::fs::write(&wrong, "not-the-password\n")
+                    .unwrap_or_else(|e| panic!("password file: {e}"));
+                (
+                    self.server.addr(),
+                    ClientSetup {
+                        password_file: Some(wrong),
+                        ..good
+                    },
+                )
+            }
+        };
+        Some(Self::client_via(target, &setup).await)
     }
 }
 

@@ -1674,3 +1674,47 @@ pub async fn transfer_requested_from_outside<H: Harness + ?Sized>(h: &H) {
     let leaders: Vec<&str> = intervals.iter().map(|i| i.identity.as_str()).collect();
     assert_eq!(leaders[..2], ["a", "c"], "terms: {intervals:?}");
 }
+
+/// Each way a client can be set up wrongly ([`CredentialFault`](crate::CredentialFault): a CA,
+/// server name, expiry or client certificate the other side refuses, plain text and TLS
+/// crossed, a wrong password from its file) fails with the typed error naming it: from a read,
+/// and as the elector's result, fatal (it stops; it does not retry as after an outage). Nobody
+/// leads. Runs on harnesses over TLS; they must make every fault.
+pub async fn credential_faults_are_typed_and_fatal<H: Harness + ?Sized>(h: &H) {
+    if !h.over_tls() {
+        return;
+    }
+    let t = h.timing();
+    let mut checked = Vec::new();
+    for fault in crate::CredentialFault::ALL {
+        let Some(client) = h.faulty_client(fault).await else {
+            continue;
+        };
+        let lock = lock_name("credentials");
+        match client.backend.read(&lock).await {
+            Err(error) if fault.expected(&error) => {
+                assert!(error.is_fatal(), "{fault:?}: {error} must be fatal");
+            }
+            other => panic!("{fault:?}: a read must fail with the error naming it: {other:?}"),
+        }
+        let checker = SafetyChecker::new();
+        let mut node = Node::start(t.config("a", &lock), client, &checker, Duration::ZERO);
+        wait_for(
+            &format!("the elector to stop on the fatal error of {fault:?}"),
+            4 * t.lease_duration,
+            || node.has_exited(),
+        )
+        .await;
+        match node.stop().await {
+            Err(leasehold_core::ElectorError::Backend(error)) if fault.expected(&error) => {}
+            other => panic!("{fault:?}: the elector must stop with the error naming it: {other:?}"),
+        }
+        assert!(checker.intervals().is_empty(), "{fault:?}: nobody leads");
+        checked.push(fault);
+    }
+    assert_eq!(
+        checked,
+        crate::CredentialFault::ALL,
+        "a harness over TLS makes every fault"
+    );
+}
