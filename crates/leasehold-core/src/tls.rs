@@ -151,7 +151,7 @@ pub enum CredentialFileError {
         expected: &'static str,
     },
     /// A client certificate without its key, or a key without its certificate.
-    #[error("a client certificate needs its key and a key its certificate: give both (--tls-cert and --tls-key)")]
+    #[error("a client certificate needs its key and a key its certificate: give both")]
     IncompleteIdentity,
 }
 

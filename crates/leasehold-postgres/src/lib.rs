@@ -50,6 +50,7 @@
 #![deny(missing_docs)]
 
 mod hub;
+mod passfile;
 mod record;
 mod sql;
 mod tls;
@@ -70,7 +71,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
+use crate::passfile::PasswordSource;
 pub use crate::tls::SslMode;
+use leasehold_core::tls::CredentialFileError;
+pub use leasehold_core::TlsFiles;
+use leasehold_core::TlsProblem;
 
 /// Configuration of a [`PostgresBackend`].
 #[derive(Clone)]
@@ -82,6 +87,18 @@ pub struct PostgresConfig {
     /// A PEM file of the root certificates to trust (`sslrootcert`); without it, the webpki
     /// roots.
     pub ssl_root_cert: Option<PathBuf>,
+    /// The client certificate (chain) to present, PEM (`sslcert`); needs `ssl_key`. Read when
+    /// the backend is made.
+    pub ssl_cert: Option<PathBuf>,
+    /// The client certificate's private key, PEM (`sslkey`).
+    pub ssl_key: Option<PathBuf>,
+    /// libpq's password file (`passfile`, the `.pgpass` format:
+    /// `hostname:port:database:username:password`, `*` for any), used when the URL has no
+    /// password. Read at every connect, so a rotated password reaches the next connection.
+    pub passfile: Option<PathBuf>,
+    /// A file holding the password alone (`leasehold transfer --backend-password-file`), used
+    /// when the URL has no password; read at every connect. Default `None`.
+    pub password_file: Option<PathBuf>,
     /// Schema of the lease table (`leasehold_schema`). Default `public`.
     pub schema: String,
     /// Name of the lease table (`leasehold_table`). Default `leasehold_locks`.
@@ -106,6 +123,11 @@ impl std::fmt::Debug for PostgresConfig {
         f.debug_struct("PostgresConfig")
             .field("address", &address(&self.connection))
             .field("ssl_mode", &self.ssl_mode)
+            .field("ssl_root_cert", &self.ssl_root_cert)
+            .field("ssl_cert", &self.ssl_cert)
+            .field("ssl_key", &self.ssl_key)
+            .field("passfile", &self.passfile)
+            .field("password_file", &self.password_file)
             .field("schema", &self.schema)
             .field("table", &self.table)
             .field("setup", &self.setup)
@@ -137,6 +159,9 @@ pub enum PostgresConfigError {
     /// The TLS configuration could not be built (an unreadable `sslrootcert`).
     #[error("TLS: {0}")]
     Tls(String),
+    /// A certificate or key file cannot be used.
+    #[error(transparent)]
+    CredentialFile(#[from] CredentialFileError),
 }
 
 /// `url` with its credentials replaced by `***`, for logs and errors:
@@ -188,6 +213,8 @@ impl PostgresConfig {
     /// |---|---|---|
     /// | `sslmode` | `disable`, `prefer`, `require`, `verify-ca`, `verify-full` | `prefer` |
     /// | `sslrootcert` | PEM file of the roots to trust | webpki roots |
+    /// | `sslcert`, `sslkey` | client certificate and key (PEM) | none |
+    /// | `passfile` | libpq's password file (`.pgpass` format), read at each connect | none |
     /// | `connect_timeout` | seconds | 5 |
     /// | `leasehold_statement_timeout_ms` | one statement's timeout | 5000 |
     /// | `leasehold_schema` | schema of the lease table | `public` |
@@ -212,6 +239,10 @@ impl PostgresConfig {
             connection: tokio_postgres::Config::new(),
             ssl_mode: SslMode::Prefer,
             ssl_root_cert: None,
+            ssl_cert: None,
+            ssl_key: None,
+            passfile: None,
+            password_file: None,
             schema: "public".into(),
             table: "leasehold_locks".into(),
             setup: true,
@@ -230,6 +261,9 @@ impl PostgresConfig {
                     })?;
                 }
                 "sslrootcert" => config.ssl_root_cert = Some(PathBuf::from(percent_decode(value))),
+                "sslcert" => config.ssl_cert = Some(PathBuf::from(percent_decode(value))),
+                "sslkey" => config.ssl_key = Some(PathBuf::from(percent_decode(value))),
+                "passfile" => config.passfile = Some(PathBuf::from(percent_decode(value))),
                 "connect_timeout" => {
                     let secs: u64 = value.parse().map_err(|_| bad("whole seconds"))?;
                     config.connect_timeout = Duration::from_secs(secs.max(1));
@@ -320,13 +354,29 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    futures::stream::poll_fn(move |cx| connection.poll_message(cx)).boxed()
+    // `None` and `Some(Err(_))` are terminal: tokio-postgres says not to poll again, and over
+    // TLS a dead connection answers every later poll with the same error at once (a task
+    // driving it would spin for ever).
+    let mut ended = false;
+    futures::stream::poll_fn(move |cx| {
+        if ended {
+            return std::task::Poll::Ready(None);
+        }
+        let polled = connection.poll_message(cx);
+        ended = matches!(polled, std::task::Poll::Ready(None | Some(Err(_))));
+        polled
+    })
+    .boxed()
 }
 
 /// Opens connections: the parameters, TLS, timeouts and error mapping shared by the command
 /// connection and the `LISTEN` connection.
 pub(crate) struct Opener {
     connection: tokio_postgres::Config,
+    /// Read at every connect.
+    password: Option<PasswordSource>,
+    presents_certificate: bool,
+    ssl_mode: SslMode,
     tls: Option<Arc<rustls::ClientConfig>>,
     pub(crate) address: String,
     connect_timeout: Duration,
@@ -341,24 +391,116 @@ impl Opener {
         &self,
         operation: &'static str,
     ) -> Result<(Client, Messages), BackendError> {
+        let parameters = self.parameters()?;
         let connect = async {
             match &self.tls {
                 None => {
-                    let (client, connection) = self.connection.connect(NoTls).await?;
+                    let (client, connection) = parameters.connect(NoTls).await?;
                     Ok((client, messages(connection)))
                 }
                 Some(tls) => {
                     let make = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
-                    let (client, connection) = self.connection.connect(make).await?;
+                    let (client, connection) = parameters.connect(make).await?;
                     Ok((client, messages(connection)))
                 }
             }
         };
         match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(opened)) => Ok(opened),
-            Ok(Err(e)) => Err(self.map_error(operation, &e)),
+            Ok(Err(e)) => Err(self.connect_error(operation, &e).await),
             Err(_) => Err(self.timeout("connect", self.connect_timeout)),
         }
+    }
+
+    /// The connection parameters, with the password from its file read now.
+    fn parameters(&self) -> Result<std::borrow::Cow<'_, tokio_postgres::Config>, BackendError> {
+        let Some(source) = &self.password else {
+            return Ok(std::borrow::Cow::Borrowed(&self.connection));
+        };
+        let config = &self.connection;
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+            None => "localhost".into(),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let user = config.get_user().unwrap_or_default();
+        let database = config.get_dbname().unwrap_or(user);
+        let password = source.password(&host, port, database, user).map_err(|e| {
+            BackendError::InvalidConfig {
+                backend: format!("postgres at {}", self.address),
+                source: e.into(),
+            }
+        })?;
+        let mut config = config.clone();
+        if let Some(password) = password {
+            config.password(password);
+        }
+        Ok(std::borrow::Cow::Owned(config))
+    }
+
+    /// A failed connect, mapped: a TLS problem in the error, or (asking the server whether it
+    /// speaks TLS, one `SSLRequest`) TLS and plain text crossed, is a fatal
+    /// [`BackendError::Tls`]; the rest as [`map_error`](Self::map_error).
+    async fn connect_error(&self, operation: &str, error: &tokio_postgres::Error) -> BackendError {
+        let tls = |problem: TlsProblem| BackendError::Tls {
+            backend: format!("postgres at {}", self.address),
+            problem: problem.for_client(self.presents_certificate),
+            detail: format!("{operation}: {}", error_text(error)),
+        };
+        if let Some(problem) = leasehold_core::tls::classify(error) {
+            return tls(problem);
+        }
+        let refused = error.code() == Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION);
+        match (&self.tls, self.ssl_mode) {
+            (None, _) if refused && self.server_ssl().await == Some(b'S') => {
+                return tls(TlsProblem::ServerRequiresTls);
+            }
+            (Some(_), mode)
+                if mode != SslMode::Prefer
+                    && error.as_db_error().is_none()
+                    && self.server_ssl().await == Some(b'N') =>
+            {
+                return tls(TlsProblem::ServerNotTls);
+            }
+            // The server took the handshake without a certificate, then its pg_hba.conf
+            // (`clientcert=verify-ca`, or `cert`) refused the connection for the lack of one.
+            (Some(_), _)
+                if refused
+                    && !self.presents_certificate
+                    && error
+                        .as_db_error()
+                        .is_some_and(|db| db.message().contains("certificate")) =>
+            {
+                return tls(TlsProblem::ClientCertRequired);
+            }
+            _ => {}
+        }
+        self.map_error(operation, error)
+    }
+
+    /// The server's answer to an `SSLRequest` (`S`: it speaks TLS, `N`: it does not), or
+    /// `None` when it cannot be asked within the connect timeout.
+    async fn server_ssl(&self) -> Option<u8> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (host, port) = self.address.rsplit_once(':')?;
+        let port: u16 = port.parse().ok()?;
+        let ask = async {
+            let mut stream = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+            // Length 8, then the SSLRequest code 80877103.
+            stream
+                .write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+                .await
+                .ok()?;
+            let mut answer = [0u8; 1];
+            stream.read_exact(&mut answer).await.ok()?;
+            Some(answer[0])
+        };
+        tokio::time::timeout(self.connect_timeout, ask)
+            .await
+            .ok()
+            .flatten()
     }
 
     pub(crate) fn timeout(&self, operation: &'static str, after: Duration) -> BackendError {
@@ -525,9 +667,27 @@ impl PostgresBackend {
     /// When the schema or table names are invalid, or the TLS settings cannot be used.
     pub fn new(config: PostgresConfig) -> Result<Self, PostgresConfigError> {
         config.check()?;
-        let tls = tls::client_config(config.ssl_mode, config.ssl_root_cert.as_deref())
-            .map_err(PostgresConfigError::Tls)?
-            .map(Arc::new);
+        let files = TlsFiles {
+            ca: None,
+            cert: config.ssl_cert.clone(),
+            key: config.ssl_key.clone(),
+        };
+        let identity = files.read()?.identity;
+        let tls = tls::client_config(
+            config.ssl_mode,
+            config.ssl_root_cert.as_deref(),
+            identity
+                .as_ref()
+                .map(|(cert, key)| (cert.as_slice(), key.as_slice())),
+        )
+        .map_err(PostgresConfigError::Tls)?
+        .map(Arc::new);
+        let password = match (&config.password_file, &config.passfile) {
+            _ if config.connection.get_password().is_some() => None,
+            (Some(file), _) => Some(PasswordSource::Plain(file.clone())),
+            (None, Some(file)) => Some(PasswordSource::PgPass(file.clone())),
+            (None, None) => None,
+        };
         let mut connection = config.connection.clone();
         connection.ssl_mode(match config.ssl_mode {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
@@ -542,6 +702,9 @@ impl PostgresBackend {
         let opener = Arc::new(Opener {
             address: address(&connection),
             connection,
+            password,
+            presents_certificate: identity.is_some(),
+            ssl_mode: config.ssl_mode,
             tls,
             connect_timeout: config.connect_timeout,
             statement_timeout: config.statement_timeout,

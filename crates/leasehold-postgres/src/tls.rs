@@ -4,11 +4,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WantsClientCert;
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, ConfigBuilder, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 /// libpq's `sslmode`, as this backend implements it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -41,11 +42,25 @@ impl SslMode {
     }
 }
 
-/// The rustls configuration for `mode`, or `None` for no TLS.
+/// The rustls configuration for `mode`, or `None` for no TLS; presenting `identity` (a client
+/// certificate chain and its key, PEM: `sslcert`, `sslkey`) when given.
 pub(crate) fn client_config(
     mode: SslMode,
     root_cert: Option<&Path>,
+    identity: Option<(&[u8], &[u8])>,
 ) -> Result<Option<ClientConfig>, String> {
+    let auth = |builder: ConfigBuilder<ClientConfig, WantsClientCert>| match identity {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("sslcert: {e}"))?;
+            let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("sslkey: {e}"))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("sslcert and sslkey: {e}"))
+        }
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verify = match (mode, root_cert) {
         (SslMode::Disable, _) => return Ok(None),
@@ -57,10 +72,11 @@ pub(crate) fn client_config(
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
     let Some(check_name) = verify else {
-        let config = builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoCheck(provider)))
-            .with_no_client_auth();
+        let config = auth(
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoCheck(provider))),
+        )?;
         return Ok(Some(config));
     };
     let mut roots = RootCertStore::empty();
@@ -87,12 +103,13 @@ pub(crate) fn client_config(
         .build()
         .map_err(|e| e.to_string())?;
     let config = if check_name {
-        builder.with_webpki_verifier(webpki).with_no_client_auth()
+        auth(builder.with_webpki_verifier(webpki))?
     } else {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyName(webpki)))
-            .with_no_client_auth()
+        auth(
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyName(webpki))),
+        )?
     };
     Ok(Some(config))
 }

@@ -8,6 +8,17 @@ leasehold_testkit::conformance_tests!(
     PostgresHarness::start().await
 );
 
+/// The whole suite again over TLS only (`verify-full`, client certificates required, the
+/// password from a `passfile`), with the credential faults' scenario, which runs only here.
+mod over_tls {
+    use leasehold_testkit::PostgresHarness;
+
+    leasehold_testkit::conformance_tests!(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)],
+        PostgresHarness::start_tls().await
+    );
+}
+
 mod postgres_specific {
     use std::time::Duration;
 
@@ -395,9 +406,20 @@ mod postgres_specific {
         assert!(encrypted >= 1, "no TLS connection of leasehold's");
         let backend = PostgresBackend::from_url(&url(&other.ca_cert(), "localhost")).expect("url");
         let c = Candidate::new(lock_name("tls-bad"), "a", Duration::from_secs(2));
+        // Typed and fatal: a CA that does not sign the server's certificate is no outage.
         match backend.try_acquire(&c).await {
-            Err(BackendError::Unavailable { detail, .. }) => {
-                assert!(detail.to_lowercase().contains("certificate"), "{detail}")
+            Err(error @ BackendError::Tls { .. }) => {
+                assert!(
+                    matches!(
+                        error,
+                        BackendError::Tls {
+                            problem: leasehold_core::TlsProblem::UnknownCa,
+                            ..
+                        }
+                    ),
+                    "{error}"
+                );
+                assert!(error.is_fatal());
             }
             other => panic!("verify-full with a foreign CA must fail, got {other:?}"),
         }

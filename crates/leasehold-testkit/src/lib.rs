@@ -80,7 +80,7 @@ pub use node::{Node, NodeEvent};
 pub use pki::{CertFiles, ServerCert, TestPki};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use postgres_server::{PostgresHarness, PostgresServer, PG_GARBAGE, PG_USER};
+pub use postgres_server::{PostgresHarness, PostgresServer, PG_GARBAGE, PG_TLS_PASSWORD, PG_USER};
 pub use process::free_port;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

@@ -16,7 +16,8 @@ use leasehold_core::async_trait;
 use leasehold_postgres::PostgresBackend;
 use tokio::process::{Child, Command};
 
-use crate::harness::{Harness, Outage, TestClient};
+use crate::harness::{CredentialFault, Harness, Outage, TestClient};
+use crate::pki::{ServerCert, TestPki};
 use crate::process::{free_port, wait_ready};
 use crate::proxy::{Proxy, ProxyFaults};
 
@@ -33,8 +34,12 @@ enum Security {
     Trust,
     /// `scram-sha-256` for TCP connections with this password.
     Password(String),
-    /// `trust`, with TLS (a CA made for the server; the CA's certificate is `ca.crt`).
+    /// `trust`, with TLS (plain text allowed too).
     Tls,
+    /// TLS only (`hostssl`), client certificates signed by the PKI's CA required
+    /// (`clientcert=verify-ca`), and `scram-sha-256` with this password; the admin connects
+    /// over a Unix socket.
+    MutualTls(String),
 }
 
 /// The unprivileged user the server runs as when the tests run as root.
@@ -50,6 +55,8 @@ struct RunAs {
 pub struct PostgresServer {
     port: u16,
     security: Security,
+    /// With TLS: the PKI, and which server certificate the server presents.
+    pki: Option<(Arc<TestPki>, ServerCert)>,
     run_as: Option<RunAs>,
     dir: tempfile::TempDir,
     child: Mutex<Option<Child>>,
@@ -174,14 +181,37 @@ impl PostgresServer {
     /// Starts a cluster with TLS, its certificate (for `localhost` and `127.0.0.1`) signed by
     /// a CA made for it ([`ca_cert`](Self::ca_cert)).
     pub async fn start_tls() -> PostgresServer {
-        Self::start_with(free_port(), Security::Tls).await
+        let pki = Arc::new(TestPki::new());
+        Self::start_full(free_port(), Security::Tls, Some((pki, ServerCert::Good))).await
+    }
+
+    /// Starts a cluster that takes TLS connections only (`hostssl`), presents `cert` of `pki`,
+    /// requires client certificates signed by `pki`'s CA (`clientcert=verify-ca`) and
+    /// `password` (`scram-sha-256`).
+    pub async fn start_mutual_tls(
+        port: u16,
+        pki: Arc<TestPki>,
+        cert: ServerCert,
+        password: &str,
+    ) -> PostgresServer {
+        let security = Security::MutualTls(password.to_owned());
+        Self::start_full(port, security, Some((pki, cert))).await
     }
 
     async fn start_with(port: u16, security: Security) -> PostgresServer {
+        Self::start_full(port, security, None).await
+    }
+
+    async fn start_full(
+        port: u16,
+        security: Security,
+        pki: Option<(Arc<TestPki>, ServerCert)>,
+    ) -> PostgresServer {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
         let server = PostgresServer {
             port,
             security,
+            pki,
             run_as: run_as(),
             dir,
             child: Mutex::default(),
@@ -204,7 +234,7 @@ impl PostgresServer {
             .args(["-U", PG_USER, "-E", "UTF8", "--locale=C", "--no-sync"])
             .args(["--no-instructions", "--auth-local=trust"]);
         match &self.security {
-            Security::Password(password) => {
+            Security::Password(password) | Security::MutualTls(password) => {
                 let file = root.join("pwfile");
                 std::fs::write(&file, password).unwrap_or_else(|e| panic!("pwfile: {e}"));
                 command
@@ -215,11 +245,30 @@ impl PostgresServer {
                 command.arg("--auth-host=trust");
             }
         }
-        if self.security == Security::Tls {
-            make_certificates(root).await;
+        if let Some((pki, cert)) = &self.pki {
+            // Copies the server may read (it runs as another user; the key must be its own).
+            let files = pki.server_cert(*cert);
+            for (from, to) in [
+                (&files.cert, "server.crt"),
+                (&files.key, "server.key"),
+                (&pki.ca, "ca.crt"),
+            ] {
+                std::fs::copy(from, root.join(to)).unwrap_or_else(|e| panic!("copy {to}: {e}"));
+            }
         }
         chown_tree(root, self.run_as.as_ref());
         run(command, "initdb").await;
+        if matches!(self.security, Security::MutualTls(_)) {
+            // TLS only, with a client certificate and the password; the admin on the socket.
+            let hba = self.data().join("pg_hba.conf");
+            std::fs::write(
+                &hba,
+                "local all all trust\n\
+                 hostssl all all 127.0.0.1/32 scram-sha-256 clientcert=verify-ca\n",
+            )
+            .unwrap_or_else(|e| panic!("pg_hba.conf: {e}"));
+            chown_tree(&hba, self.run_as.as_ref());
+        }
     }
 
     async fn spawn(&self) {
@@ -235,12 +284,15 @@ impl PostgresServer {
             .arg(self.data())
             .arg("-p")
             .arg(self.port.to_string())
-            .args([
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "unix_socket_directories=",
-            ])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(match self.security {
+                // The admin's way in when TCP takes TLS with a client certificate only.
+                Security::MutualTls(_) => {
+                    format!("unix_socket_directories={}", self.dir.path().display())
+                }
+                _ => "unix_socket_directories=".to_owned(),
+            })
             // Test data: no fsync (a killed server still keeps what it wrote: the OS has it).
             .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
             .args(["-c", "max_connections=300", "-c", "shared_buffers=16MB"])
@@ -259,7 +311,7 @@ impl PostgresServer {
             // connection's process included, can be stopped with one signal.
             .process_group(0)
             .kill_on_drop(true);
-        if self.security == Security::Tls {
+        if self.pki.is_some() {
             let dir = self.dir.path();
             command
                 .arg("-c")
@@ -271,6 +323,11 @@ impl PostgresServer {
                 ))
                 .arg("-c")
                 .arg(format!("ssl_key_file={}", dir.join("server.key").display()));
+            if matches!(self.security, Security::MutualTls(_)) {
+                command
+                    .arg("-c")
+                    .arg(format!("ssl_ca_file={}", dir.join("ca.crt").display()));
+            }
         }
         let child = command.spawn().unwrap_or_else(|e| {
             panic!("cannot start postgres ({e}); install it with scripts/test (Debian postgresql)")
@@ -366,14 +423,15 @@ impl PostgresServer {
     }
 
     /// A `postgres://` URL of the server through `addr` (the server's own, or a proxy's), with
-    /// the password if any, and `extra` query parameters.
+    /// the password if any (not for [`start_mutual_tls`](Self::start_mutual_tls): its clients
+    /// read it from a file), and `extra` query parameters.
     pub fn url_via(&self, addr: SocketAddr, extra: &str) -> String {
         let user = match &self.security {
             Security::Password(p) => format!("{PG_USER}:{p}"),
             _ => PG_USER.to_owned(),
         };
         let ssl = match self.security {
-            Security::Tls => "require",
+            Security::Tls | Security::MutualTls(_) => "require",
             _ => "disable",
         };
         let mut url = format!("postgres://{user}@{addr}/postgres?sslmode={ssl}");
@@ -394,13 +452,13 @@ impl PostgresServer {
             Security::Password(p) => format!(" password={p}"),
             _ => String::new(),
         };
-        let ssl = if self.security == Security::Tls {
-            "prefer"
-        } else {
-            "disable"
+        let (host, ssl) = match self.security {
+            Security::Tls => ("127.0.0.1".to_owned(), "prefer"),
+            Security::MutualTls(_) => (self.dir.path().display().to_string(), "disable"),
+            _ => ("127.0.0.1".to_owned(), "disable"),
         };
         format!(
-            "host=127.0.0.1 port={} user={PG_USER}{password} dbname=postgres sslmode={ssl}",
+            "host={host} port={} user={PG_USER}{password} dbname=postgres sslmode={ssl}",
             self.port
         )
     }
@@ -434,86 +492,6 @@ impl Drop for PostgresServer {
     }
 }
 
-/// A CA and a server certificate for `localhost` and `127.0.0.1`, with the openssl CLI.
-async fn make_certificates(dir: &Path) {
-    let openssl = |args: &[&str]| {
-        let mut command = Command::new("openssl");
-        command.args(args).current_dir(dir).stdout(Stdio::null());
-        command
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec![
-        "req",
-        "-x509",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=leasehold test CA",
-    ];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    run(openssl(&ca), "openssl req (CA)").await;
-    let mut csr = vec![
-        "req",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ];
-    csr.extend(ec);
-    run(openssl(&csr), "openssl req (server)").await;
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-         keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap_or_else(|e| panic!("server.ext: {e}"));
-    run(
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-            "-out",
-            "server.crt",
-        ]),
-        "openssl x509 (sign)",
-    )
-    .await;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(
-        dir.join("server.key"),
-        std::fs::Permissions::from_mode(0o600),
-    )
-    .unwrap_or_else(|e| panic!("chmod server.key: {e}"));
-}
-
 /// Runs the conformance suite against a real PostgreSQL started for the test; every client
 /// connects through its own [`Proxy`], so it can be partitioned or blackholed.
 #[derive(Debug)]
@@ -523,9 +501,67 @@ pub struct PostgresHarness {
     extra: Arc<Mutex<Vec<PostgresServer>>>,
     /// Extra query parameters of every client's URL.
     params: String,
+    /// Over TLS ([`start_tls`](Self::start_tls)): the PKI and the clients' password file.
+    tls: Option<(Arc<TestPki>, PathBuf)>,
+}
+
+/// The password of [`PostgresHarness::start_tls`]'s server, which its clients read from a
+/// password file (`passfile`).
+pub const PG_TLS_PASSWORD: &str = "postgres-tls-harness-password";
+
+/// The URL parameters of a client over TLS: `verify-full` against `ca`, `client`'s certificate
+/// (if any), the password from `passfile`.
+fn tls_params(ca: &Path, client: Option<&crate::CertFiles>, passfile: &Path) -> String {
+    let mut params = format!(
+        "sslmode=verify-full&sslrootcert={}&passfile={}",
+        ca.display(),
+        passfile.display()
+    );
+    if let Some(client) = client {
+        params.push_str(&format!(
+            "&sslcert={}&sslkey={}",
+            client.cert.display(),
+            client.key.display()
+        ));
+    }
+    params
 }
 
 impl PostgresHarness {
+    /// Starts a server that takes TLS connections only, with client certificates and a
+    /// password ([`PostgresServer::start_mutual_tls`]); every client connects with
+    /// `sslmode=verify-full`, the PKI's CA and client certificate, and [`PG_TLS_PASSWORD`] from
+    /// a password file (`passfile`, the `.pgpass` format).
+    pub async fn start_tls() -> PostgresHarness {
+        let pki = Arc::new(TestPki::new());
+        let passfile = pki.dir().join("pgpass");
+        std::fs::write(
+            &passfile,
+            format!("127.0.0.1:*:*:{PG_USER}:{PG_TLS_PASSWORD}\n"),
+        )
+        .unwrap_or_else(|e| panic!("passfile: {e}"));
+        let server = PostgresServer::start_mutual_tls(
+            free_port(),
+            pki.clone(),
+            ServerCert::Good,
+            PG_TLS_PASSWORD,
+        )
+        .await;
+        PostgresHarness {
+            params: tls_params(&pki.ca, Some(&pki.client), &passfile),
+            server,
+            extra: Arc::default(),
+            tls: Some((pki, passfile)),
+        }
+    }
+
+    fn keep(&self, server: PostgresServer) {
+        self.extra
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(server);
+    }
+
     /// Starts a server for this harness.
     pub async fn start() -> PostgresHarness {
         Self::start_with_params("").await
@@ -538,6 +574,7 @@ impl PostgresHarness {
             server: PostgresServer::start().await,
             extra: Arc::default(),
             params: params.to_owned(),
+            tls: None,
         }
     }
 
@@ -567,15 +604,20 @@ impl PostgresHarness {
     }
 
     async fn client_via(&self, target: SocketAddr) -> TestClient {
+        self.client_with(target, &self.params).await
+    }
+
+    /// A client through a new proxy to `target` whose URL carries `extra` parameters.
+    async fn client_with(&self, target: SocketAddr, extra: &str) -> TestClient {
         let proxy = Arc::new(
             Proxy::start(target)
                 .await
                 .unwrap_or_else(|e| panic!("proxy: {e}")),
         );
         let mut params = "connect_timeout=1&leasehold_statement_timeout_ms=1000".to_owned();
-        if !self.params.is_empty() {
+        if !extra.is_empty() {
             params.push('&');
-            params.push_str(&self.params);
+            params.push_str(extra);
         }
         let url = self.server.url_via(proxy.addr(), &params);
         let backend =
@@ -609,11 +651,23 @@ impl Harness for PostgresHarness {
             .client_via(SocketAddr::from(([127, 0, 0, 1], port)))
             .await;
         let extra = self.extra.clone();
+        let pki = self.tls.as_ref().map(|(pki, _)| pki.clone());
         Outage {
             client,
             restore: Box::new(move || {
                 Box::pin(async move {
-                    let server = PostgresServer::start_on(port).await;
+                    let server = match pki {
+                        Some(pki) => {
+                            PostgresServer::start_mutual_tls(
+                                port,
+                                pki,
+                                ServerCert::Good,
+                                PG_TLS_PASSWORD,
+                            )
+                            .await
+                        }
+                        None => PostgresServer::start_on(port).await,
+                    };
                     extra
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
@@ -671,5 +725,54 @@ impl Harness for PostgresHarness {
         let mut nul = crate::Timing::FAST.config("a", "x");
         nul.lease_name = "bad\0name".into();
         vec![(nul, "lease_name")]
+    }
+
+    fn over_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    async fn faulty_client(&self, fault: CredentialFault) -> Option<TestClient> {
+        let (pki, passfile) = self.tls.clone()?;
+        let here = self.server.addr();
+        let with = |ca: &Path, client: Option<&crate::CertFiles>| tls_params(ca, client, &passfile);
+        let (target, params) = match fault {
+            CredentialFault::UnknownCa => (here, with(&pki.other_ca, Some(&pki.client))),
+            CredentialFault::WrongName | CredentialFault::Expired => {
+                let cert = if fault == CredentialFault::Expired {
+                    ServerCert::Expired
+                } else {
+                    ServerCert::WrongName
+                };
+                let server = PostgresServer::start_mutual_tls(
+                    free_port(),
+                    pki.clone(),
+                    cert,
+                    PG_TLS_PASSWORD,
+                )
+                .await;
+                let addr = server.addr();
+                self.keep(server);
+                (addr, self.params.clone())
+            }
+            CredentialFault::NoClientCert => (here, with(&pki.ca, None)),
+            CredentialFault::WrongClientCert => (here, with(&pki.ca, Some(&pki.foreign_client))),
+            CredentialFault::PlainToTls => (
+                here,
+                format!("sslmode=disable&passfile={}", passfile.display()),
+            ),
+            CredentialFault::TlsToPlain => {
+                let server = PostgresServer::start().await;
+                let addr = server.addr();
+                self.keep(server);
+                (addr, self.params.clone())
+            }
+            CredentialFault::WrongPassword => {
+                let wrong = pki.dir().join("pgpass-wrong");
+                std::fs::write(&wrong, format!("*:*:*:{PG_USER}:not-the-password\n"))
+                    .unwrap_or_else(|e| panic!("passfile: {e}"));
+                (here, tls_params(&pki.ca, Some(&pki.client), &wrong))
+            }
+        };
+        Some(self.client_with(target, &params).await)
     }
 }
