@@ -21,8 +21,23 @@ fn redact(url: &str) -> String {
 
 use crate::error::CliError;
 
-/// A parsed `--backend` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `--tls-ca`, `--tls-cert`, `--tls-key` and `--backend-password-file`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    /// The CA and client certificate files.
+    pub tls: leasehold::TlsFiles,
+    /// The password file.
+    pub password_file: Option<std::path::PathBuf>,
+}
+
+impl Credentials {
+    fn is_empty(&self) -> bool {
+        self.tls.is_empty() && self.password_file.is_none()
+    }
+}
+
+/// A parsed `--backend` URL. Its `Debug` hides credentials.
+#[derive(Clone, PartialEq, Eq)]
 pub enum BackendUrl {
     /// `memory://`
     Memory,
@@ -46,6 +61,12 @@ pub enum BackendUrl {
     },
     /// `postgres://…` or `postgresql://…` (libpq's URL form, plus leasehold's parameters).
     Postgres(String),
+}
+
+impl std::fmt::Debug for BackendUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("BackendUrl").field(&self.describe()).finish()
+    }
 }
 
 impl BackendUrl {
@@ -73,10 +94,12 @@ impl BackendUrl {
             }
             "etcd" => {
                 let (user, hosts) = match rest.rsplit_once('@') {
+                    // `user@`: the password comes from --backend-password-file.
                     Some((creds, hosts)) => {
-                        let (u, p) = creds
-                            .split_once(':')
-                            .ok_or_else(|| bad("credentials must be user:password@"))?;
+                        let (u, p) = creds.split_once(':').unwrap_or((creds, ""));
+                        if u.is_empty() {
+                            return Err(bad("credentials must be user:password@ or user@"));
+                        }
                         (Some((u.to_owned(), p.to_owned())), hosts)
                     }
                     None => (None, rest),
@@ -147,29 +170,64 @@ impl BackendUrl {
         }
     }
 
-    /// Connects and checks that the backend answers a read of `lock` within `timeout`.
+    /// Connects with `credentials` and checks that the backend answers a read of `lock` within
+    /// `timeout`.
     ///
     /// # Errors
     ///
-    /// [`CliError::Unreachable`], [`CliError::Unauthorized`] or [`CliError::BadUrl`].
+    /// [`CliError::Unreachable`], [`CliError::Unauthorized`] (credentials or TLS refused),
+    /// [`CliError::Config`] (unusable credential files) or [`CliError::BadUrl`].
     pub async fn connect(
         &self,
         lock: &str,
         timeout: Duration,
+        credentials: &Credentials,
     ) -> Result<Arc<dyn LockBackend>, CliError> {
+        let unused = |scheme: &str, instead: &str| {
+            CliError::Config(format!(
+                "--tls-ca, --tls-cert, --tls-key and --backend-password-file do not apply to \
+                 {scheme}: {instead}"
+            ))
+        };
         let backend: Arc<dyn LockBackend> = match self {
+            BackendUrl::Memory if !credentials.is_empty() => {
+                return Err(unused("memory://", "it has no server"));
+            }
+            BackendUrl::Kube { .. } if !credentials.is_empty() => {
+                return Err(unused(
+                    "kube://",
+                    "the kubeconfig or the in-cluster service account gives the CA, client \
+                     certificates and token",
+                ));
+            }
             BackendUrl::Memory => Arc::new(MemoryBackend::new()),
             BackendUrl::Redis(url) => {
                 let mut config = RedisConfig::new(url.clone());
                 config.connect_timeout = timeout;
+                config.tls = credentials.tls.clone();
+                config.password_file = credentials.password_file.clone();
                 Arc::new(RedisBackend::new(config).map_err(|e| CliError::BadUrl {
                     url: redact_url(url),
                     reason: e.to_string(),
                 })?)
             }
             BackendUrl::Etcd { endpoints, user } => {
-                let mut config = EtcdConfig::new(endpoints.clone());
+                let tls = !credentials.tls.is_empty();
+                let endpoints = endpoints.iter().map(|e| match e.strip_prefix("http://") {
+                    Some(host) if tls => format!("https://{host}"),
+                    _ => e.clone(),
+                });
+                let mut config = EtcdConfig::new(endpoints);
+                if credentials.password_file.is_some() && user.is_none() {
+                    return Err(CliError::Config(
+                        "--backend-password-file needs the etcd user in the URL: \
+                         etcd://USER@host:port"
+                            .into(),
+                    ));
+                }
                 config.user = user.clone();
+                config.password_file = credentials.password_file.clone();
+                config.tls_files = credentials.tls.clone();
                 config.connect_timeout = timeout;
                 Arc::new(EtcdBackend::new(config))
             }
@@ -179,6 +237,15 @@ impl BackendUrl {
                     reason: e.to_string(),
                 })?;
                 config.connect_timeout = timeout;
+                let tls = &credentials.tls;
+                if tls.ca.is_some() {
+                    config.ssl_root_cert = tls.ca.clone();
+                }
+                if tls.cert.is_some() || tls.key.is_some() {
+                    config.ssl_cert = tls.cert.clone();
+                    config.ssl_key = tls.key.clone();
+                }
+                config.password_file = credentials.password_file.clone();
                 Arc::new(PostgresBackend::new(config).map_err(|e| CliError::BadUrl {
                     url: redact(url),
                     reason: e.to_string(),
@@ -208,6 +275,12 @@ impl BackendUrl {
             Ok(Err(leasehold::BackendError::Unauthorized { detail, .. })) => Err(
                 CliError::Unauthorized(format!("{} refused access: {detail}", self.describe())),
             ),
+            Ok(Err(error @ leasehold::BackendError::Tls { .. })) => {
+                Err(CliError::Unauthorized(error.to_string()))
+            }
+            Ok(Err(error @ leasehold::BackendError::InvalidConfig { .. })) => {
+                Err(CliError::Config(error.to_string()))
+            }
             // A malformed record is the lock's problem, not the connection's.
             Ok(Err(leasehold::BackendError::MalformedRecord { .. })) | Ok(Ok(_)) => Ok(backend),
             Ok(Err(error)) => Err(self.unreachable(timeout, error.to_string())),
@@ -269,6 +342,38 @@ mod tests {
                 BackendUrl::parse(url).unwrap(),
                 BackendUrl::Postgres(url.into())
             );
+        }
+    }
+
+    /// `Debug` of every config and URL type, and the descriptions in messages, hide the
+    /// password (it showed in the derived `Debug` of `RedisConfig` and `EtcdConfig` before).
+    #[test]
+    fn debug_and_descriptions_hide_passwords() {
+        let marker = "debug-marker-secret";
+        let redis = RedisConfig::new(format!("rediss://user:{marker}@h:1/0"));
+        let mut etcd = EtcdConfig::new(["http://h:1"]);
+        etcd.user = Some(("u".into(), marker.into()));
+        let pg_url = format!("postgres://u:{marker}@h/db?sslmode=disable");
+        let pg = PostgresConfig::from_url(&pg_url).expect("url");
+        let mut texts = vec![
+            format!("{redis:?}"),
+            format!("{etcd:?}"),
+            format!("{pg:?}"),
+            format!("{:?}", RedisBackend::new(redis.clone()).expect("redis")),
+            format!("{:?}", EtcdBackend::new(etcd.clone())),
+            format!("{:?}", PostgresBackend::new(pg).expect("postgres")),
+        ];
+        for url in [
+            format!("rediss://:{marker}@h:1"),
+            format!("etcd://u:{marker}@h:1"),
+            pg_url,
+        ] {
+            let parsed = BackendUrl::parse(&url).expect("url");
+            texts.push(format!("{parsed:?}"));
+            texts.push(parsed.describe());
+        }
+        for text in texts {
+            assert!(!text.contains(marker), "{text}");
         }
     }
 

@@ -67,7 +67,13 @@ fn status_json(lock: &str, backend: &str, observation: &Observation) -> serde_js
 pub async fn status(args: InspectArgs) -> Result<(), CliError> {
     let url = BackendUrl::parse(&args.backend.backend)?;
     let lock = &args.backend.lock;
-    let backend = url.connect(lock, args.backend.connect_timeout).await?;
+    let backend = url
+        .connect(
+            lock,
+            args.backend.connect_timeout,
+            &args.backend.credentials(),
+        )
+        .await?;
     let (_, observation) = observe_once(backend.as_ref(), lock).await?;
     if args.json {
         println!("{}", status_json(lock, &url.describe(), &observation));
@@ -147,7 +153,13 @@ fn leader_line(json: bool, observed: &ObservedLock) -> String {
 pub async fn watch(args: InspectArgs) -> Result<(), CliError> {
     let url = BackendUrl::parse(&args.backend.backend)?;
     let lock = args.backend.lock.clone();
-    let backend = url.connect(&lock, args.backend.connect_timeout).await?;
+    let backend = url
+        .connect(
+            &lock,
+            args.backend.connect_timeout,
+            &args.backend.credentials(),
+        )
+        .await?;
     let observer = Observer::start(backend, lock).map_err(leasehold::ElectorError::from)?;
     let mut changes = observer.subscribe();
     let interrupted = tokio::signal::ctrl_c();
@@ -195,7 +207,13 @@ pub async fn transfer(args: TransferArgs) -> Result<(), CliError> {
     }
     let url = BackendUrl::parse(&args.backend.backend)?;
     let lock = args.backend.lock.clone();
-    let backend = url.connect(&lock, args.backend.connect_timeout).await?;
+    let backend = url
+        .connect(
+            &lock,
+            args.backend.connect_timeout,
+            &args.backend.credentials(),
+        )
+        .await?;
     // Follow first, so that the hand-over cannot happen unseen between the request and the
     // watch.
     let observer =

@@ -10,6 +10,7 @@ mod run;
 mod serve;
 mod supervisor;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -111,6 +112,35 @@ struct BackendArgs {
     /// How long to wait for the backend to answer at start.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
+    /// The CA certificate(s) to trust, PEM (rediss://, etcd over TLS, postgres; as redis-cli
+    /// and etcdctl --cacert, libpq's sslrootcert). For etcd, any --tls-* flag means https.
+    #[arg(long, value_name = "FILE", env = "LEASEHOLD_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// The client certificate to present, PEM (with --tls-key).
+    #[arg(long, value_name = "FILE", env = "LEASEHOLD_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's private key, PEM (with --tls-cert).
+    #[arg(long, value_name = "FILE", env = "LEASEHOLD_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// A file holding the backend's password (its final line break dropped), instead of one
+    /// in the URL, which shows in `ps` and shell history. The user, if any, stays in the URL
+    /// (etcd://USER@host:port).
+    #[arg(long, value_name = "FILE", env = "LEASEHOLD_BACKEND_PASSWORD_FILE")]
+    backend_password_file: Option<PathBuf>,
+}
+
+impl BackendArgs {
+    /// The TLS files and password file given.
+    fn credentials(&self) -> backend::Credentials {
+        backend::Credentials {
+            tls: leasehold::TlsFiles {
+                ca: self.tls_ca.clone(),
+                cert: self.tls_cert.clone(),
+                key: self.tls_key.clone(),
+            },
+            password_file: self.backend_password_file.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]

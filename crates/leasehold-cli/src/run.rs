@@ -45,7 +45,13 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
         Some(_) => Some(crate::serve::recorder()?),
         None => None,
     };
-    let backend = url.connect(&lock, args.backend.connect_timeout).await?;
+    let backend = url
+        .connect(
+            &lock,
+            args.backend.connect_timeout,
+            &args.backend.credentials(),
+        )
+        .await?;
 
     let mut terminate = signal(SignalKind::terminate())
         .map_err(|e| CliError::Other(format!("cannot handle SIGTERM: {e}")))?;

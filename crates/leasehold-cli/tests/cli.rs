@@ -579,3 +579,167 @@ async fn transfer_moves_leadership_between_processes() {
         let _ = child.wait().await;
     }
 }
+
+/// A secret that must never be printed: in a URL, a password file, a server's password.
+const MARKER: &str = "leak-marker-7f3a9c1e5d";
+
+/// Every output path — debug logs, `status --json`, `watch`, the metrics and health endpoints,
+/// error messages for wrong passwords and refused certificates — with the marker secret as the
+/// password, in URLs and in password files, on Redis, etcd and PostgreSQL over TLS. The marker
+/// appears nowhere. (`Debug` of the configs: each backend crate's unit tests.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_output_path_leaks_a_secret() {
+    use leasehold_testkit::{ServerCert, TestPki};
+    use std::sync::Arc;
+    let pki = Arc::new(TestPki::new());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret_file = dir.path().join("password");
+    std::fs::write(&secret_file, format!("{MARKER}\n")).expect("password file");
+    let wrong_file = dir.path().join("wrong");
+    std::fs::write(&wrong_file, format!("{MARKER}-wrong\n")).expect("password file");
+    let tls = |client: &leasehold_testkit::CertFiles| -> Vec<String> {
+        vec![
+            "--tls-ca".into(),
+            pki.ca.display().to_string(),
+            "--tls-cert".into(),
+            client.cert.display().to_string(),
+            "--tls-key".into(),
+            client.key.display().to_string(),
+        ]
+    };
+    let redis = RedisServer::start_tls(pki.clone(), ServerCert::Good, Some(MARKER)).await;
+    let etcd = EtcdServer::start_tls(pki.clone(), ServerCert::Good, Some(MARKER)).await;
+    let postgres =
+        PostgresServer::start_mutual_tls(free_port(), pki.clone(), ServerCert::Good, MARKER).await;
+    let redis_url = format!("rediss://{}", redis.addr());
+    let etcd_url = format!("etcd://root@{}", etcd.addr());
+    let pg_url = format!(
+        "postgres://leasehold@{}/postgres?sslmode=verify-full",
+        postgres.addr()
+    );
+    let good = |url: &str, file: &Path| -> Vec<String> {
+        let mut args = vec!["--backend".to_owned(), url.to_owned()];
+        args.extend(tls(&pki.client));
+        args.extend(["--backend-password-file".into(), file.display().to_string()]);
+        args
+    };
+    // (arguments after the subcommand, the exit code expected)
+    let mut cases: Vec<(Vec<String>, i32)> = Vec::new();
+    for url in [&redis_url, &etcd_url, &pg_url] {
+        cases.push((good(url, &secret_file), 0));
+        cases.push((good(url, &wrong_file), 5));
+        // A client certificate the server refuses: the error path of TLS.
+        let mut foreign = vec!["--backend".to_owned(), url.clone()];
+        foreign.extend(tls(&pki.foreign_client));
+        foreign.extend([
+            "--backend-password-file".into(),
+            secret_file.display().to_string(),
+        ]);
+        cases.push((foreign, 5));
+    }
+    // The password in the URL itself, right and wrong.
+    for (password, code) in [(MARKER.to_owned(), 0), (format!("{MARKER}x"), 5)] {
+        let mut args = vec![
+            "--backend".to_owned(),
+            format!("rediss://:{password}@{}", redis.addr()),
+        ];
+        args.extend(tls(&pki.client));
+        cases.push((args, code));
+        let mut args = vec![
+            "--backend".to_owned(),
+            format!(
+                "postgres://leasehold:{password}@{}/postgres?sslmode=verify-full",
+                postgres.addr()
+            ),
+        ];
+        args.extend(tls(&pki.client));
+        cases.push((args, code));
+    }
+    let mut seen = String::new();
+    for (args, code) in &cases {
+        let output = Command::new(BIN)
+            .arg("status")
+            .args(args)
+            .args(["--lock", "leaks", "--json", "--connect-timeout", "5s"])
+            .env("LEASEHOLD_LOG", "debug")
+            .output()
+            .await
+            .expect("status");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(*code),
+            "{args:?}: {stdout} {stderr}"
+        );
+        seen.push_str(&stdout);
+        seen.push_str(&stderr);
+    }
+    // A leader at debug level with its metrics and health endpoints, scraped while it leads.
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut run = Command::new(BIN)
+        .arg("run")
+        .args(good(&redis_url, &secret_file))
+        .args([
+            "--lock",
+            "leaks",
+            "--identity",
+            "leaky",
+            "--metrics-addr",
+            &addr,
+        ])
+        .args(TIMING)
+        .args(["--", "sleep", "30"])
+        .env("LEASEHOLD_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let metrics = loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            let body = http_get(port, "/metrics").await;
+            if body.contains("leader_election_master_status{name=\"leaks\"} 1") {
+                break body;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leader's metrics never showed it leading"
+        );
+        sleep(Duration::from_millis(50)).await;
+    };
+    seen.push_str(&metrics);
+    seen.push_str(&http_get(port, "/healthz").await);
+    let mut watch = Command::new(BIN)
+        .arg("watch")
+        .args(good(&redis_url, &secret_file))
+        .args(["--lock", "leaks", "--json"])
+        .env("LEASEHOLD_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("watch");
+    sleep(Duration::from_secs(1)).await;
+    for child in [&mut watch, &mut run] {
+        if let Some(pid) = child.id() {
+            kill(pid, "-TERM").await;
+        }
+    }
+    for child in [watch, run] {
+        let output = child.wait_with_output().await.expect("output");
+        seen.push_str(&String::from_utf8_lossy(&output.stdout));
+        seen.push_str(&String::from_utf8_lossy(&output.stderr));
+    }
+    assert!(
+        seen.contains("leaky"),
+        "the outputs must hold what was asked for (the leader's identity): {seen}"
+    );
+    assert!(!seen.contains(MARKER), "the secret leaked:\n{seen}");
+}

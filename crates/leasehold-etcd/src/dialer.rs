@@ -102,10 +102,11 @@ impl Dialer {
             let index = (first + i) % count;
             let (host, port) = &self.endpoints[index];
             match tokio::time::timeout(self.timeout, self.dial_one(host, *port)).await {
-                Ok(Ok(stream)) => {
+                Ok(Ok((stream, early))) => {
                     self.next.store(index, Ordering::Relaxed);
                     return Ok(TokioIo::new(Watched {
                         inner: stream,
+                        early,
                         seen: self.seen.clone(),
                         answered: false,
                     }));
@@ -125,14 +126,17 @@ impl Dialer {
         Err(last)
     }
 
-    async fn dial_one(&self, host: &str, port: u16) -> io::Result<TlsStream<TcpStream>> {
+    async fn dial_one(&self, host: &str, port: u16) -> io::Result<(TlsStream<TcpStream>, Vec<u8>)> {
         let tcp = TcpStream::connect((host, port)).await?;
         tcp.set_nodelay(true)?;
         let name = self.domain.as_deref().unwrap_or(host);
         let name = ServerName::try_from(name.to_owned())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let error = match self.tls.connect(name, tcp).await {
-            Ok(stream) => return Ok(stream),
+            Ok(stream) => match confirmed(stream).await {
+                Ok(confirmed) => return Ok(confirmed),
+                Err(error) => error,
+            },
             Err(error) => error,
         };
         // A plain-text etcd closes the connection on a ClientHello without a word: ask it in
@@ -166,9 +170,47 @@ impl tower_service::Service<http::Uri> for Dialer {
     }
 }
 
+/// `stream` once the server has shown it accepts us: in TLS 1.3 a server judges our certificate
+/// after the handshake, and answers with a session ticket (or data) or with an alert. Waiting
+/// for that answer makes a refusal an error of the connect, with the alert in it, instead of a
+/// connection that dies under its first call (whose alert a reset may even discard). The data
+/// that came with the answer is kept for the reader. A TLS 1.2 handshake, or a server that says
+/// nothing within a second, is taken as it is.
+async fn confirmed(
+    mut stream: TlsStream<TcpStream>,
+) -> io::Result<(TlsStream<TcpStream>, Vec<u8>)> {
+    if stream.get_ref().1.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+        return Ok((stream, Vec::new()));
+    }
+    let mut early = Vec::new();
+    let answer = std::future::poll_fn(|cx| {
+        let mut scratch = [0u8; 4096];
+        let mut buf = ReadBuf::new(&mut scratch);
+        match Pin::new(&mut stream).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the connection after the TLS handshake",
+            ))),
+            Poll::Ready(Ok(())) => {
+                early.extend_from_slice(buf.filled());
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending if stream.get_ref().1.tls13_tickets_received() > 0 => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        }
+    });
+    match tokio::time::timeout(Duration::from_secs(1), answer).await {
+        Ok(Err(error)) => Err(error),
+        Ok(Ok(())) | Err(_) => Ok((stream, early)),
+    }
+}
+
 /// A TLS connection that records the TLS problem behind a failed read (the server's alert).
 pub(crate) struct Watched {
     inner: TlsStream<TcpStream>,
+    /// Data read by [`confirmed`], served first.
+    early: Vec<u8>,
     seen: Arc<Mutex<Option<TlsProblem>>>,
     answered: bool,
 }
@@ -179,6 +221,12 @@ impl AsyncRead for Watched {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.early.is_empty() {
+            let n = self.early.len().min(buf.remaining());
+            buf.put_slice(&self.early[..n]);
+            self.early.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         match &polled {
@@ -198,17 +246,42 @@ impl AsyncRead for Watched {
     }
 }
 
+impl Watched {
+    /// After a failed write on a connection the server never answered: the server may have
+    /// sent an alert before closing (refusing our certificate). Read it, so it is recorded.
+    fn read_alert(&mut self, cx: &mut Context<'_>) {
+        if self.answered {
+            return;
+        }
+        let mut scratch = [0u8; 512];
+        let mut buf = ReadBuf::new(&mut scratch);
+        if let Poll::Ready(Err(error)) = Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+            if let Some(problem) = leasehold_core::tls::classify(&error) {
+                *self.seen.lock().unwrap_or_else(PoisonError::into_inner) = Some(problem);
+            }
+        }
+    }
+}
+
 impl AsyncWrite for Watched {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Err(_))) {
+            self.read_alert(cx);
+        }
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        if matches!(polled, Poll::Ready(Err(_))) {
+            self.read_alert(cx);
+        }
+        polled
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -220,7 +293,11 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Err(_))) {
+            self.read_alert(cx);
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
