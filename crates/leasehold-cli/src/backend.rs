@@ -11,7 +11,7 @@ use leasehold::{
 use leasehold::redis::redact_url;
 
 /// `url` with credentials hidden, whatever its scheme.
-fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     if url.starts_with("postgres") {
         leasehold::postgres::redact_url(url)
     } else {

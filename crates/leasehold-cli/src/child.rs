@@ -137,6 +137,10 @@ impl Child {
             .args(argv)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .process_group(0);
+        // A backend URL with a password stays with leasehold: the command does not inherit it.
+        if std::env::var("LEASEHOLD_BACKEND").is_ok_and(|url| crate::backend::redact(&url) != url) {
+            command.env_remove("LEASEHOLD_BACKEND");
+        }
         let spawned = command.spawn();
         drop(control_read);
         drop(status_write);

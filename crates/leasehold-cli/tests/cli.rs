@@ -737,6 +737,26 @@ async fn no_output_path_leaks_a_secret() {
         seen.push_str(&String::from_utf8_lossy(&output.stdout));
         seen.push_str(&String::from_utf8_lossy(&output.stderr));
     }
+    // A URL with the password in LEASEHOLD_BACKEND: the command does not inherit it.
+    let mut args = vec!["run".to_owned()];
+    args.extend(tls(&pki.client));
+    let child_env = Command::new(BIN)
+        .args(&args)
+        .args(["--lock", "leaks-env"])
+        .args(TIMING)
+        .args(["--", "sh", "-c", "env; echo child-ran"])
+        .env(
+            "LEASEHOLD_BACKEND",
+            format!("rediss://:{MARKER}@{}", redis.addr()),
+        )
+        .env("LEASEHOLD_LOG", "debug")
+        .output()
+        .await
+        .expect("run");
+    let child_out = String::from_utf8_lossy(&child_env.stdout);
+    assert!(child_out.contains("child-ran"), "{child_out}");
+    seen.push_str(&child_out);
+    seen.push_str(&String::from_utf8_lossy(&child_env.stderr));
     assert!(
         seen.contains("leaky"),
         "the outputs must hold what was asked for (the leader's identity): {seen}"

@@ -96,11 +96,11 @@ impl fmt::Display for TlsProblem {
 }
 
 /// Files for a TLS connection: the CA to trust and a client certificate with its key (PEM), as
-/// `--tls-ca`, `--tls-cert` and `--tls-key` give them. Empty by default: the system's roots and
-/// no client certificate.
+/// `--tls-ca`, `--tls-cert` and `--tls-key` give them. Empty by default: the webpki (Mozilla)
+/// roots compiled into the binary, not the system's store, and no client certificate.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsFiles {
-    /// The CA certificate(s) to trust instead of the system's roots.
+    /// The CA certificate(s) to trust instead of the compiled-in webpki roots.
     pub ca: Option<PathBuf>,
     /// The client certificate (chain) to present; needs `key`.
     pub cert: Option<PathBuf>,

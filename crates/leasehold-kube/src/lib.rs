@@ -398,6 +398,13 @@ impl KubeBackend {
 
     fn error(&self, operation: &str, lock: &str, error: &kube::Error) -> BackendError {
         let backend = self.backend_name();
+        if let Some(problem) = leasehold_core::tls::classify(error) {
+            return BackendError::Tls {
+                backend,
+                problem,
+                detail: format!("{operation}: {error}"),
+            };
+        }
         if let kube::Error::Api(status) = error {
             match status.code {
                 401 => {

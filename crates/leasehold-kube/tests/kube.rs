@@ -310,6 +310,48 @@ mod kube_specific {
         checker.verify().expect("safe");
     }
 
+    /// An apiserver whose certificate is not signed by the CA the client trusts: a typed,
+    /// fatal TLS error (unknown CA) from a read and from the elector, not an outage retried
+    /// for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_untrusted_apiserver_certificate_is_a_typed_tls_error() {
+        let mut h = KubeHarness::start().await;
+        let server = h.server();
+        let mut config = server
+            .config_at(server.port(), leasehold_testkit::ADMIN_TOKEN)
+            .await
+            .expect("config");
+        config.root_cert = Some(vec![leasehold_testkit::TestPki::new().other_ca_der]);
+        let client = leasehold_kube::nodelay_client(config).expect("client");
+        let backend = leasehold_kube::KubeBackend::new(client, leasehold_testkit::NAMESPACE);
+        let lock = lock_name("untrusted");
+        let unknown_ca = |error: &BackendError| {
+            matches!(
+                error,
+                BackendError::Tls {
+                    problem: leasehold_core::TlsProblem::UnknownCa,
+                    ..
+                }
+            )
+        };
+        match backend.read(&lock).await {
+            Err(error) if unknown_ca(&error) => assert!(error.is_fatal()),
+            other => panic!("a read must fail with the unknown CA: {other:?}"),
+        }
+        let elector =
+            Elector::new(timing().config("a", &lock), backend, Callbacks::new()).expect("elector");
+        let result = timeout(
+            Duration::from_secs(20),
+            elector.run(CancellationToken::new()),
+        )
+        .await
+        .expect("run returns instead of retrying");
+        match result {
+            Err(ElectorError::Backend(error)) if unknown_ca(&error) => {}
+            other => panic!("the elector must stop with the unknown CA: {other:?}"),
+        }
+    }
+
     /// Without RBAC on leases: a typed, fatal error naming the verbs to grant.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn forbidden_names_the_verbs_needed() {

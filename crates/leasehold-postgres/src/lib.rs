@@ -96,7 +96,7 @@ pub struct PostgresConfig {
     /// `hostname:port:database:username:password`, `*` for any), used when the URL has no
     /// password. Read at every connect, so a rotated password reaches the next connection.
     pub passfile: Option<PathBuf>,
-    /// A file holding the password alone (`leasehold transfer --backend-password-file`), used
+    /// A file holding the password alone (the CLI's `--backend-password-file`), used
     /// when the URL has no password; read at every connect. Default `None`.
     pub password_file: Option<PathBuf>,
     /// Schema of the lease table (`leasehold_schema`). Default `public`.

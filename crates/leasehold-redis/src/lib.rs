@@ -748,10 +748,11 @@ fn map_error(
         BackendError::Unauthorized {
             backend,
             detail: format!(
-                "{operation}: {error}. Check the user and password in the URL; the ACL user \
-                 needs EVAL, EVALSHA, SCRIPT, GET, SET, DEL, PTTL, HMGET, HSET, TIME, INFO, \
-                 SUBSCRIBE, PUBLISH and WAIT on keys and channels {}*",
-                key_prefix
+                "{operation}: {error}. Check the user and password (URL or password file); the \
+                 ACL user needs EVALSHA, SCRIPT|LOAD, GET, SET, DEL, PTTL, HMGET, HSET, PUBLISH, \
+                 TIME, INFO, SUBSCRIBE, UNSUBSCRIBE and PING (SELECT for a db other than 0, \
+                 WAIT with wait_replicas) on keys {key_prefix}* and channels {key_prefix}* and \
+                 __keyspace@<db>__:{key_prefix}* (see the README's TLS and credentials)"
             ),
         }
     } else if error.is_timeout() {

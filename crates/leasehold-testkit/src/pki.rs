@@ -42,6 +42,9 @@ pub struct TestPki {
     pub ca: PathBuf,
     /// Another CA's certificate: trusting it instead must fail ("unknown CA").
     pub other_ca: PathBuf,
+    /// [`other_ca`](Self::other_ca) in DER, for clients that take certificates so
+    /// (`kube::Config::root_cert`).
+    pub other_ca_der: Vec<u8>,
     /// The server certificate for `127.0.0.1` and `localhost`.
     pub server: CertFiles,
     /// An expired server certificate (same names).
@@ -94,6 +97,7 @@ impl TestPki {
             dir,
             ca: ca_path,
             other_ca,
+            other_ca_der: other.der().to_vec(),
             server,
             expired_server,
             wrong_name_server,
