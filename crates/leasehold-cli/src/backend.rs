@@ -239,6 +239,15 @@ impl BackendUrl {
                 config.connect_timeout = timeout;
                 let tls = &credentials.tls;
                 if tls.ca.is_some() {
+                    // A CA given is a CA to check against: `prefer` would check nothing (and
+                    // fall back to plain text), as in libpq.
+                    if config.ssl_mode == leasehold::postgres::SslMode::Prefer {
+                        return Err(CliError::Config(
+                            "--tls-ca with sslmode=prefer (the default) would check nothing: \
+                             add sslmode=verify-full (or verify-ca) to the URL"
+                                .into(),
+                        ));
+                    }
                     config.ssl_root_cert = tls.ca.clone();
                 }
                 if tls.cert.is_some() || tls.key.is_some() {
@@ -367,6 +376,8 @@ mod tests {
             format!("rediss://:{marker}@h:1"),
             format!("etcd://u:{marker}@h:1"),
             pg_url,
+            // tokio-postgres decodes the key: this is a password too.
+            format!("postgres://u@h/db?pass%77ord={marker}&sslmode=disable"),
         ] {
             let parsed = BackendUrl::parse(&url).expect("url");
             texts.push(format!("{parsed:?}"));

@@ -4,7 +4,6 @@ use std::time::{Duration, SystemTime};
 
 use leasehold::{observe_once, LeaderRecord, LockStatus, Observation, ObservedLock, Observer};
 
-use crate::backend::BackendUrl;
 use crate::error::CliError;
 use crate::{InspectArgs, TransferArgs};
 
@@ -65,15 +64,8 @@ fn status_json(lock: &str, backend: &str, observation: &Observation) -> serde_js
 ///
 /// Bad URL, unreachable backend, or a read error (a malformed record included).
 pub async fn status(args: InspectArgs) -> Result<(), CliError> {
-    let url = BackendUrl::parse(&args.backend.backend)?;
     let lock = &args.backend.lock;
-    let backend = url
-        .connect(
-            lock,
-            args.backend.connect_timeout,
-            &args.backend.credentials(),
-        )
-        .await?;
+    let (url, backend) = args.backend.open().await?;
     let (_, observation) = observe_once(backend.as_ref(), lock).await?;
     if args.json {
         println!("{}", status_json(lock, &url.describe(), &observation));
@@ -151,15 +143,8 @@ fn leader_line(json: bool, observed: &ObservedLock) -> String {
 ///
 /// Bad URL or unreachable backend at start; later outages are retried.
 pub async fn watch(args: InspectArgs) -> Result<(), CliError> {
-    let url = BackendUrl::parse(&args.backend.backend)?;
     let lock = args.backend.lock.clone();
-    let backend = url
-        .connect(
-            &lock,
-            args.backend.connect_timeout,
-            &args.backend.credentials(),
-        )
-        .await?;
+    let (_, backend) = args.backend.open().await?;
     let observer = Observer::start(backend, lock).map_err(leasehold::ElectorError::from)?;
     let mut changes = observer.subscribe();
     let interrupted = tokio::signal::ctrl_c();
@@ -205,15 +190,8 @@ pub async fn transfer(args: TransferArgs) -> Result<(), CliError> {
             "invalid --to {to:?}: an identity is not empty and has no control characters"
         )));
     }
-    let url = BackendUrl::parse(&args.backend.backend)?;
     let lock = args.backend.lock.clone();
-    let backend = url
-        .connect(
-            &lock,
-            args.backend.connect_timeout,
-            &args.backend.credentials(),
-        )
-        .await?;
+    let (_, backend) = args.backend.open().await?;
     // Follow first, so that the hand-over cannot happen unseen between the request and the
     // watch.
     let observer =

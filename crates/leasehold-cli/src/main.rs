@@ -101,6 +101,8 @@ struct BackendArgs {
     #[arg(
         long,
         env = "LEASEHOLD_BACKEND",
+        // `--help` must not print a URL's password.
+        hide_env_values = true,
         help = "memory://, redis://host:port[/db], rediss://..., etcd://host:port[,host:port], \
                 postgres://user:password@host:port/db[?sslmode=...], \
                 kube://NAMESPACE (kubeconfig or in-cluster)"
@@ -130,6 +132,24 @@ struct BackendArgs {
 }
 
 impl BackendArgs {
+    /// Parses `--backend` and connects (see [`backend::BackendUrl::connect`]) with the
+    /// credentials given, checking that `--lock` can be read.
+    async fn open(
+        &self,
+    ) -> Result<
+        (
+            backend::BackendUrl,
+            std::sync::Arc<dyn leasehold::LockBackend>,
+        ),
+        error::CliError,
+    > {
+        let url = backend::BackendUrl::parse(&self.backend)?;
+        let backend = url
+            .connect(&self.lock, self.connect_timeout, &self.credentials())
+            .await?;
+        Ok((url, backend))
+    }
+
     /// The TLS files and password file given.
     fn credentials(&self) -> backend::Credentials {
         backend::Credentials {

@@ -7,7 +7,6 @@ use leasehold::{Callbacks, CancellationToken, Config, Elector, Leadership, StopC
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::BackendUrl;
 use crate::child::{exit_code, Child, DEADLINE_MARGIN};
 use crate::error::CliError;
 use crate::RunArgs;
@@ -29,7 +28,6 @@ fn default_identity() -> String {
 /// Bad configuration, unreachable backend, refused credentials, or lost leadership (without
 /// `--restart`).
 pub async fn run(args: RunArgs) -> Result<u8, CliError> {
-    let url = BackendUrl::parse(&args.backend.backend)?;
     let lock = args.backend.lock.clone();
     let identity = args.identity.clone().unwrap_or_else(default_identity);
     let mut config = Config::new(identity.clone(), lock.clone()).with_timing(
@@ -45,13 +43,7 @@ pub async fn run(args: RunArgs) -> Result<u8, CliError> {
         Some(_) => Some(crate::serve::recorder()?),
         None => None,
     };
-    let backend = url
-        .connect(
-            &lock,
-            args.backend.connect_timeout,
-            &args.backend.credentials(),
-        )
-        .await?;
+    let (url, backend) = args.backend.open().await?;
 
     let mut terminate = signal(SignalKind::terminate())
         .map_err(|e| CliError::Other(format!("cannot handle SIGTERM: {e}")))?;

@@ -737,6 +737,20 @@ async fn no_output_path_leaks_a_secret() {
         seen.push_str(&String::from_utf8_lossy(&output.stdout));
         seen.push_str(&String::from_utf8_lossy(&output.stderr));
     }
+    // `--help` with the URL in the environment: clap shows environment values unless told not to.
+    for command in ["run", "status"] {
+        let help = Command::new(BIN)
+            .args([command, "--help"])
+            .env(
+                "LEASEHOLD_BACKEND",
+                format!("rediss://:{MARKER}@{}", redis.addr()),
+            )
+            .output()
+            .await
+            .expect("help");
+        assert!(help.status.success());
+        seen.push_str(&String::from_utf8_lossy(&help.stdout));
+    }
     // A URL with the password in LEASEHOLD_BACKEND: the command does not inherit it.
     let mut args = vec!["run".to_owned()];
     args.extend(tls(&pki.client));

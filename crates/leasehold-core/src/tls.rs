@@ -255,7 +255,10 @@ mod with_rustls {
 
     /// The TLS problem behind `error`, found by walking its sources (and the errors inside
     /// `std::io::Error`s) for a `rustls::Error`; `None` when there is none, or it names no
-    /// configuration problem (a connection cut during the handshake is an outage, not this).
+    /// configuration problem. Only what a configuration causes counts: a certificate refused
+    /// (ours or the server's), no protocol in common. Garbage, a bad record or an unexpected
+    /// alert may be a damaged connection and stay an outage (`None`), so that a healthy
+    /// elector is never stopped by one bad packet.
     pub fn classify(error: &(dyn StdError + 'static)) -> Option<TlsProblem> {
         find(error, 0).and_then(of_rustls)
     }
@@ -306,15 +309,18 @@ mod with_rustls {
                 | AlertDescription::CertificateRevoked
                 | AlertDescription::UnsupportedCertificate
                 | AlertDescription::AccessDenied => TlsProblem::ClientCertRejected,
-                // Some servers (OpenSSL's before TLS 1.3) answer a missing certificate so.
-                AlertDescription::HandshakeFailure => TlsProblem::Handshake,
-                _ => TlsProblem::Handshake,
+                AlertDescription::ProtocolVersion
+                | AlertDescription::InsufficientSecurity
+                | AlertDescription::HandshakeFailure => TlsProblem::Handshake,
+                // Other alerts (a decode error, an internal error, a close) can come from a
+                // damaged or cut connection: an outage, retried.
+                _ => return None,
             },
-            // Bytes that are no TLS record: the server speaks something else.
-            E::InvalidMessage(_) | E::InappropriateMessage { .. } => TlsProblem::ServerNotTls,
-            E::PeerIncompatible(_) | E::PeerMisbehaved(_) | E::DecryptError => {
-                TlsProblem::Handshake
-            }
+            // No protocol version or cipher suite in common: the configurations disagree.
+            E::PeerIncompatible(_) => TlsProblem::Handshake,
+            // Bytes that are no TLS record, a bad record MAC, a peer off the protocol: a plain
+            // port answers so, but so can a damaged connection. Not taken as configuration (a
+            // plain-text port is found by probing after a failed connect instead).
             _ => return None,
         })
     }
@@ -383,6 +389,10 @@ mod with_rustls {
             assert_eq!(classify(&alert), Some(TlsProblem::ClientCertRequired));
             let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "tls handshake eof");
             assert_eq!(classify(&eof), None, "a cut connection is an outage");
+            let garbage = rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType);
+            assert_eq!(classify(&garbage), None, "one bad record is an outage");
+            let decode = rustls::Error::AlertReceived(AlertDescription::DecodeError);
+            assert_eq!(classify(&decode), None);
             let shared: Arc<dyn StdError + Send + Sync> = Arc::new(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 rustls::Error::InvalidCertificate(CertificateError::Expired),

@@ -37,6 +37,8 @@ pub(crate) struct Dialer {
     timeout: Duration,
     next: Arc<AtomicUsize>,
     seen: Arc<Mutex<Option<TlsProblem>>>,
+    /// Whether a connection was ever made.
+    connected: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Dialer {
@@ -91,6 +93,7 @@ impl Dialer {
             timeout,
             next: Arc::new(AtomicUsize::new(0)),
             seen,
+            connected: Arc::default(),
         })
     }
 
@@ -104,6 +107,7 @@ impl Dialer {
             match tokio::time::timeout(self.timeout, self.dial_one(host, *port)).await {
                 Ok(Ok((stream, early))) => {
                     self.next.store(index, Ordering::Relaxed);
+                    self.connected.store(true, Ordering::Relaxed);
                     return Ok(TokioIo::new(Watched {
                         inner: stream,
                         early,
@@ -123,6 +127,11 @@ impl Dialer {
                 }
             }
         }
+        if self.connected.load(Ordering::Relaxed) {
+            // Once connected, a member that refuses us (the others briefly down) is an
+            // outage: the words stay, the TLS error that would make it fatal goes.
+            return Err(io::Error::new(last.kind(), last.to_string()));
+        }
         Err(last)
     }
 
@@ -133,10 +142,12 @@ impl Dialer {
         let name = ServerName::try_from(name.to_owned())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let error = match self.tls.connect(name, tcp).await {
-            Ok(stream) => match confirmed(stream).await {
-                Ok(confirmed) => return Ok(confirmed),
-                Err(error) => error,
-            },
+            Ok(stream) => {
+                match confirmed(stream, (self.timeout / 4).min(Duration::from_secs(1))).await {
+                    Ok(confirmed) => return Ok(confirmed),
+                    Err(error) => error,
+                }
+            }
             Err(error) => error,
         };
         // A plain-text etcd closes the connection on a ClientHello without a word: ask it in
@@ -175,9 +186,11 @@ impl tower_service::Service<http::Uri> for Dialer {
 /// for that answer makes a refusal an error of the connect, with the alert in it, instead of a
 /// connection that dies under its first call (whose alert a reset may even discard). The data
 /// that came with the answer is kept for the reader. A TLS 1.2 handshake, or a server that says
-/// nothing within a second, is taken as it is.
+/// nothing within `wait` (at most a second, a quarter of the connect timeout), is taken as it
+/// is.
 async fn confirmed(
     mut stream: TlsStream<TcpStream>,
+    wait: Duration,
 ) -> io::Result<(TlsStream<TcpStream>, Vec<u8>)> {
     if stream.get_ref().1.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
         return Ok((stream, Vec::new()));
@@ -200,7 +213,7 @@ async fn confirmed(
             Poll::Pending => Poll::Pending,
         }
     });
-    match tokio::time::timeout(Duration::from_secs(1), answer).await {
+    match tokio::time::timeout(wait, answer).await {
         Ok(Err(error)) => Err(error),
         Ok(Ok(())) | Err(_) => Ok((stream, early)),
     }

@@ -979,7 +979,11 @@ impl EtcdBackend {
                 self.inner.plain_works.store(true, Ordering::Relaxed);
                 Ok(value)
             }
-            Err(error @ BackendError::Unavailable { .. }) if self.tls_seen().is_some() => {
+            // Only until a call first succeeds: afterwards one member with a bad certificate
+            // (the others briefly down) is an outage, not a reason to stop.
+            Err(error @ BackendError::Unavailable { .. })
+                if self.tls_seen().is_some() && !self.inner.plain_works.load(Ordering::Relaxed) =>
+            {
                 let problem = self
                     .tls_seen()
                     .unwrap_or(leasehold_core::TlsProblem::Handshake)
@@ -1325,6 +1329,11 @@ impl EtcdBackend {
         // The leader may change between the read and the write: then ask the new one. Bounded:
         // a lock that changes hands on every attempt is answered with a transient error.
         for _ in 0..REQUEST_ATTEMPTS {
+            // Vacant, or reserved by a transfer: nobody to ask.
+            let held = self.read(lock).await?;
+            if held.holder().is_none() {
+                return Ok(held);
+            }
             let Some(leader) = self.leader(lock).await? else {
                 return self.read(lock).await;
             };

@@ -178,7 +178,10 @@ pub fn redact_url(url: &str) -> String {
             let query: Vec<String> = query
                 .split('&')
                 .map(|pair| match pair.split_once('=') {
-                    Some(("password", _)) => "password=***".to_owned(),
+                    // The key as the client reads it (percent-decoded: `pass%77ord`).
+                    Some((key, _)) if percent_decode(key) == "password" => {
+                        format!("{key}=***")
+                    }
                     _ => pair.to_owned(),
                 })
                 .collect();
@@ -375,6 +378,8 @@ pub(crate) struct Opener {
     connection: tokio_postgres::Config,
     /// Read at every connect.
     password: Option<PasswordSource>,
+    /// Whether the password file was read once.
+    password_read: AtomicBool,
     presents_certificate: bool,
     ssl_mode: SslMode,
     tls: Option<Arc<rustls::ClientConfig>>,
@@ -427,12 +432,26 @@ impl Opener {
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let user = config.get_user().unwrap_or_default();
         let database = config.get_dbname().unwrap_or(user);
-        let password = source.password(&host, port, database, user).map_err(|e| {
-            BackendError::InvalidConfig {
-                backend: format!("postgres at {}", self.address),
-                source: e.into(),
+        let password = match source.password(&host, port, database, user) {
+            Ok(password) => {
+                self.password_read.store(true, Ordering::Relaxed);
+                password
             }
-        })?;
+            // Read before: a file being rotated (truncated, replaced) is missing or empty for a
+            // moment; an outage, retried, not a reason to stop a healthy elector.
+            Err(error) if self.password_read.load(Ordering::Relaxed) => {
+                return Err(BackendError::Unavailable {
+                    backend: format!("postgres at {}", self.address),
+                    detail: format!("the password file cannot be read just now: {error}"),
+                });
+            }
+            Err(error) => {
+                return Err(BackendError::InvalidConfig {
+                    backend: format!("postgres at {}", self.address),
+                    source: error.into(),
+                })
+            }
+        };
         let mut config = config.clone();
         if let Some(password) = password {
             config.password(password);
@@ -703,6 +722,7 @@ impl PostgresBackend {
             address: address(&connection),
             connection,
             password,
+            password_read: AtomicBool::new(false),
             presents_certificate: identity.is_some(),
             ssl_mode: config.ssl_mode,
             tls,

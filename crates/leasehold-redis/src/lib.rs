@@ -586,7 +586,14 @@ impl RedisBackend {
                         Ok(connection) => Ok(connection),
                         Err(error) => {
                             let error = this.connect_error(&error).await;
-                            if matches!(error, BackendError::Tls { .. }) {
+                            // Only a crossed protocol (found by a probe, after a slow
+                            // handshake) is kept; a refused certificate is found again, fast,
+                            // by the next connect, which may succeed once it is fixed.
+                            if let BackendError::Tls {
+                                problem: TlsProblem::ServerRequiresTls | TlsProblem::ServerNotTls,
+                                ..
+                            } = &error
+                            {
                                 let _ = this.inner.crossed.set(error.clone());
                             }
                             Err(error)

@@ -363,9 +363,7 @@ impl EtcdHarness {
     /// certificate, as `root` with the password from a file ([`EtcdConfig::password_file`]).
     pub async fn start_tls() -> EtcdHarness {
         let pki = Arc::new(TestPki::new());
-        let password_file = pki.dir().join("etcd-password");
-        std::fs::write(&password_file, format!("{ETCD_TLS_PASSWORD}\n"))
-            .unwrap_or_else(|e| panic!("password file: {e}"));
+        let password_file = pki.secret_file("etcd-password", ETCD_TLS_PASSWORD);
         let server =
             EtcdServer::start_tls(pki.clone(), ServerCert::Good, Some(ETCD_TLS_PASSWORD)).await;
         EtcdHarness {
@@ -608,9 +606,7 @@ impl Harness for EtcdHarness {
                 (addr, good)
             }
             CredentialFault::WrongPassword => {
-                let wrong = pki.dir().join("etcd-wrong-password");
-                std::fs::write(&wrong, "not-the-password\n")
-                    .unwrap_or_else(|e| panic!("password file: {e}"));
+                let wrong = pki.secret_file("etcd-wrong-password", "not-the-password");
                 (
                     here,
                     ClientSetup {

@@ -119,6 +119,18 @@ impl TestPki {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Writes `contents` and a line break to the file `name` in [`dir`](Self::dir) (a
+    /// password file, a `.pgpass`), readable by its owner only, and returns its path.
+    ///
+    /// # Panics
+    ///
+    /// When the file exists already or cannot be written.
+    pub fn secret_file(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        write_private(&path, &format!("{contents}\n"));
+        path
+    }
 }
 
 impl Default for TestPki {

@@ -534,12 +534,10 @@ impl PostgresHarness {
     /// a password file (`passfile`, the `.pgpass` format).
     pub async fn start_tls() -> PostgresHarness {
         let pki = Arc::new(TestPki::new());
-        let passfile = pki.dir().join("pgpass");
-        std::fs::write(
-            &passfile,
-            format!("127.0.0.1:*:*:{PG_USER}:{PG_TLS_PASSWORD}\n"),
-        )
-        .unwrap_or_else(|e| panic!("passfile: {e}"));
+        let passfile = pki.secret_file(
+            "pgpass",
+            &format!("127.0.0.1:*:*:{PG_USER}:{PG_TLS_PASSWORD}"),
+        );
         let server = PostgresServer::start_mutual_tls(
             free_port(),
             pki.clone(),
@@ -767,9 +765,8 @@ impl Harness for PostgresHarness {
                 (addr, self.params.clone())
             }
             CredentialFault::WrongPassword => {
-                let wrong = pki.dir().join("pgpass-wrong");
-                std::fs::write(&wrong, format!("*:*:*:{PG_USER}:not-the-password\n"))
-                    .unwrap_or_else(|e| panic!("passfile: {e}"));
+                let wrong =
+                    pki.secret_file("pgpass-wrong", &format!("*:*:*:{PG_USER}:not-the-password"));
                 (here, tls_params(&pki.ca, Some(&pki.client), &wrong))
             }
         };

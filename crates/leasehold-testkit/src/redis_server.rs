@@ -497,9 +497,7 @@ impl RedisHarness {
     /// client certificate, and the password from a file ([`RedisConfig::password_file`]).
     pub async fn start_tls() -> RedisHarness {
         let pki = Arc::new(TestPki::new());
-        let password_file = pki.dir().join("redis-password");
-        std::fs::write(&password_file, format!("{TLS_PASSWORD}\n"))
-            .unwrap_or_else(|e| panic!("password file: {e}"));
+        let password_file = pki.secret_file("redis-password", TLS_PASSWORD);
         let server =
             RedisServer::start_tls(pki.clone(), ServerCert::Good, Some(TLS_PASSWORD)).await;
         RedisHarness {
@@ -711,9 +709,7 @@ impl Harness for RedisHarness {
                 (addr, good)
             }
             CredentialFault::WrongPassword => {
-                let wrong = pki.dir().join("redis-wrong-password");
-                std::fs::write(&wrong, "not-the-password\n")
-                    .unwrap_or_else(|e| panic!("password file: {e}"));
+                let wrong = pki.secret_file("redis-wrong-password", "not-the-password");
                 (
                     self.server.addr(),
                     ClientSetup {
