@@ -16,6 +16,29 @@ use tokio::time::{sleep, Instant};
 ///
 /// When no port can be bound.
 pub fn free_port() -> u16 {
+    // Below the kernel's ephemeral range (32768 and up by default): a port the kernel hands
+    // out (port 0) is free now, but the next outgoing connection of any test may take it
+    // before the server binds it, and the server then fails to start. Ports below the range
+    // are never taken so; each process walks them from its own start.
+    const LOW: u32 = 10_000;
+    const HIGH: u32 = 32_000;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        LOW + (std::process::id().wrapping_mul(7919) % (HIGH - LOW)),
+        std::sync::atomic::Ordering::SeqCst,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    for _ in 0..(HIGH - LOW) {
+        let next = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let port = LOW + (next - LOW) % (HIGH - LOW);
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
