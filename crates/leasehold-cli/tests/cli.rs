@@ -459,6 +459,26 @@ async fn http_get(port: u16, path: &str) -> String {
     response
 }
 
+/// The metrics page at `port` once it shows `lock` led, waiting up to `within`; fails with
+/// `failure` otherwise.
+async fn leading_metrics(port: u16, lock: &str, within: Duration, failure: &str) -> String {
+    let deadline = Instant::now() + within;
+    let leading = format!("leader_election_master_status{{name=\"{lock}\"}} 1");
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            let body = http_get(port, "/metrics").await;
+            if body.contains(&leading) {
+                return body;
+            }
+        }
+        assert!(Instant::now() < deadline, "{failure}");
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_healthz_answer_on_loopback() {
     let port = free_port();
@@ -479,20 +499,13 @@ async fn metrics_and_healthz_answer_on_loopback() {
         .kill_on_drop(true)
         .spawn()
         .expect("run");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let metrics = loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            let body = http_get(port, "/metrics").await;
-            if body.contains("leader_election_master_status{name=\"served\"} 1") {
-                break body;
-            }
-        }
-        assert!(Instant::now() < deadline, "no metrics endpoint");
-        sleep(Duration::from_millis(50)).await;
-    };
+    let metrics = leading_metrics(
+        port,
+        "served",
+        Duration::from_secs(10),
+        "no metrics endpoint",
+    )
+    .await;
     assert!(metrics.starts_with("HTTP/1.0 200") || metrics.starts_with("HTTP/1.1 200"));
     assert!(
         metrics.contains("leasehold_terms_started_total{name=\"served\"} 1"),
@@ -697,23 +710,13 @@ async fn no_output_path_leaks_a_secret() {
         .kill_on_drop(true)
         .spawn()
         .expect("run");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let metrics = loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            let body = http_get(port, "/metrics").await;
-            if body.contains("leader_election_master_status{name=\"leaks\"} 1") {
-                break body;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the leader's metrics never showed it leading"
-        );
-        sleep(Duration::from_millis(50)).await;
-    };
+    let metrics = leading_metrics(
+        port,
+        "leaks",
+        Duration::from_secs(15),
+        "the leader's metrics never showed it leading",
+    )
+    .await;
     seen.push_str(&metrics);
     seen.push_str(&http_get(port, "/healthz").await);
     let mut watch = Command::new(BIN)

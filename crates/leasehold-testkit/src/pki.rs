@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use leasehold_core::TlsFiles;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
@@ -113,6 +114,20 @@ impl TestPki {
             ServerCert::Expired => &self.expired_server,
             ServerCert::WrongName => &self.wrong_name_server,
         }
+    }
+
+    /// The TLS files of a client trusting `ca` and presenting `client` (if any).
+    pub fn client_files(ca: &Path, client: Option<&CertFiles>) -> TlsFiles {
+        TlsFiles {
+            ca: Some(ca.to_owned()),
+            cert: client.map(|c| c.cert.clone()),
+            key: client.map(|c| c.key.clone()),
+        }
+    }
+
+    /// The TLS files of a good client: this PKI's CA and client certificate.
+    pub fn good_client(&self) -> TlsFiles {
+        Self::client_files(&self.ca, Some(&self.client))
     }
 
     /// The directory holding every file.

@@ -155,11 +155,7 @@ impl RedisServer {
     /// key); empty for a plain-text server.
     pub fn tls_files(&self) -> TlsFiles {
         match &self.tls {
-            Some((pki, _)) => TlsFiles {
-                ca: Some(pki.ca.clone()),
-                cert: Some(pki.client.cert.clone()),
-                key: Some(pki.client.key.clone()),
-            },
+            Some((pki, _)) => pki.good_client(),
             None => TlsFiles::default(),
         }
     }
@@ -662,11 +658,7 @@ impl Harness for RedisHarness {
         let pki = self.setup.pki.clone()?;
         let good = self.setup.clone();
         let files = |ca: &std::path::Path, client: Option<&crate::CertFiles>| {
-            Some(TlsFiles {
-                ca: Some(ca.to_owned()),
-                cert: client.map(|c| c.cert.clone()),
-                key: client.map(|c| c.key.clone()),
-            })
+            Some(TestPki::client_files(ca, client))
         };
         let (target, setup) = match fault {
             CredentialFault::UnknownCa => (
