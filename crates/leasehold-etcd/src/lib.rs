@@ -95,7 +95,9 @@ pub struct EtcdConfig {
     /// [`password_file`](Self::password_file), the password here is ignored (give `""`).
     pub user: Option<(String, String)>,
     /// A file holding the password of [`user`](Self::user) (as `etcdctl --password` takes it,
-    /// without it showing in `ps`), read when the backend connects. Default `None`.
+    /// without it showing in `ps`), read when the backend connects, and again after a failed
+    /// call: a rotated password is authenticated with at once, and a password refused after it
+    /// worked is an outage, not fatal. Default `None`.
     pub password_file: Option<PathBuf>,
     /// TLS options (CA, client identity, domain name), in etcd-client's form.
     pub tls: Option<TlsOptions>,
@@ -217,6 +219,9 @@ struct Inner {
     plain_works: std::sync::atomic::AtomicBool,
     /// What the TLS connections met after their handshake (see `dialer`).
     tls_seen: Arc<Mutex<Option<leasehold_core::TlsProblem>>>,
+    /// The password from [`EtcdConfig::password_file`] the client authenticates with; the
+    /// lock makes its reloads single-flight (see `EtcdBackend::settle`).
+    password: tokio::sync::Mutex<Option<String>>,
 }
 
 /// Acquires one backend value runs at once; the others wait their turn before sending
@@ -336,6 +341,21 @@ pub(crate) fn map_error(
             }
             _ => false,
         };
+        // A password refused after the connect authenticated with it (a new token after an
+        // expired one, or after the server dropped the user's tokens): with the password from
+        // a file, a rotation in progress, the file read again (`EtcdBackend::settle`).
+        let refused = status.code() == tonic::Code::Unauthenticated
+            || (status.code() == tonic::Code::InvalidArgument
+                && message.contains("authentication failed"));
+        if refused && operation != "connect" && config.password_file.is_some() {
+            return BackendError::Unavailable {
+                backend,
+                detail: format!(
+                    "{operation}: {message}. The password from the file worked before: taken \
+                     for a rotation in progress; the file is read again"
+                ),
+            };
+        }
         if denied {
             return BackendError::Unauthorized {
                 backend,
@@ -388,6 +408,7 @@ impl EtcdBackend {
                 reservations: std::sync::atomic::AtomicBool::new(true),
                 plain_works: std::sync::atomic::AtomicBool::new(false),
                 tls_seen: Arc::default(),
+                password: tokio::sync::Mutex::default(),
             }),
         }
     }
@@ -537,6 +558,9 @@ impl EtcdBackend {
                     ),
                     None => None,
                 };
+                if config.user.is_some() {
+                    password.clone_into(&mut *self.inner.password.lock().await);
+                }
                 if let Some((user, password)) = config
                     .user
                     .as_ref()
@@ -865,7 +889,8 @@ impl LockBackend for EtcdBackend {
         // itself (several KiB of futures) is made once admitted.
         let _admitted = self.inner.acquiring.acquire().await.ok();
         let attempt = Box::pin(self.attempt(candidate)).await;
-        self.diagnosed(attempt).await
+        let attempt = self.diagnosed(attempt).await;
+        self.settle(attempt).await
     }
 
     async fn renew(
@@ -873,7 +898,8 @@ impl LockBackend for EtcdBackend {
         candidate: &Candidate,
         grant: &Grant,
     ) -> Result<RenewOutcome, BackendError> {
-        Box::pin(self.renew_term(candidate, grant)).await
+        let renewed = Box::pin(self.renew_term(candidate, grant)).await;
+        self.settle(renewed).await
     }
 
     async fn release(
@@ -881,18 +907,21 @@ impl LockBackend for EtcdBackend {
         candidate: &Candidate,
         grant: &Grant,
     ) -> Result<ReleaseOutcome, BackendError> {
-        Box::pin(self.release_term(candidate, grant)).await
+        let released = Box::pin(self.release_term(candidate, grant)).await;
+        self.settle(released).await
     }
 
     async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
         let read = Box::pin(self.read_lock(lock)).await;
-        self.diagnosed(read).await
+        let read = self.diagnosed(read).await;
+        self.settle(read).await
     }
 
     async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
         // Connects now, so that a backend that cannot be reached says so here.
         let connected = self.client_ref().await.map(|_| ());
-        self.diagnosed(connected).await?;
+        let connected = self.diagnosed(connected).await;
+        self.settle(connected).await?;
         let cell = self.seat_cell(candidate)?;
         let prefix = self.election_prefix(&candidate.lock);
         let stream = seat::watch_predecessor(self.clone(), cell, prefix, candidate.lock.clone());
@@ -900,7 +929,8 @@ impl LockBackend for EtcdBackend {
     }
 
     async fn withdraw(&self, candidate: &Candidate) -> Result<(), BackendError> {
-        Box::pin(self.withdraw_seat(candidate)).await
+        let withdrawn = Box::pin(self.withdraw_seat(candidate)).await;
+        self.settle(withdrawn).await
     }
 
     fn supports_transfer(&self) -> bool {
@@ -913,11 +943,13 @@ impl LockBackend for EtcdBackend {
         grant: &Grant,
         to: &str,
     ) -> Result<ReleaseOutcome, BackendError> {
-        Box::pin(self.transfer_term(candidate, grant, to)).await
+        let transferred = Box::pin(self.transfer_term(candidate, grant, to)).await;
+        self.settle(transferred).await
     }
 
     async fn request_transfer(&self, lock: &str, to: &str) -> Result<Observation, BackendError> {
-        Box::pin(self.ask_transfer(lock, to)).await
+        let asked = Box::pin(self.ask_transfer(lock, to)).await;
+        self.settle(asked).await
     }
 }
 
@@ -964,6 +996,60 @@ impl EtcdBackend {
                 None,
             )),
             None => Ok(Observation::vacant()),
+        }
+    }
+
+    /// `result`; after a failed call, with a [`password_file`](EtcdConfig::password_file),
+    /// the file is read again, and a password that changed is given to the client
+    /// (`Client::update_user`, which authenticates with it): the calls after it use the new
+    /// token. etcd-client authenticates again on its own after an expired token, but with the
+    /// password it has, which a rotation refuses.
+    async fn settle<T>(&self, result: Result<T, BackendError>) -> Result<T, BackendError> {
+        if result.is_err() {
+            self.reload_password().await;
+        }
+        result
+    }
+
+    async fn reload_password(&self) {
+        let config = &self.inner.config;
+        let (Some(path), Some((user, _))) = (&config.password_file, &config.user) else {
+            return;
+        };
+        let Some(client) = self.inner.client.get() else {
+            return;
+        };
+        // One reload at a time; the calls failing meanwhile do not queue for another.
+        let Ok(mut in_use) = self.inner.password.try_lock() else {
+            return;
+        };
+        let password = match leasehold_core::tls::read_secret_file(path) {
+            Ok(password) => password,
+            Err(error) => {
+                tracing::warn!(%error, "the etcd password file cannot be read just now");
+                return;
+            }
+        };
+        if in_use.as_ref() == Some(&password) {
+            return;
+        }
+        let mut client = client.clone();
+        match client
+            .update_user(Some((user.clone(), password.clone())))
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(
+                    endpoints = ?config.endpoints,
+                    "the etcd password file changed: authenticated with the new password"
+                );
+                *in_use = Some(password);
+            }
+            Err(error) => tracing::warn!(
+                error = %map_error(config, "authenticate", &error),
+                "the etcd password file changed, and its password is refused too; it is read \
+                 again after the next failed call"
+            ),
         }
     }
 

@@ -380,6 +380,10 @@ pub(crate) struct Opener {
     password: Option<PasswordSource>,
     /// Whether the password file was read once.
     password_read: AtomicBool,
+    /// Whether a connection was opened with a password from the file. From then on, a refused
+    /// password is taken for a rotation in progress (the server changed first, the file will
+    /// follow): an outage, retried with the file read again, not the end of a healthy elector.
+    authenticated: AtomicBool,
     presents_certificate: bool,
     ssl_mode: SslMode,
     tls: Option<Arc<rustls::ClientConfig>>,
@@ -411,7 +415,12 @@ impl Opener {
             }
         };
         match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(Ok(opened)) => Ok(opened),
+            Ok(Ok(opened)) => {
+                if self.password.is_some() {
+                    self.authenticated.store(true, Ordering::Relaxed);
+                }
+                Ok(opened)
+            }
             Ok(Err(e)) => Err(self.connect_error(operation, &e).await),
             Err(_) => Err(self.timeout("connect", self.connect_timeout)),
         }
@@ -533,6 +542,17 @@ impl Opener {
     pub(crate) fn map_error(&self, operation: &str, error: &tokio_postgres::Error) -> BackendError {
         let backend = format!("postgres at {}", self.address);
         let text = error_text(error);
+        if error.code() == Some(&SqlState::INVALID_PASSWORD)
+            && self.authenticated.load(Ordering::Relaxed)
+        {
+            return BackendError::Unavailable {
+                backend,
+                detail: format!(
+                    "{operation}: {text}. The password from the file worked before: taken for a \
+                     rotation in progress; the file is read again at the next connect"
+                ),
+            };
+        }
         let denied = matches!(
             error.code(),
             Some(c) if *c == SqlState::INVALID_PASSWORD
@@ -723,6 +743,7 @@ impl PostgresBackend {
             connection,
             password,
             password_read: AtomicBool::new(false),
+            authenticated: AtomicBool::new(false),
             presents_certificate: identity.is_some(),
             ssl_mode: config.ssl_mode,
             tls,

@@ -64,7 +64,8 @@ pub(crate) struct Delivery {
 
 /// The shared pub/sub plumbing of one backend value.
 pub(crate) struct Hub {
-    client: redis::Client,
+    /// Makes the client of each connect (the password file read again).
+    opener: Arc<crate::opener::Opener>,
     connect_timeout: Duration,
     /// How long a `PING` or `UNSUBSCRIBE` on the session may take (the response timeout).
     ping_timeout: Duration,
@@ -93,7 +94,7 @@ impl Drop for Hub {
 
 impl Hub {
     pub fn new(
-        client: redis::Client,
+        opener: Arc<crate::opener::Opener>,
         connect_timeout: Duration,
         ping_timeout: Duration,
         address: String,
@@ -101,7 +102,7 @@ impl Hub {
         retired: tokio::sync::watch::Sender<u64>,
     ) -> Self {
         Self {
-            client,
+            opener,
             connect_timeout,
             ping_timeout,
             address,
@@ -141,10 +142,13 @@ impl Hub {
         // Taken before connecting: a retirement while the connect runs kills the new session.
         let mut retired = self.retired.subscribe();
         let proven = *retired.borrow_and_update();
-        let connected = tokio::time::timeout(self.connect_timeout, self.client.get_async_pubsub())
-            .await
-            .map_err(|_| self.timeout())
-            .and_then(|r| r.map_err(|e| (self.map_error)("watch", &e)));
+        let connected = match self.opener.client() {
+            Ok(client) => tokio::time::timeout(self.connect_timeout, client.get_async_pubsub())
+                .await
+                .map_err(|_| self.timeout())
+                .and_then(|r| r.map_err(|e| (self.map_error)("watch", &e))),
+            Err(error) => Err(error),
+        };
         let pubsub = match connected {
             Ok(pubsub) => pubsub,
             Err(error) => {

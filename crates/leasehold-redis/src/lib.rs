@@ -45,6 +45,7 @@
 //! ```
 
 mod hub;
+mod opener;
 mod record;
 mod scripts;
 
@@ -62,7 +63,7 @@ use leasehold_core::{
     Observation, ReleaseOutcome, RenewOutcome, WatchStream,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ErrorKind, IntoConnectionInfo, RedisError};
+use redis::{ErrorKind, RedisError};
 use tokio::sync::Mutex;
 
 use crate::scripts::Scripts;
@@ -85,9 +86,10 @@ pub struct RedisConfig {
     /// certificate and key (`tls-auth-clients yes`), as `redis-cli --cacert --cert --key`.
     /// Read when the backend is made. Default: none.
     pub tls: TlsFiles,
-    /// A file holding the password (`AUTH`; the user, if any, from the URL), read when the
-    /// backend is made, instead of a password in the URL (which shows in `ps` and shell
-    /// history). Default `None`.
+    /// A file holding the password (`AUTH`; the user, if any, from the URL), instead of a
+    /// password in the URL (which shows in `ps` and shell history). Read when the backend is
+    /// made, and again at every new connection, so a rotated password reaches the next one; a
+    /// password refused after it worked is an outage, not fatal. Default `None`.
     pub password_file: Option<PathBuf>,
     /// Prefix of every key and channel. Default `"leasehold:"`.
     pub key_prefix: String,
@@ -237,8 +239,10 @@ impl redis::aio::ConnectionLike for Connection {
 struct Inner {
     /// A TLS failure found at a connect: every later connect answers it at once.
     crossed: std::sync::OnceLock<BackendError>,
+    /// Made once from the URL, for its address and database.
     client: redis::Client,
-    cluster: Option<redis::cluster::ClusterClient>,
+    /// Makes the client of each connect (the password file read again).
+    opener: Arc<opener::Opener>,
     config: RedisConfig,
     address: String,
     scripts: Scripts,
@@ -288,13 +292,14 @@ impl Unanswered {
     fn answered(mut self) {
         self.armed = false;
     }
-}
 
-impl Drop for Unanswered {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
+    /// Retires the connection now, for `why`.
+    fn retire(mut self, why: &str) {
+        self.armed = false;
+        self.retire_for(why);
+    }
+
+    fn retire_for(&self, why: &str) {
         let before = self
             .inner
             .unanswered
@@ -304,8 +309,31 @@ impl Drop for Unanswered {
             tracing::warn!(
                 address = %self.inner.address,
                 connection = self.generation,
-                "a command went unanswered (timed out, or abandoned at the caller's deadline): \
-                 retiring the connection; the next call opens a new one"
+                "{why}: retiring the connection; the next call opens a new one"
+            );
+        }
+    }
+
+    /// Ends `result`'s command: a reply or an error the server sent proves the connection
+    /// answers, except a refused password (the redis crate reconnected with the password it
+    /// was made with, and will again): the next call opens a new connection, with the password
+    /// file read again.
+    fn settle<T>(self, result: &redis::RedisResult<T>) {
+        match result {
+            Err(error) if password_refused(error) => {
+                self.retire("the server refused the password at a reconnect")
+            }
+            result if answered(result) => self.answered(),
+            _ => {}
+        }
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if self.armed {
+            self.retire_for(
+                "a command went unanswered (timed out, or abandoned at the caller's deadline)",
             );
         }
     }
@@ -326,6 +354,12 @@ fn answered<T>(result: &redis::RedisResult<T>) -> bool {
     result.as_ref().map_or_else(|e| !e.is_timeout(), |_| true)
 }
 
+/// The server refused the user or password (a wrong one, or none given where one is needed).
+fn password_refused(error: &RedisError) -> bool {
+    error.kind() == ErrorKind::AuthenticationFailed
+        || matches!(error.code(), Some("WRONGPASS" | "NOAUTH"))
+}
+
 impl redis::aio::ConnectionLike for Checkout {
     fn req_packed_command<'a>(
         &'a mut self,
@@ -335,9 +369,7 @@ impl redis::aio::ConnectionLike for Checkout {
         let reply = self.connection.req_packed_command(cmd);
         Box::pin(async move {
             let result = reply.await;
-            if answered(&result) {
-                guard.answered();
-            }
+            guard.settle(&result);
             result
         })
     }
@@ -352,9 +384,7 @@ impl redis::aio::ConnectionLike for Checkout {
         let replies = self.connection.req_packed_commands(pipeline, offset, count);
         Box::pin(async move {
             let result = replies.await;
-            if answered(&result) {
-                guard.answered();
-            }
+            guard.settle(&result);
             result
         })
     }
@@ -405,70 +435,30 @@ impl RedisBackend {
         if config.key_prefix.contains(['{', '}']) {
             return Err(RedisConfigError::InvalidPrefix(config.key_prefix));
         }
-        let invalid = |url: &str, e: RedisError| RedisConfigError::InvalidUrl {
-            url: redact_url(url),
+        if !config.cluster_nodes.is_empty() && config.wait_replicas.is_some() {
+            return Err(RedisConfigError::WaitWithCluster);
+        }
+        let opener = Arc::new(opener::Opener::new(&config, address.clone())?);
+        // For the URL's address and database; each connect makes its own client.
+        let client = opener.client().map_err(|e| RedisConfigError::InvalidUrl {
+            url: address.clone(),
             reason: e.to_string(),
-        };
-        let tls = if config.tls.is_empty() {
-            None
-        } else if !config.url.starts_with("rediss://") {
-            return Err(RedisConfigError::TlsWithoutTls);
-        } else {
-            Some(config.tls.read()?)
-        };
-        let password = config
-            .password_file
-            .as_deref()
-            .map(leasehold_core::tls::read_secret_file)
-            .transpose()?;
-        let open = |url: &str| -> Result<redis::Client, RedisConfigError> {
-            let mut info = url.into_connection_info().map_err(|e| invalid(url, e))?;
-            if let Some(password) = &password {
-                let settings = info.redis_settings().clone().set_password(password);
-                info = info.set_redis_settings(settings);
-            }
-            match &tls {
-                None => redis::Client::open(info),
-                Some(pem) => redis::Client::build_with_tls(info, certificates(pem)),
-            }
-            .map_err(|e| invalid(url, e))
-        };
-        let client = open(&config.url)?;
-        let cluster = if config.cluster_nodes.is_empty() {
-            None
-        } else {
-            if config.wait_replicas.is_some() {
-                return Err(RedisConfigError::WaitWithCluster);
-            }
-            for node in &config.cluster_nodes {
-                open(node)?;
-            }
-            let mut builder =
-                redis::cluster::ClusterClientBuilder::new(config.cluster_nodes.clone())
-                    .connection_timeout(config.connect_timeout)
-                    .response_timeout(config.response_timeout);
-            if let Some(password) = &password {
-                builder = builder.password(password);
-            }
-            if let Some(pem) = &tls {
-                builder = builder.certs(certificates(pem));
-            }
-            let cluster = builder.build().map_err(|e| invalid(&config.url, e))?;
-            Some(cluster)
-        };
+        })?;
         let retired = tokio::sync::watch::Sender::new(0);
         let (prefix, response_timeout, at) = (
             config.key_prefix.clone(),
             config.response_timeout,
             address.clone(),
         );
+        let rotating = opener.clone();
         let hub = hub::Hub::new(
-            client.clone(),
+            opener.clone(),
             config.connect_timeout,
             config.response_timeout,
             address.clone(),
             Box::new(move |operation, error| {
-                map_error(&at, &prefix, response_timeout, operation, error)
+                let rotating = rotating.rotating();
+                map_error(&at, &prefix, response_timeout, rotating, operation, error)
             }),
             retired.clone(),
         );
@@ -476,7 +466,7 @@ impl RedisBackend {
             inner: Arc::new(Inner {
                 crossed: std::sync::OnceLock::new(),
                 client,
-                cluster,
+                opener,
                 address,
                 scripts: Scripts::new(),
                 connection: Mutex::default(),
@@ -585,7 +575,6 @@ impl RedisBackend {
                     match this.connect().await {
                         Ok(connection) => Ok(connection),
                         Err(error) => {
-                            let error = this.connect_error(&error).await;
                             // Only a crossed protocol (found by a probe, after a slow
                             // handshake) is kept; a refused certificate is found again, fast,
                             // by the next connect, which may succeed once it is fixed.
@@ -615,21 +604,30 @@ impl RedisBackend {
         })
     }
 
-    async fn connect(&self) -> Result<Connection, RedisError> {
+    async fn connect(&self) -> Result<Connection, BackendError> {
         let inner = &self.inner;
-        if let Some(cluster) = &inner.cluster {
-            return cluster
+        let connection = match inner.opener.connection_client()? {
+            opener::Client::Cluster(cluster) => cluster
                 .get_async_connection()
                 .await
-                .map(Connection::Cluster);
+                .map(Connection::Cluster),
+            opener::Client::Single(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(inner.config.connect_timeout))
+                    .set_response_timeout(Some(inner.config.response_timeout))
+                    .set_number_of_retries(1);
+                ConnectionManager::new_with_config(*client, config)
+                    .await
+                    .map(Connection::Single)
+            }
+        };
+        match connection {
+            Ok(connection) => {
+                inner.opener.opened();
+                Ok(connection)
+            }
+            Err(error) => Err(self.connect_error(&error).await),
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(inner.config.connect_timeout))
-            .set_response_timeout(Some(inner.config.response_timeout))
-            .set_number_of_retries(1);
-        ConnectionManager::new_with_config(inner.client.clone(), config)
-            .await
-            .map(Connection::Single)
     }
 
     /// A failed connect, mapped. A connect that failed as an outage (not refused) is checked
@@ -673,6 +671,7 @@ impl RedisBackend {
             &self.inner.address,
             &self.inner.config.key_prefix,
             self.inner.config.response_timeout,
+            self.inner.opener.rotating(),
             operation,
             error,
         )
@@ -720,24 +719,14 @@ async fn answers_plain_ping(addr: &str, within: Duration) -> bool {
     matches!(tokio::time::timeout(within, probe).await, Ok(Some(true)))
 }
 
-/// The redis crate's form of TLS files.
-fn certificates(pem: &leasehold_core::tls::TlsPem) -> redis::TlsCertificates {
-    redis::TlsCertificates {
-        client_tls: pem
-            .identity
-            .as_ref()
-            .map(|(cert, key)| redis::ClientTlsConfig {
-                client_cert: cert.clone(),
-                client_key: key.clone(),
-            }),
-        root_cert: pem.ca.clone(),
-    }
-}
-
+/// Maps a redis error. `rotating`: a connection authenticated with a password from the file
+/// before, so a refused password now is a rotation in progress (an outage, retried with the
+/// file read again at each connect), not a wrong configuration.
 fn map_error(
     address: &str,
     key_prefix: &str,
     response_timeout: Duration,
+    rotating: bool,
     operation: &str,
     error: &RedisError,
 ) -> BackendError {
@@ -749,8 +738,16 @@ fn map_error(
             detail: format!("{operation}: {error}"),
         };
     }
-    let denied = error.kind() == ErrorKind::AuthenticationFailed
-        || matches!(error.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"));
+    if rotating && password_refused(error) {
+        return BackendError::Unavailable {
+            backend,
+            detail: format!(
+                "{operation}: {error}. The password from the file worked before: taken for a \
+                 rotation in progress; the file is read again at the next connect"
+            ),
+        };
+    }
+    let denied = password_refused(error) || error.code() == Some("NOPERM");
     if denied {
         BackendError::Unauthorized {
             backend,
@@ -846,7 +843,7 @@ impl LockBackend for RedisBackend {
         let mut connection = self.connection().await?;
         let mut invocation = self.inner.scripts.acquire.key(&keys.lock);
         invocation.key(&keys.meta);
-        if self.inner.cluster.is_none() {
+        if self.inner.config.cluster_nodes.is_empty() {
             // On a cluster the script may only touch the lock's slot: it uses the uptime.
             invocation.key(self.server_key());
         }
@@ -1014,7 +1011,7 @@ impl LockBackend for RedisBackend {
         // (`notify-keyspace-events` with `K` and `g`, `x` or `e`): an operator's `DEL`, an
         // expiry or an eviction then reaches a leader at once. Cluster nodes emit them only to
         // their own subscribers, so this is for a single server.
-        let keyspace = self.inner.cluster.is_none().then(|| {
+        let keyspace = self.inner.config.cluster_nodes.is_empty().then(|| {
             let db = self
                 .inner
                 .client

@@ -412,31 +412,12 @@ mod redis_specific {
     /// scripts touch a single slot of a Redis Cluster: checked by a cluster-enabled server.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn keys_share_one_cluster_slot() {
-        let port = leasehold_testkit::free_port();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut child = tokio::process::Command::new("redis-server")
-            .arg("--port")
-            .arg(port.to_string())
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--cluster-enabled", "yes", "--cluster-config-file"])
-            .arg(dir.path().join("nodes.conf"))
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server");
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("url");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut conn = loop {
-            match client.get_multiplexed_async_connection().await {
-                Ok(conn) => break conn,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "cluster node did not start: {e}");
-                    sleep(Duration::from_millis(20)).await;
-                }
-            }
-        };
+        let node = RedisServer::start_cluster_node().await;
+        let mut conn = node
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("cluster node");
         let backend = RedisBackend::from_url("redis://127.0.0.1:1/").expect("url");
         for lock in ["a", "my-app-leader", "with:colons", "x.y/z"] {
             let keys = backend.keys(lock);
@@ -456,7 +437,6 @@ mod redis_specific {
             );
             assert!(keys.lock.contains(&format!("{{{lock}}}")));
         }
-        let _ = child.kill().await;
     }
 
     /// `wait_replicas`: without a replica, acquire fails (and gives the lock back) instead of

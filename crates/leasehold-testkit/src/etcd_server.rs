@@ -10,7 +10,7 @@ use leasehold_core::{async_trait, Config};
 use leasehold_etcd::{EtcdBackend, EtcdConfig, KeepAlive};
 use tokio::process::Command;
 
-use crate::harness::{CredentialFault, Harness, Outage, TestClient};
+use crate::harness::{CredentialFault, Harness, Outage, Rotation, TestClient};
 use crate::pki::{ServerCert, TestPki};
 use crate::process::{free_port, wait_ready, ServerProcess};
 use crate::proxy::{Proxy, ProxyFaults};
@@ -24,7 +24,9 @@ pub struct EtcdServer {
     peer_port: u16,
     dir: tempfile::TempDir,
     process: ServerProcess,
-    auth: Option<(String, String)>,
+    /// The admin's user and password once auth is on: a mutex for
+    /// [`change_password`](Self::change_password).
+    auth: Mutex<Option<(String, String)>>,
     /// Extra command-line flags, kept across restarts.
     flags: Vec<String>,
     /// TLS on the client port (`--client-cert-auth`), with this PKI's certificate `.1`.
@@ -67,7 +69,7 @@ impl EtcdServer {
             peer_port: free_port(),
             dir: tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}")),
             process: ServerProcess::default(),
-            auth: None,
+            auth: Mutex::new(None),
             flags,
             tls,
         };
@@ -178,7 +180,8 @@ impl EtcdServer {
             client.user_grant_role("root", "root").await.map(|_| ()),
         );
         step("auth enable", client.auth_enable().await.map(|_| ()));
-        server.auth = Some(("root".into(), password.into()));
+        *server.auth.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(("root".into(), password.into()));
     }
 
     async fn spawn(&self) {
@@ -273,10 +276,31 @@ impl EtcdServer {
                     )),
             );
         }
-        match &self.auth {
-            Some((user, password)) => options.with_user(user.clone(), password.clone()),
+        let auth = self
+            .auth
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        match auth {
+            Some((user, password)) => options.with_user(user, password),
             None => options,
         }
+    }
+
+    /// Gives `root` `password` from now on (`user change-password`): etcd drops the user's
+    /// tokens, so every client must authenticate again.
+    ///
+    /// # Panics
+    ///
+    /// When auth is off or the server does not do it.
+    pub async fn change_password(&self, password: &str) {
+        let mut client = self.client().await;
+        client
+            .user_change_password("root", password)
+            .await
+            .unwrap_or_else(|e| panic!("etcd user change-password: {e}"));
+        *self.auth.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(("root".into(), password.into()));
     }
 
     /// Kills the server and waits for it to exit. Data stays in the data dir.
@@ -545,6 +569,19 @@ impl Harness for EtcdHarness {
 
     fn over_tls(&self) -> bool {
         self.setup.tls.is_some()
+    }
+
+    /// `user change-password` for `root` ([`EtcdServer::change_password`]), then the file.
+    async fn rotate_password(&self, step: Rotation) -> bool {
+        let Some(file) = &self.setup.password_file else {
+            return false;
+        };
+        let rotated = format!("{ETCD_TLS_PASSWORD}-rotated");
+        match step {
+            Rotation::Server => self.server.change_password(&rotated).await,
+            Rotation::File => TestPki::replace_secret_file(file, &rotated),
+        }
+        true
     }
 
     async fn faulty_client(&self, fault: CredentialFault) -> Option<TestClient> {

@@ -292,6 +292,27 @@ pub trait Harness: Send + Sync + 'static {
         let _ = fault;
         None
     }
+
+    /// One step of a password rotation, for a harness whose clients read their password from a
+    /// file ([`over_tls`](Self::over_tls)); `false` when the harness has no password. Default
+    /// `false`.
+    async fn rotate_password(&self, step: Rotation) -> bool {
+        let _ = step;
+        false
+    }
+}
+
+/// A step of [`Harness::rotate_password`]. A server that takes one password per user cannot
+/// switch at the same moment as the file its clients read: [`Server`](Self::Server) then
+/// [`File`](Self::File) makes the window between the two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rotation {
+    /// The server takes only a new password for the clients' user from now on, and ends that
+    /// user's sessions (connections, auth tokens), so that every client must authenticate
+    /// again, still with the old password in the file.
+    Server,
+    /// The password file gets the new password (replaced, as a mounted secret is).
+    File,
 }
 
 /// A client set up wrongly, for [`Harness::faulty_client`]: each must fail with a typed, fatal

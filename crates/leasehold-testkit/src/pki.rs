@@ -146,6 +146,22 @@ impl TestPki {
         write_private(&path, &format!("{contents}\n"));
         path
     }
+
+    /// Replaces the file `path` made by [`secret_file`](Self::secret_file) with `contents`
+    /// (and a newline): written beside it, then renamed over it, as a mounted secret is
+    /// updated, so a reader sees the old or the new file, never a part.
+    ///
+    /// # Panics
+    ///
+    /// When the file system fails.
+    pub fn replace_secret_file(path: &Path, contents: &str) {
+        let mut next = path.as_os_str().to_owned();
+        next.push(".next");
+        let next = PathBuf::from(next);
+        let _ = std::fs::remove_file(&next);
+        write_private(&next, &format!("{contents}\n"));
+        std::fs::rename(&next, path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
 }
 
 impl Default for TestPki {

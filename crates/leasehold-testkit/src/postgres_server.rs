@@ -16,7 +16,7 @@ use leasehold_core::async_trait;
 use leasehold_postgres::PostgresBackend;
 use tokio::process::{Child, Command};
 
-use crate::harness::{CredentialFault, Harness, Outage, TestClient};
+use crate::harness::{CredentialFault, Harness, Outage, Rotation, TestClient};
 use crate::pki::{ServerCert, TestPki};
 use crate::process::{free_port, wait_ready};
 use crate::proxy::{Proxy, ProxyFaults};
@@ -727,6 +727,38 @@ impl Harness for PostgresHarness {
 
     fn over_tls(&self) -> bool {
         self.tls.is_some()
+    }
+
+    /// `ALTER ROLE ... PASSWORD` and `pg_terminate_backend` of the role's sessions, then the
+    /// `passfile`.
+    async fn rotate_password(&self, step: Rotation) -> bool {
+        let Some((_, passfile)) = &self.tls else {
+            return false;
+        };
+        let rotated = format!("{PG_TLS_PASSWORD}-rotated");
+        match step {
+            Rotation::Server => {
+                let admin = self.server.admin().await;
+                admin
+                    .batch_execute(&format!("ALTER ROLE {PG_USER} PASSWORD '{rotated}'"))
+                    .await
+                    .unwrap_or_else(|e| panic!("ALTER ROLE: {e}"));
+                admin
+                    .execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE usename = $1 AND pid <> pg_backend_pid() \
+                         AND backend_type = 'client backend'",
+                        &[&PG_USER],
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("pg_terminate_backend: {e}"));
+            }
+            Rotation::File => TestPki::replace_secret_file(
+                passfile,
+                &format!("127.0.0.1:*:*:{PG_USER}:{rotated}"),
+            ),
+        }
+        true
     }
 
     async fn faulty_client(&self, fault: CredentialFault) -> Option<TestClient> {

@@ -9,7 +9,7 @@ use leasehold_core::async_trait;
 use leasehold_redis::{RedisBackend, RedisConfig};
 use tokio::process::Command;
 
-use crate::harness::{CredentialFault, FaultSwitch, Harness, Outage, TestClient};
+use crate::harness::{CredentialFault, FaultSwitch, Harness, Outage, Rotation, TestClient};
 use crate::pki::{ServerCert, TestPki};
 use crate::process::{free_port, wait_ready, ServerProcess};
 use crate::proxy::{Proxy, ProxyFaults};
@@ -50,7 +50,9 @@ impl Persistence {
 #[derive(Debug)]
 pub struct RedisServer {
     port: u16,
-    password: Option<String>,
+    /// The password the server requires (`requirepass`): a mutex for
+    /// [`change_password`](Self::change_password).
+    password: Mutex<Option<String>>,
     extra_args: Vec<String>,
     persistence: Persistence,
     dir: tempfile::TempDir,
@@ -89,6 +91,21 @@ impl RedisServer {
         Self::start_with(free_port(), None, args, dir).await
     }
 
+    /// Starts a lone node with `--cluster-enabled yes`, in no cluster yet (its port `p` and
+    /// the bus port `p + 10000` both free), e.g. to ask it `CLUSTER KEYSLOT`.
+    pub async fn start_cluster_node() -> RedisServer {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
+        let args = vec![
+            "--cluster-enabled".to_owned(),
+            "yes".to_owned(),
+            "--cluster-config-file".to_owned(),
+            dir.path().join("nodes.conf").display().to_string(),
+            "--cluster-node-timeout".to_owned(),
+            "2000".to_owned(),
+        ];
+        Self::start_with(free_cluster_port(), None, args, dir).await
+    }
+
     /// Starts a server on `port`.
     pub async fn start_on(port: u16, password: Option<String>) -> RedisServer {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
@@ -113,7 +130,7 @@ impl RedisServer {
     ) -> RedisServer {
         RedisServer {
             port,
-            password,
+            password: Mutex::new(password),
             extra_args,
             persistence: Persistence::None,
             dir,
@@ -240,7 +257,7 @@ impl RedisServer {
             .args(["--notify-keyspace-events", "Kgxe"])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        if let Some(password) = &self.password {
+        if let Some(password) = self.password() {
             command.arg("--requirepass").arg(password);
         }
         command.args(&self.extra_args);
@@ -386,7 +403,48 @@ impl RedisServer {
 
     /// `redis://` URL of the server (with the password, if any); `rediss://` over TLS.
     pub fn url(&self) -> String {
-        url_for(self.addr(), self.password.as_deref(), self.tls.is_some())
+        url_for(self.addr(), self.password().as_deref(), self.tls.is_some())
+    }
+
+    fn password(&self) -> Option<String> {
+        self.password
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes the server require `password` from now on (`CONFIG SET requirepass`, also after
+    /// a restart), and closes every client connection (`CLIENT KILL`, commands and pub/sub),
+    /// so each client must authenticate again.
+    ///
+    /// # Panics
+    ///
+    /// When the server does not do it.
+    pub async fn change_password(&self, password: &str) {
+        let mut c = self
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("redis: {e}"));
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("requirepass")
+            .arg(password)
+            .query_async(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("redis CONFIG SET requirepass: {e}"));
+        *self.password.lock().unwrap_or_else(PoisonError::into_inner) = Some(password.to_owned());
+        for kind in ["pubsub", "normal"] {
+            let _: i64 = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("TYPE")
+                .arg(kind)
+                .arg("SKIPME")
+                .arg("yes")
+                .query_async(&mut c)
+                .await
+                .unwrap_or_else(|e| panic!("redis CLIENT KILL: {e}"));
+        }
     }
 
     /// A client of the server (with the good client certificate over TLS), for test set-up and
@@ -654,6 +712,20 @@ impl Harness for RedisHarness {
         self.setup.tls.is_some()
     }
 
+    /// `CONFIG SET requirepass` and `CLIENT KILL` ([`RedisServer::change_password`]), then
+    /// the file.
+    async fn rotate_password(&self, step: Rotation) -> bool {
+        let Some(file) = &self.setup.password_file else {
+            return false;
+        };
+        let rotated = format!("{TLS_PASSWORD}-rotated");
+        match step {
+            Rotation::Server => self.server.change_password(&rotated).await,
+            Rotation::File => TestPki::replace_secret_file(file, &rotated),
+        }
+        true
+    }
+
     async fn faulty_client(&self, fault: CredentialFault) -> Option<TestClient> {
         let pki = self.setup.pki.clone()?;
         let good = self.setup.clone();
@@ -718,14 +790,17 @@ impl Harness for RedisHarness {
 /// The value [`RedisHarness`] plants as a malformed record.
 pub const GARBAGE: &str = "this is not a leasehold record";
 
-/// A free port `p` on 127.0.0.1 whose cluster bus port `p + 10000` is free too.
+/// A free port `p` on 127.0.0.1 whose cluster bus port `p + 10000` is free too, both below
+/// the kernel's ephemeral range (see [`free_port`]): a bus port up there may be taken by any
+/// outgoing connection before the node binds it, and the node then does not start.
 fn free_cluster_port() -> u16 {
-    loop {
+    for _ in 0..50_000 {
         let port = free_port();
-        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+        if port < 22_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
             return port;
         }
     }
+    panic!("no free loopback port pair (p, p + 10000) below 32000")
 }
 
 /// A real three-primary Redis Cluster on loopback (`redis-server --cluster-enabled yes`, joined
@@ -745,16 +820,7 @@ impl RedisCluster {
     pub async fn start() -> RedisCluster {
         let mut nodes = Vec::new();
         for _ in 0..3 {
-            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
-            let args = vec![
-                "--cluster-enabled".to_owned(),
-                "yes".to_owned(),
-                "--cluster-config-file".to_owned(),
-                dir.path().join("nodes.conf").display().to_string(),
-                "--cluster-node-timeout".to_owned(),
-                "2000".to_owned(),
-            ];
-            nodes.push(RedisServer::start_with(free_cluster_port(), None, args, dir).await);
+            nodes.push(RedisServer::start_cluster_node().await);
         }
         let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
         let status = Command::new("redis-cli")

@@ -1718,3 +1718,73 @@ pub async fn credential_faults_are_typed_and_fatal<H: Harness + ?Sized>(h: &H) {
         "a harness over TLS makes every fault"
     );
 }
+
+/// The password of the clients' user is rotated while a leads and b follows, on backend values
+/// made before (no restart). First the server takes only the new password and ends the user's
+/// sessions, while the file still holds the old one, the window of every rotation on a server
+/// with one password per user: calls fail as an outage, never fatally (the password worked
+/// before). (A leader may keep its term where renewing needs no new authentication, as etcd's
+/// lease keep-alives.) Then the file gets the new password: both backend values connect with
+/// it, and a term runs two leases later (so it renewed or began after the file changed). Runs
+/// on harnesses over TLS, which must rotate.
+pub async fn password_rotation_reaches_new_connections<H: Harness + ?Sized>(h: &H) {
+    if !h.over_tls() {
+        return;
+    }
+    let t = h.timing();
+    let lock = lock_name("rotation");
+    let checker = SafetyChecker::new();
+    let (mut a, mut b) = leader_and_follower(h, &lock, &checker, Duration::ZERO).await;
+    assert!(
+        h.rotate_password(crate::Rotation::Server).await,
+        "a harness over TLS rotates its password"
+    );
+    let rotated = Instant::now();
+    // Through the window, past the leader's renew deadline: every call fails (the old password
+    // is refused, or its connection was closed), none fatally.
+    let mut refused = 0;
+    while Instant::now() < rotated + t.lease_duration + t.retry_period {
+        for node in [&a, &b] {
+            if let Err(error) = node.client.backend.read(&lock).await {
+                assert!(
+                    !error.is_fatal(),
+                    "a password that worked before, refused mid-rotation, is an outage: {error}"
+                );
+                refused += 1;
+            }
+        }
+        sleep(t.retry_period).await;
+    }
+    assert!(
+        refused > 0,
+        "reads on the old password never failed after the rotation"
+    );
+    assert!(
+        h.rotate_password(crate::Rotation::File).await,
+        "a harness over TLS rotates its password"
+    );
+    let written = Instant::now();
+    for node in [&a, &b] {
+        let deadline = Instant::now() + 10 * t.lease_duration;
+        while let Err(error) = node.client.backend.read(&lock).await {
+            assert!(
+                Instant::now() < deadline,
+                "no read with the new password from the file: {error}"
+            );
+            sleep(t.retry_period).await;
+        }
+    }
+    // Open two leases after the file changed: begun since, or renewed since.
+    wait_for(
+        "a term open two leases after the new password reached the file",
+        10 * t.lease_duration,
+        || {
+            Instant::now() > written + 2 * t.lease_duration
+                && checker.intervals().iter().any(|i| i.end.is_none())
+        },
+    )
+    .await;
+    a.stop().await.expect("a's elector survives the rotation");
+    b.stop().await.expect("b's elector survives the rotation");
+    verify(&checker);
+}
