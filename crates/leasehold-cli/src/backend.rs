@@ -21,18 +21,22 @@ pub(crate) fn redact(url: &str) -> String {
 
 use crate::error::CliError;
 
-/// `--tls-ca`, `--tls-cert`, `--tls-key` and `--backend-password-file`.
+/// `--tls-ca`, `--tls-cert`, `--tls-key`, `--backend-password-file` and
+/// `--backend-password-grace`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Credentials {
     /// The CA and client certificate files.
     pub tls: leasehold::TlsFiles,
     /// The password file.
     pub password_file: Option<std::path::PathBuf>,
+    /// How long a password from the file that worked may be refused; the backend's default
+    /// when `None`.
+    pub password_grace: Option<std::time::Duration>,
 }
 
 impl Credentials {
     fn is_empty(&self) -> bool {
-        self.tls.is_empty() && self.password_file.is_none()
+        self.tls.is_empty() && self.password_file.is_none() && self.password_grace.is_none()
     }
 }
 
@@ -185,7 +189,7 @@ impl BackendUrl {
     ) -> Result<Arc<dyn LockBackend>, CliError> {
         let unused = |scheme: &str, instead: &str| {
             CliError::Config(format!(
-                "--tls-ca, --tls-cert, --tls-key and --backend-password-file do not apply to \
+                "--tls-ca, --tls-cert, --tls-key and --backend-password-* do not apply to \
                  {scheme}: {instead}"
             ))
         };
@@ -206,6 +210,9 @@ impl BackendUrl {
                 config.connect_timeout = timeout;
                 config.tls = credentials.tls.clone();
                 config.password_file = credentials.password_file.clone();
+                if let Some(grace) = credentials.password_grace {
+                    config.password_grace = grace;
+                }
                 Arc::new(RedisBackend::new(config).map_err(|e| CliError::BadUrl {
                     url: redact_url(url),
                     reason: e.to_string(),
@@ -227,6 +234,9 @@ impl BackendUrl {
                 }
                 config.user = user.clone();
                 config.password_file = credentials.password_file.clone();
+                if let Some(grace) = credentials.password_grace {
+                    config.password_grace = grace;
+                }
                 config.tls_files = credentials.tls.clone();
                 config.connect_timeout = timeout;
                 Arc::new(EtcdBackend::new(config))
@@ -255,6 +265,9 @@ impl BackendUrl {
                     config.ssl_key = tls.key.clone();
                 }
                 config.password_file = credentials.password_file.clone();
+                if let Some(grace) = credentials.password_grace {
+                    config.password_grace = grace;
+                }
                 Arc::new(PostgresBackend::new(config).map_err(|e| CliError::BadUrl {
                     url: redact(url),
                     reason: e.to_string(),
@@ -417,5 +430,23 @@ mod tests {
         assert!(!err.to_string().contains("secret"));
         let err = BackendUrl::parse("postgres://user:secret@db/app?sslmode=no").unwrap_err();
         assert!(!err.to_string().contains("secret"), "{err}");
+    }
+
+    /// A password grace alone is a credential flag too: refused where there is no password.
+    #[tokio::test]
+    async fn a_password_grace_is_refused_without_passwords() {
+        let credentials = Credentials {
+            password_grace: Some(Duration::from_secs(60)),
+            ..Credentials::default()
+        };
+        let memory = BackendUrl::parse("memory://").unwrap();
+        let Err(err) = memory
+            .connect("lock", Duration::from_secs(1), &credentials)
+            .await
+        else {
+            panic!("a grace with memory:// is refused");
+        };
+        assert_eq!(err.exit_code(), 3);
+        assert!(err.to_string().contains("--backend-password-*"), "{err}");
     }
 }

@@ -129,6 +129,16 @@ struct BackendArgs {
     /// (etcd://USER@host:port).
     #[arg(long, value_name = "FILE", env = "LEASEHOLD_BACKEND_PASSWORD_FILE")]
     backend_password_file: Option<PathBuf>,
+    /// How long a password from --backend-password-file that worked may be refused (a
+    /// rotation: the server or the file changed first) before leasehold gives up with exit
+    /// code 5 [default: 5m; PostgreSQL: leasehold_password_grace_ms in the URL]. 0s: at once.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "LEASEHOLD_BACKEND_PASSWORD_GRACE",
+        value_parser = humantime::parse_duration
+    )]
+    backend_password_grace: Option<Duration>,
 }
 
 impl BackendArgs {
@@ -159,6 +169,7 @@ impl BackendArgs {
                 key: self.tls_key.clone(),
             },
             password_file: self.backend_password_file.clone(),
+            password_grace: self.backend_password_grace,
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod mutant;
 mod notifier;
 mod observer;
+pub mod password;
 mod record;
 mod running;
 mod state;

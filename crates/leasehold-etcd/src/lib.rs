@@ -97,8 +97,15 @@ pub struct EtcdConfig {
     /// A file holding the password of [`user`](Self::user) (as `etcdctl --password` takes it,
     /// without it showing in `ps`), read when the backend connects, and again after a failed
     /// call: a rotated password is authenticated with at once, and a password refused after it
-    /// worked is an outage, not fatal. Default `None`.
+    /// worked is an outage (for [`password_grace`](Self::password_grace)), not fatal. Default
+    /// `None`.
     pub password_file: Option<PathBuf>,
+    /// How long a password from [`password_file`](Self::password_file) that worked may be
+    /// refused before the refusal is fatal ([`BackendError::Unauthorized`]): the window of a
+    /// rotation, in which the server or the file changed first. Zero: every refusal is fatal.
+    /// Default [`DEFAULT_PASSWORD_GRACE`](leasehold_core::password::DEFAULT_PASSWORD_GRACE)
+    /// (5 min).
+    pub password_grace: Duration,
     /// TLS options (CA, client identity, domain name), in etcd-client's form.
     pub tls: Option<TlsOptions>,
     /// TLS from files, as `etcdctl --cacert --cert --key`: the CA to trust and a client
@@ -175,6 +182,7 @@ impl EtcdConfig {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             user: None,
             password_file: None,
+            password_grace: leasehold_core::password::DEFAULT_PASSWORD_GRACE,
             tls: None,
             tls_files: TlsFiles::default(),
             tls_server_name: None,
@@ -222,6 +230,8 @@ struct Inner {
     /// The password from [`EtcdConfig::password_file`] the client authenticates with; the
     /// lock makes its reloads single-flight (see `EtcdBackend::settle`).
     password: tokio::sync::Mutex<Option<String>>,
+    /// Since when the server refuses that password (see [`EtcdConfig::password_grace`]).
+    refusals: leasehold_core::password::PasswordRefusals,
 }
 
 /// Acquires one backend value runs at once; the others wait their turn before sending
@@ -315,6 +325,10 @@ fn tls_problem(error: &etcd_client::Error) -> Option<leasehold_core::TlsProblem>
     }
 }
 
+/// Ends the message of a password refused after the connect authenticated with it, so that
+/// `EtcdBackend::settle` can judge it by its grace.
+const REFUSED_AFTER_CONNECT: &str = "[the password from the file worked at the connect]";
+
 /// Maps an etcd client error to a [`BackendError`].
 pub(crate) fn map_error(
     config: &EtcdConfig,
@@ -348,12 +362,10 @@ pub(crate) fn map_error(
             || (status.code() == tonic::Code::InvalidArgument
                 && message.contains("authentication failed"));
         if refused && operation != "connect" && config.password_file.is_some() {
+            // Judged by `EtcdBackend::settle`, which knows since when (the grace).
             return BackendError::Unavailable {
                 backend,
-                detail: format!(
-                    "{operation}: {message}. The password from the file worked before: taken \
-                     for a rotation in progress; the file is read again"
-                ),
+                detail: format!("{operation}: {message}. {REFUSED_AFTER_CONNECT}"),
             };
         }
         if denied {
@@ -393,6 +405,7 @@ fn lease_not_found(error: &etcd_client::Error) -> bool {
 impl EtcdBackend {
     /// A backend with `config`. Does not connect yet: the first call does.
     pub fn new(config: EtcdConfig) -> Self {
+        let refusals = leasehold_core::password::PasswordRefusals::new(config.password_grace);
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -409,6 +422,7 @@ impl EtcdBackend {
                 plain_works: std::sync::atomic::AtomicBool::new(false),
                 tls_seen: Arc::default(),
                 password: tokio::sync::Mutex::default(),
+                refusals,
             }),
         }
     }
@@ -537,7 +551,8 @@ impl EtcdBackend {
     /// Connects the client, once for every caller.
     async fn connect_once(&self) -> Result<&Client, BackendError> {
         let config = &self.inner.config;
-        self.inner
+        let connected = self
+            .inner
             .client
             .get_or_try_init(|| async {
                 let mut options = ConnectOptions::new()
@@ -590,7 +605,12 @@ impl EtcdBackend {
                     .await
                     .map_err(|e| map_error(config, "connect", &e))
             })
-            .await
+            .await;
+        if connected.is_ok() && config.password_file.is_some() {
+            // The connect authenticated (etcd-client does so before it returns the client).
+            self.inner.refusals.worked();
+        }
+        connected
     }
 
     /// A channel over [`dialer::Dialer`]'s TLS connections ([`EtcdConfig::tls_files`]), with
@@ -890,7 +910,7 @@ impl LockBackend for EtcdBackend {
         let _admitted = self.inner.acquiring.acquire().await.ok();
         let attempt = Box::pin(self.attempt(candidate)).await;
         let attempt = self.diagnosed(attempt).await;
-        self.settle(attempt).await
+        self.settle_authorized(attempt).await
     }
 
     async fn renew(
@@ -914,7 +934,7 @@ impl LockBackend for EtcdBackend {
     async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
         let read = Box::pin(self.read_lock(lock)).await;
         let read = self.diagnosed(read).await;
-        self.settle(read).await
+        self.settle_authorized(read).await
     }
 
     async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
@@ -1004,11 +1024,58 @@ impl EtcdBackend {
     /// (`Client::update_user`, which authenticates with it): the calls after it use the new
     /// token. etcd-client authenticates again on its own after an expired token, but with the
     /// password it has, which a rotation refuses.
+    ///
+    /// A password refused after the connect authenticated with it is an outage for
+    /// [`password_grace`](EtcdConfig::password_grace) from the first such refusal, then the
+    /// fatal [`BackendError::Unauthorized`].
     async fn settle<T>(&self, result: Result<T, BackendError>) -> Result<T, BackendError> {
-        if result.is_err() {
-            self.reload_password().await;
+        let error = match result {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        if self.inner.config.password_file.is_some() {
+            // In a task of its own: the failed call does not wait for an authentication (a
+            // bcrypt check on the server) on top of its own failure.
+            let this = self.clone();
+            tokio::spawn(async move { this.reload_password().await });
         }
-        result
+        match error {
+            BackendError::Unavailable { backend, detail }
+                if detail.ends_with(REFUSED_AFTER_CONNECT) =>
+            {
+                let refusal = self.inner.refusals.refused(tokio::time::Instant::now());
+                let detail = format!(
+                    "{} {}",
+                    detail.trim_end_matches(REFUSED_AFTER_CONNECT).trim_end(),
+                    refusal.explain()
+                );
+                if refusal.is_rotating() {
+                    Err(BackendError::Unavailable { backend, detail })
+                } else {
+                    Err(BackendError::Unauthorized {
+                        backend,
+                        detail: format!(
+                            "{detail}. Check the password file; the user needs a role with \
+                             readwrite permission on the prefix {:?}",
+                            self.inner.config.key_prefix
+                        ),
+                    })
+                }
+            }
+            error => Err(error),
+        }
+    }
+
+    /// `result` of a call that needs the client's token (a read, an acquire): a success proves
+    /// the password works again.
+    async fn settle_authorized<T>(
+        &self,
+        result: Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        if result.is_ok() && self.inner.config.password_file.is_some() {
+            self.inner.refusals.worked();
+        }
+        self.settle(result).await
     }
 
     async fn reload_password(&self) {
@@ -1043,6 +1110,7 @@ impl EtcdBackend {
                     endpoints = ?config.endpoints,
                     "the etcd password file changed: authenticated with the new password"
                 );
+                self.inner.refusals.worked();
                 *in_use = Some(password);
             }
             Err(error) => tracing::warn!(

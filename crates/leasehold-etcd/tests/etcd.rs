@@ -34,7 +34,8 @@ mod etcd_specific {
     use leasehold_testkit::proxy::{Proxy, ProxyFaults};
     use leasehold_testkit::scenarios::{lock_name, wait_for};
     use leasehold_testkit::{
-        EtcdHarness, EtcdServer, Node, NodeEvent, SafetyChecker, TestClient, Timing, APP_USER,
+        EtcdHarness, EtcdServer, Harness, Node, NodeEvent, Rotation, SafetyChecker, TestClient,
+        Timing, APP_USER,
     };
     use tokio::io::{AsyncBufReadExt, BufReader};
     use tokio::process::{Child, Command};
@@ -42,6 +43,68 @@ mod etcd_specific {
 
     fn timing() -> Timing {
         Timing::FAST
+    }
+
+    /// etcd authorizes a watch with the token its stream was opened with, once, when the
+    /// watch is created. After a password rotation (etcd drops the user's tokens) a watch
+    /// created on the backend value's existing stream must still work: a follower's new watch
+    /// hears the release of the lock it waits for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watch_created_after_a_password_rotation_hears_changes() {
+        use futures::StreamExt;
+        let h = EtcdHarness::start_tls().await;
+        // Kept: each client's proxy lives as long as it.
+        let (follower_client, holder_client) = (h.client().await, h.client().await);
+        let (follower, holder) = (&follower_client.backend, &holder_client.backend);
+        // A watch before the rotation: the follower's watch stream is open, with its token.
+        let before = Candidate::new(lock_name("rotated-before"), "x", Duration::from_secs(15));
+        let _ = follower.try_acquire(&before).await.expect("acquire");
+        let _early = follower
+            .watch(&before)
+            .await
+            .expect("a watch before the rotation");
+        assert!(h.rotate_password(Rotation::Server).await);
+        assert!(h.rotate_password(Rotation::File).await);
+        for backend in [follower, holder] {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while let Err(error) = backend.read("any").await {
+                assert!(
+                    Instant::now() < deadline,
+                    "no read on the new password: {error}"
+                );
+                sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let lock = lock_name("rotated-after");
+        let z = Candidate::new(&lock, "z", Duration::from_secs(15));
+        let grant = match holder.try_acquire(&z).await.expect("z acquires") {
+            AcquireOutcome::Acquired(grant) => grant,
+            AcquireOutcome::Held(held) => panic!("a free lock is held: {held:?}"),
+        };
+        let y = Candidate::new(&lock, "y", Duration::from_secs(15));
+        assert!(
+            matches!(follower.try_acquire(&y).await, Ok(AcquireOutcome::Held(_))),
+            "y waits behind z"
+        );
+        let mut stream = follower
+            .watch(&y)
+            .await
+            .expect("a watch after the rotation");
+        holder.release(&z, &grant).await.expect("z releases");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let item = timeout(deadline - Instant::now(), stream.next())
+                .await
+                .expect("the new watch hears the release")
+                .expect("the watch goes on");
+            match item {
+                Ok(observation) if observation.record.as_ref().is_none_or(|r| r.holder != "z") => {
+                    break
+                }
+                Ok(_) => {}
+                Err(error) => panic!("the new watch failed: {error}"),
+            }
+        }
     }
 
     /// A test client through its own proxy to `target`, logged in as `user` when given; with

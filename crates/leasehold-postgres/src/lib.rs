@@ -73,6 +73,7 @@ use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 use crate::passfile::PasswordSource;
 pub use crate::tls::SslMode;
+use leasehold_core::password::Refusal;
 use leasehold_core::tls::CredentialFileError;
 pub use leasehold_core::TlsFiles;
 use leasehold_core::TlsProblem;
@@ -99,6 +100,13 @@ pub struct PostgresConfig {
     /// A file holding the password alone (the CLI's `--backend-password-file`), used
     /// when the URL has no password; read at every connect. Default `None`.
     pub password_file: Option<PathBuf>,
+    /// How long a password from [`password_file`](Self::password_file) or
+    /// [`passfile`](Self::passfile) that worked may be refused before the refusal is fatal
+    /// ([`BackendError::Unauthorized`]): the window of a rotation, in which the server or the
+    /// file changed first (`leasehold_password_grace_ms`). Zero: every refusal is fatal.
+    /// Default [`DEFAULT_PASSWORD_GRACE`](leasehold_core::password::DEFAULT_PASSWORD_GRACE)
+    /// (5 min).
+    pub password_grace: Duration,
     /// Schema of the lease table (`leasehold_schema`). Default `public`.
     pub schema: String,
     /// Name of the lease table (`leasehold_table`). Default `leasehold_locks`.
@@ -128,6 +136,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("ssl_key", &self.ssl_key)
             .field("passfile", &self.passfile)
             .field("password_file", &self.password_file)
+            .field("password_grace", &self.password_grace)
             .field("schema", &self.schema)
             .field("table", &self.table)
             .field("setup", &self.setup)
@@ -220,6 +229,7 @@ impl PostgresConfig {
     /// | `passfile` | libpq's password file (`.pgpass` format), read at each connect | none |
     /// | `connect_timeout` | seconds | 5 |
     /// | `leasehold_statement_timeout_ms` | one statement's timeout | 5000 |
+    /// | `leasehold_password_grace_ms` | how long a password that worked may be refused (a rotation) | 300000 |
     /// | `leasehold_schema` | schema of the lease table | `public` |
     /// | `leasehold_table` | the lease table | `leasehold_locks` |
     /// | `leasehold_setup` | create what is missing | `true` |
@@ -246,6 +256,7 @@ impl PostgresConfig {
             ssl_key: None,
             passfile: None,
             password_file: None,
+            password_grace: leasehold_core::password::DEFAULT_PASSWORD_GRACE,
             schema: "public".into(),
             table: "leasehold_locks".into(),
             setup: true,
@@ -274,6 +285,10 @@ impl PostgresConfig {
                 "leasehold_statement_timeout_ms" => {
                     let ms: u64 = value.parse().map_err(|_| bad("whole milliseconds"))?;
                     config.statement_timeout = Duration::from_millis(ms.max(1));
+                }
+                "leasehold_password_grace_ms" => {
+                    let ms: u64 = value.parse().map_err(|_| bad("whole milliseconds"))?;
+                    config.password_grace = Duration::from_millis(ms);
                 }
                 "leasehold_schema" => config.schema = value.to_owned(),
                 "leasehold_table" => config.table = value.to_owned(),
@@ -380,10 +395,10 @@ pub(crate) struct Opener {
     password: Option<PasswordSource>,
     /// Whether the password file was read once.
     password_read: AtomicBool,
-    /// Whether a connection was opened with a password from the file. From then on, a refused
-    /// password is taken for a rotation in progress (the server changed first, the file will
-    /// follow): an outage, retried with the file read again, not the end of a healthy elector.
-    authenticated: AtomicBool,
+    /// Whether a connection was opened with a password from the file, and since when the
+    /// server refuses it: within [`PostgresConfig::password_grace`] of the first refusal, a
+    /// rotation in progress (the server changed first, the file will follow), an outage.
+    refusals: leasehold_core::password::PasswordRefusals,
     presents_certificate: bool,
     ssl_mode: SslMode,
     tls: Option<Arc<rustls::ClientConfig>>,
@@ -400,7 +415,7 @@ impl Opener {
         &self,
         operation: &'static str,
     ) -> Result<(Client, Messages), BackendError> {
-        let parameters = self.parameters()?;
+        let (parameters, from_file) = self.parameters()?;
         let connect = async {
             match &self.tls {
                 None => {
@@ -416,8 +431,8 @@ impl Opener {
         };
         match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(opened)) => {
-                if self.password.is_some() {
-                    self.authenticated.store(true, Ordering::Relaxed);
+                if from_file {
+                    self.refusals.worked();
                 }
                 Ok(opened)
             }
@@ -426,10 +441,13 @@ impl Opener {
         }
     }
 
-    /// The connection parameters, with the password from its file read now.
-    fn parameters(&self) -> Result<std::borrow::Cow<'_, tokio_postgres::Config>, BackendError> {
+    /// The connection parameters, with the password from its file read now, and whether the
+    /// file gave one.
+    fn parameters(
+        &self,
+    ) -> Result<(std::borrow::Cow<'_, tokio_postgres::Config>, bool), BackendError> {
         let Some(source) = &self.password else {
-            return Ok(std::borrow::Cow::Borrowed(&self.connection));
+            return Ok((std::borrow::Cow::Borrowed(&self.connection), false));
         };
         let config = &self.connection;
         let host = match config.get_hosts().first() {
@@ -462,10 +480,11 @@ impl Opener {
             }
         };
         let mut config = config.clone();
+        let from_file = password.is_some();
         if let Some(password) = password {
             config.password(password);
         }
-        Ok(std::borrow::Cow::Owned(config))
+        Ok((std::borrow::Cow::Owned(config), from_file))
     }
 
     /// A failed connect, mapped: a TLS problem in the error, or (asking the server whether it
@@ -542,17 +561,20 @@ impl Opener {
     pub(crate) fn map_error(&self, operation: &str, error: &tokio_postgres::Error) -> BackendError {
         let backend = format!("postgres at {}", self.address);
         let text = error_text(error);
-        if error.code() == Some(&SqlState::INVALID_PASSWORD)
-            && self.authenticated.load(Ordering::Relaxed)
-        {
+        let refusal = (error.code() == Some(&SqlState::INVALID_PASSWORD)
+            && self.password.is_some())
+        .then(|| self.refusals.refused(tokio::time::Instant::now()));
+        if let Some(refusal) = refusal.filter(|r| r.is_rotating()) {
             return BackendError::Unavailable {
                 backend,
-                detail: format!(
-                    "{operation}: {text}. The password from the file worked before: taken for a \
-                     rotation in progress; the file is read again at the next connect"
-                ),
+                detail: format!("{operation}: {text}. {}", refusal.explain()),
             };
         }
+        let worked = refusal
+            .map(Refusal::explain)
+            .filter(|e| !e.is_empty())
+            .map(|e| format!(" {e}."))
+            .unwrap_or_default();
         let denied = matches!(
             error.code(),
             Some(c) if *c == SqlState::INVALID_PASSWORD
@@ -563,7 +585,7 @@ impl Opener {
             return BackendError::Unauthorized {
                 backend,
                 detail: format!(
-                    "{operation}: {text}. Check the user and password in the URL; the role \
+                    "{operation}: {text}.{worked} Check the user and password in the URL; the role \
                      needs CONNECT on the database, USAGE on the schema, SELECT, INSERT, UPDATE \
                      and DELETE on {table} and {table}_deleted, USAGE on {table}_token and \
                      EXECUTE on {table}_acquire (and CREATE on the schema unless \
@@ -743,7 +765,7 @@ impl PostgresBackend {
             connection,
             password,
             password_read: AtomicBool::new(false),
-            authenticated: AtomicBool::new(false),
+            refusals: leasehold_core::password::PasswordRefusals::new(config.password_grace),
             presents_certificate: identity.is_some(),
             ssl_mode: config.ssl_mode,
             tls,

@@ -150,7 +150,10 @@ impl Hub {
             Err(error) => Err(error),
         };
         let pubsub = match connected {
-            Ok(pubsub) => pubsub,
+            Ok(pubsub) => {
+                self.opener.opened();
+                pubsub
+            }
             Err(error) => {
                 self.cool_down(&error);
                 return Err(error);

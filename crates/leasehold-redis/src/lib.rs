@@ -55,6 +55,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
+use leasehold_core::password::Refusal;
 use leasehold_core::tls::CredentialFileError;
 pub use leasehold_core::TlsFiles;
 use leasehold_core::TlsProblem;
@@ -91,6 +92,13 @@ pub struct RedisConfig {
     /// made, and again at every new connection, so a rotated password reaches the next one; a
     /// password refused after it worked is an outage, not fatal. Default `None`.
     pub password_file: Option<PathBuf>,
+    /// How long a password from [`password_file`](Self::password_file) that worked may be
+    /// refused before the refusal is fatal ([`BackendError::Unauthorized`]): the window of a
+    /// rotation, in which the server or the file changed first. Refusals within it are
+    /// outages, retried with the file read again at each connection. Zero: every refusal is
+    /// fatal. Default [`DEFAULT_PASSWORD_GRACE`](leasehold_core::password::DEFAULT_PASSWORD_GRACE)
+    /// (5 min).
+    pub password_grace: Duration,
     /// Prefix of every key and channel. Default `"leasehold:"`.
     pub key_prefix: String,
     /// Timeout to establish a connection. Default 5 s.
@@ -115,6 +123,7 @@ impl RedisConfig {
             url: url.into(),
             tls: TlsFiles::default(),
             password_file: None,
+            password_grace: leasehold_core::password::DEFAULT_PASSWORD_GRACE,
             key_prefix: "leasehold:".into(),
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(5),
@@ -139,6 +148,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("url", &redact_url(&self.url))
             .field("tls", &self.tls)
             .field("password_file", &self.password_file)
+            .field("password_grace", &self.password_grace)
             .field("key_prefix", &self.key_prefix)
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
@@ -450,15 +460,14 @@ impl RedisBackend {
             config.response_timeout,
             address.clone(),
         );
-        let rotating = opener.clone();
+        let refusals = opener.clone();
         let hub = hub::Hub::new(
             opener.clone(),
             config.connect_timeout,
             config.response_timeout,
             address.clone(),
             Box::new(move |operation, error| {
-                let rotating = rotating.rotating();
-                map_error(&at, &prefix, response_timeout, rotating, operation, error)
+                map_error(&at, &prefix, response_timeout, &refusals, operation, error)
             }),
             retired.clone(),
         );
@@ -638,7 +647,7 @@ impl RedisBackend {
     /// that answers a plain-text `PING`: [`TlsProblem::ServerNotTls`].
     async fn connect_error(&self, error: &RedisError) -> BackendError {
         let mapped = self.error("connect", error);
-        if !mapped.is_transient() || error.is_connection_refusal() {
+        if !mapped.is_transient() || error.is_connection_refusal() || password_refused(error) {
             return mapped;
         }
         let within = self.inner.config.connect_timeout;
@@ -671,7 +680,7 @@ impl RedisBackend {
             &self.inner.address,
             &self.inner.config.key_prefix,
             self.inner.config.response_timeout,
-            self.inner.opener.rotating(),
+            &self.inner.opener,
             operation,
             error,
         )
@@ -719,14 +728,14 @@ async fn answers_plain_ping(addr: &str, within: Duration) -> bool {
     matches!(tokio::time::timeout(within, probe).await, Ok(Some(true)))
 }
 
-/// Maps a redis error. `rotating`: a connection authenticated with a password from the file
-/// before, so a refused password now is a rotation in progress (an outage, retried with the
-/// file read again at each connect), not a wrong configuration.
+/// Maps a redis error. A refused password is asked of `opener` (which knows whether it worked
+/// before): within the grace, a rotation in progress (an outage, retried with the file read
+/// again at each connect); otherwise a wrong configuration.
 fn map_error(
     address: &str,
     key_prefix: &str,
     response_timeout: Duration,
-    rotating: bool,
+    opener: &opener::Opener,
     operation: &str,
     error: &RedisError,
 ) -> BackendError {
@@ -738,21 +747,24 @@ fn map_error(
             detail: format!("{operation}: {error}"),
         };
     }
-    if rotating && password_refused(error) {
+    let refusal = password_refused(error).then(|| opener.refused()).flatten();
+    if let Some(refusal @ Refusal::Rotating { .. }) = refusal {
         return BackendError::Unavailable {
             backend,
-            detail: format!(
-                "{operation}: {error}. The password from the file worked before: taken for a \
-                 rotation in progress; the file is read again at the next connect"
-            ),
+            detail: format!("{operation}: {error}. {}", refusal.explain()),
         };
     }
+    let worked = refusal
+        .map(Refusal::explain)
+        .filter(|e| !e.is_empty())
+        .map(|e| format!(" {e}."))
+        .unwrap_or_default();
     let denied = password_refused(error) || error.code() == Some("NOPERM");
     if denied {
         BackendError::Unauthorized {
             backend,
             detail: format!(
-                "{operation}: {error}. Check the user and password (URL or password file); the \
+                "{operation}: {error}.{worked} Check the user and password (URL or password file); the \
                  ACL user needs EVALSHA, SCRIPT|LOAD, GET, SET, DEL, PTTL, HMGET, HSET, PUBLISH, \
                  TIME, INFO, SUBSCRIBE, UNSUBSCRIBE and PING (SELECT for a db other than 0, \
                  WAIT with wait_replicas) on keys {key_prefix}* and channels {key_prefix}* and \

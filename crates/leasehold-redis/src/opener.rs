@@ -3,8 +3,8 @@
 //! password reaches the next connection without a restart.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 
+use leasehold_core::password::{PasswordRefusals, Refusal};
 use leasehold_core::tls::TlsPem;
 use leasehold_core::BackendError;
 use redis::{IntoConnectionInfo, RedisError};
@@ -19,10 +19,10 @@ pub(crate) struct Opener {
     response_timeout: std::time::Duration,
     tls: Option<TlsPem>,
     password_file: Option<PathBuf>,
-    /// Whether a connection was opened with a password from the file. From then on, a refused
-    /// password or a file that cannot be read is taken for a rotation in progress (the server
-    /// or the file changed first): an outage, retried, not the end of a healthy elector.
-    authenticated: AtomicBool,
+    /// Whether a connection was opened with a password from the file, and since when the
+    /// server refuses it: a refusal within [`RedisConfig::password_grace`] of the first one is
+    /// taken for a rotation in progress (the server or the file changed first), an outage.
+    refusals: PasswordRefusals,
     address: String,
 }
 
@@ -49,7 +49,7 @@ impl Opener {
             response_timeout: config.response_timeout,
             tls,
             password_file: config.password_file.clone(),
-            authenticated: AtomicBool::new(false),
+            refusals: PasswordRefusals::new(config.password_grace),
             address,
         };
         let password = config
@@ -95,13 +95,16 @@ impl Opener {
     /// Records a connection opened (and authenticated) with this opener's password.
     pub fn opened(&self) {
         if self.password_file.is_some() {
-            self.authenticated.store(true, Ordering::SeqCst);
+            self.refusals.worked();
         }
     }
 
-    /// Whether a refused password is taken for a rotation in progress (see `authenticated`).
-    pub fn rotating(&self) -> bool {
-        self.authenticated.load(Ordering::SeqCst)
+    /// The server refused the password now: what that is (see `refusals`); `None` without a
+    /// password file (a password in the URL cannot change).
+    pub fn refused(&self) -> Option<Refusal> {
+        self.password_file
+            .as_ref()
+            .map(|_| self.refusals.refused(tokio::time::Instant::now()))
     }
 
     fn password(&self) -> Result<Option<String>, BackendError> {

@@ -409,6 +409,7 @@ impl EtcdHarness {
         if let Some(path) = &setup.password_file {
             config.user = Some(("root".to_owned(), String::new()));
             config.password_file = Some(path.clone());
+            config.password_grace = crate::TLS_PASSWORD_GRACE;
         }
         let backend = EtcdBackend::new(config);
         TestClient::new(Arc::new(backend), Arc::new(ProxyFaults::uncounted(proxy)))

@@ -302,6 +302,11 @@ pub trait Harness: Send + Sync + 'static {
     }
 }
 
+/// How long the clients of a harness over TLS forgive a password that worked and is refused
+/// now (their backends' `password_grace`): long past a rotation's window in the scenarios,
+/// short enough to wait out.
+pub const TLS_PASSWORD_GRACE: Duration = Duration::from_secs(10);
+
 /// A step of [`Harness::rotate_password`]. A server that takes one password per user cannot
 /// switch at the same moment as the file its clients read: [`Server`](Self::Server) then
 /// [`File`](Self::File) makes the window between the two.

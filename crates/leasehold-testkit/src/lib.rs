@@ -66,7 +66,9 @@ pub use client_go::{client_go_elector_binary, GoElector, GoEvent};
 pub use etcd_server::{
     EtcdHarness, EtcdServer, APP_KEY_PREFIX, APP_USER, ETCD_TLS_PASSWORD, MALFORMED_VALUE,
 };
-pub use harness::{CredentialFault, FaultSwitch, Harness, Outage, Rotation, TestClient, Timing};
+pub use harness::{
+    CredentialFault, FaultSwitch, Harness, Outage, Rotation, TestClient, Timing, TLS_PASSWORD_GRACE,
+};
 #[cfg(feature = "kube")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kube")))]
 pub use kube_server::{
@@ -140,6 +142,7 @@ macro_rules! conformance_tests {
             transfer_requested_from_outside,
             credential_faults_are_typed_and_fatal,
             password_rotation_reaches_new_connections,
+            a_revoked_password_is_fatal_after_the_grace,
         );
     };
     (@each #[$attr:meta], $harness:expr, $($scenario:ident),+ $(,)?) => {

@@ -513,9 +513,10 @@ pub const PG_TLS_PASSWORD: &str = "postgres-tls-harness-password";
 /// (if any), the password from `passfile`.
 fn tls_params(ca: &Path, client: Option<&crate::CertFiles>, passfile: &Path) -> String {
     let mut params = format!(
-        "sslmode=verify-full&sslrootcert={}&passfile={}",
+        "sslmode=verify-full&sslrootcert={}&passfile={}&leasehold_password_grace_ms={}",
         ca.display(),
-        passfile.display()
+        passfile.display(),
+        crate::TLS_PASSWORD_GRACE.as_millis()
     );
     if let Some(client) = client {
         params.push_str(&format!(

@@ -608,6 +608,7 @@ impl RedisHarness {
         let mut config = RedisConfig::new(url_for(proxy.addr(), None, setup.tls.is_some()));
         config.tls = setup.tls.clone().unwrap_or_default();
         config.password_file = setup.password_file.clone();
+        config.password_grace = crate::TLS_PASSWORD_GRACE;
         config.connect_timeout = Duration::from_secs(1);
         config.response_timeout = Duration::from_secs(1);
         let backend = RedisBackend::new(config).unwrap_or_else(|e| panic!("redis backend: {e}"));
