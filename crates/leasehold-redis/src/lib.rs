@@ -327,11 +327,15 @@ impl Unanswered {
     /// Ends `result`'s command: a reply or an error the server sent proves the connection
     /// answers, except a refused password (the redis crate reconnected with the password it
     /// was made with, and will again): the next call opens a new connection, with the password
-    /// file read again.
-    fn settle<T>(self, result: &redis::RedisResult<T>) {
+    /// file read again. A cluster connection left with no node (`ClusterConnectionNotFound`:
+    /// its reconnects failed, a refused password among the possible causes) is replaced too.
+    fn settle<T>(self, result: &redis::RedisResult<T>, cluster: bool) {
         match result {
             Err(error) if password_refused(error) => {
                 self.retire("the server refused the password at a reconnect")
+            }
+            Err(error) if cluster && error.kind() == ErrorKind::ClusterConnectionNotFound => {
+                self.retire("the cluster connection has no node left")
             }
             result if answered(result) => self.answered(),
             _ => {}
@@ -368,6 +372,12 @@ fn answered<T>(result: &redis::RedisResult<T>) -> bool {
 fn password_refused(error: &RedisError) -> bool {
     error.kind() == ErrorKind::AuthenticationFailed
         || matches!(error.code(), Some("WRONGPASS" | "NOAUTH"))
+        // The cluster client reports a node's refusal only inside an I/O error of its own:
+        // "Failed to create initial connections - Io: ... - AuthenticationFailed".
+        || (error.kind() == ErrorKind::Io
+            && error
+                .detail()
+                .is_some_and(|d| ["AuthenticationFailed", "WRONGPASS", "NOAUTH"].iter().any(|w| d.contains(w))))
 }
 
 impl redis::aio::ConnectionLike for Checkout {
@@ -376,10 +386,11 @@ impl redis::aio::ConnectionLike for Checkout {
         cmd: &'a redis::Cmd,
     ) -> redis::RedisFuture<'a, redis::Value> {
         let guard = self.guard();
+        let cluster = matches!(self.connection, Connection::Cluster(_));
         let reply = self.connection.req_packed_command(cmd);
         Box::pin(async move {
             let result = reply.await;
-            guard.settle(&result);
+            guard.settle(&result, cluster);
             result
         })
     }
@@ -391,10 +402,11 @@ impl redis::aio::ConnectionLike for Checkout {
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
         let guard = self.guard();
+        let cluster = matches!(self.connection, Connection::Cluster(_));
         let replies = self.connection.req_packed_commands(pipeline, offset, count);
         Box::pin(async move {
             let result = replies.await;
-            guard.settle(&result);
+            guard.settle(&result, cluster);
             result
         })
     }

@@ -439,6 +439,54 @@ mod redis_specific {
         }
     }
 
+    /// Redis Cluster with a password from a file: a wrong one at the first connect is fatal; a
+    /// rotation (every node's password changed and its connections closed, then the file)
+    /// reaches the same backend value: refusals in between are outages, then reads succeed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cluster_backend_follows_a_password_rotation() {
+        let cluster = leasehold_testkit::RedisCluster::start_with_password("cluster-old").await;
+        let pki = leasehold_testkit::TestPki::new();
+        let file = pki.secret_file("cluster-password", "cluster-old");
+        let wrong = pki.secret_file("cluster-wrong", "not-the-password");
+        let backend_with = |file: &std::path::Path| {
+            let mut config = RedisConfig::cluster(cluster.urls_without_password());
+            config.password_file = Some(file.to_owned());
+            config.password_grace = leasehold_testkit::TLS_PASSWORD_GRACE;
+            config.connect_timeout = Duration::from_secs(1);
+            config.response_timeout = Duration::from_secs(1);
+            RedisBackend::new(config).expect("cluster backend")
+        };
+        let lock = lock_name("cluster-rotation");
+        match backend_with(&wrong).read(&lock).await {
+            Err(error @ BackendError::Unauthorized { .. }) => assert!(error.is_fatal()),
+            other => panic!("a wrong cluster password must be Unauthorized: {other:?}"),
+        }
+        let backend = backend_with(&file);
+        backend.read(&lock).await.expect("a read with the password");
+        cluster.change_password("cluster-new").await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match backend.read(&lock).await {
+                Err(error) => {
+                    assert!(!error.is_fatal(), "refused mid-rotation: {error}");
+                    break;
+                }
+                Ok(_) => assert!(Instant::now() < deadline, "the old password still works"),
+            }
+            sleep(Duration::from_millis(100)).await;
+        }
+        leasehold_testkit::TestPki::replace_secret_file(&file, "cluster-new");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Err(error) = backend.read(&lock).await {
+            assert!(!error.is_fatal(), "refused mid-rotation: {error}");
+            assert!(
+                Instant::now() < deadline,
+                "no read with the new password: {error}"
+            );
+            sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// `wait_replicas`: without a replica, acquire fails (and gives the lock back) instead of
     /// leading on a write no replica has; with one attached, acquire and renew succeed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -94,8 +94,14 @@ impl RedisServer {
     /// Starts a lone node with `--cluster-enabled yes`, in no cluster yet (its port `p` and
     /// the bus port `p + 10000` both free), e.g. to ask it `CLUSTER KEYSLOT`.
     pub async fn start_cluster_node() -> RedisServer {
+        Self::cluster_node(None).await
+    }
+
+    /// A cluster node; with `password`, it requires it (`requirepass`, and `masterauth` to
+    /// replicate).
+    async fn cluster_node(password: Option<&str>) -> RedisServer {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
-        let args = vec![
+        let mut args = vec![
             "--cluster-enabled".to_owned(),
             "yes".to_owned(),
             "--cluster-config-file".to_owned(),
@@ -103,7 +109,10 @@ impl RedisServer {
             "--cluster-node-timeout".to_owned(),
             "2000".to_owned(),
         ];
-        Self::start_with(free_cluster_port(), None, args, dir).await
+        if let Some(password) = password {
+            args.extend(["--masterauth".to_owned(), password.to_owned()]);
+        }
+        Self::start_with(free_cluster_port(), password.map(str::to_owned), args, dir).await
     }
 
     /// Starts a server on `port`.
@@ -819,12 +828,25 @@ impl RedisCluster {
     ///
     /// When `redis-server` or `redis-cli` is missing, or the cluster does not form in 30 s.
     pub async fn start() -> RedisCluster {
+        Self::start_with(None).await
+    }
+
+    /// [`start`](Self::start), with nodes that require `password`.
+    pub async fn start_with_password(password: &str) -> RedisCluster {
+        Self::start_with(Some(password)).await
+    }
+
+    async fn start_with(password: Option<&str>) -> RedisCluster {
         let mut nodes = Vec::new();
         for _ in 0..3 {
-            nodes.push(RedisServer::start_cluster_node().await);
+            nodes.push(RedisServer::cluster_node(password).await);
         }
         let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
-        let status = Command::new("redis-cli")
+        let mut command = Command::new("redis-cli");
+        if let Some(password) = password {
+            command.args(["--no-auth-warning", "-a", password]);
+        }
+        let status = command
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
@@ -869,6 +891,22 @@ impl RedisCluster {
     /// `redis://` URLs of the nodes.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// `redis://` URLs of the nodes without their password (for a password file).
+    pub fn urls_without_password(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| url_for(n.addr(), None, false))
+            .collect()
+    }
+
+    /// Makes every node require `password` from now on and closes their client connections
+    /// ([`RedisServer::change_password`]).
+    pub async fn change_password(&self, password: &str) {
+        for node in &self.nodes {
+            node.change_password(password).await;
+        }
     }
 
     /// A backend client of the cluster.
