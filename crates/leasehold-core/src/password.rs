@@ -31,8 +31,9 @@ pub struct PasswordRefusals {
 enum State {
     /// No connection has authenticated yet: a refusal is a wrong configuration.
     Untried,
-    /// A connection authenticated; `refused_since` is the first refusal after the last success.
-    Worked { refused_since: Option<Instant> },
+    /// A connection authenticated, or a call succeeded; `refused` is the first and the last
+    /// refusal since then.
+    Worked { refused: Option<(Instant, Instant)> },
 }
 
 /// What a refused password is, by [`PasswordRefusals::refused`].
@@ -63,22 +64,28 @@ impl PasswordRefusals {
         }
     }
 
-    /// A connection authenticated with the password: later refusals are a rotation again.
+    /// A connection authenticated with the password, or a call on one succeeded: later
+    /// refusals are a rotation again.
     pub fn worked(&self) {
-        *self.lock() = State::Worked {
-            refused_since: None,
-        };
+        *self.lock() = State::Worked { refused: None };
     }
 
-    /// The server refused the password at `now`.
+    /// The server refused the password at `now`. Refusals a whole grace apart are separate
+    /// episodes: a refusal that cleared up without a success recorded (a stray reply of an
+    /// old connection) does not count against a rotation long after.
     pub fn refused(&self, now: Instant) -> Refusal {
         let mut state = self.lock();
         match *state {
             State::Untried => Refusal::Fatal { worked: false },
-            State::Worked { refused_since } => {
-                let since = refused_since.unwrap_or(now);
+            State::Worked { refused } => {
+                let since = match refused {
+                    Some((first, last)) if now.saturating_duration_since(last) < self.grace => {
+                        first
+                    }
+                    _ => now,
+                };
                 *state = State::Worked {
-                    refused_since: Some(since),
+                    refused: Some((since, now.max(refused.map_or(now, |(_, last)| last)))),
                 };
                 let for_ = now.saturating_duration_since(since);
                 if for_ < self.grace {
@@ -118,7 +125,9 @@ impl Refusal {
                  (revoked, or the password file was not updated)"
                     .to_owned()
             }
-            Refusal::Fatal { worked: false } => String::new(),
+            Refusal::Fatal { worked: false } => {
+                "it has not worked for this backend value yet".to_owned()
+            }
         }
     }
 
@@ -175,6 +184,19 @@ mod tests {
             .refused(t0 + 3 * GRACE - Duration::from_millis(1))
             .is_rotating());
         assert!(!refusals.refused(t0 + 3 * GRACE).is_rotating());
+    }
+
+    #[test]
+    fn refusals_a_grace_apart_are_separate_episodes() {
+        let refusals = PasswordRefusals::new(GRACE);
+        let t0 = Instant::now();
+        refusals.worked();
+        assert!(refusals.refused(t0).is_rotating());
+        // No success recorded, but no refusal either for a whole grace: a new episode.
+        let later = t0 + GRACE + Duration::from_secs(1);
+        assert!(refusals.refused(later).is_rotating());
+        assert!(refusals.refused(later + GRACE / 2).is_rotating());
+        assert!(!refusals.refused(later + GRACE).is_rotating());
     }
 
     #[test]

@@ -232,6 +232,8 @@ struct Inner {
     password: tokio::sync::Mutex<Option<String>>,
     /// Since when the server refuses that password (see [`EtcdConfig::password_grace`]).
     refusals: leasehold_core::password::PasswordRefusals,
+    /// Whether a reload of the password file is under way (see `EtcdBackend::settle`).
+    reloading: std::sync::atomic::AtomicBool,
 }
 
 /// Acquires one backend value runs at once; the others wait their turn before sending
@@ -423,6 +425,7 @@ impl EtcdBackend {
                 tls_seen: Arc::default(),
                 password: tokio::sync::Mutex::default(),
                 refusals,
+                reloading: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -910,7 +913,7 @@ impl LockBackend for EtcdBackend {
         let _admitted = self.inner.acquiring.acquire().await.ok();
         let attempt = Box::pin(self.attempt(candidate)).await;
         let attempt = self.diagnosed(attempt).await;
-        self.settle_authorized(attempt).await
+        self.settle_authorized(attempt)
     }
 
     async fn renew(
@@ -919,7 +922,7 @@ impl LockBackend for EtcdBackend {
         grant: &Grant,
     ) -> Result<RenewOutcome, BackendError> {
         let renewed = Box::pin(self.renew_term(candidate, grant)).await;
-        self.settle(renewed).await
+        self.settle(renewed)
     }
 
     async fn release(
@@ -928,29 +931,37 @@ impl LockBackend for EtcdBackend {
         grant: &Grant,
     ) -> Result<ReleaseOutcome, BackendError> {
         let released = Box::pin(self.release_term(candidate, grant)).await;
-        self.settle(released).await
+        self.settle_authorized(released)
     }
 
     async fn read(&self, lock: &str) -> Result<Observation, BackendError> {
         let read = Box::pin(self.read_lock(lock)).await;
         let read = self.diagnosed(read).await;
-        self.settle_authorized(read).await
+        self.settle_authorized(read)
     }
 
     async fn watch(&self, candidate: &Candidate) -> Result<WatchStream, BackendError> {
         // Connects now, so that a backend that cannot be reached says so here.
         let connected = self.client_ref().await.map(|_| ());
         let connected = self.diagnosed(connected).await;
-        self.settle(connected).await?;
+        self.settle(connected)?;
         let cell = self.seat_cell(candidate)?;
         let prefix = self.election_prefix(&candidate.lock);
         let stream = seat::watch_predecessor(self.clone(), cell, prefix, candidate.lock.clone());
-        Ok(stream.boxed())
+        let this = self.downgrade();
+        Ok(stream
+            .map(move |report| {
+                report.map_err(|error| match this.upgrade() {
+                    Some(backend) => backend.judge(error),
+                    None => error,
+                })
+            })
+            .boxed())
     }
 
     async fn withdraw(&self, candidate: &Candidate) -> Result<(), BackendError> {
         let withdrawn = Box::pin(self.withdraw_seat(candidate)).await;
-        self.settle(withdrawn).await
+        self.settle_authorized(withdrawn)
     }
 
     fn supports_transfer(&self) -> bool {
@@ -964,12 +975,12 @@ impl LockBackend for EtcdBackend {
         to: &str,
     ) -> Result<ReleaseOutcome, BackendError> {
         let transferred = Box::pin(self.transfer_term(candidate, grant, to)).await;
-        self.settle(transferred).await
+        self.settle_authorized(transferred)
     }
 
     async fn request_transfer(&self, lock: &str, to: &str) -> Result<Observation, BackendError> {
         let asked = Box::pin(self.ask_transfer(lock, to)).await;
-        self.settle(asked).await
+        self.settle_authorized(asked)
     }
 }
 
@@ -1028,16 +1039,26 @@ impl EtcdBackend {
     /// A password refused after the connect authenticated with it is an outage for
     /// [`password_grace`](EtcdConfig::password_grace) from the first such refusal, then the
     /// fatal [`BackendError::Unauthorized`].
-    async fn settle<T>(&self, result: Result<T, BackendError>) -> Result<T, BackendError> {
-        let error = match result {
-            Ok(value) => return Ok(value),
-            Err(error) => error,
-        };
-        if self.inner.config.password_file.is_some() {
-            // In a task of its own: the failed call does not wait for an authentication (a
-            // bcrypt check on the server) on top of its own failure.
-            let this = self.clone();
-            tokio::spawn(async move { this.reload_password().await });
+    fn settle<T>(&self, result: Result<T, BackendError>) -> Result<T, BackendError> {
+        result.map_err(|error| self.judge(error))
+    }
+
+    /// A failed call's error, judged as [`settle`](Self::settle) says (also each error of a
+    /// watch stream).
+    pub(crate) fn judge(&self, error: BackendError) -> BackendError {
+        if self.inner.config.password_file.is_some()
+            && !self.inner.reloading.swap(true, Ordering::SeqCst)
+        {
+            // In a task of its own, one at a time: the failed call does not wait for an
+            // authentication (a bcrypt check on the server) on top of its own failure, and a
+            // backend dropped meanwhile is not kept.
+            let weak = self.downgrade();
+            tokio::spawn(async move {
+                if let Some(this) = weak.upgrade() {
+                    this.reload_password().await;
+                    this.inner.reloading.store(false, Ordering::SeqCst);
+                }
+            });
         }
         match error {
             BackendError::Unavailable { backend, detail }
@@ -1050,32 +1071,30 @@ impl EtcdBackend {
                     refusal.explain()
                 );
                 if refusal.is_rotating() {
-                    Err(BackendError::Unavailable { backend, detail })
+                    BackendError::Unavailable { backend, detail }
                 } else {
-                    Err(BackendError::Unauthorized {
+                    BackendError::Unauthorized {
                         backend,
                         detail: format!(
                             "{detail}. Check the password file; the user needs a role with \
                              readwrite permission on the prefix {:?}",
                             self.inner.config.key_prefix
                         ),
-                    })
+                    }
                 }
             }
-            error => Err(error),
+            error => error,
         }
     }
 
-    /// `result` of a call that needs the client's token (a read, an acquire): a success proves
-    /// the password works again.
-    async fn settle_authorized<T>(
-        &self,
-        result: Result<T, BackendError>,
-    ) -> Result<T, BackendError> {
+    /// `result` of a call that needs the client's token (a read, an acquire, a release, a
+    /// transfer, a withdrawal; not a renew, whose keep-alives etcd does not authorize): a
+    /// success proves the password works again.
+    fn settle_authorized<T>(&self, result: Result<T, BackendError>) -> Result<T, BackendError> {
         if result.is_ok() && self.inner.config.password_file.is_some() {
             self.inner.refusals.worked();
         }
-        self.settle(result).await
+        self.settle(result)
     }
 
     async fn reload_password(&self) {

@@ -395,6 +395,8 @@ pub(crate) struct Opener {
     password: Option<PasswordSource>,
     /// Whether the password file was read once.
     password_read: AtomicBool,
+    /// Whether the last connection opened used a password from the file.
+    gave_password: AtomicBool,
     /// Whether a connection was opened with a password from the file, and since when the
     /// server refuses it: within [`PostgresConfig::password_grace`] of the first refusal, a
     /// rotation in progress (the server changed first, the file will follow), an outage.
@@ -431,6 +433,7 @@ impl Opener {
         };
         match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(opened)) => {
+                self.gave_password.store(from_file, Ordering::Relaxed);
                 if from_file {
                     self.refusals.worked();
                 }
@@ -459,13 +462,34 @@ impl Opener {
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let user = config.get_user().unwrap_or_default();
         let database = config.get_dbname().unwrap_or(user);
+        let gave = self.gave_password.load(Ordering::Relaxed);
+        // A file that gave a password before, and now cannot be read or has no line for this
+        // connection, is being replaced (a rotation): an outage for the grace, not a reason to
+        // stop a healthy elector; past it, the configuration is wrong.
+        let replaced = |what: String| {
+            let refusal = self.refusals.refused(tokio::time::Instant::now());
+            let backend = format!("postgres at {}", self.address);
+            let detail = format!("{what}; {}", refusal.explain());
+            match refusal.is_rotating() {
+                true => BackendError::Unavailable { backend, detail },
+                false => BackendError::Unauthorized { backend, detail },
+            }
+        };
         let password = match source.password(&host, port, database, user) {
+            Ok(None) if gave => {
+                return Err(replaced(
+                    "the password file has no password for this connection just now".into(),
+                ))
+            }
             Ok(password) => {
                 self.password_read.store(true, Ordering::Relaxed);
                 password
             }
-            // Read before: a file being rotated (truncated, replaced) is missing or empty for a
-            // moment; an outage, retried, not a reason to stop a healthy elector.
+            Err(error) if self.password_read.load(Ordering::Relaxed) && gave => {
+                return Err(replaced(format!(
+                    "the password file cannot be read just now: {error}"
+                )));
+            }
             Err(error) if self.password_read.load(Ordering::Relaxed) => {
                 return Err(BackendError::Unavailable {
                     backend: format!("postgres at {}", self.address),
@@ -555,6 +579,13 @@ impl Opener {
             backend: format!("postgres at {}", self.address),
             operation,
             after,
+        }
+    }
+
+    /// A statement succeeded: the password works (when it came from the file).
+    pub(crate) fn succeeded(&self) {
+        if self.gave_password.load(Ordering::Relaxed) {
+            self.refusals.worked();
         }
     }
 
@@ -765,6 +796,7 @@ impl PostgresBackend {
             connection,
             password,
             password_read: AtomicBool::new(false),
+            gave_password: AtomicBool::new(false),
             refusals: leasehold_core::password::PasswordRefusals::new(config.password_grace),
             presents_certificate: identity.is_some(),
             ssl_mode: config.ssl_mode,
@@ -929,6 +961,7 @@ impl PostgresBackend {
         match tokio::time::timeout(timeout, client.query_typed(statement, params)).await {
             Ok(Ok(rows)) => {
                 guard.answered();
+                self.inner.opener.succeeded();
                 Ok(rows)
             }
             Ok(Err(e)) => {

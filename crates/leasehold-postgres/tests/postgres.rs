@@ -34,6 +34,74 @@ mod postgres_specific {
     };
     use tokio::time::{sleep, Instant};
 
+    /// A `.pgpass` that gave the password, then (being replaced) has no line for the
+    /// connection, while the server ends the sessions: the connects go out without a password
+    /// and are refused; that is an outage within the grace, not fatal. Once the line is back,
+    /// the same backend value reads again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_passfile_without_its_line_mid_rotation_is_an_outage() {
+        use leasehold_testkit::{free_port, ServerCert, TestPki, PG_USER};
+        let pki = std::sync::Arc::new(TestPki::new());
+        let server =
+            PostgresServer::start_mutual_tls(free_port(), pki.clone(), ServerCert::Good, "pw")
+                .await;
+        let line = format!("127.0.0.1:*:*:{PG_USER}:pw");
+        let passfile = pki.secret_file("pgpass", &line);
+        let params = format!(
+            "sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}&passfile={}\
+             &leasehold_password_grace_ms=120000",
+            pki.ca.display(),
+            pki.client.cert.display(),
+            pki.client.key.display(),
+            passfile.display()
+        );
+        let backend = PostgresBackend::from_url(&server.url_via(server.addr(), &params))
+            .expect("postgres backend");
+        let lock = lock_name("passfile-line");
+        backend.read(&lock).await.expect("a read with the password");
+        TestPki::replace_secret_file(&passfile, "otherhost:*:*:nobody:x");
+        let admin = server.admin().await;
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE usename = $1 AND pid <> pg_backend_pid() \
+                 AND backend_type = 'client backend'",
+                &[&PG_USER],
+            )
+            .await
+            .expect("pg_terminate_backend");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match backend.read(&lock).await {
+                Err(error)
+                    if error
+                        .to_string()
+                        .contains("no password for this connection") =>
+                {
+                    assert!(!error.is_fatal(), "mid-rotation: {error}");
+                    break;
+                }
+                Err(error) => assert!(!error.is_fatal(), "mid-rotation: {error}"),
+                Ok(_) => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the file's missing line was never met"
+            );
+            sleep(Duration::from_millis(100)).await;
+        }
+        TestPki::replace_secret_file(&passfile, &line);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Err(error) = backend.read(&lock).await {
+            assert!(!error.is_fatal(), "mid-rotation: {error}");
+            assert!(
+                Instant::now() < deadline,
+                "no read once the line is back: {error}"
+            );
+            sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until `checker` has recorded more than `before` terms.
     async fn new_term(checker: &SafetyChecker, before: usize, within: Duration) {
         wait_for("a new term", within, || checker.intervals().len() > before).await;

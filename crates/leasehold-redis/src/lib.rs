@@ -337,7 +337,13 @@ impl Unanswered {
             Err(error) if cluster && error.kind() == ErrorKind::ClusterConnectionNotFound => {
                 self.retire("the cluster connection has no node left")
             }
-            result if answered(result) => self.answered(),
+            result if answered(result) => {
+                if result.is_ok() {
+                    // A reply proves the connection's password works.
+                    self.inner.opener.opened();
+                }
+                self.answered()
+            }
             _ => {}
         }
     }

@@ -92,7 +92,8 @@ impl Opener {
         }
     }
 
-    /// Records a connection opened (and authenticated) with this opener's password.
+    /// Records a connection opened (and authenticated) with this opener's password, or a reply
+    /// on one.
     pub fn opened(&self) {
         if self.password_file.is_some() {
             self.refusals.worked();
@@ -111,12 +112,21 @@ impl Opener {
         let Some(path) = &self.password_file else {
             return Ok(None);
         };
-        // Read once already, in `new`: a file missing or empty now is being replaced.
+        // Read once already, in `new`: a file missing or empty now is being replaced, an
+        // outage for the grace (after a password that worked), then fatal.
         leasehold_core::tls::read_secret_file(path)
             .map(Some)
-            .map_err(|error| BackendError::Unavailable {
-                backend: format!("redis at {}", self.address),
-                detail: format!("the password file cannot be read just now: {error}"),
+            .map_err(|error| {
+                let backend = format!("redis at {}", self.address);
+                let refusal = self.refusals.refused(tokio::time::Instant::now());
+                let detail = format!(
+                    "the password file cannot be read just now: {error}; {}",
+                    refusal.explain()
+                );
+                match refusal.is_rotating() {
+                    true => BackendError::Unavailable { backend, detail },
+                    false => BackendError::Unauthorized { backend, detail },
+                }
             })
     }
 

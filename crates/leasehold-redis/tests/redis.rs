@@ -451,7 +451,8 @@ mod redis_specific {
         let backend_with = |file: &std::path::Path| {
             let mut config = RedisConfig::cluster(cluster.urls_without_password());
             config.password_file = Some(file.to_owned());
-            config.password_grace = leasehold_testkit::TLS_PASSWORD_GRACE;
+            // Long: a cluster client's call retries for seconds before it reports.
+            config.password_grace = Duration::from_secs(120);
             config.connect_timeout = Duration::from_secs(1);
             config.response_timeout = Duration::from_secs(1);
             RedisBackend::new(config).expect("cluster backend")

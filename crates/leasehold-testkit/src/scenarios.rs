@@ -296,12 +296,18 @@ pub async fn server_restart_while_leading<H: Harness + ?Sized>(h: &H) {
     );
     // On the recorded terms, not on `is_leader()`: the flag turns true before the new term's
     // start is recorded (by its work), and the check below reads the record.
-    wait_for(
-        "a term recorded after the restart",
-        10 * t.lease_duration,
-        || checker.intervals().iter().any(|i| i.start > ended),
-    )
-    .await;
+    let deadline = Instant::now() + 10 * t.lease_duration;
+    while !checker.intervals().iter().any(|i| i.start > ended) {
+        assert!(
+            Instant::now() < deadline,
+            "no term recorded {:?} after the restart; terms {:?}; a's events {:?}; b's events {:?}",
+            10 * t.lease_duration,
+            checker.intervals(),
+            a.events(),
+            b.events()
+        );
+        sleep(Duration::from_millis(5)).await;
+    }
     let intervals = checker.verify().expect("never two leaders").intervals;
     let during: Vec<_> = intervals
         .iter()
@@ -1806,17 +1812,19 @@ pub async fn a_revoked_password_is_fatal_after_the_grace<H: Harness + ?Sized>(h:
     let lock = lock_name("revoked");
     let checker = SafetyChecker::new();
     let (mut a, mut b) = leader_and_follower(h, &lock, &checker, Duration::ZERO).await;
+    // Before the change: no refusal can be older.
+    let rotated = Instant::now();
     assert!(
         h.rotate_password(crate::Rotation::Server).await,
         "a harness over TLS rotates its password"
     );
-    let deadline = Instant::now() + crate::TLS_PASSWORD_GRACE + 10 * t.lease_duration;
+    let deadline = rotated + crate::TLS_PASSWORD_GRACE + 10 * t.lease_duration;
     let mut outages = 0;
     let fatal = loop {
         match a.client.backend.read(&lock).await {
             Err(error) if error.is_fatal() => break error,
-            Err(_) => outages += 1,
-            Ok(_) => {}
+            Err(error) if error.to_string().contains("rotation in progress") => outages += 1,
+            Err(_) | Ok(_) => {}
         }
         assert!(
             Instant::now() < deadline,
@@ -1828,7 +1836,14 @@ pub async fn a_revoked_password_is_fatal_after_the_grace<H: Harness + ?Sized>(h:
         matches!(fatal, BackendError::Unauthorized { .. }),
         "a revoked password is Unauthorized past the grace: {fatal}"
     );
+    let fatal_at = Instant::now();
     assert!(outages > 0, "within the grace, refusals are outages");
+    assert!(
+        fatal_at >= rotated + crate::TLS_PASSWORD_GRACE,
+        "fatal only once the grace ({:?}) has passed since the password changed, not after {:?}",
+        crate::TLS_PASSWORD_GRACE,
+        fatal_at - rotated
+    );
     for node in [&mut a, &mut b] {
         match node.stop().await {
             Ok(()) | Err(ElectorError::Backend(BackendError::Unauthorized { .. })) => {}
