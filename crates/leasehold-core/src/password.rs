@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::BackendError;
+
 /// The default grace of a password refused after it worked: long enough for a mounted secret
 /// to reach its pods (the kubelet's sync period and cache, about a minute or two), short enough
 /// that a revoked password is reported while someone still remembers revoking it.
@@ -100,11 +102,6 @@ impl PasswordRefusals {
         }
     }
 
-    /// Whether a password has worked for this backend value.
-    pub fn worked_before(&self) -> bool {
-        matches!(*self.lock(), State::Worked { .. })
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -134,6 +131,21 @@ impl Refusal {
     /// Whether this refusal is an outage (not fatal).
     pub fn is_rotating(self) -> bool {
         matches!(self, Refusal::Rotating { .. })
+    }
+
+    /// The backend's error for this refusal: `what` happened, then [`explain`](Self::explain);
+    /// [`BackendError::Unavailable`] while rotating, else [`BackendError::Unauthorized`].
+    pub fn error(self, backend: String, what: &str) -> BackendError {
+        let detail = format!("{what}; {}", self.explain());
+        match self.is_rotating() {
+            true => BackendError::Unavailable { backend, detail },
+            false => BackendError::Unauthorized { backend, detail },
+        }
+    }
+
+    /// [`explain`](Self::explain) as a sentence to put after an error's message.
+    pub fn sentence(self) -> String {
+        format!(" {}.", self.explain())
     }
 }
 

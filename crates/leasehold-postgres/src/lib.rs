@@ -467,13 +467,9 @@ impl Opener {
         // connection, is being replaced (a rotation): an outage for the grace, not a reason to
         // stop a healthy elector; past it, the configuration is wrong.
         let replaced = |what: String| {
-            let refusal = self.refusals.refused(tokio::time::Instant::now());
-            let backend = format!("postgres at {}", self.address);
-            let detail = format!("{what}; {}", refusal.explain());
-            match refusal.is_rotating() {
-                true => BackendError::Unavailable { backend, detail },
-                false => BackendError::Unauthorized { backend, detail },
-            }
+            self.refusals
+                .refused(tokio::time::Instant::now())
+                .error(format!("postgres at {}", self.address), &what)
         };
         let password = match source.password(&host, port, database, user) {
             Ok(None) if gave => {
@@ -601,11 +597,7 @@ impl Opener {
                 detail: format!("{operation}: {text}. {}", refusal.explain()),
             };
         }
-        let worked = refusal
-            .map(Refusal::explain)
-            .filter(|e| !e.is_empty())
-            .map(|e| format!(" {e}."))
-            .unwrap_or_default();
+        let worked = refusal.map(Refusal::sentence).unwrap_or_default();
         let denied = matches!(
             error.code(),
             Some(c) if *c == SqlState::INVALID_PASSWORD

@@ -60,16 +60,7 @@ mod postgres_specific {
         let lock = lock_name("passfile-line");
         backend.read(&lock).await.expect("a read with the password");
         TestPki::replace_secret_file(&passfile, "otherhost:*:*:nobody:x");
-        let admin = server.admin().await;
-        admin
-            .execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE usename = $1 AND pid <> pg_backend_pid() \
-                 AND backend_type = 'client backend'",
-                &[&PG_USER],
-            )
-            .await
-            .expect("pg_terminate_backend");
+        server.end_sessions().await;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match backend.read(&lock).await {

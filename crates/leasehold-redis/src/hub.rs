@@ -151,7 +151,7 @@ impl Hub {
         };
         let pubsub = match connected {
             Ok(pubsub) => {
-                self.opener.opened();
+                self.opener.worked();
                 pubsub
             }
             Err(error) => {

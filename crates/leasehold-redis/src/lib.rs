@@ -340,7 +340,7 @@ impl Unanswered {
             result if answered(result) => {
                 if result.is_ok() {
                     // A reply proves the connection's password works.
-                    self.inner.opener.opened();
+                    self.inner.opener.worked();
                 }
                 self.answered()
             }
@@ -650,7 +650,7 @@ impl RedisBackend {
         };
         match connection {
             Ok(connection) => {
-                inner.opener.opened();
+                inner.opener.worked();
                 Ok(connection)
             }
             Err(error) => Err(self.connect_error(&error).await),
@@ -772,11 +772,7 @@ fn map_error(
             detail: format!("{operation}: {error}. {}", refusal.explain()),
         };
     }
-    let worked = refusal
-        .map(Refusal::explain)
-        .filter(|e| !e.is_empty())
-        .map(|e| format!(" {e}."))
-        .unwrap_or_default();
+    let worked = refusal.map(Refusal::sentence).unwrap_or_default();
     let denied = password_refused(error) || error.code() == Some("NOPERM");
     if denied {
         BackendError::Unauthorized {

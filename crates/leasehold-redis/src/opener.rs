@@ -94,7 +94,7 @@ impl Opener {
 
     /// Records a connection opened (and authenticated) with this opener's password, or a reply
     /// on one.
-    pub fn opened(&self) {
+    pub fn worked(&self) {
         if self.password_file.is_some() {
             self.refusals.worked();
         }
@@ -117,16 +117,10 @@ impl Opener {
         leasehold_core::tls::read_secret_file(path)
             .map(Some)
             .map_err(|error| {
-                let backend = format!("redis at {}", self.address);
-                let refusal = self.refusals.refused(tokio::time::Instant::now());
-                let detail = format!(
-                    "the password file cannot be read just now: {error}; {}",
-                    refusal.explain()
-                );
-                match refusal.is_rotating() {
-                    true => BackendError::Unavailable { backend, detail },
-                    false => BackendError::Unauthorized { backend, detail },
-                }
+                self.refusals.refused(tokio::time::Instant::now()).error(
+                    format!("redis at {}", self.address),
+                    &format!("the password file cannot be read just now: {error}"),
+                )
             })
     }
 

@@ -463,6 +463,25 @@ impl PostgresServer {
         )
     }
 
+    /// Ends every client session of [`PG_USER`] but the admin's own (`pg_terminate_backend`),
+    /// so each client must connect and authenticate again.
+    ///
+    /// # Panics
+    ///
+    /// When the server does not do it.
+    pub async fn end_sessions(&self) {
+        self.admin()
+            .await
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE usename = $1 AND pid <> pg_backend_pid() \
+                 AND backend_type = 'client backend'",
+                &[&PG_USER],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("pg_terminate_backend: {e}"));
+    }
+
     /// A plain client of the server (as the superuser), for set-up and inspection.
     ///
     /// # Panics
@@ -744,15 +763,7 @@ impl Harness for PostgresHarness {
                     .batch_execute(&format!("ALTER ROLE {PG_USER} PASSWORD '{rotated}'"))
                     .await
                     .unwrap_or_else(|e| panic!("ALTER ROLE: {e}"));
-                admin
-                    .execute(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                         WHERE usename = $1 AND pid <> pg_backend_pid() \
-                         AND backend_type = 'client backend'",
-                        &[&PG_USER],
-                    )
-                    .await
-                    .unwrap_or_else(|e| panic!("pg_terminate_backend: {e}"));
+                self.server.end_sessions().await;
             }
             Rotation::File => TestPki::replace_secret_file(
                 passfile,
